@@ -264,13 +264,28 @@ def positions_and_mask(attention_mask_BxS, seq_len: int, batch: int):
     return positions, mask
 
 
+REMAT_POLICIES = {
+    # What plain autodiff keeps per layer: everything, only the layer input ("full"), or the
+    # outputs of matmuls without batch dimensions ("dots").
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def run_layers(cfg: LlamaConfig, layers: Params, h_BxSxD, cos, sin, mask_BxSxS=None,
-               remat: bool = False):
-    """All layers of the stack, scanned over the leading axis of ``layers``."""
+               remat: bool | str = False):
+    """All layers of the stack, scanned over the leading axis of ``layers``.
+
+    ``remat``: False/"none", True/"full" (recompute each layer in the backward) or "dots".
+    """
     def body(h, lp):
         return decoder_layer(cfg, lp, h, cos, sin, mask_BxSxS), None
-    if remat:
-        body = jax.checkpoint(body)
+    mode = {False: "none", True: "full"}.get(remat, remat)
+    if mode not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+    if mode != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[mode])
     return jax.lax.scan(body, h_BxSxD, layers)[0]
 
 

@@ -1,0 +1,199 @@
+"""The layer stack with a hand-written backward: weight gradients only for the sampled layers.
+
+Plain autodiff of a scanned stack computes (or at least allocates) a weight gradient for every
+layer, even when only γ of L layers train; masking the result afterwards costs as much as full
+fine-tuning. ``lisa_stack`` is a ``jax.custom_vjp`` over the whole stack instead:
+
+* forward: a scan over all L layers, saving per layer only what the backward needs (see
+  ``REMAT_MODES``);
+* backward: a reverse scan that always propagates the activation gradient, and computes the
+  weight gradients of a layer only when that layer holds a slot (``lax.cond``), writing them
+  into a ``γ``-slot gradient buffer carried through the scan. No ``L``-sized gradient exists.
+
+The math is the layer of ``lisa_jax.model.decoder_layer``, whose building blocks it reuses, with
+its backward written out by hand (RMSNorm, RoPE and SwiGLU are cheap and recomputed; attention
+is differentiated with ``jax.vjp`` of ``model.attention``, recomputing its forward, which at
+training sequence lengths costs a few percent of a layer).
+
+Shapes: B batch, S sequence, D hidden, F MLP width, N query heads, K kv heads, H head dim,
+L layers, G active slots (γ).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lisa_jax import model as M
+
+# What the forward saves per layer, and so what the backward recomputes:
+#   "none": the layer input and every matmul output (q, k, v, mid-residual, gate, up); only
+#           elementwise ops and the attention forward are recomputed. Fastest.
+#   "mlp":  the layer input, q, k, v and the mid-residual; the backward recomputes gate and up.
+#   "full": only the layer input; the backward recomputes the whole layer forward.
+REMAT_MODES = ("none", "mlp", "full")
+
+
+def _rms_stats(x, eps):
+    """The normalized input (float32) and 1/rms, shared by RMSNorm's forward and backward."""
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32 * r, r
+
+
+def _rms_backward(n32, r, scale, dy):
+    """Backward of ``scale * n`` with ``n = x * r``: (dx float32, dscale float32 per token)."""
+    dn = dy.astype(jnp.float32) * scale.astype(jnp.float32)
+    dx = r * (dn - n32 * jnp.mean(dn * n32, axis=-1, keepdims=True))
+    return dx, dy.astype(jnp.float32) * n32
+
+
+def _layer_forward(cfg, lp, h, cos, sin, remat):
+    """``model.decoder_layer`` that also returns the residuals ``remat`` keeps."""
+    B, S, D = h.shape
+    x1 = M.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = M.qkv(cfg, lp, x1, cos, sin)
+    o = M.attention(q, k, v, None, M.attention_impl(cfg))
+    hm = h + o.reshape(B, S, -1) @ lp["wo"]
+    x2 = M.rms_norm(hm, lp["mlp_norm"], cfg.rms_norm_eps)
+    a, b = x2 @ lp["w_gate"], x2 @ lp["w_up"]
+    out = hm + (jax.nn.silu(a) * b) @ lp["w_down"]
+    saved = {"none": (h, q, k, v, hm, a, b), "mlp": (h, q, k, v, hm), "full": (h,)}[remat]
+    return out, saved
+
+
+def _recompute(cfg, lp, saved, cos, sin, remat):
+    """The full residual set (h, q, k, v, hm, a, b) from what ``remat`` saved."""
+    if remat == "none":
+        return saved
+    if remat == "mlp":
+        h, q, k, v, hm = saved
+    else:
+        (h,) = saved
+        B, S, _ = h.shape
+        x1 = M.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = M.qkv(cfg, lp, x1, cos, sin)
+        o = M.attention(q, k, v, None, M.attention_impl(cfg))
+        hm = h + o.reshape(B, S, -1) @ lp["wo"]
+    x2 = M.rms_norm(hm, lp["mlp_norm"], cfg.rms_norm_eps)
+    return h, q, k, v, hm, x2 @ lp["w_gate"], x2 @ lp["w_up"]
+
+
+def _contract(x_BxSxI, dy_BxSxO, dtype):
+    """Weight gradient ``x^T dy`` summed over batch and sequence, accumulated in float32."""
+    return jnp.einsum("bsi,bso->io", x_BxSxI, dy_BxSxO,
+                      preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
+    """(dh, weight-gradient closure) of one layer for output cotangent ``dy``.
+
+    The weight gradients are returned as a thunk so that the caller can place their
+    computation inside the branch of a ``lax.cond`` taken only by sampled layers.
+    """
+    h, q, k, v, hm, a, b = _recompute(cfg, lp, saved, cos, sin, remat)
+    B, S, D = h.shape
+    dt = h.dtype
+    # MLP: out = hm + (silu(a) * b) @ w_down.
+    dm = dy @ lp["w_down"].T
+    a32, b32, dm32 = a.astype(jnp.float32), b.astype(jnp.float32), dm.astype(jnp.float32)
+    sig = jax.nn.sigmoid(a32)
+    silu = a32 * sig
+    da = (dm32 * b32 * sig * (1 + a32 * (1 - sig))).astype(dt)
+    db = (dm32 * silu).astype(dt)
+    dx2 = da @ lp["w_gate"].T + db @ lp["w_up"].T
+    n2, r2 = _rms_stats(hm, cfg.rms_norm_eps)
+    dhm_norm, dg2_tok = _rms_backward(n2, r2, lp["mlp_norm"], dx2)
+    dhm = dy + dhm_norm.astype(dt)
+    # Attention: hm = h + attn(q, k, v) @ wo.
+    do = (dhm @ lp["wo"].T).reshape(B, S, cfg.num_heads, cfg.head_dim)
+    impl = M.attention_impl(cfg)
+    o, attn_pullback = jax.vjp(lambda q_, k_, v_: M.attention(q_, k_, v_, None, impl), q, k, v)
+    dq, dk, dv = attn_pullback(do)
+    # RoPE is a rotation: its transpose is the rotation by the negative angle.
+    dq = M.apply_rope(dq, cos, -sin).reshape(B, S, -1)
+    dk = M.apply_rope(dk, cos, -sin).reshape(B, S, -1)
+    dv = dv.reshape(B, S, -1)
+    dx1 = dq @ lp["wq"].T + dk @ lp["wk"].T + dv @ lp["wv"].T
+    n1, r1 = _rms_stats(h, cfg.rms_norm_eps)
+    dh_norm, dg1_tok = _rms_backward(n1, r1, lp["attn_norm"], dx1)
+    dh = dhm + dh_norm.astype(dt)
+
+    def weight_grads():
+        x1 = (lp["attn_norm"] * n1.astype(dt))
+        x2 = (lp["mlp_norm"] * n2.astype(dt))
+        m = (silu * b32).astype(dt)
+        g = {
+            "attn_norm": jnp.sum(dg1_tok, axis=(0, 1)).astype(lp["attn_norm"].dtype),
+            "wq": _contract(x1, dq, lp["wq"].dtype),
+            "wk": _contract(x1, dk, lp["wk"].dtype),
+            "wv": _contract(x1, dv, lp["wv"].dtype),
+            "wo": _contract(o.reshape(B, S, -1), dhm, lp["wo"].dtype),
+            "mlp_norm": jnp.sum(dg2_tok, axis=(0, 1)).astype(lp["mlp_norm"].dtype),
+            "w_gate": _contract(x2, da, lp["w_gate"].dtype),
+            "w_up": _contract(x2, db, lp["w_up"].dtype),
+            "w_down": _contract(m, dy, lp["w_down"].dtype),
+        }
+        if cfg.attention_bias:
+            for name, d in (("bq", dq), ("bk", dk), ("bv", dv)):
+                g[name] = jnp.sum(d, axis=(0, 1), dtype=jnp.float32).astype(lp[name].dtype)
+        return g
+
+    return dh, weight_grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def lisa_stack(cfg, remat, active_GxP, layers_LxP, slot_L, h_BxSxD, cos, sin):
+    """Run all ``L`` layers; differentiable in ``h`` and in the ``G`` sampled slices only.
+
+    ``active_GxP``: the sampled layers' parameters (each leaf ``[G, ...]``), equal in value to
+    ``layers_LxP`` at their indices; ``slot_L[l]`` is the slot of layer ``l`` or -1 when it is
+    frozen. The cotangent of ``active_GxP`` holds the sampled layers' weight gradients;
+    ``layers_LxP`` gets none.
+    """
+    return _stack_forward(cfg, remat, layers_LxP, h_BxSxD, cos, sin)[0]
+
+
+def _stack_forward(cfg, remat, layers_LxP, h, cos, sin):
+    def body(h, lp):
+        return _layer_forward(cfg, lp, h, cos, sin, remat)
+    return jax.lax.scan(body, h, layers_LxP)
+
+
+def _lisa_stack_fwd(cfg, remat, active_GxP, layers_LxP, slot_L, h, cos, sin):
+    out, saved = _stack_forward(cfg, remat, layers_LxP, h, cos, sin)
+    # active_GxP is not kept: its values are those of layers_LxP at the sampled indices; only
+    # its shapes matter for the gradient buffer.
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), active_GxP)
+    return out, (layers_LxP, slot_L, saved, cos, sin, shapes)
+
+
+def _lisa_stack_bwd(cfg, remat, res, dy):
+    layers_LxP, slot_L, saved, cos, sin, shapes = res
+    grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    num_slots = jax.tree.leaves(shapes)[0].shape[0] if jax.tree.leaves(shapes) else 0
+
+    def body(carry, xs):
+        dy, grads = carry
+        lp, slot, saved_l = xs
+        dh, weight_grads = _layer_backward(cfg, lp, saved_l, cos, sin, dy, remat)
+        if num_slots:
+            def write(grads):
+                g = weight_grads()
+                return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
+                        for name in grads}
+            grads = jax.lax.cond(slot >= 0, write, lambda grads: grads, grads)
+        return (dh, grads), None
+
+    (dh, grads), _ = jax.lax.scan(body, (dy, grads0), (layers_LxP, slot_L, saved), reverse=True)
+    return grads, None, None, dh, None, None
+
+
+lisa_stack.defvjp(_lisa_stack_fwd, _lisa_stack_bwd)
+
+
+def slot_of_layer(active_G, num_layers: int):
+    """``[L]`` int32: the slot holding each layer, -1 where the layer is frozen."""
+    slots = jnp.full((num_layers,), -1, jnp.int32)
+    return slots.at[active_G].set(jnp.arange(active_G.shape[0], dtype=jnp.int32))
