@@ -1,0 +1,163 @@
+"""Train steps: LISA (weight gradients only for the sampled layers), full fine-tuning, LoRA.
+
+Every step is ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted with the
+parameters and optimizer state donated, so the update happens in place. ``batch`` is a dict with
+``input_ids [B, S]`` and optionally ``loss_mask [B, S]`` (1 where the token is a target).
+
+The LISA step
+-------------
+1. ``tx.prepare(state)`` resamples the active layers when a period starts (inside the jitted
+   step for a fixed ``n_active``; for ``probs`` the loop calls ``tx.prepare_host`` first).
+2. The *trainable view* (``tx.view``): the always-trained leaves and the ``G`` sampled slices
+   of every layer leaf, gathered into ``[G, ...]`` arrays.
+3. The loss is differentiated with respect to the view only. The layer stack is
+   ``stack_vjp.lisa_stack``, whose backward computes weight gradients for the sampled layers
+   alone, so no ``L``-sized gradient tree is ever built.
+4. ``tx.update_view`` runs the inner optimizer on the view; the sampled slices are written back
+   into the (donated) stacked parameters with one scatter per leaf.
+
+The executable depends only on the shapes, so each active-layer count compiles once; a new sample
+of the same size reuses it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lisa_jax import lora as lora_lib
+from lisa_jax import model as M
+from lisa_jax.stack_vjp import REMAT_MODES, lisa_stack, slot_of_layer
+
+METHODS = ("lisa", "full", "lora")
+
+
+def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input_ids_BxS,
+                        loss_mask_BxS=None, chunk: int | None = 4096):
+    """Next-token loss from the last hidden states, computing logits ``chunk`` tokens at a time.
+
+    Only one chunk of float32 logits is alive at once (the backward recomputes them), which at
+    a 32k vocabulary saves gigabytes against materializing ``[B, S, V]``. Returns
+    ``(mean loss, number of target tokens)``.
+    """
+    B, S, D = h_BxSxD.shape
+    x = M.rms_norm(h_BxSxD[:, :-1], final_norm, cfg.rms_norm_eps).reshape(-1, D)
+    targets = input_ids_BxS[:, 1:].reshape(-1)
+    if loss_mask_BxS is None:
+        w = jnp.ones(targets.shape, jnp.float32)
+    else:
+        w = loss_mask_BxS[:, 1:].reshape(-1).astype(jnp.float32)
+    T = x.shape[0]
+
+    def nll_sum(x_c, t_c, w_c):
+        logits = (x_c @ head_DxV).astype(jnp.float32)
+        return jnp.sum(M.token_nll(logits, t_c) * w_c)
+
+    if chunk is None or T <= chunk:
+        total = nll_sum(x, targets, w)
+    else:
+        pad = (-T) % chunk
+        xs = (jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, D),
+              jnp.pad(targets, (0, pad)).reshape(-1, chunk),
+              jnp.pad(w, (0, pad)).reshape(-1, chunk))
+        body = jax.checkpoint(lambda c, xs_: (c + nll_sum(*xs_), None))
+        total = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
+    n = jnp.sum(w)
+    return total / jnp.maximum(n, 1.0), n
+
+
+def _embed_and_rope(cfg, embed, ids):
+    B, S = ids.shape
+    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    return embed[ids], cos, sin
+
+
+def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=4096):
+    """The loss by plain autodiff-able code (full fine-tuning, LoRA, and the reference path)."""
+    ids = batch["input_ids"]
+    h, cos, sin = _embed_and_rope(cfg, params["embed"], ids)
+    h = M.run_layers(cfg, params["layers"], h, cos, sin, None, remat)
+    return lm_loss_from_hidden(cfg, params["final_norm"], M.head_weight(params), h, ids,
+                               batch.get("loss_mask"), loss_chunk)
+
+
+def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none", loss_chunk=4096):
+    """The loss as a function of the trainable view; the frozen stack enters as a constant."""
+    ids = batch["input_ids"]
+    h, cos, sin = _embed_and_rope(cfg, view["embed"], ids)
+    h = lisa_stack(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
+    return lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
+                               batch.get("loss_mask"), loss_chunk)
+
+
+def _metrics(loss, n_tokens, grads):
+    return {"loss": loss, "tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
+
+
+def write_back(params, new_view, active_G):
+    """Parameters with the view's always-trained leaves and sampled slices written in."""
+    out = {k: v for k, v in new_view.items() if k != "layers"}
+    out["layers"] = {name: params["layers"][name].at[active_G].set(new_view["layers"][name])
+                     for name in params["layers"]}
+    return out
+
+
+def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int | None = 4096,
+                   donate: bool = True) -> Callable:
+    """The fast LISA step for a transform made by ``lisa_jax.lisa``."""
+    if remat not in REMAT_MODES:
+        raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
+                         f"{', '.join(REMAT_MODES)}")
+
+    def step(params, opt_state, batch):
+        opt_state = tx.prepare(opt_state)
+        active = opt_state.active
+        view = tx.view(params, opt_state)
+        slot_L = slot_of_layer(active, cfg.num_layers)
+        (loss, n), grads = jax.value_and_grad(
+            lambda v: lisa_loss(cfg, v, params["layers"], slot_L, batch, remat, loss_chunk),
+            has_aux=True)(view)
+        updates, opt_state = tx.update_view(grads, opt_state, view)
+        new_view = optax.apply_updates(view, updates)
+        return write_back(params, new_view, active), opt_state, _metrics(loss, n, grads)
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat="none",
+                    loss_chunk: int | None = 4096, donate: bool = True) -> Callable:
+    """Full fine-tuning (or any optax transform fed a full gradient tree, LISA included)."""
+    def step(params, opt_state, batch):
+        (loss, n), grads = jax.value_and_grad(
+            lambda p: plain_loss(cfg, p, batch, remat, loss_chunk), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, _metrics(loss, n, grads)
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: float,
+                   remat="none", loss_chunk: int | None = 4096, donate: bool = True) -> Callable:
+    """LoRA: ``state`` is ``(lora_params, opt_state)``; the base parameters stay frozen.
+
+    ``step(params, (lora, opt_state), batch) -> (params, (lora, opt_state), metrics)``; only the
+    adapters and their optimizer state are donated.
+    """
+    def loss_fn(lora, params, batch):
+        layers = lora_lib.apply_lora(params["layers"], lora, scale)
+        return plain_loss(cfg, {**params, "layers": layers}, batch, remat, loss_chunk)
+
+    def step(params, lora_state, batch):
+        lora, opt_state = lora_state
+        (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, batch)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return params, (optax.apply_updates(lora, updates), opt_state), _metrics(loss, n, grads)
+
+    return jax.jit(step, donate_argnums=(1,) if donate else ())
+
+
+def make_forward(cfg: M.LlamaConfig, loss_chunk: int | None = 4096) -> Callable:
+    """The loss alone (evaluation, and the forward-only benchmark row)."""
+    return jax.jit(lambda params, batch: plain_loss(cfg, params, batch, "none", loss_chunk))
