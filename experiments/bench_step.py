@@ -1,0 +1,220 @@
+"""Step time, tokens/s and peak device memory of every training method, against the PyTorch peer.
+
+    python3 experiments/bench_step.py --shape llama2-7b --batch 4 --seq 1024 \
+        --out experiments/results/bench_step_h200.json
+
+Each measurement runs in its own process so that its peak memory is its own
+(``device.memory_stats()["peak_bytes_in_use"]``). Rows: forward only; the gradient floor of any
+LISA step under plain autodiff (embedding, final norm and head gradients, activation gradients
+through every layer, no layer weight gradient, no optimizer); full fine-tuning; LoRA; LISA with
+γ active layers; each with and without rematerialization. With ``--peer`` the PyTorch peer
+(``experiments/torch_peers.py``: transformers + PEFT + LMFlow-style LISA) runs in the same job on
+the same shapes, and each of our rows is printed with its ratio to the peer's row of the same
+method. Random weights: speed and memory do not depend on the values.
+
+One row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
+                 num_heads=4, num_kv_heads=4, head_dim=16),
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128),
+    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                       num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128),
+}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_one(a) -> dict:
+    """Build the model and step for one method, time it, return one row."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lisa_jax
+    from lisa_jax import lora as lora_lib
+    from lisa_jax import model as M
+    from lisa_jax import step as S
+
+    dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
+    cfg = M.LlamaConfig(**SHAPES[a.shape], dtype=a.dtype or dtype)
+    params = jax.jit(lambda k: M.init_params(cfg, k))(jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq), 0, cfg.vocab_size)
+    batch = {"input_ids": ids}
+    opt = optax.adamw(1e-5)
+    state = None
+    remat = a.remat
+    if a.method == "forward":
+        fwd = S.make_forward(cfg)
+        step = lambda p, s, b: (p, s, {"loss": fwd(p, b)})  # noqa: E731
+    elif a.method == "floor":
+        def floor(p, b):
+            rest = {k: v for k, v in p.items() if k != "layers"}
+            return jax.grad(lambda r: S.plain_loss(cfg, {**r, "layers": p["layers"]}, b)[0])(rest)
+        floor = jax.jit(floor)
+        step = lambda p, s, b: (p, s, {"loss": floor(p, b)})  # noqa: E731
+    elif a.method == "full":
+        state = opt.init(params)
+        step = S.make_plain_step(cfg, opt, remat="full" if remat != "none" else "none")
+    elif a.method == "lora":
+        lora = lora_lib.init_lora(params["layers"], jax.random.key(2), a.lora_r)
+        state = (lora, opt.init(lora))
+        step = S.make_lora_step(cfg, opt, lora_lib.lora_scale(a.lora_r, None),
+                                remat="full" if remat != "none" else "none")
+    elif a.method == "lisa":
+        tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
+        state = tx.init(params)
+        step = S.make_lisa_step(cfg, tx, remat=remat)
+    else:
+        raise ValueError(a.method)
+    t0 = time.perf_counter()
+    params, state, m = step(params, state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        params, state, m = step(params, state, batch)
+        jax.block_until_ready((params, state, m))
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return dict(impl="lisa_jax", shape=a.shape, method=a.method, batch=a.batch, seq=a.seq,
+                gamma=a.gamma if a.method == "lisa" else None,
+                lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
+                step_s=round(t, 4), step_s_min=round(min(times), 4),
+                tokens_per_s=round(a.batch * a.seq / t, 1),
+                peak_gib=round(peak / 2**30, 2) if peak else None,
+                compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
+                device=str(jax.devices()[0].device_kind))
+
+
+def spawn(args: list[str], timeout: float) -> dict | None:
+    """Run one row in a fresh process; its last stdout line is the JSON row."""
+    try:
+        p = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print("  timed out:", " ".join(args), flush=True)
+        return None
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        print("  failed:", " ".join(args), "|", " / ".join(tail)[:400], flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def plan(a) -> list[dict]:
+    rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none")]
+    for remat in a.remats:
+        rows += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
+        rows += [dict(method="lisa", gamma=g, remat=remat) for g in a.gammas]
+    return rows
+
+
+def table(rows: list[dict], peers: list[dict]) -> str:
+    def peer_for(r):
+        for p in peers:
+            if p["method"] == r["method"] and p.get("remat") == (r["remat"] != "none") and \
+                    (r["method"] != "lisa" or p.get("gamma") == r.get("gamma")):
+                return p
+        return None
+    out = [f"{'method':8s} {'γ/r':>4s} {'remat':>5s} {'step ms':>8s} {'tok/s':>9s} "
+           f"{'peak GiB':>8s} | {'peer tok/s':>10s} {'peer GiB':>8s} {'speed×':>6s} {'mem×':>5s}"]
+    for r in rows:
+        p = peer_for(r)
+        g = r.get("gamma") or r.get("lora_r") or ""
+        line = (f"{r['method']:8s} {str(g):>4s} {r['remat']:>5s} {r['step_s'] * 1e3:8.1f} "
+                f"{r['tokens_per_s']:9.0f} {r['peak_gib'] or float('nan'):8.2f} | ")
+        if p:
+            line += (f"{p['tokens_per_s']:10.0f} {p['peak_gib'] or float('nan'):8.2f} "
+                     f"{r['tokens_per_s'] / p['tokens_per_s']:6.2f} "
+                     f"{(r['peak_gib'] or 0) / (p['peak_gib'] or 1):5.2f}")
+        out.append(line)
+    for p in peers:
+        if not any(peer_for(r) is p for r in rows):
+            out.append(f"peer {p['method']:8s} γ={p.get('gamma')} remat={p.get('remat')}: "
+                       f"{p['tokens_per_s']:.0f} tok/s, {p['peak_gib']} GiB")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--interval", type=int, default=5, help="LISA K: resamples happen in timing")
+    ap.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--remats", nargs="+", default=["none", "full"])
+    ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="restrict to these methods (forward floor full lora lisa)")
+    ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
+    ap.add_argument("--peer-methods", nargs="+", default=["forward", "full", "lora", "lisa"])
+    ap.add_argument("--peer-remat", action="store_true", help="peer rows with remat too")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gamma", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--remat", default="none", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        a.method = a.one
+        print(json.dumps(run_one(a)), flush=True)
+        return
+    common = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq),
+              "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
+              "--lora-r", str(a.lora_r)] + (["--dtype", a.dtype] if a.dtype else [])
+    rows = []
+    for r in plan(a):
+        if a.methods and r["method"] not in a.methods:
+            continue
+        args = [__file__, "--one", r["method"], "--remat", r["remat"],
+                "--gamma", str(r.get("gamma", 2)), *common]
+        row = spawn(args, a.timeout)
+        if row:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    peers = []
+    if a.peer:
+        peer_script = os.path.join(HERE, "torch_peers.py")
+        for remat in ([False, True] if a.peer_remat else [False]):
+            for method in a.peer_methods:
+                gammas = a.gammas if method == "lisa" else [2]
+                for g in gammas:
+                    args = [peer_script, "--shape", a.shape, "--method", method,
+                            "--batch", str(a.batch), "--seq", str(a.seq), "--gamma", str(g),
+                            "--lora-r", str(a.lora_r)] + (["--remat"] if remat else [])
+                    row = spawn(args, a.timeout)
+                    if row:
+                        print(json.dumps(row), flush=True)
+                        peers.append(row)
+    print(table(rows, peers), flush=True)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(dict(command=" ".join(["python3", *sys.argv]),
+                           date=time.strftime("%Y-%m-%d"), rows=rows, peer_rows=peers), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
