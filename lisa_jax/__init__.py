@@ -2,3 +2,5 @@
 from lisa_jax.model import LlamaConfig, Model, init_params
 
 __version__ = "0.1.0"
+from lisa_jax.hf import load_hf, save_hf
+from lisa_jax.generate import generate

@@ -1,0 +1,452 @@
+"""Hugging Face checkpoints: load an HF model directory into a :class:`~lisa_jax.model.Model`,
+and write a :class:`Model` back as a directory ``transformers`` loads.
+
+Name mapping (``i`` the layer index; Linear weights are stored ``[out, in]`` by HF and
+``[in, out]`` here, so they are transposed on the way in and out)::
+
+    model.embed_tokens.weight                     embed
+    model.layers.{i}.input_layernorm.weight       layers/attn_norm[i]
+    model.layers.{i}.self_attn.q_proj.weight      layers/wq[i]   (transposed)
+    model.layers.{i}.self_attn.k_proj.weight      layers/wk[i]   (transposed)
+    model.layers.{i}.self_attn.v_proj.weight      layers/wv[i]   (transposed)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias  layers/b{q,k,v}[i]   (attention_bias only)
+    model.layers.{i}.self_attn.o_proj.weight      layers/wo[i]   (transposed)
+    model.layers.{i}.post_attention_layernorm.weight  layers/mlp_norm[i]
+    model.layers.{i}.mlp.gate_proj.weight         layers/w_gate[i]  (transposed)
+    model.layers.{i}.mlp.up_proj.weight           layers/w_up[i]    (transposed)
+    model.layers.{i}.mlp.down_proj.weight         layers/w_down[i]  (transposed)
+    model.norm.weight                             final_norm
+    lm_head.weight                                lm_head  (transposed; absent when tied)
+
+Loading never holds two full copies of the weights on the host: tensors are read one at a
+time from the (memory-mapped) safetensors files, cast to the target dtype straight into a
+preallocated stacked ``[L, ...]`` array, and each leaf is moved to its device as soon as its
+last layer has been filled, after which the host copy is dropped.
+
+>>> import tempfile, jax, jax.numpy as jnp
+>>> from lisa_jax.model import LlamaConfig, Model, init_params
+>>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+...                   num_heads=2, num_kv_heads=1, head_dim=8)
+>>> model = Model(cfg, init_params(cfg, jax.random.key(0)))
+>>> with tempfile.TemporaryDirectory() as d:
+...     _ = save_hf(model, d + "/ckpt")
+...     again = load_hf(d + "/ckpt")
+>>> bool(jnp.all(again.params["layers"]["wq"] == model.params["layers"]["wq"]))
+True
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors' numpy backend)
+import numpy as np
+
+from lisa_jax.model import SUPPORTED_MODEL_TYPES, LlamaConfig, Model, layer_params_names
+
+CONFIG_NAME = "config.json"
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+# (our layer leaf, HF name suffix after "model.layers.{i}.", transposed?)
+_LAYER_MAP = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+_GLOBAL_MAP = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+# Buffers some older checkpoints carry; they hold nothing we need.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "half": "float16",
+                  "float": "float32"}
+
+Sharding = Any
+ShardingFn = Callable[[tuple[str, ...], tuple[int, ...], Any], "Sharding | None"]
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        dtype = _DTYPE_ALIASES.get(dtype.lower(), dtype)
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from e
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16")
+    return name
+
+
+def _leaf_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our shape of every leaf, keyed by its path in the parameter tree."""
+    V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    N, K, H, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    per_layer = {"attn_norm": (D,), "wq": (D, N * H), "wk": (D, K * H), "wv": (D, K * H),
+                 "wo": (N * H, D), "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F),
+                 "w_down": (F, D), "bq": (N * H,), "bk": (K * H,), "bv": (K * H,)}
+    shapes = {("embed",): (V, D), ("final_norm",): (D,)}
+    if not cfg.tie_embeddings:
+        shapes[("lm_head",)] = (D, V)
+    for name in layer_params_names(cfg):
+        shapes[("layers", name)] = (L,) + per_layer[name]
+    return shapes
+
+
+def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
+    """HF tensor name -> (our leaf path, layer index or None, transposed?)."""
+    out = {}
+    for name in ("embed", "final_norm", "lm_head"):
+        if name == "lm_head" and cfg.tie_embeddings:
+            continue
+        hf, t = _GLOBAL_MAP[name]
+        out[hf] = ((name,), None, t)
+    for name in layer_params_names(cfg):
+        suffix, t = _LAYER_MAP[name]
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{suffix}"] = (("layers", name), i, t)
+    return out
+
+
+def _name_list(names, limit: int = 4) -> str:
+    names = sorted(names, key=_natural_key)
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = os.path.join(path, WEIGHTS_INDEX)
+    single = os.path.join(path, SINGLE_WEIGHTS)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map'; re-save the checkpoint with "
+                             "save_pretrained or save_hf")
+        files = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
+        absent = sorted({fn for fn in files.values() if not os.path.isfile(fn)})
+        if absent:
+            raise FileNotFoundError(
+                f"{WEIGHTS_INDEX} in {path} names shard files that are not there: "
+                f"{_name_list([os.path.basename(a) for a in absent])}; copy the whole checkpoint")
+        return files
+    if os.path.isfile(single):
+        from safetensors import safe_open
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    others = [fn for fn in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+              if os.path.exists(os.path.join(path, fn))]
+    hint = (f" (found {', '.join(others)}: convert it to safetensors, e.g. load it with "
+            "transformers and call save_pretrained(..., safe_serialization=True))" if others
+            else "; pass the directory save_pretrained or save_hf wrote")
+    raise FileNotFoundError(f"no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX} in {path}{hint}")
+
+
+def read_hf_config(path: str) -> dict:
+    """``config.json`` of an HF model directory, with one-line errors for the usual mistakes."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory; pass a local HF model directory "
+                                "(the one save_pretrained or save_hf writes)")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}; pass an HF model directory "
+                                "(the one save_pretrained or save_hf writes)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} in {cfg_path}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"mlp_bias=true in {cfg_path} is not supported (Llama MLPs without "
+                         "biases only)")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} in {cfg_path} is not supported; "
+                         "only silu")
+    return hf
+
+
+def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Model:
+    """Load an HF Llama / Mistral / Qwen2 model directory (safetensors) as a :class:`Model`.
+
+    ``dtype``: the parameter (and activation) dtype, a jnp dtype or its name ("float32",
+    "bfloat16", "float16"). ``shardings``: optional ``(leaf_path, shape, dtype) -> Sharding or
+    None``, called once per leaf (``leaf_path`` e.g. ``("layers", "wq")`` or ``("embed",)``,
+    ``shape`` our stacked shape); the leaf is placed with ``jax.device_put(arr, sharding)``
+    (``None``: the default device).
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    hf = read_hf_config(path)
+    dtype_name = _dtype_name(dtype)
+    cfg = LlamaConfig.from_hf(hf, dtype=dtype_name)
+    window = hf.get("sliding_window")
+    uses_window = (hf.get("use_sliding_window", True) if cfg.model_type == "qwen2" else True)
+    if uses_window and window is not None and window < cfg.max_position_embeddings:
+        warnings.warn(f"{path}: sliding_window={window} is not implemented (attention is full); "
+                      f"results match transformers only for sequences of at most {window} "
+                      "tokens", stacklevel=2)
+
+    files = _weight_files(path)
+    expected = _hf_names(cfg)
+    present = {n for n in files if not _IGNORED.fullmatch(n)}
+    if cfg.tie_embeddings:
+        present.discard("lm_head.weight")  # some exporters write the tied copy too
+    missing = sorted(set(expected) - present, key=_natural_key)
+    unexpected = sorted(present - set(expected), key=_natural_key)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {_name_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {_name_list(unexpected)}")
+        raise ValueError(f"checkpoint {path} does not match its {CONFIG_NAME} "
+                         f"({cfg.model_type}, {cfg.num_layers} layers, "
+                         f"attention_bias={cfg.attention_bias}, "
+                         f"tie_word_embeddings={cfg.tie_embeddings}): {'; '.join(parts)}")
+
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+
+    # Check every shape from the headers before reading any data.
+    shapes = _leaf_shapes(cfg)
+    for fn, names in by_file.items():
+        with safe_open(fn, framework="numpy") as f:
+            for name in names:
+                leaf, layer, transposed = expected[name]
+                want = shapes[leaf][1:] if layer is not None else shapes[leaf]
+                if transposed:
+                    want = want[::-1]
+                got = tuple(f.get_slice(name).get_shape())
+                if got != tuple(want):
+                    raise ValueError(f"tensor {name} in {os.path.basename(fn)} has shape "
+                                     f"{list(got)}, but {CONFIG_NAME} implies {list(want)}; "
+                                     "the config and the weights disagree")
+
+    np_dtype = np.dtype(jnp.dtype(dtype_name))
+    host: dict[tuple[str, ...], np.ndarray] = {}
+    remaining = {leaf: (shape[0] if leaf[0] == "layers" else 1) for leaf, shape in shapes.items()}
+    placed: dict[tuple[str, ...], jax.Array] = {}
+
+    def place(leaf):
+        arr = host.pop(leaf)
+        sharding = shardings(leaf, arr.shape, jnp.dtype(dtype_name)) if shardings else None
+        placed[leaf] = jax.device_put(arr, sharding) if sharding is not None \
+            else jax.device_put(arr)
+
+    for fn in sorted(by_file, key=_natural_key):
+        with safe_open(fn, framework="numpy") as f:
+            for name in sorted(by_file[fn], key=_natural_key):
+                leaf, layer, transposed = expected[name]
+                src = f.get_tensor(name)
+                if transposed:
+                    src = src.T
+                if leaf not in host:
+                    host[leaf] = np.empty(shapes[leaf], np_dtype)
+                if layer is None:
+                    host[leaf][...] = src
+                else:
+                    host[leaf][layer] = src
+                del src
+                remaining[leaf] -= 1
+                if remaining[leaf] == 0:
+                    place(leaf)
+
+    params: dict[str, Any] = {"layers": {}}
+    for leaf, arr in placed.items():
+        if leaf[0] == "layers":
+            params["layers"][leaf[1]] = arr
+        else:
+            params[leaf[0]] = arr
+    return Model(cfg, params)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} not understood; use e.g. '2GB', '500MB' or "
+                         "a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, tuple, Any, Callable]]:
+    """(HF name, HF shape, dtype, fetch) per tensor; ``fetch()`` gives the host array."""
+    def fetch(leaf, layer, transposed):
+        def go():
+            x = leaf[layer] if layer is not None else leaf
+            a = np.asarray(jax.device_get(x))
+            return np.ascontiguousarray(a.T if transposed else a)
+        return go
+
+    for hf_name, (path, layer, transposed) in _hf_names(cfg).items():
+        leaf = params[path[0]] if len(path) == 1 else params[path[0]][path[1]]
+        shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
+        if transposed:
+            shape = shape[::-1]
+        yield hf_name, shape, leaf.dtype, fetch(leaf, layer, transposed)
+
+
+def _check_layout(cfg: LlamaConfig, params) -> None:
+    shapes = _leaf_shapes(cfg)
+    have = {}
+    for k, v in params.items():
+        if k == "layers":
+            have.update({("layers", n): a for n, a in v.items()})
+        else:
+            have[(k,)] = v
+    missing = sorted("/".join(p) for p in set(shapes) - set(have))
+    extra = sorted("/".join(p) for p in set(have) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"params do not match the config (tie_embeddings={cfg.tie_embeddings}, "
+                         f"attention_bias={cfg.attention_bias}): missing {missing or 'none'}, "
+                         f"unexpected {extra or 'none'}")
+    for p, want in shapes.items():
+        if tuple(have[p].shape) != want:
+            raise ValueError(f"param {'/'.join(p)} has shape {list(have[p].shape)}, the config "
+                             f"implies {list(want)}")
+
+
+def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") -> str:
+    """Write ``model`` as an HF model directory that ``transformers`` loads.
+
+    Writes ``config.json``, the weights as safetensors (one shard at a time, each at most
+    ``max_shard_size``, e.g. "2GB" = 2e9 bytes or "2GiB"; a ``model.safetensors.index.json``
+    when there is more than one), ``generation_config.json`` and the tokenizer files of the
+    directory ``tokenizer_from`` (if given). The directory is built beside ``out_dir`` and
+    renamed into place at the end, so a crash never leaves a half-written checkpoint; an
+    existing ``out_dir`` is replaced. Tensors are written exactly (no dtype conversion).
+    Returns ``out_dir``.
+    """
+    from safetensors.numpy import save_file
+
+    cfg, params = model.cfg, model.params
+    _check_layout(cfg, params)
+    limit = _parse_size(max_shard_size)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if tokenizer_from is not None and not os.path.isdir(tokenizer_from):
+        raise FileNotFoundError(f"tokenizer_from={tokenizer_from!r} is not a directory; pass the "
+                                "HF directory holding tokenizer.json / tokenizer_config.json")
+
+    tensors = list(_hf_tensors(cfg, params))
+    shards: list[list] = [[]]
+    size = 0
+    total = 0
+    for t in tensors:
+        nbytes = int(np.prod(t[1], dtype=np.int64)) * jnp.dtype(t[2]).itemsize
+        total += nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        weight_map = {}
+        for s, shard in enumerate(shards):
+            fn = SINGLE_WEIGHTS if len(shards) == 1 else \
+                f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+            arrays = {name: fetch() for name, _, _, fetch in shard}
+            save_file(arrays, os.path.join(tmp, fn), metadata={"format": "pt"})
+            del arrays
+            weight_map.update({name: fn for name, *_ in shard})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, WEIGHTS_INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                          indent=2, sort_keys=True)
+
+        hf = _hf_config(cfg, params)
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+
+        gen = {}
+        if tokenizer_from is not None:
+            src = os.path.join(tokenizer_from, GENERATION_CONFIG)
+            if os.path.isfile(src):  # keep the sampling defaults of the original model
+                with open(src) as f:
+                    gen = json.load(f)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if hf.get(key) is not None:
+                gen[key] = hf[key]
+        gen["transformers_version"] = hf["transformers_version"]
+        with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
+            json.dump(gen, f, indent=2, sort_keys=True)
+
+        if tokenizer_from is not None:
+            for fn in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_from, fn)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, fn))
+
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "d"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _hf_config(cfg: LlamaConfig, params) -> dict:
+    try:
+        import transformers
+        version = transformers.__version__
+    except ImportError:  # pragma: no cover
+        version = "4.45.0"
+    hf = cfg.to_hf()
+    dt = jnp.dtype(params["embed"].dtype).name
+    hf["torch_dtype"] = dt
+    hf["dtype"] = dt
+    if cfg.model_type == "mistral":
+        hf["sliding_window"] = None  # our attention is full; say so
+    if cfg.model_type == "qwen2":
+        hf["use_sliding_window"] = False
+    hf["transformers_version"] = version
+    return hf

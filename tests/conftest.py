@@ -1,0 +1,176 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written with ``save_pretrained``.
+
+Variants (``HF_VARIANTS``), all float32, 2-3 layers, hidden 32-64, vocab 128-256:
+
+* ``llama2``  -- Llama 2 style, multi-head attention (``num_key_value_heads == heads``);
+* ``llama3``  -- Llama 3.2 style: ``rope_scaling`` llama3, tied embeddings, GQA;
+* ``gqa``     -- TinyLlama style grouped-query attention (8 heads, 2 kv heads);
+* ``qwen2``   -- ``Qwen2ForCausalLM`` (q/k/v biases);
+* ``mistral`` -- ``MistralForCausalLM`` without a sliding window.
+
+Weights are drawn with a fixed torch seed at a scale that gives peaked next-token
+distributions (so greedy decoding has no near-ties); norm weights and biases get nonzero
+random values (transformers initialises them to one and zero), so their mapping is tested.
+
+Fixtures: ``make_tiny_hf(variant, sharded=False, dtype="float32", tokenizer=False)`` builds
+(once per session) and returns a checkpoint directory; ``tiny_llama_dir`` is the Llama 2
+style one with a small word-level tokenizer; ``tiny_llama_sharded_dir`` the same weights in
+several safetensors shards; ``torch_reference(path)`` the transformers model of a directory
+(eager attention, eval mode, float32).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral")
+
+_COMMON = dict(bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+
+
+def _hf_config(variant: str):
+    import transformers
+
+    if variant == "llama2":
+        return transformers.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+            **_COMMON)
+    if variant == "llama3":
+        return transformers.LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rope_theta=500000.0, tie_word_embeddings=True,
+            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                              high_freq_factor=4.0, original_max_position_embeddings=32),
+            **_COMMON)
+    if variant == "gqa":
+        return transformers.LlamaConfig(
+            vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+            **_COMMON)
+    if variant == "qwen2":
+        return transformers.Qwen2Config(
+            vocab_size=192, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rope_theta=1000000.0, **_COMMON)
+    if variant == "mistral":
+        return transformers.MistralConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+            sliding_window=None, **_COMMON)
+    raise KeyError(variant)
+
+
+def _randomize(model, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name == "lm_head.weight":
+                p.copy_(3.0 / math.sqrt(p.shape[1]) * torch.randn(p.shape, generator=g))
+            else:  # Linear [out, in]
+                p.copy_(1.0 / math.sqrt(p.shape[1]) * torch.randn(p.shape, generator=g))
+
+
+def build_hf_model(variant: str, seed: int = 0):
+    """A random transformers model of ``variant`` (float32, eval mode)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = _hf_config(variant)
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}[cfg.model_type]
+    model = cls(cfg).eval()
+    _randomize(model, seed)
+    return model
+
+
+def save_tiny_tokenizer(out_dir: str, vocab_size: int) -> None:
+    """A word-level tokenizer over ``<unk> <s> </s> w3 w4 ...`` (no download needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+
+
+def build_hf_checkpoint(variant: str, out_dir: str, sharded: bool = False,
+                        dtype: str = "float32", tokenizer: bool = False, seed: int = 0) -> str:
+    """Write a tiny random checkpoint of ``variant`` to ``out_dir``; sharded into several
+    safetensors files (with an index) when ``sharded``."""
+    import torch
+
+    model = build_hf_model(variant, seed)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    kw = {"max_shard_size": "40KB"} if sharded else {}
+    model.save_pretrained(out_dir, **kw)
+    if tokenizer:
+        save_tiny_tokenizer(out_dir, model.config.vocab_size)
+    if sharded:
+        assert os.path.isfile(os.path.join(out_dir, "model.safetensors.index.json"))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def make_tiny_hf(tmp_path_factory):
+    """``make(variant, sharded=False, dtype="float32", tokenizer=False) -> directory``, built
+    once per session and argument set."""
+    cache: dict[tuple, str] = {}
+
+    def make(variant: str, sharded: bool = False, dtype: str = "float32",
+             tokenizer: bool = False) -> str:
+        key = (variant, sharded, dtype, tokenizer)
+        if key not in cache:
+            name = f"{variant}-{'sharded' if sharded else 'single'}-{dtype}" + \
+                ("-tok" if tokenizer else "")
+            out = str(tmp_path_factory.mktemp(name))
+            cache[key] = build_hf_checkpoint(variant, out, sharded, dtype, tokenizer)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(make_tiny_hf) -> str:
+    """A Llama 2 style checkpoint (MHA, 2 layers, hidden 64, vocab 128) with a tokenizer."""
+    return make_tiny_hf("llama2", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded_dir(make_tiny_hf) -> str:
+    """The ``tiny_llama_dir`` weights, split into several safetensors shards plus the index."""
+    return make_tiny_hf("llama2", sharded=True, tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def torch_reference():
+    """``ref(path) -> transformers model`` (float32, eager attention, eval), cached per path."""
+    cache: dict[str, object] = {}
+
+    def ref(path: str):
+        if path not in cache:
+            import torch
+            import transformers
+
+            cache[path] = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager").eval()
+        return cache[path]
+
+    return ref
