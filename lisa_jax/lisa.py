@@ -1,0 +1,544 @@
+"""LISA as an optax transformation: train every non-layer leaf, and a sampled subset of layers.
+
+``lisa(inner, ...)`` wraps an *elementwise* optax transformation ``inner`` (typically
+``optax.adamw(schedule)``). Leaves whose path contains ``layers`` (default: the key
+``"layers"``) are stacked along a leading layer axis ``L``; in each period of ``interval``
+steps only the sampled layers of that axis are trained, all other leaves every step.
+
+State layout (:class:`LisaState`)
+---------------------------------
+* ``count``  int32 ``[]``: global step (number of updates applied so far).
+* ``key``    uint32 raw key data of the sampler key (``jax.random.key_data``), so checkpoints
+  need no special handling; split once per resample.
+* ``period`` int32 ``[]``: the period ``count // interval`` that ``active`` was drawn for.
+* ``active`` int32 ``[g]``: the sampled layer indices, sorted.
+* ``slot_state``: ``jax.vmap(inner.init)`` of the *slot view* (layer leaves gathered at
+  ``active``, leading axis ``g``). Each slot has its own count, so a newly sampled layer starts
+  with zero moments and fresh bias correction, as if AdamW had just been created for it.
+  Memory scales with ``g``, not ``L``.
+* ``rest_state``: ``inner.init`` of the always-trained leaves (layer leaves replaced by ``None``).
+
+Resampling and resets
+---------------------
+The first sample is drawn by ``init`` (period 0); a new one whenever ``count // interval``
+moves past ``period``. With ``reset="sampled"`` a layer that stays active keeps its moments
+(they move to its new slot), a newly sampled layer gets a fresh ``inner.init`` state, and the
+always-trained leaves keep theirs. With ``reset="all"`` all moments restart every period.
+"Moments" are the NamedTuple nodes of the inner state that hold a param-shaped field (e.g.
+``ScaleByAdamState(count, mu, nu)``); every other node (e.g. ``ScaleByScheduleState.count``,
+``InjectHyperparamsState.count``/``hyperparams``) is kept, so learning-rate schedules follow
+the global step and never restart.
+
+``inner`` must be elementwise: it is run separately on the always-trained leaves and, under
+``jax.vmap``, on each slot. Whole-tree statistics (global-norm clipping, ...) belong outside::
+
+    optax.chain(optax.clip_by_global_norm(1.0), lisa(optax.adamw(lr)))
+
+Contract for a fast train step
+------------------------------
+``tx.update(grads, state, params)`` is exactly::
+
+    state = tx.prepare(state, params)        # resample if a period starts (in-graph, lax.cond)
+    vg = tx.view(grads, state)               # layer leaves gathered at state.active -> [g, ...]
+    vp = tx.view(params, state)
+    vu, state = tx.update_view(vg, state, vp)   # inner on rest leaves, vmap(inner) on slots
+    updates = tx.scatter(vu, state, like=grads) # full size, exactly 0 at frozen layers
+
+A fast step (all inside one ``jax.jit``, fixed ``n_active``) calls ``tx.prepare`` first, then
+builds ``vp = tx.view(params, state)``, computes the gradient w.r.t. ``vp`` only (no full-size
+gradient tree), calls ``tx.update_view`` and writes the slices back with
+``tx.apply_view(params, vu, state)`` (or its own ``.at[active]`` writes). ``update_view``
+assumes ``state`` is prepared; ``prepare`` is idempotent. ``params`` passed to ``prepare``
+only serve as the template (shapes, dtypes) for fresh ``inner.init`` states; grads work too.
+
+Bernoulli mode (``probs=``): the number of active layers changes the state's shapes, so it
+cannot be resampled inside ``jit``. Call ``maybe_resample(tx, opt_state, params)`` on the host
+before each step (it finds the LisaState anywhere inside e.g. an ``optax.chain`` or
+``optax.MultiSteps`` state; a no-op within a period). Eager (untraced) ``tx.update`` does this
+itself. A jitted step compiles once per distinct active count; if it sees a state that was not
+prepared at a period boundary it raises at run time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lisa_jax import sampling
+
+__all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "resample",
+           "maybe_resample", "trainable_view", "update_view", "scatter_view", "apply_view"]
+
+RESET_MODES = ("sampled", "all")
+
+
+class LisaState(NamedTuple):
+    """State of :func:`lisa`; see the module docstring."""
+
+    count: jax.Array
+    key: jax.Array
+    period: jax.Array
+    active: jax.Array
+    slot_state: Any
+    rest_state: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Config:
+    inner: optax.GradientTransformation
+    pred: Callable[[Any, Any], bool]
+    layers_desc: str
+    n_active: int | None
+    probs: np.ndarray | None
+    interval: int
+    key: Any
+    reset: str
+
+
+# ----------------------------------------------------------------------------- tree helpers
+
+def _key_name_pred(name: str):
+    def pred(path, leaf):
+        for k in path:
+            for attr in ("key", "name"):
+                if getattr(k, attr, None) == name:
+                    return True
+        return False
+    return pred
+
+
+def _split(cfg: _Config, tree):
+    """(leaves, is_layer mask, treedef) of a params-like tree."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    mask = [bool(cfg.pred(p, x)) for p, x in with_path]
+    return [x for _, x in with_path], mask, treedef
+
+
+def _part(treedef, leaves, mask, want_layers: bool, fn=lambda x: x):
+    """The tree with only layer (or only non-layer) leaves kept (mapped by fn), others None."""
+    return treedef.unflatten([fn(x) if m == want_layers else None for x, m in zip(leaves, mask)])
+
+
+def _none_or_masked(x):
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _param_shaped(x, ptd) -> bool:
+    try:
+        return jax.tree_util.tree_structure(x, is_leaf=_none_or_masked) == ptd
+    except Exception:  # pragma: no cover - exotic nodes
+        return False
+
+
+def _is_namedtuple(x) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _walk(fresh, old, rest, ptd, on_param, on_other):
+    """Rebuild an inner state: NamedTuple nodes with a param-shaped field go to ``on_param``
+    (fresh, old); everything else to ``on_other`` (fresh, old, rest) at its leaves/subtrees."""
+    if _is_namedtuple(fresh):
+        if any(_param_shaped(f, ptd) for f in fresh):
+            return on_param(fresh, old)
+        return type(fresh)(*(_walk(f, o, r, ptd, on_param, on_other)
+                             for f, o, r in zip(fresh, old, rest)))
+    if isinstance(fresh, (tuple, list)):
+        return type(fresh)(_walk(f, o, r, ptd, on_param, on_other)
+                           for f, o, r in zip(fresh, old, rest))
+    if isinstance(fresh, dict):
+        return type(fresh)((k, _walk(fresh[k], old[k], rest[k], ptd, on_param, on_other))
+                           for k in fresh)
+    return on_other(fresh, old, rest)
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _wrap_key(cfg: _Config, data):
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(cfg.key))
+
+
+# ----------------------------------------------------------------------------- core
+
+def _num_layers(cfg: _Config, leaves, mask) -> int:
+    sizes = {}
+    for x, m in zip(leaves, mask):
+        if m:
+            shape = np.shape(x)
+            if len(shape) == 0:
+                raise ValueError(f"a leaf selected by layers={cfg.layers_desc} is a scalar; layer "
+                                 f"leaves need a leading layer axis L")
+            sizes.setdefault(shape[0], shape)
+    if not sizes:
+        raise ValueError(f"no parameter leaf matches layers={cfg.layers_desc}; pass "
+                         f"layers=<a key name in the stacked layer leaves' paths> or a callable "
+                         f"(path, leaf) -> bool")
+    if len(sizes) > 1:
+        raise ValueError(f"layer leaves have different leading sizes {sorted(sizes)}; every leaf "
+                         f"selected by layers={cfg.layers_desc} must be stacked along a leading "
+                         f"layer axis of one size L")
+    return int(next(iter(sizes)))
+
+
+def _draw(cfg: _Config, draw_key, num_layers: int):
+    if cfg.probs is None:
+        return sampling.sample_uniform(draw_key, num_layers, cfg.n_active)
+    return jnp.asarray(sampling.sample_bernoulli(draw_key, cfg.probs), jnp.int32)
+
+
+def _check_config_against(cfg: _Config, num_layers: int):
+    if cfg.n_active is not None and cfg.n_active > num_layers:
+        raise ValueError(f"n_active={cfg.n_active} exceeds the number of layers L={num_layers}; "
+                         f"pass n_active <= {num_layers}")
+    if cfg.probs is not None and cfg.probs.shape[0] != num_layers:
+        raise ValueError(f"probs has length {cfg.probs.shape[0]} but the model has "
+                         f"L={num_layers} layers; pass one probability per layer")
+
+
+def _init(cfg: _Config, params):
+    if cfg.probs is not None and any(_is_traced(x) for x in jax.tree.leaves(params)):
+        raise ValueError("lisa(probs=...).init runs on the host (the number of sampled layers "
+                         "sets the state's shapes); call it outside jax.jit / jax.eval_shape")
+    leaves, mask, treedef = _split(cfg, params)
+    if treedef.num_nodes == 1:
+        raise ValueError("params must be a pytree container (e.g. a dict), not a bare array; "
+                         "wrap it, e.g. {'layers': array}")
+    num_layers = _num_layers(cfg, leaves, mask)
+    _check_config_against(cfg, num_layers)
+    key_next, draw_key = jax.random.split(cfg.key)
+    active = _draw(cfg, draw_key, num_layers)
+    slot_view = _part(treedef, leaves, mask, True, lambda x: x[active])
+    return LisaState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(key_next),
+        period=jnp.zeros([], jnp.int32),
+        active=active,
+        slot_state=jax.vmap(cfg.inner.init)(slot_view),
+        rest_state=cfg.inner.init(_part(treedef, leaves, mask, False)),
+    )
+
+
+def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
+    """Draw the next active set (unconditionally) and carry/reset the inner states."""
+    leaves, mask, treedef = _split(cfg, params)
+    num_layers = _num_layers(cfg, leaves, mask)
+    key_next, draw_key = jax.random.split(_wrap_key(cfg, state.key))
+    new_active = _draw(cfg, draw_key, num_layers)
+    g_old, g_new = state.active.shape[0], new_active.shape[0]
+
+    # Always-trained leaves: keep everything, unless reset="all" (then fresh moments).
+    rest_state = state.rest_state
+    if cfg.reset == "all":
+        rest_params = _part(treedef, leaves, mask, False)
+        rest_ptd = jax.tree_util.tree_structure(rest_params, is_leaf=_none_or_masked)
+        rest_state = _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
+                           lambda f, o: f, lambda f, o, r: o)
+
+    slot_view = _part(treedef, leaves, mask, True, lambda x: x[new_active])
+    slot_ptd = jax.tree_util.tree_structure(slot_view, is_leaf=_none_or_masked)
+    fresh = jax.vmap(cfg.inner.init)(slot_view)
+
+    if cfg.reset == "sampled" and g_old > 0 and g_new > 0:
+        eq = new_active[:, None] == state.active[None, :]
+        kept, src = eq.any(axis=1), jnp.argmax(eq, axis=1)
+
+        def carry(f, o):
+            k = kept.reshape((-1,) + (1,) * (f.ndim - 1))
+            return jnp.where(k, o[src], f).astype(f.dtype)
+
+        def on_param(f_node, o_node):
+            return jax.tree.map(carry, f_node, o_node)
+    else:
+        def on_param(f_node, o_node):
+            return f_node
+
+    if g_old == g_new:
+        def on_other(f, o, r):  # counts of schedules, hyperparams, ...: unchanged
+            return o
+    else:  # probs mode, new slot count: take them from the always-trained leaves' state
+        def on_other(f, o, r):
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (g_new,) + jnp.shape(x)), r)
+
+    slot_state = _walk(fresh, state.slot_state, rest_state, slot_ptd, on_param, on_other)
+    return LisaState(
+        count=state.count,
+        key=jax.random.key_data(key_next),
+        period=(state.count // cfg.interval).astype(jnp.int32),
+        active=new_active,
+        slot_state=slot_state,
+        rest_state=rest_state,
+    )
+
+
+def _due(cfg: _Config, state: LisaState):
+    return state.count // cfg.interval != state.period
+
+
+def _prepare(cfg: _Config, state: LisaState, params) -> LisaState:
+    traced = _is_traced(state.count) or _is_traced(state.period)
+    if not traced and not bool(_due(cfg, state)):
+        return state
+    if cfg.probs is not None:
+        if traced:  # shapes can't change under jit: the state must come prepared (host-side)
+            return state
+        return _resample_now(cfg, state, params)
+    if not traced:
+        return _resample_now(cfg, state, params)
+    return jax.lax.cond(_due(cfg, state), lambda s: _resample_now(cfg, s, params),
+                        lambda s: s, state)
+
+
+def _raise_unprepared(count, period):
+    raise RuntimeError(
+        f"lisa(probs=...): step {int(count)} starts a new period but the state still holds the "
+        f"sample of period {int(period)}; call lisa_jax.maybe_resample(tx, opt_state, params) "
+        f"outside jax.jit before each step")
+
+
+def _view(cfg: _Config, tree, state: LisaState):
+    if tree is None:
+        return None
+    leaves, mask, treedef = _split(cfg, tree)
+    return treedef.unflatten([x[state.active] if m else x for x, m in zip(leaves, mask)])
+
+
+def _update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
+    if cfg.probs is not None and _is_traced(state.count):
+        jax.lax.cond(_due(cfg, state),
+                     lambda: jax.debug.callback(_raise_unprepared, state.count, state.period),
+                     lambda: None)
+    leaves, mask, treedef = _split(cfg, view_grads)
+    p_leaves = (treedef.flatten_up_to(view_params) if view_params is not None
+                else [None] * len(leaves))
+    rest_u, rest_state = cfg.inner.update(
+        _part(treedef, leaves, mask, False), state.rest_state,
+        None if view_params is None else _part(treedef, p_leaves, mask, False))
+    slot_u, slot_state = jax.vmap(cfg.inner.update)(
+        _part(treedef, leaves, mask, True), state.slot_state,
+        None if view_params is None else _part(treedef, p_leaves, mask, True))
+    ru, su = treedef.flatten_up_to(rest_u), treedef.flatten_up_to(slot_u)
+    updates = treedef.unflatten([s if m else r for r, s, m in zip(ru, su, mask)])
+    new_state = state._replace(count=optax.safe_int32_increment(state.count),
+                               slot_state=slot_state, rest_state=rest_state)
+    return updates, new_state
+
+
+def _scatter(cfg: _Config, view_updates, state: LisaState, like):
+    leaves, mask, treedef = _split(cfg, view_updates)
+    like_leaves = treedef.flatten_up_to(like)
+    out = []
+    for u, l, m in zip(leaves, like_leaves, mask):
+        if m:
+            u = jnp.zeros(jnp.shape(l), u.dtype).at[state.active].set(
+                u, indices_are_sorted=True, unique_indices=True)
+        out.append(u)
+    return treedef.unflatten(out)
+
+
+def _apply_view(cfg: _Config, params, view_updates, state: LisaState):
+    leaves, mask, treedef = _split(cfg, params)
+    u_leaves = treedef.flatten_up_to(view_updates)
+    out = []
+    for p, u, m in zip(leaves, u_leaves, mask):
+        if m:
+            rows = (p[state.active] + u).astype(p.dtype)
+            out.append(p.at[state.active].set(rows, indices_are_sorted=True,
+                                              unique_indices=True))
+        else:
+            out.append(jnp.asarray(p + u).astype(p.dtype))
+    return treedef.unflatten(out)
+
+
+def _update(cfg: _Config, grads, state: LisaState, params=None):
+    state = _prepare(cfg, state, params if params is not None else grads)
+    view_updates, state = _update_view(cfg, _view(cfg, grads, state), state,
+                                       _view(cfg, params, state))
+    return _scatter(cfg, view_updates, state, grads), state
+
+
+# ----------------------------------------------------------------------------- public API
+
+class LisaTransformation(optax.GradientTransformation):
+    """``optax.GradientTransformation`` (``init``, ``update``) returned by :func:`lisa`, with the
+    pieces of ``update`` exposed for a fast train step: ``prepare``, ``view``, ``update_view``,
+    ``scatter``, ``apply_view``; and ``maybe_resample`` for Bernoulli mode."""
+
+    def __new__(cls, cfg: _Config):
+        def init(params):
+            return _init(cfg, params)
+
+        def update(updates, state, params=None):
+            return _update(cfg, updates, state, params)
+
+        self = super().__new__(cls, init, update)
+        self.config = cfg
+        return self
+
+    def prepare(self, state: LisaState, params) -> LisaState:
+        """Resample if ``state.count`` starts a new period (``lax.cond`` under jit, fixed shapes
+        for ``n_active``); otherwise return ``state``. Idempotent. ``params``: full-size tree
+        (or grads) used as template for fresh inner states."""
+        return _prepare(self.config, state, params)
+
+    def view(self, tree, state: LisaState):
+        """``tree`` with every layer leaf gathered at ``state.active`` (leading dim ``g``)."""
+        return _view(self.config, tree, state)
+
+    def update_view(self, view_grads, state: LisaState, view_params=None):
+        """``(view_updates, new_state)``: ``inner`` on the always-trained leaves and
+        ``vmap(inner.update)`` on the slots; increments ``count``. ``state`` must be prepared."""
+        return _update_view(self.config, view_grads, state, view_params)
+
+    def scatter(self, view_updates, state: LisaState, like):
+        """Full-size updates shaped like ``like``: layer slices at ``state.active`` from
+        ``view_updates``, exactly 0 at frozen layers."""
+        return _scatter(self.config, view_updates, state, like)
+
+    def apply_view(self, params, view_updates, state: LisaState):
+        """``optax.apply_updates(params, scatter(view_updates, ...))`` touching only the active
+        layer slices."""
+        return _apply_view(self.config, params, view_updates, state)
+
+    def maybe_resample(self, opt_state, params):
+        """Host-side: prepare every LisaState inside ``opt_state`` (see :func:`maybe_resample`)."""
+        return maybe_resample(self, opt_state, params)
+
+
+def lisa(
+    inner: optax.GradientTransformation,
+    *,
+    n_active: int | None = None,
+    probs=None,
+    interval: int = 20,
+    key=0,
+    layers: str | Callable[[Any, Any], bool] = "layers",
+    reset: str = "sampled",
+) -> LisaTransformation:
+    """LISA: train all non-layer leaves, and a sampled subset of the stacked layers, with ``inner``.
+
+    Args:
+      inner: an elementwise optax transformation, e.g. ``optax.adamw(schedule)``. Whole-tree
+        statistics belong outside: ``optax.chain(optax.clip_by_global_norm(1.0), lisa(...))``.
+        Per-slot ``inner`` sees one layer's slice (no layer axis), so a callable weight-decay
+        mask like ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)`` exempts the norms.
+      n_active: number of layers trained per period, drawn uniformly without replacement.
+      probs: per-layer probabilities ``[L]``; each layer is drawn independently (the count
+        varies; may be 0). Host-side resampling: see :func:`maybe_resample`. At most one of
+        ``n_active``/``probs``; with neither, ``n_active=2``.
+      interval: steps per period ``K``; resampled at step 0, K, 2K, ...
+      key: int seed or PRNG key of the sampler; the run's sequence of samples depends only on it.
+      layers: a key name anywhere in a leaf's path, or a callable ``(path, leaf) -> bool`` (it
+        must not depend on the leading layer size: it is also applied to the ``[g, ...]`` views).
+        Selected leaves are stacked along a leading axis ``L``; every other leaf is always trained.
+      reset: ``"sampled"`` (a newly sampled layer starts fresh, kept layers and always-trained
+        leaves keep their moments) or ``"all"`` (every moment restarts each period). Schedules
+        follow the global step either way.
+
+    Returns:
+      A :class:`LisaTransformation`, usable anywhere an ``optax.GradientTransformation`` is.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lisa_jax
+      >>> params = {"embed": jnp.ones((4, 2)), "layers": {"w": jnp.ones((6, 2, 2))}}
+      >>> tx = lisa_jax.lisa(optax.adamw(1e-2), n_active=2, interval=3, key=0)
+      >>> state = tx.init(params)
+      >>> active = lisa_jax.active_layers(state)
+      >>> active.shape, active.dtype.name
+      ((2,), 'int32')
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = jax.jit(tx.update)(grads, state, params)
+      >>> moved = jnp.flatnonzero((updates["layers"]["w"] != 0).any(axis=(1, 2)))
+      >>> moved.tolist() == active.tolist(), bool((updates["embed"] != 0).all())
+      (True, True)
+      >>> params = optax.apply_updates(params, updates)
+    """
+    if n_active is not None and probs is not None:
+        raise ValueError("pass either n_active (uniform sampling) or probs (Bernoulli per layer), "
+                         "not both")
+    if reset not in RESET_MODES:
+        raise ValueError(f"unknown reset={reset!r}; use one of {', '.join(RESET_MODES)}")
+    if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
+        raise ValueError(f"interval={interval!r} must be an int >= 1 (steps per sampling period)")
+    if probs is not None:
+        probs = sampling.check_probs(probs)
+    else:
+        if n_active is None:
+            n_active = 2
+        if isinstance(n_active, bool) or not isinstance(n_active, (int, np.integer)) \
+                or n_active < 1:
+            raise ValueError(f"n_active={n_active!r} must be an int >= 1 (and <= L)")
+        n_active = int(n_active)
+    if isinstance(layers, str):
+        pred, desc = _key_name_pred(layers), repr(layers)
+    elif callable(layers):
+        pred, desc = layers, getattr(layers, "__name__", "<callable>")
+    else:
+        raise ValueError(f"layers must be a key name or a callable (path, leaf) -> bool, "
+                         f"got {type(layers).__name__}")
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    else:
+        key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key.astype(jnp.uint32))
+    cfg = _Config(inner=inner, pred=pred, layers_desc=desc, n_active=n_active, probs=probs,
+                  interval=int(interval), key=key, reset=reset)
+    return LisaTransformation(cfg)
+
+
+def _lisa_states_map(fn, opt_state):
+    return jax.tree.map(lambda s: fn(s) if isinstance(s, LisaState) else s, opt_state,
+                        is_leaf=lambda s: isinstance(s, LisaState))
+
+
+def active_layers(state) -> jax.Array:
+    """Sorted ``int32`` indices of the layers sampled for the current period.
+
+    ``state`` is a :class:`LisaState` or any optimizer state containing one (chain, MultiSteps).
+    """
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, LisaState))
+             if isinstance(s, LisaState)]
+    if not found:
+        raise ValueError("no LisaState in this optimizer state; pass the state of lisa(...)")
+    return found[0].active
+
+
+def resample(tx: LisaTransformation, state: LisaState, params) -> LisaState:
+    """``tx.prepare``: resample if ``state`` starts a new period (in-graph for ``n_active``)."""
+    return tx.prepare(state, params)
+
+
+def maybe_resample(tx: LisaTransformation, opt_state, params):
+    """Host-side preparation before a (jitted) step; needed in Bernoulli (``probs``) mode.
+
+    Replaces every :class:`LisaState` inside ``opt_state`` (e.g. within ``optax.chain`` or
+    ``optax.MultiSteps`` states) by its prepared version: at a period boundary the Bernoulli
+    sample is drawn from the state's key and the state gets the new shapes (moments carried or
+    reset as documented); otherwise it is returned unchanged. Also fine for ``n_active``.
+    """
+    return _lisa_states_map(lambda s: _prepare(tx.config, s, params), opt_state)
+
+
+def trainable_view(tree, state: LisaState, layers="layers"):
+    """``tree`` with every layer leaf gathered at ``state.active`` (leading dim ``g``)."""
+    return lisa(optax.identity(), layers=layers).view(tree, state)
+
+
+def update_view(tx: LisaTransformation, view_grads, state: LisaState, view_params=None):
+    """``tx.update_view``: ``(view_updates, new_state)`` on the ``[g, ...]`` views."""
+    return tx.update_view(view_grads, state, view_params)
+
+
+def scatter_view(view_updates, state: LisaState, like, layers="layers"):
+    """Full-size updates shaped like ``like``, 0 at frozen layers (see ``tx.scatter``)."""
+    return lisa(optax.identity(), layers=layers).scatter(view_updates, state, like)
+
+
+def apply_view(params, view_updates, state: LisaState, layers="layers"):
+    """Apply view updates to ``params``, writing only the active layer slices."""
+    return lisa(optax.identity(), layers=layers).apply_view(params, view_updates, state)
