@@ -6,7 +6,7 @@ parameters and optimizer state donated, so the update happens in place. ``batch`
 
 The LISA step
 -------------
-1. ``tx.prepare(state)`` resamples the active layers when a period starts (inside the jitted
+1. ``tx.prepare(state, params)`` resamples the active layers when a period starts (inside the jitted
    step for a fixed ``n_active``; for ``probs`` the loop calls ``tx.prepare_host`` first).
 2. The *trainable view* (``tx.view``): the always-trained leaves and the ``G`` sampled slices
    of every layer leaf, gathered into ``[G, ...]`` arrays.
@@ -92,6 +92,40 @@ def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none", los
                                batch.get("loss_mask"), loss_chunk)
 
 
+def value_and_grad_accumulated(loss_fn, x, batch):
+    """``((loss, n_tokens), grads)`` of ``loss_fn(x, batch) -> (mean loss, n_tokens)``.
+
+    A batch whose ``input_ids`` are ``[A, B, S]`` holds ``A`` micro-batches (gradient
+    accumulation): they are run one after another under ``lax.scan`` and combined weighted by
+    their target-token counts, which gives exactly the gradient of the token-mean loss over the
+    whole ``A * B`` batch, with the activation memory of one micro-batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if batch["input_ids"].ndim == 2:
+        return grad_fn(x, batch)
+
+    def body(carry, micro):
+        loss_sum, n_sum, g_sum = carry
+        (loss, n), g = grad_fn(x, micro)
+        g_sum = jax.tree.map(lambda acc, gi: acc + gi.astype(jnp.float32) * n, g_sum, g)
+        return (loss_sum + loss * n, n_sum + n, g_sum), None
+
+    zeros = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), x)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss_sum, n, g_sum), _ = jax.lax.scan(body, init, batch)
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda gs, v: (gs / denom).astype(v.dtype), g_sum, x)
+    return (loss_sum / denom, n), grads
+
+
+def clip_grads(grads, max_norm: float | None):
+    """Global-norm clipping of the gradients a step holds (for LISA: the trainable view, whose
+    norm equals that of the full gradient tree, zero elsewhere)."""
+    if not max_norm:
+        return grads
+    return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
+
+
 def _metrics(loss, n_tokens, grads):
     return {"loss": loss, "tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
 
@@ -105,41 +139,45 @@ def write_back(params, new_view, active_G):
 
 
 def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int | None = 4096,
-                   donate: bool = True) -> Callable:
+                   clip_norm: float | None = None, donate: bool = True) -> Callable:
     """The fast LISA step for a transform made by ``lisa_jax.lisa``."""
     if remat not in REMAT_MODES:
         raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                          f"{', '.join(REMAT_MODES)}")
 
     def step(params, opt_state, batch):
-        opt_state = tx.prepare(opt_state)
+        opt_state = tx.prepare(opt_state, params)
         active = opt_state.active
         view = tx.view(params, opt_state)
         slot_L = slot_of_layer(active, cfg.num_layers)
-        (loss, n), grads = jax.value_and_grad(
-            lambda v: lisa_loss(cfg, v, params["layers"], slot_L, batch, remat, loss_chunk),
-            has_aux=True)(view)
-        updates, opt_state = tx.update_view(grads, opt_state, view)
+        (loss, n), grads = value_and_grad_accumulated(
+            lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk),
+            view, batch)
+        metrics = _metrics(loss, n, grads)
+        updates, opt_state = tx.update_view(clip_grads(grads, clip_norm), opt_state, view)
         new_view = optax.apply_updates(view, updates)
-        return write_back(params, new_view, active), opt_state, _metrics(loss, n, grads)
+        return write_back(params, new_view, active), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat="none",
-                    loss_chunk: int | None = 4096, donate: bool = True) -> Callable:
+                    loss_chunk: int | None = 4096, clip_norm: float | None = None,
+                    donate: bool = True) -> Callable:
     """Full fine-tuning (or any optax transform fed a full gradient tree, LISA included)."""
     def step(params, opt_state, batch):
-        (loss, n), grads = jax.value_and_grad(
-            lambda p: plain_loss(cfg, p, batch, remat, loss_chunk), has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, _metrics(loss, n, grads)
+        (loss, n), grads = value_and_grad_accumulated(
+            lambda p, b: plain_loss(cfg, p, b, remat, loss_chunk), params, batch)
+        metrics = _metrics(loss, n, grads)
+        updates, opt_state = tx.update(clip_grads(grads, clip_norm), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: float,
-                   remat="none", loss_chunk: int | None = 4096, donate: bool = True) -> Callable:
+                   remat="none", loss_chunk: int | None = 4096, clip_norm: float | None = None,
+                   donate: bool = True) -> Callable:
     """LoRA: ``state`` is ``(lora_params, opt_state)``; the base parameters stay frozen.
 
     ``step(params, (lora, opt_state), batch) -> (params, (lora, opt_state), metrics)``; only the
@@ -151,9 +189,11 @@ def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: 
 
     def step(params, lora_state, batch):
         lora, opt_state = lora_state
-        (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, batch)
-        updates, opt_state = tx.update(grads, opt_state, lora)
-        return params, (optax.apply_updates(lora, updates), opt_state), _metrics(loss, n, grads)
+        (loss, n), grads = value_and_grad_accumulated(
+            lambda lo, b: loss_fn(lo, params, b), lora, batch)
+        metrics = _metrics(loss, n, grads)
+        updates, opt_state = tx.update(clip_grads(grads, clip_norm), opt_state, lora)
+        return params, (optax.apply_updates(lora, updates), opt_state), metrics
 
     return jax.jit(step, donate_argnums=(1,) if donate else ())
 

@@ -1,0 +1,246 @@
+"""The fast LISA step against the plain path (full gradient tree -> LISA transform)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lisa_jax
+from lisa_jax import lora as lora_lib
+from lisa_jax import model as M
+from lisa_jax import step as S
+from lisa_jax.stack_vjp import REMAT_MODES, lisa_stack, slot_of_layer
+
+L = 6
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=L, num_heads=4,
+                num_kv_heads=2, head_dim=8)
+    return M.LlamaConfig(**{**base, **kw})
+
+
+def perturbed_params(cfg, seed=0):
+    """Random weights with non-trivial norms and biases (init makes them ones and zeros)."""
+    p = M.init_params(cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+def batch_for(cfg, B=2, S_=12, seed=3, masked=True):
+    ids = jax.random.randint(jax.random.key(seed), (B, S_), 0, cfg.vocab_size)
+    out = {"input_ids": ids}
+    if masked:
+        out["loss_mask"] = (jnp.arange(S_)[None] >= S_ // 3).astype(jnp.int32).repeat(B, 0)
+    return out
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("remat", REMAT_MODES)
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
+def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias):
+    cfg = tiny_cfg(attention_bias=bias)
+    p = perturbed_params(cfg)
+    ids = batch_for(cfg)["input_ids"]
+    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    h0 = p["embed"][ids]
+    active = jnp.array([1, 4])
+
+    def ref(layers, h):
+        return jnp.sum(jnp.sin(M.run_layers(cfg, layers, h, cos, sin)))
+
+    def fast(act, h):
+        out = lisa_stack(cfg, remat, act, p["layers"], slot_of_layer(active, L), h, cos, sin)
+        return jnp.sum(jnp.sin(out))
+
+    g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(p["layers"], h0)
+    act = jax.tree.map(lambda x: x[active], p["layers"])
+    out_ref = jax.jit(lambda: M.run_layers(cfg, p["layers"], h0, cos, sin))()
+    out_fast = jax.jit(lambda: lisa_stack(cfg, remat, act, p["layers"], slot_of_layer(active, L),
+                                          h0, cos, sin))()
+    assert rel_err(out_fast, out_ref) < 1e-6  # the forward is the model's own layer
+    g_act, g_h2 = jax.jit(jax.grad(fast, argnums=(0, 1)))(act, h0)
+    assert set(g_act) == set(p["layers"])
+    for name in g_act:
+        assert g_act[name].shape == act[name].shape
+        assert rel_err(g_act[name], g_layers[name][active]) < 1e-5, name
+    assert rel_err(g_h2, g_h) < 1e-5
+
+
+def test_stack_vjp_with_no_sampled_layer_gives_only_activation_gradient():
+    cfg = tiny_cfg()
+    p = perturbed_params(cfg)
+    ids = batch_for(cfg)["input_ids"]
+    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    h0 = p["embed"][ids]
+    act = jax.tree.map(lambda x: x[:0], p["layers"])
+    slots = slot_of_layer(jnp.zeros((0,), jnp.int32), L)
+    g_h = jax.jit(jax.grad(lambda h: jnp.sum(lisa_stack(cfg, "none", act, p["layers"], slots, h,
+                                                        cos, sin) ** 2)))(h0)
+    g_ref = jax.jit(jax.grad(lambda h: jnp.sum(M.run_layers(cfg, p["layers"], h, cos,
+                                                            sin) ** 2)))(h0)
+    assert rel_err(g_h, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("inner", ["sgd_momentum", "adamw"])
+def test_fast_step_updates_equal_plain_path_over_several_periods(inner):
+    cfg = tiny_cfg(tie_embeddings=True)
+    p0 = perturbed_params(cfg)
+    # A larger eps keeps Adam's g / sqrt(v) from amplifying rounding in near-zero gradients.
+    opt = optax.sgd(0.05, momentum=0.9) if inner == "sgd_momentum" else \
+        optax.adamw(1e-2, eps=1e-3, weight_decay=0.1)
+    tx = lisa_jax.lisa(opt, n_active=2, interval=3, key=7)
+    fast = S.make_lisa_step(cfg, tx, donate=False)
+    plain = S.make_plain_step(cfg, tx, donate=False)
+    pa, sa = p0, tx.init(p0)
+    pb, sb = p0, tx.init(p0)
+    seen = set()
+    for i in range(10):  # 4 periods, resamples at steps 3, 6, 9
+        batch = batch_for(cfg, seed=i)
+        pa, sa, ma = fast(pa, sa, batch)
+        pb, sb, mb = plain(pb, sb, batch)
+        seen.add(tuple(np.asarray(lisa_jax.active_layers(sa))))
+        np.testing.assert_array_equal(lisa_jax.active_layers(sa), lisa_jax.active_layers(sb))
+        assert abs(float(ma["loss"]) - float(mb["loss"])) < 1e-5
+        for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+            assert rel_err(a, b) < 1e-5
+    assert len(seen) > 1, "the test should cross resamples with different samples"
+
+
+def test_frozen_layers_are_bit_identical_after_training():
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    tx = lisa_jax.lisa(optax.adamw(1e-2), n_active=2, interval=100, key=1)
+    step = S.make_lisa_step(cfg, tx)
+    p, s = jax.tree.map(jnp.copy, p0), tx.init(p0)
+    for i in range(3):
+        p, s, _ = step(p, s, batch_for(cfg, seed=i))
+    active = set(np.asarray(lisa_jax.active_layers(s)).tolist())
+    for name, w in p["layers"].items():
+        for layer in range(L):
+            same = np.array_equal(np.asarray(w[layer]), np.asarray(p0["layers"][name][layer]))
+            assert same == (layer not in active), (name, layer)
+    for name in ("embed", "final_norm", "lm_head"):
+        assert not np.array_equal(np.asarray(p[name]), np.asarray(p0[name])), name
+
+
+def test_one_compile_per_active_count():
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=2, interval=2, key=0)
+    step = S.make_lisa_step(cfg, tx)
+    p, s = p0, tx.init(p0)
+    samples = set()
+    for i in range(12):  # 6 periods, 6 resamples
+        p, s, _ = step(p, s, batch_for(cfg, seed=i))
+        samples.add(tuple(np.asarray(lisa_jax.active_layers(s))))
+    assert len(samples) > 2
+    assert step._cache_size() == 1
+
+    # Bernoulli sampling: one executable per distinct count, not per period.
+    # Layer 0 always, layer 1 half the time, the rest never: counts 1 and 2 only.
+    tx = lisa_jax.lisa(optax.adamw(1e-3), probs=[1.0, 0.5] + [0.0] * (L - 2), interval=1, key=3)
+    step = S.make_lisa_step(cfg, tx)
+    p, s = perturbed_params(cfg), None
+    s = tx.init(p)
+    counts = []
+    for i in range(10):
+        s = tx.maybe_resample(s, p)
+        counts.append(int(lisa_jax.active_layers(s).shape[0]))
+        p, s, _ = step(p, s, batch_for(cfg, seed=i))
+    assert step._cache_size() == len(set(counts)) < len(counts)
+
+
+def test_lora_step_trains_only_adapters_and_starts_at_base_model():
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    lora = lora_lib.init_lora(p0["layers"], jax.random.key(0), rank=4)
+    scale = lora_lib.lora_scale(4, None)
+    batch = batch_for(cfg)
+    base_loss = S.plain_loss(cfg, p0, batch)[0]
+    adapted = {**p0, "layers": lora_lib.apply_lora(p0["layers"], lora, scale)}
+    assert abs(float(S.plain_loss(cfg, adapted, batch)[0]) - float(base_loss)) < 1e-6
+    tx = optax.adamw(1e-2)
+    step = S.make_lora_step(cfg, tx, scale, donate=False)
+    p, st = p0, (lora, tx.init(lora))
+    losses = []
+    for _ in range(5):
+        p, st, m = step(p, st, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0)):
+        np.testing.assert_array_equal(a, b)
+    merged = lora_lib.merge_lora(p, st[0], scale)
+    with_adapters = {**p, "layers": lora_lib.apply_lora(p["layers"], st[0], scale)}
+    assert rel_err(M.forward(cfg, merged, batch["input_ids"]),
+                   M.forward(cfg, with_adapters, batch["input_ids"])) < 1e-5
+
+
+def test_chunked_loss_equals_unchunked():
+    cfg = tiny_cfg()
+    p = perturbed_params(cfg)
+    batch = batch_for(cfg, B=3, S_=17)
+    loss = jax.jit(S.plain_loss, static_argnums=(0, 3, 4))
+    whole, n = loss(cfg, p, batch, "none", None)
+    chunked, n2 = loss(cfg, p, batch, "none", 5)
+    ref = M.causal_lm_loss(M.Model(cfg, p)(batch["input_ids"]), batch["input_ids"],
+                           batch["loss_mask"])
+    assert abs(float(whole) - float(ref)) < 1e-6 and abs(float(chunked) - float(ref)) < 1e-6
+    assert float(n) == float(n2) == float(jnp.sum(batch["loss_mask"][:, 1:]))
+    g1 = jax.jit(jax.grad(lambda q: S.plain_loss(cfg, q, batch, loss_chunk=None)[0]))(p)
+    g2 = jax.jit(jax.grad(lambda q: S.plain_loss(cfg, q, batch, loss_chunk=5)[0]))(p)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_bad_remat_is_a_one_line_error():
+    cfg = tiny_cfg()
+    tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=1)
+    with pytest.raises(ValueError, match="unknown remat 'dots'.*none, mlp, full"):
+        S.make_lisa_step(cfg, tx, remat="dots")
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    whole = batch_for(cfg, B=4)
+    # Unequal target counts per micro-batch: the combination must weight by tokens.
+    whole["loss_mask"] = whole["loss_mask"].at[0, :8].set(1)
+    micro = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), whole)
+    tx = lisa_jax.lisa(optax.sgd(0.1), n_active=2, interval=5, key=0)
+    step = S.make_lisa_step(cfg, tx, donate=False)
+    pa, _, ma = step(p0, tx.init(p0), whole)
+    pb, _, mb = step(p0, tx.init(p0), micro)
+    assert abs(float(ma["loss"]) - float(mb["loss"])) < 1e-6
+    assert float(ma["tokens"]) == float(mb["tokens"])
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
+    """Clipping sees the gradients of what trains (as in PyTorch, where frozen layers have no
+    .grad), not those of frozen layers, which the fast step never computes."""
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    tx = lisa_jax.lisa(optax.sgd(1.0), n_active=2, interval=5, key=0)
+    fast = S.make_lisa_step(cfg, tx, clip_norm=1e-3, donate=False)
+    batch = batch_for(cfg)
+    state = tx.init(p0)
+    active = lisa_jax.active_layers(state)
+    pa, _, ma = fast(p0, state, batch)
+    grads = jax.jit(jax.grad(lambda p: S.plain_loss(cfg, p, batch)[0]))(p0)
+    frozen = jnp.ones(L, bool).at[active].set(False)
+    grads["layers"] = jax.tree.map(
+        lambda g: jnp.where(frozen.reshape((L,) + (1,) * (g.ndim - 1)), 0.0, g), grads["layers"])
+    assert abs(float(ma["grad_norm"]) - float(optax.global_norm(grads))) < 1e-5
+    assert float(ma["grad_norm"]) > 1e-3  # the clip is active
+    clipped = optax.clip_by_global_norm(1e-3).update(grads, optax.EmptyState())[0]
+    expected = jax.tree.map(lambda p, g: p - g, p0, clipped)
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(expected)):
+        assert rel_err(a, b) < 1e-5
