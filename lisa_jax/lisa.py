@@ -95,7 +95,8 @@ class _Config:
     n_active: int | None
     probs: np.ndarray | None
     interval: int
-    key: Any
+    key: Any  # int seed, typed PRNG key or raw uint32 key data, as given
+    key_impl: Any  # PRNG implementation of the sampler key (None: the default)
     reset: str
 
 
@@ -141,6 +142,8 @@ def _is_namedtuple(x) -> bool:
 def _walk(fresh, old, rest, ptd, on_param, on_other):
     """Rebuild an inner state: NamedTuple nodes with a param-shaped field go to ``on_param``
     (fresh, old); everything else to ``on_other`` (fresh, old, rest) at its leaves/subtrees."""
+    if _param_shaped(fresh, ptd):  # a bare param-shaped subtree: moments too
+        return on_param(fresh, old)
     if _is_namedtuple(fresh):
         if any(_param_shaped(f, ptd) for f in fresh):
             return on_param(fresh, old)
@@ -160,7 +163,16 @@ def _is_traced(x) -> bool:
 
 
 def _wrap_key(cfg: _Config, data):
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(cfg.key))
+    return jax.random.wrap_key_data(data, impl=cfg.key_impl)
+
+
+def _first_key(cfg: _Config):
+    key = cfg.key
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key), impl=cfg.key_impl)
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32), impl=cfg.key_impl)
 
 
 # ----------------------------------------------------------------------------- core
@@ -210,7 +222,7 @@ def _init(cfg: _Config, params):
                          "wrap it, e.g. {'layers': array}")
     num_layers = _num_layers(cfg, leaves, mask)
     _check_config_against(cfg, num_layers)
-    key_next, draw_key = jax.random.split(cfg.key)
+    key_next, draw_key = jax.random.split(_first_key(cfg))
     active = _draw(cfg, draw_key, num_layers)
     slot_view = _part(treedef, leaves, mask, True, lambda x: x[active])
     return LisaState(
@@ -368,16 +380,13 @@ class LisaTransformation(optax.GradientTransformation):
     pieces of ``update`` exposed for a fast train step: ``prepare``, ``view``, ``update_view``,
     ``scatter``, ``apply_view``; and ``maybe_resample`` for Bernoulli mode."""
 
-    def __new__(cls, cfg: _Config):
-        def init(params):
-            return _init(cfg, params)
-
-        def update(updates, state, params=None):
-            return _update(cfg, updates, state, params)
-
+    def __new__(cls, init, update, config: _Config):
         self = super().__new__(cls, init, update)
-        self.config = cfg
+        self.config = config
         return self
+
+    def __getnewargs__(self):
+        return (self.init, self.update, self.config)
 
     def prepare(self, state: LisaState, params) -> LisaState:
         """Resample if ``state.count`` starts a new period (``lax.cond`` under jit, fixed shapes
@@ -480,15 +489,23 @@ def lisa(
     else:
         raise ValueError(f"layers must be a key name or a callable (path, leaf) -> bool, "
                          f"got {type(layers).__name__}")
-    if isinstance(key, (int, np.integer)):
-        key = jax.random.key(int(key))
-    else:
-        key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(key.astype(jnp.uint32))
+    key_impl = None
+    if not isinstance(key, (int, np.integer)):
+        if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+            key_impl = jax.random.key_impl(key)
+        elif jnp.shape(key) != (2,):
+            raise ValueError("key must be an int seed, a jax.random.key(...) or a raw "
+                             "jax.random.PRNGKey(...)")
     cfg = _Config(inner=inner, pred=pred, layers_desc=desc, n_active=n_active, probs=probs,
-                  interval=int(interval), key=key, reset=reset)
-    return LisaTransformation(cfg)
+                  interval=int(interval), key=key, key_impl=key_impl, reset=reset)
+
+    def init(params):
+        return _init(cfg, params)
+
+    def update(updates, state, params=None):
+        return _update(cfg, updates, state, params)
+
+    return LisaTransformation(init, update, cfg)
 
 
 def _lisa_states_map(fn, opt_state):

@@ -307,8 +307,8 @@ def test_jit_fixed_n_active_never_recompiles_across_periods():
 
 
 def test_probs_mode_compiles_once_per_distinct_active_count():
-    params = toy_params(num_layers=5)
-    tx = lisa(optax.adamw(0.05), probs=[0.5] * 5, interval=2, key=2)
+    params = toy_params(num_layers=3)
+    tx = lisa(optax.adamw(0.05), probs=[0.5] * 3, interval=2, key=2)
     traces = []
 
     def step(g, s, p):
@@ -317,12 +317,12 @@ def test_probs_mode_compiles_once_per_distinct_active_count():
 
     jstep = jax.jit(step)
     state, counts = tx.init(params), []
-    for t in range(24):  # 12 periods
+    for t in range(16):  # 8 periods, at most 4 distinct counts (0..3)
         state = maybe_resample(tx, state, params)
         u, state = jstep(toy_grads(t, params), state, params)
         if t % 2 == 0:
             counts.append(int(state.active.shape[0]))
-        frozen = [l for l in range(5) if l not in state.active.tolist()]
+        frozen = [l for l in range(3) if l not in state.active.tolist()]
         assert np.all(np.asarray(u["layers"]["wq"])[frozen] == 0)
     assert 1 < len(set(counts)) < len(counts)
     assert sorted(traces) == sorted(set(counts))
@@ -332,7 +332,7 @@ def test_probs_mode_trajectory_matches_per_layer_adamw():
     params = toy_params()
     opt = optax.adamw(0.05, weight_decay=0.1)
     tx = lisa(opt, probs=[0.3, 0.6, 0.9, 0.5, 0.2, 0.7], interval=2, key=9)
-    new, _, actives, _ = run_lisa(tx, params, 10, host_prepare=True)
+    new, _, actives, _ = run_lisa(tx, params, 6, host_prepare=True)
     assert len({len(a) for a in actives}) > 1
     assert_trees_close(new, reference_run(opt, params, actives, 2), rtol=1e-5, atol=1e-6)
 
@@ -368,6 +368,22 @@ def test_probs_mode_unprepared_state_under_jit_raises():
         jax.block_until_ready(state)
 
 
+def test_maybe_resample_finds_lisa_state_inside_chain_and_multisteps():
+    params = toy_params()
+    inner = lisa(optax.adam(0.1), probs=[0.9, 0.1, 0.9, 0.1, 0.9, 0.1], interval=1, key=3)
+    ref, _, ref_act, _ = run_lisa(inner, params, 4)  # eager: resamples itself
+    for tx, k in [(optax.chain(optax.identity(), inner), 1), (optax.MultiSteps(inner, 2), 2)]:
+        state, p, acts, update = tx.init(params), params, [], jax.jit(tx.update)
+        for t in range(4 * k):
+            state = maybe_resample(inner, state, p)
+            u, state = update(toy_grads(t // k, params), state, p)
+            p = optax.apply_updates(p, u)
+            acts.append(active_layers(state).tolist())
+        assert acts[k - 1::k] == ref_act
+        assert_trees_close(p, ref)
+    assert len({len(a) for a in ref_act}) > 1
+
+
 def test_fast_step_contract_equals_update():
     params = toy_params()
     tx = lisa(optax.adamw(0.05, weight_decay=0.1), n_active=2, interval=2, key=0)
@@ -375,7 +391,7 @@ def test_fast_step_contract_equals_update():
     @jax.jit
     def slow(params, state, g):
         u, state = tx.update(g, state, params)
-        return optax.apply_updates(params, u), state
+        return optax.apply_updates(params, u), state, u
 
     @jax.jit
     def fast(params, state, g):
@@ -391,8 +407,7 @@ def test_fast_step_contract_equals_update():
     p2, s2 = params, tx.init(params)
     for t in range(5):
         g = toy_grads(t, params)
-        u_ref, _ = jax.jit(tx.update)(g, s1, p1)
-        p1, s1 = slow(p1, s1, g)
+        p1, s1, u_ref = slow(p1, s1, g)
         p2, s2, full = fast(p2, s2, g)
         assert_trees_close(full, u_ref)
     assert_trees_close(p1, p2)
@@ -412,9 +427,10 @@ def test_chain_clip_by_global_norm_equals_manual_clip_then_lisa():
     s_chain, s_man = chained.init(params), inner.init(params)
     clip = optax.clip_by_global_norm(1.0)
     p_chain = p_man = params
+    update = jax.jit(chained.update)
     for t in range(5):
         g = toy_grads(t, params)
-        u, s_chain = jax.jit(chained.update)(g, s_chain, p_chain)
+        u, s_chain = update(g, s_chain, p_chain)
         p_chain = optax.apply_updates(p_chain, u)
         gc, _ = clip.update(g, clip.init(params))
         assert optax.global_norm(gc) <= 1.0 + 1e-6 < optax.global_norm(g)
@@ -491,8 +507,8 @@ def test_layers_callable_and_key_name_anywhere_in_path():
 
 # ----------------------------------------------------------------------------- properties
 
-@settings(max_examples=12, deadline=None)
-@given(num_layers=st.integers(1, 5), data=st.data(), interval=st.integers(1, 3),
+@settings(max_examples=10, deadline=None)
+@given(num_layers=st.integers(1, 4), data=st.data(), interval=st.integers(1, 3),
        steps=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_property_frozen_zero_and_active_changes_only_at_boundaries(num_layers, data, interval,
                                                                     steps, seed):
