@@ -417,6 +417,8 @@ class LisaTransformation(optax.GradientTransformation):
         """Host-side: prepare every LisaState inside ``opt_state`` (see :func:`maybe_resample`)."""
         return maybe_resample(self, opt_state, params)
 
+    prepare_host = maybe_resample
+
 
 def lisa(
     inner: optax.GradientTransformation,

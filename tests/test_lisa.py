@@ -507,7 +507,7 @@ def test_layers_callable_and_key_name_anywhere_in_path():
 
 # ----------------------------------------------------------------------------- properties
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(num_layers=st.integers(1, 4), data=st.data(), interval=st.integers(1, 3),
        steps=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_property_frozen_zero_and_active_changes_only_at_boundaries(num_layers, data, interval,
