@@ -1,0 +1,181 @@
+"""``lisa-jax``: train | generate | export.
+
+    lisa-jax train --demo --out runs/demo
+    lisa-jax train --model DIR --data FILE --out runs/x --method lisa --lisa-layers 2
+    lisa-jax train --config run.yaml --lr 2e-5          # YAML, then flags on top
+    lisa-jax generate --model runs/x/hf --prompt "What is 7 plus 5?"
+    lisa-jax export --run runs/x --out exported/        # latest checkpoint -> HF directory
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+from lisa_jax.train import TrainConfig, TrainError, load_config, main_train
+
+_HELP = {
+    "model": "HF model directory (config.json, *.safetensors, tokenizer)",
+    "data": "instruction data: JSON or JSONL, Alpaca (instruction/input/output) or chat "
+            "(messages)",
+    "out": "run directory (checkpoints, metrics, exported model)",
+    "demo": "fine-tune the bundled tiny model on the bundled instruction set (CPU, ~1 min)",
+    "method": "lisa, full or lora",
+    "lisa_layers": "γ: layers trained at a time",
+    "lisa_interval": "K: steps between resamples of the trained layers",
+    "lisa_probs": "per-layer sampling probabilities (importance sampling): a file or "
+                  "'p0,p1,...'",
+    "lisa_reset": "sampled: a newly sampled layer starts with fresh moments; all: every "
+                  "period restarts all moments",
+    "remat": "rematerialization: LISA none|mlp|full; full/lora none|dots|full",
+    "steps": "total optimizer steps (default: --epochs over the data)",
+    "grad_accum": "micro-batches per optimizer step",
+    "clip_norm": "clip the gradient's global norm (0: off)",
+    "resume": "continue the run in --out from its latest checkpoint",
+    "overwrite": "replace the run in --out",
+}
+
+
+def _base_type(tp):
+    """``int`` for ``int | None`` and friends."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__`
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return args[0]
+    return tp
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lisa-jax train", description="Fine-tune with LISA, full "
+                                "fine-tuning or LoRA.")
+    p.add_argument("--config", help="a YAML file of settings; flags override it")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(f.type)
+        help_ = _HELP.get(f.name, "") + f" (default: {getattr(defaults, f.name)})"
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
+        else:
+            p.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_,
+                           metavar=f.name.upper())
+    return p
+
+
+def cmd_train(argv) -> int:
+    args = vars(train_parser().parse_args(argv))
+    path = args.pop("config", None)
+    try:
+        cfg = load_config(path, args)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return main_train(cfg)
+
+
+def _load_for_inference(path: str, dtype: str):
+    """An HF directory, or a run directory (its latest checkpoint, LoRA merged)."""
+    import jax
+
+    from lisa_jax import model as M
+    from lisa_jax.hf import load_hf
+    from lisa_jax.train import Method, _Checkpoints, make_schedule
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return load_hf(p, dtype=dtype), p
+    if not (p / "config.yaml").is_file():
+        raise TrainError(f"{path} is neither an HF model directory (config.json) nor a run "
+                         "directory (config.yaml); pass one of those")
+    cfg = load_config(str(p / "config.yaml"), {"resume": True, "progress": False})
+    base = load_hf(cfg.model, dtype=cfg.dtype)
+    ckpts = _Checkpoints(p / "checkpoints", cfg.keep_checkpoints)
+    step = ckpts.latest()
+    if step is None:
+        raise TrainError(f"run {path} has no checkpoint yet")
+    method = Method(cfg, base.cfg, base.params, make_schedule(cfg, cfg.steps or 1))
+    params, method.state, _ = ckpts.restore(step, base.params, method.state)
+    jax.block_until_ready(params)
+    return M.Model(base.cfg, method.model_params(params)), Path(cfg.model)
+
+
+def cmd_generate(argv) -> int:
+    p = argparse.ArgumentParser(prog="lisa-jax generate",
+                                description="Generate from an HF directory or a run directory.")
+    p.add_argument("--model", required=True, help="HF model directory or run directory")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="an instruction (repeat for several)")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, no template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args(argv)
+    import jax
+    import numpy as np
+
+    from lisa_jax import data as data_lib
+    from lisa_jax.generate import generate
+    from lisa_jax.train import prompt_ids
+    try:
+        model, tok_dir = _load_for_inference(a.model, a.dtype)
+        tok = data_lib.load_tokenizer(tok_dir)
+    except (TrainError, ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for i, text in enumerate(a.prompt):
+        ids = np.asarray(tok(text)["input_ids"], np.int32) if a.raw else prompt_ids(tok, text)
+        out = generate(model, ids[None], max_new_tokens=a.max_new_tokens,
+                       temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                       key=jax.random.key(a.seed + i), eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+        new = np.asarray(out)[0, len(ids):].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        print(f">>> {text}\n{tok.decode(new, skip_special_tokens=True).strip()}")
+    return 0
+
+
+def cmd_export(argv) -> int:
+    p = argparse.ArgumentParser(prog="lisa-jax export",
+                                description="Write a run's latest checkpoint as an HF directory.")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="HF directory to write")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    from lisa_jax.hf import save_hf
+    if Path(a.out).exists() and any(Path(a.out).iterdir()) and not a.overwrite:
+        print(f"error: {a.out} is not empty; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:
+        cfg_path = Path(a.run) / "config.yaml"
+        if not cfg_path.is_file():
+            raise TrainError(f"{a.run} is not a run directory (no config.yaml); pass --run DIR "
+                             "of a `lisa-jax train` run")
+        model, tok_dir = _load_for_inference(a.run, load_config(str(cfg_path)).dtype)
+    except (TrainError, ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(save_hf(model, a.out, tokenizer_from=tok_dir))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

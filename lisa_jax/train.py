@@ -1,0 +1,571 @@
+"""The fine-tuning loop: config, data, steps, progress, metrics, checkpoints, resume, export.
+
+``train(TrainConfig(...))`` is what ``lisa-jax train`` runs. A run directory holds::
+
+    config.yaml        the resolved configuration
+    metrics.jsonl      one line per logged step (and per evaluation)
+    tb/                TensorBoard event files (when tensorboardX is installed)
+    checkpoints/       orbax checkpoints: parameters, optimizer state (with the LISA sampler's
+                       key and active layers), data position, step
+    hf/                the fine-tuned model as an HF directory (at the end)
+
+Everything that decides the run's future is in the checkpoint, so ``--resume`` continues the
+same run: same batches, same sampled layers, bit-identical parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from lisa_jax import data as data_lib
+from lisa_jax import lora as lora_lib
+from lisa_jax import model as M
+from lisa_jax import step as step_lib
+from lisa_jax.lisa import active_layers, lisa
+
+DEMO_DIR = Path(__file__).parent / "demo"
+METHODS = ("lisa", "full", "lora")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainError(Exception):
+    """A problem with the user's input or run directory: printed as one line, no traceback."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run; each is also a ``--flag`` (underscores become dashes)."""
+
+    model: str | None = None            # an HF model directory
+    data: str | None = None             # a JSON/JSONL instruction file
+    out: str = "runs/run"               # the run directory
+    demo: bool = False                  # the bundled tiny model and instruction set
+    method: str = "lisa"                # lisa | full | lora
+    # LISA
+    lisa_layers: int = 2                # γ: layers trained at a time
+    lisa_interval: int = 20             # K: steps between resamples
+    lisa_probs: str | None = None       # per-layer probabilities: a file or "p0,p1,..."
+    lisa_reset: str = "sampled"         # sampled | all
+    # LoRA
+    lora_rank: int = 16
+    lora_alpha: float | None = None     # default 2 * rank
+    lora_targets: str = ",".join(lora_lib.DEFAULT_TARGETS)
+    # optimization
+    lr: float = 1e-5
+    schedule: str = "cosine"            # cosine | linear | constant, after linear warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    clip_norm: float = 1.0              # 0 disables
+    grad_accum: int = 1
+    batch_size: int = 8
+    max_seq_len: int = 512
+    truncate: bool = False              # cut over-long examples instead of dropping them
+    steps: int | None = None            # total optimizer steps; default: from epochs
+    epochs: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"              # float32 | bfloat16
+    remat: str = "none"                 # LISA: none | mlp | full; full/LoRA: none | dots | full
+    # evaluation, logging, checkpoints
+    eval_fraction: float = 0.05
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    export: bool = True                 # write the HF directory at the end
+    sample_prompt: str | None = None    # an instruction to generate for at the end
+    sample_tokens: int = 48
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+
+# Settings for `--demo`: the bundled model (4 layers) learns the instruction format in about a
+# minute of CPU time. Flags given on the command line still win.
+DEMO_PRESET = dict(model=str(DEMO_DIR / "model"), data=str(DEMO_DIR / "instructions.jsonl"),
+                   method="lisa", lisa_layers=2, lisa_interval=10, lr=3e-3, warmup_steps=10,
+                   schedule="cosine", weight_decay=0.0, batch_size=16, max_seq_len=128,
+                   steps=120, eval_every=40, eval_batches=4, save_every=60, log_every=1,
+                   sample_prompt="What is 7 plus 5?")
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < demo preset (with ``demo``) < YAML file < ``overrides`` (the command line)."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise TrainError(f"config file {path!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainError(f"config file {path!r} is not valid YAML: {e}".splitlines()[0])
+        if not isinstance(loaded, dict):
+            raise TrainError(f"config file {path!r} must hold a mapping of settings")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(TrainConfig.fields()))
+    if unknown:
+        raise TrainError(f"unknown setting(s) {', '.join(unknown)}; see `lisa-jax train --help`")
+    if values.get("demo"):
+        values = {**DEMO_PRESET, **values}
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise TrainError(f"unknown method {cfg.method!r}; use --method lisa, full or lora")
+    if cfg.schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"unknown dtype {cfg.dtype!r}; use --dtype float32 or bfloat16")
+    modes = step_lib.REMAT_MODES if cfg.method == "lisa" else tuple(M.REMAT_POLICIES)
+    if cfg.remat not in modes:
+        raise TrainError(f"--remat {cfg.remat} is not a mode of --method {cfg.method}; use one "
+                         f"of {', '.join(modes)}")
+    for name in ("batch_size", "grad_accum", "max_seq_len", "lisa_interval", "log_every",
+                 "eval_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise TrainError("--steps must be at least 1")
+    if cfg.lr <= 0:
+        raise TrainError("--lr must be positive")
+    if not cfg.model:
+        raise TrainError("no model given; pass --model DIR (an HF model directory) or --demo")
+    if not cfg.data:
+        raise TrainError("no data given; pass --data FILE (JSON/JSONL instructions) or --demo")
+    if not Path(cfg.model, "config.json").is_file():
+        raise TrainError(f"model directory {cfg.model!r} has no config.json; pass --model DIR "
+                         "of an HF model (config.json, *.safetensors, tokenizer files)")
+    if not Path(cfg.data).is_file():
+        raise TrainError(f"data file {cfg.data!r} not found; pass --data FILE (JSON or JSONL)")
+
+
+def parse_probs(spec: str, num_layers: int) -> list[float]:
+    """``--lisa-probs``: a file (JSON list or whitespace/comma separated) or ``"p0,p1,..."``."""
+    text = Path(spec).read_text() if Path(spec).is_file() else spec
+    try:
+        probs = json.loads(text) if text.strip().startswith("[") else \
+            [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise TrainError(f"--lisa-probs {spec!r} is neither a file nor a list of numbers")
+    if len(probs) != num_layers:
+        raise TrainError(f"--lisa-probs has {len(probs)} values but the model has {num_layers} "
+                         "layers; give one probability per layer")
+    return [float(p) for p in probs]
+
+
+def _prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f"{out} holds another run; pass --resume to continue it or "
+                         "--overwrite to replace it")
+    if cfg.resume and not has_run:
+        raise TrainError(f"nothing to resume in {out}; drop --resume to start a new run")
+    if cfg.overwrite and not cfg.resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int):
+    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, end, max(total_steps - warm, 1))
+    else:
+        main = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warm, 1),
+                                           alpha=cfg.min_lr_ratio)
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
+
+
+def _decay_mask(params):
+    # Weight decay on matrices only, not on norms and biases (as HF Trainer does).
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+class Method:
+    """One training method's state and compiled functions, behind one interface."""
+
+    def __init__(self, cfg: TrainConfig, mcfg: M.LlamaConfig, params, schedule):
+        self.cfg, self.mcfg = cfg, mcfg
+        inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2,
+                            weight_decay=cfg.weight_decay, mask=_decay_mask)
+        clip = cfg.clip_norm or None
+        self.tx = None
+        if cfg.method == "lisa":
+            kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset)
+            if cfg.lisa_probs:
+                kw["probs"] = parse_probs(cfg.lisa_probs, mcfg.num_layers)
+            else:
+                if not 1 <= cfg.lisa_layers <= mcfg.num_layers:
+                    raise TrainError(f"--lisa-layers {cfg.lisa_layers} is out of range: the "
+                                     f"model has {mcfg.num_layers} layers; use 1 to "
+                                     f"{mcfg.num_layers}")
+                kw["n_active"] = cfg.lisa_layers
+            try:
+                self.tx = lisa(inner, **kw)
+            except ValueError as e:
+                raise TrainError(str(e))
+            self.state = self.tx.init(params)
+            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, cfg.remat, clip_norm=clip)
+        elif cfg.method == "full":
+            self.state = inner.init(params)
+            self.step_fn = step_lib.make_plain_step(mcfg, inner, cfg.remat, clip_norm=clip)
+        else:
+            targets = tuple(t for t in cfg.lora_targets.split(",") if t)
+            try:
+                adapters = lora_lib.init_lora(params["layers"], jax.random.key(cfg.seed),
+                                              cfg.lora_rank, targets=targets)
+            except ValueError as e:
+                raise TrainError(str(e))
+            self.lora_scale = lora_lib.lora_scale(cfg.lora_rank, cfg.lora_alpha)
+            self.state = (adapters, inner.init(adapters))
+            self.step_fn = step_lib.make_lora_step(mcfg, inner, self.lora_scale, cfg.remat,
+                                                   clip_norm=clip)
+        self._eval = jax.jit(lambda p, b: step_lib.plain_loss(mcfg, p, b))
+
+    def before_step(self, params):
+        """Host-side work before a step: Bernoulli LISA resamples here (its shapes change)."""
+        if self.tx is not None and self.tx.config.probs is not None:
+            self.state = self.tx.maybe_resample(self.state, params)
+
+    def active(self) -> list[int] | None:
+        if self.tx is None:
+            return None
+        return [int(i) for i in np.asarray(active_layers(self.state))]
+
+    def model_params(self, params):
+        """The parameters to evaluate, sample from and export (LoRA merged in)."""
+        if self.cfg.method == "lora":
+            return lora_lib.merge_lora(params, self.state[0], self.lora_scale)
+        return params
+
+    def eval_loss(self, params, batches) -> float:
+        p = self.model_params(params)
+        total = n = 0.0
+        for b in batches:
+            loss, cnt = self._eval(p, {"input_ids": b["input_ids"], "loss_mask": b["loss_mask"]})
+            total += float(loss) * float(cnt)
+            n += float(cnt)
+        return total / max(n, 1.0)
+
+
+def _stack_micro(batches: list[dict]) -> dict:
+    """``A`` loader batches as one ``[A, B, S]`` batch (padded to the longest ``S``)."""
+    if len(batches) == 1:
+        return {"input_ids": batches[0]["input_ids"], "loss_mask": batches[0]["loss_mask"]}
+    S = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(x):  # right padding: under causal attention no real token sees it
+        return np.pad(x, ((0, 0), (0, S - x.shape[1])))
+    ids = np.stack([pad(b["input_ids"]) for b in batches])
+    mask = np.stack([pad(b["loss_mask"]) for b in batches])
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+class _Checkpoints:
+    """orbax ``CheckpointManager`` over (params, optimizer state leaves, JSON metadata).
+
+    The optimizer state is stored as its list of leaves and rebuilt with the tree structure of a
+    fresh state: the structure never changes, while the shapes may (Bernoulli LISA samples a
+    different number of layers per period), so no shaped template is needed to restore it.
+    """
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+        self.ocp = ocp
+        self.dir = directory
+        self.mngr = ocp.CheckpointManager(
+            directory.absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        ocp = self.ocp
+        leaves = {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(opt_state))}
+        self.mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt=ocp.args.StandardSave(leaves),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self.mngr.wait_until_finished()
+
+    def restore(self, step: int, params_like, opt_like):
+        ocp = self.ocp
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_like)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract),
+                opt=ocp.args.StandardRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for damaged directories
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainError(f"checkpoint {self.dir / str(step)} cannot be read ({msg[:200]}); "
+                             "delete that step directory to fall back to an earlier one, or "
+                             "start again with --overwrite")
+        treedef = jax.tree.structure(opt_like)
+        leaves = [jnp.asarray(out["opt"][k]) for k in sorted(out["opt"])]
+        if len(leaves) != treedef.num_leaves:
+            raise TrainError(f"checkpoint {self.dir / str(step)} holds an optimizer state of "
+                             f"another method or model ({len(leaves)} leaves, expected "
+                             f"{treedef.num_leaves}); resume with the run's own settings")
+        return out["params"], jax.tree.unflatten(treedef, leaves), out["meta"]
+
+
+class _Writer:
+    """metrics.jsonl, plus TensorBoard scalars when tensorboardX is available."""
+
+    def __init__(self, out: Path):
+        self.f = open(out / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, row: dict) -> None:
+        self.f.write(json.dumps({"step": step, **row}) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _peak_memory_gib() -> tuple[float | None, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30, "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host RSS"
+
+
+def prompt_ids(tokenizer, instruction: str) -> np.ndarray:
+    """The tokens of an instruction rendered exactly as in training, up to the response."""
+    ex = data_lib.tokenize_record(tokenizer, {"instruction": instruction, "output": ""})
+    first_target = int(np.argmax(ex.loss_mask)) if ex.loss_mask.any() else len(ex.input_ids)
+    return ex.input_ids[:first_target]
+
+
+def sample(model: M.Model, tokenizer, instruction: str, max_new_tokens: int) -> str:
+    """Greedy completion of one instruction."""
+    from lisa_jax.generate import generate
+    prompt = prompt_ids(tokenizer, instruction)
+    out = generate(model, prompt[None], max_new_tokens=max_new_tokens,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = np.asarray(out)[0, len(prompt):]
+    if tokenizer.eos_token_id is not None and (new == tokenizer.eos_token_id).any():
+        new = new[: int(np.argmax(new == tokenizer.eos_token_id))]
+    return tokenizer.decode(new.tolist(), skip_special_tokens=True).strip()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
+    """Run (or resume) a fine-tuning run; returns its summary.
+
+    ``halt_at``: stop after that step as an interruption would (checkpoint, then return), for
+    tests of resuming.
+    """
+    from tqdm.auto import tqdm
+
+    from lisa_jax.hf import load_hf, save_hf
+
+    _check_config(cfg)
+    out = _prepare_out_dir(cfg)
+    say = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if cfg.progress else \
+        (lambda *a: None)
+
+    # Data and model.
+    try:
+        tokenizer = data_lib.load_tokenizer(cfg.model)
+        splits = data_lib.prepare_data(cfg.data, tokenizer, cfg.max_seq_len,
+                                       eval_fraction=cfg.eval_fraction or None, seed=cfg.seed,
+                                       truncate=cfg.truncate)
+        model = load_hf(cfg.model, dtype=cfg.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(str(e).splitlines()[0])
+    mcfg, params = model.cfg, model.params
+    loader = data_lib.DataLoader(splits.train, cfg.batch_size, seed=cfg.seed,
+                                 pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
+    eval_sets = data_lib.eval_batches(splits.eval, cfg.batch_size, tokenizer.pad_token_id,
+                                      cfg.max_seq_len)[: cfg.eval_batches]
+    steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
+    total = cfg.steps or max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
+    schedule = make_schedule(cfg, total)
+    method = Method(cfg, mcfg, params, schedule)
+
+    # Resume or start.
+    ckpts = _Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    start = 0
+    if cfg.resume and ckpts.latest() is not None:
+        start = ckpts.latest()
+        params, method.state, meta = ckpts.restore(start, params, method.state)
+        loader.load_state_dict(meta["data"])
+        say(f"resumed {out} at step {start}")
+    elif cfg.resume:
+        raise TrainError(f"no checkpoint in {out / 'checkpoints'} to resume; drop --resume")
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    say(f"model {cfg.model}: {mcfg.model_type}, {mcfg.num_layers} layers, "
+        f"{n_params / 1e6:.1f}M parameters, {cfg.dtype}; method {cfg.method}"
+        + (f" (γ={cfg.lisa_layers if not cfg.lisa_probs else 'p_ℓ'} of {mcfg.num_layers} "
+           f"layers, resample every {cfg.lisa_interval} steps)" if cfg.method == "lisa" else ""))
+    say(f"data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} eval examples "
+        f"({splits.stats.dropped_too_long} dropped as longer than {cfg.max_seq_len} tokens); "
+        f"{total} steps of {cfg.batch_size}×{cfg.grad_accum} examples")
+
+    # Ctrl-C / SIGTERM: finish the step, checkpoint, exit. A second signal exits at once.
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    writer = _Writer(out)
+    bar = tqdm(total=total, initial=start, disable=not cfg.progress, dynamic_ncols=True,
+               desc=cfg.method)
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    last_saved = start if start else None
+    status = "finished"
+    step = start
+
+    def save(step):
+        meta = {"step": step, "data": loader.state_dict(), "method": cfg.method,
+                "active_layers": method.active()}
+        ckpts.save(step, params, method.state, meta)
+
+    try:
+        while step < total:
+            micro = [next(loader) for _ in range(cfg.grad_accum)]
+            batch = _stack_micro(micro)
+            method.before_step(params)
+            t0 = time.perf_counter()
+            params, method.state, metrics = method.step_fn(params, method.state, batch)
+            loss = float(metrics["loss"])  # synchronizes: the step is done
+            dt = time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(loss):
+                status = "diverged"
+                where = f"step {last_saved}" if last_saved else "no checkpoint yet"
+                raise TrainError(f"loss is {loss} at step {step}; stopped without saving (last "
+                                 f"good checkpoint: {where}); lower --lr or raise --clip-norm "
+                                 "strictness")
+            n_tok = int(sum(int(b["num_tokens"]) for b in micro))
+            tokens_seen += n_tok
+            active = method.active()
+            if step % cfg.log_every == 0 or step == total:
+                row = {"loss": loss, "lr": float(schedule(step - 1)),
+                       "grad_norm": float(metrics["grad_norm"]), "tokens": n_tok,
+                       "tokens_per_s": n_tok / dt, "epoch": micro[-1]["epoch"]}
+                if active is not None:
+                    row["active_layers"] = active
+                writer.write(step, row)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss:.3f} lr {float(schedule(step - 1)):.2e} "
+                                f"{n_tok / dt:,.0f} tok/s"
+                                + (f" layers {active}" if active is not None else ""))
+            if eval_sets and (step % cfg.eval_every == 0 or step == total):
+                ev = method.eval_loss(params, eval_sets)
+                writer.write(step, {"eval_loss": ev})
+                say(f"step {step}: eval loss {ev:.4f}")
+            if step % cfg.save_every == 0 or step == total:
+                save(step)
+                last_saved = step
+            if stop["signal"] is not None or (halt_at is not None and step >= halt_at):
+                if last_saved != step:
+                    save(step)
+                    last_saved = step
+                status = "interrupted"
+                break
+    finally:
+        bar.close()
+        writer.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    elapsed = time.perf_counter() - t_start
+    peak, peak_kind = _peak_memory_gib()
+    summary = {"status": status, "steps": step, "time_s": round(elapsed, 1),
+               "tokens": tokens_seen, "peak_memory_gib": round(peak, 2) if peak else None,
+               "peak_memory_kind": peak_kind, "out": str(out)}
+    if status == "interrupted":
+        say(f"interrupted at step {step}: checkpoint saved in {out / 'checkpoints'}; continue "
+            f"with --resume")
+        return summary
+    final = M.Model(mcfg, method.model_params(params))
+    if cfg.export:
+        summary["hf_dir"] = save_hf(final, out / "hf", tokenizer_from=cfg.model)
+    if cfg.sample_prompt:
+        summary["sample_prompt"] = cfg.sample_prompt
+        summary["sample"] = sample(final, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main_train(cfg: TrainConfig) -> int:
+    """``lisa-jax train``: run and print the summary; one-line errors for bad input."""
+    try:
+        s = train(cfg)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {s['steps']} steps in {s['time_s']} s, {s['tokens']:,} tokens, peak "
+          f"{s['peak_memory_kind']} memory {s['peak_memory_gib']} GiB")
+    if "hf_dir" in s:
+        print(f"exported: {s['hf_dir']}")
+    if "sample" in s:
+        print(f"sample: {s['sample_prompt']!r} -> {s['sample']!r}")
+    return 130 if s["status"] == "interrupted" else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main_train(load_config(None, {"demo": True, "out": os.environ.get("OUT", "runs/demo")})))

@@ -1,0 +1,227 @@
+"""The trainer and CLI: resume, interruption, checkpoints, bad input, the demo."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lisa_jax import cli
+from lisa_jax import model as M
+from lisa_jax.hf import save_hf
+from lisa_jax.train import (DEMO_DIR, TrainConfig, TrainError, _Checkpoints, load_config,
+                            train)
+
+TOKENIZER_DIR = DEMO_DIR / "model"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random 4-layer model with the bundled tokenizer: an HF directory."""
+    vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    V = len(vocab["model"]["vocab"]) + len(vocab.get("added_tokens", []))
+    cfg = M.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    out = tmp_path_factory.mktemp("model")
+    save_hf(M.Model(cfg, M.init_params(cfg, jax.random.key(0))), out / "m",
+            tokenizer_from=TOKENIZER_DIR)
+    return str(out / "m")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "d.jsonl"
+    lines = (DEMO_DIR / "instructions.jsonl").read_text().splitlines()[:200]
+    out.write_text("\n".join(lines) + "\n")
+    return str(out)
+
+
+def small(model_dir, data_file, out, **kw):
+    base = dict(model=model_dir, data=data_file, out=str(out), steps=8, lr=3e-3,
+                batch_size=4, max_seq_len=128, lisa_layers=2, lisa_interval=3, save_every=4,
+                eval_every=4, eval_batches=2, progress=False, export=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def final_params(run_dir):
+    ck = _Checkpoints(Path(run_dir) / "checkpoints", 2)
+    step = ck.latest()
+    restored = ck.mngr.restore(step, args=ck.ocp.args.Composite(
+        params=ck.ocp.args.StandardRestore(), meta=ck.ocp.args.JsonRestore()))
+    return step, restored["params"], restored["meta"]
+
+
+def logged_layers(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
+
+
+@pytest.mark.parametrize("method", ["lisa", "lora"])
+def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method):
+    straight = train(small(model_dir, data_file, tmp_path / "a", method=method))
+    assert straight["status"] == "finished"
+    halted = train(small(model_dir, data_file, tmp_path / "b", method=method), halt_at=5)
+    assert halted["status"] == "interrupted" and halted["steps"] == 5
+    resumed = train(small(model_dir, data_file, tmp_path / "b", method=method, resume=True))
+    assert resumed["status"] == "finished" and resumed["steps"] == 8
+    step_a, pa, meta_a = final_params(tmp_path / "a")
+    step_b, pb, meta_b = final_params(tmp_path / "b")
+    assert step_a == step_b == 8
+    assert meta_a["data"] == meta_b["data"]
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if method == "lisa":
+        la, lb = logged_layers(tmp_path / "a"), logged_layers(tmp_path / "b")
+        assert la == lb and len({tuple(v) for v in la.values()}) > 1
+    else:  # LoRA trains adapters: compare the optimizer state leaves too (the adapters)
+        ca = _Checkpoints(tmp_path / "a" / "checkpoints", 2)
+        cb = _Checkpoints(tmp_path / "b" / "checkpoints", 2)
+        oa = ca.mngr.restore(8, args=ca.ocp.args.Composite(opt=ca.ocp.args.StandardRestore()))
+        ob = cb.mngr.restore(8, args=cb.ocp.args.Composite(opt=cb.ocp.args.StandardRestore()))
+        for a, b in zip(jax.tree.leaves(oa["opt"]), jax.tree.leaves(ob["opt"])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(model_dir, data_file,
+                                                                  tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lisa_jax.cli", "train", "--model", model_dir, "--data",
+           data_file, "--out", str(out), "--steps", "100000", "--save-every", "100000",
+           "--batch-size", "4", "--max-seq-len", "128", "--no-progress", "--no-export"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
+                                          >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step, params, meta = final_params(out)
+    assert step >= 3 and meta["step"] == step
+    cfg = load_config(str(out / "config.yaml"), {"resume": True, "steps": step + 2,
+                                                  "progress": False})
+    assert train(cfg)["steps"] == step + 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error(model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    train(small(model_dir, data_file, out, steps=4))
+    for f in (out / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(TrainError, match=r"checkpoint .*4 cannot be read.*--overwrite"):
+        train(small(model_dir, data_file, out, steps=6, resume=True))
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    train(small(model_dir, data_file, out, steps=2, save_every=2))
+    before = final_params(out)
+    with pytest.raises(TrainError, match=r"loss is (nan|inf).*last good checkpoint: step 2"):
+        train(small(model_dir, data_file, out, steps=40, save_every=1000, resume=True,
+                    lr=1e9, clip_norm=0.0, schedule="constant"))
+    after = final_params(out)
+    assert after[0] == before[0] == 2
+    for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(after[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def run_cli(args, capsys):
+    rc = cli.main(args)
+    captured = capsys.readouterr()
+    return rc, captured.err.strip()
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing_model", r"no config.json; pass --model"),
+    ("missing_data", r"data file .* not found; pass --data"),
+    ("malformed_jsonl", r"line 2"),
+    ("missing_fields", r"record 1 .*output"),
+    ("all_too_long", r"longer than max length .*--max-seq-len"),
+    ("gamma_too_large", r"--lisa-layers 9 is out of range: the model has 4 layers"),
+    ("unknown_method", r"unknown method 'sft'; use --method lisa, full or lora"),
+    ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
+])
+def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, case, expect):
+    out = tmp_path / "run"
+    args = ["train", "--model", model_dir, "--data", data_file, "--out", str(out), "--steps",
+            "2", "--no-progress"]
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"instruction": "a", "output": "b"})
+    if case == "missing_model":
+        args[2] = str(tmp_path / "nope")
+    elif case == "missing_data":
+        args[4] = str(tmp_path / "nope.jsonl")
+    elif case == "malformed_jsonl":
+        bad.write_text(good + "\n{not json\n")
+        args[4] = str(bad)
+    elif case == "missing_fields":
+        bad.write_text(good + "\n" + json.dumps({"instruction": "x"}) + "\n")
+        args[4] = str(bad)
+    elif case == "all_too_long":
+        args += ["--max-seq-len", "4"]
+    elif case == "gamma_too_large":
+        args += ["--lisa-layers", "9"]
+    elif case == "unknown_method":
+        args += ["--method", "sft"]
+    elif case == "unknown_flag_in_yaml":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("bogus: 1\n")
+        args += ["--config", str(cfg)]
+    rc, err = run_cli(args, capsys)
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    import re
+    assert re.search(expect, err), err
+
+
+def test_output_dir_with_another_run_is_refused_and_untouched(model_dir, data_file, tmp_path,
+                                                               capsys):
+    out = tmp_path / "run"
+    train(small(model_dir, data_file, out, steps=2))
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, err = run_cli(["train", "--model", model_dir, "--data", data_file, "--out", str(out),
+                       "--steps", "2", "--no-progress"], capsys)
+    assert rc == 2 and "holds another run; pass --resume" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
+def test_yaml_config_with_flag_overrides_is_saved_resolved(model_dir, data_file, tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"model: {model_dir}\ndata: {data_file}\nlr: 0.5\nsteps: 3\n")
+    cfg = load_config(str(cfg_file), {"lr": 0.25, "out": str(tmp_path / "o")})
+    assert cfg.lr == 0.25 and cfg.steps == 3 and cfg.model == model_dir
+    cfg.progress, cfg.export, cfg.batch_size, cfg.max_seq_len = False, False, 4, 128
+    train(cfg)
+    import yaml
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert saved["lr"] == 0.25 and saved["steps"] == 3
+
+
+def test_demo_trains_exports_and_transformers_loads_it(tmp_path, capsys):
+    """The README's first command, end to end."""
+    rc = cli.main(["train", "--demo", "--out", str(tmp_path / "demo"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])  # the loss visibly falls
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["sample"]  # a non-empty answer after fine-tuning
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "hf")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        ref = hf(ids).logits.numpy()
+    from lisa_jax.hf import load_hf
+    ours = np.asarray(load_hf(tmp_path / "demo" / "hf")(ids.numpy()))
+    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
