@@ -448,5 +448,7 @@ def _hf_config(cfg: LlamaConfig, params) -> dict:
         hf["sliding_window"] = None  # our attention is full; say so
     if cfg.model_type == "qwen2":
         hf["use_sliding_window"] = False
+        if cfg.head_dim * cfg.num_heads == cfg.hidden_size:
+            hf.pop("head_dim")  # Qwen2Config has no head_dim; it is hidden_size // heads
     hf["transformers_version"] = version
     return hf

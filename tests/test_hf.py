@@ -1,0 +1,393 @@
+"""lisa_jax.hf against transformers: logits, gradients, round trips, dtypes and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lisa_jax
+from lisa_jax import hf as hf_mod
+from lisa_jax.model import causal_lm_loss, forward
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def left_padded(vocab: int, seed: int = 0):
+    """Two rows of 12: the first with 4 left pads, the second full."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, vocab, size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0
+    ids[0, :4] = 0
+    return ids, mask
+
+
+def torch_logits(ref, ids, mask=None):
+    kw = {}
+    if mask is not None:
+        m = torch.tensor(mask)
+        kw = dict(attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return ref(torch.tensor(ids), **kw).logits.numpy()
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def test_logits_match_transformers(hf_variant, make_tiny_hf, torch_reference):
+    path = make_tiny_hf(hf_variant)
+    model = lisa_jax.load_hf(path)
+    ids = np.random.RandomState(1).randint(0, model.cfg.vocab_size, size=(2, 12))
+    err = rel_err(model(ids), torch_logits(torch_reference(path), ids))
+    print(f"\n[{hf_variant}] logits rel err (no mask): {err:.2e}")
+    assert err < 1e-4
+
+
+def test_logits_match_transformers_left_padded(hf_variant, make_tiny_hf, torch_reference):
+    path = make_tiny_hf(hf_variant)
+    model = lisa_jax.load_hf(path)
+    ids, mask = left_padded(model.cfg.vocab_size)
+    ours = np.asarray(model(ids, attention_mask=mask))
+    ref = torch_logits(torch_reference(path), ids, mask)
+    real = mask.astype(bool)
+    err = rel_err(ours[real], ref[real])
+    print(f"\n[{hf_variant}] logits rel err (left padded): {err:.2e}")
+    assert err < 1e-4
+    # The padded row's real tokens see the same thing as the unpadded prompt.
+    alone = np.asarray(model(ids[:1, 4:]))
+    assert rel_err(ours[0, 4:], alone[0]) < 1e-4
+
+
+def test_sharded_checkpoint_loads_same_params(tiny_llama_dir, tiny_llama_sharded_dir):
+    files = os.listdir(tiny_llama_sharded_dir)
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    a = lisa_jax.load_hf(tiny_llama_dir)
+    b = lisa_jax.load_hf(tiny_llama_sharded_dir)
+    assert a.cfg == b.cfg
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_param_layout(make_tiny_hf):
+    tied = lisa_jax.load_hf(make_tiny_hf("llama3"))
+    assert "lm_head" not in tied.params and tied.cfg.tie_embeddings
+    assert tied.cfg.rope_scaling[0] == "llama3"
+    qwen = lisa_jax.load_hf(make_tiny_hf("qwen2"))
+    cfg = qwen.cfg
+    assert {"bq", "bk", "bv"} <= set(qwen.params["layers"])
+    assert qwen.params["layers"]["wk"].shape == (cfg.num_layers, cfg.hidden_size,
+                                                  cfg.num_kv_heads * cfg.head_dim)
+    assert qwen.params["lm_head"].shape == (cfg.hidden_size, cfg.vocab_size)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(make_tiny_hf("qwen2"))
+    bias = ref.model.layers[1].self_attn.k_proj.bias.detach().numpy()
+    assert np.abs(bias).max() > 0
+    np.testing.assert_array_equal(np.asarray(qwen.params["layers"]["bk"][1]), bias)
+
+
+def test_shardings_hook(tiny_llama_dir):
+    calls = []
+    dev = jax.devices()[0]
+
+    def shardings(path, shape, dtype):
+        calls.append((path, tuple(shape), jnp.dtype(dtype).name))
+        return jax.sharding.SingleDeviceSharding(dev) if path[0] == "layers" else None
+
+    model = lisa_jax.load_hf(tiny_llama_dir, "float32", shardings=shardings)
+    got = {c[0]: c[1] for c in calls}
+    assert len(calls) == len(jax.tree.leaves(model.params))
+    assert got[("layers", "wq")] == tuple(model.params["layers"]["wq"].shape)
+    assert got[("embed",)] == (128, 64)
+    assert all(c[2] == "float32" for c in calls)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_grads_match_torch(hf_variant, make_tiny_hf):
+    path = make_tiny_hf(hf_variant)
+    model = lisa_jax.load_hf(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager")
+    ref.train()
+    ids = np.random.RandomState(2).randint(0, model.cfg.vocab_size, size=(2, 10))
+    t_ids = torch.tensor(ids)
+    loss_t = ref(t_ids, labels=t_ids).loss
+    loss_t.backward()
+
+    cfg = model.cfg
+    loss_j, grads = jax.jit(jax.value_and_grad(
+        lambda p: causal_lm_loss(forward(cfg, p, jnp.asarray(ids)), jnp.asarray(ids))))(
+        model.params)
+    assert abs(float(loss_j) - loss_t.item()) < 1e-5 * abs(loss_t.item())
+
+    layer = 1
+    lt = ref.model.layers[layer]
+    pairs = {
+        "wq": lt.self_attn.q_proj.weight.grad.T, "wk": lt.self_attn.k_proj.weight.grad.T,
+        "wv": lt.self_attn.v_proj.weight.grad.T, "wo": lt.self_attn.o_proj.weight.grad.T,
+        "w_gate": lt.mlp.gate_proj.weight.grad.T, "w_up": lt.mlp.up_proj.weight.grad.T,
+        "w_down": lt.mlp.down_proj.weight.grad.T,
+        "attn_norm": lt.input_layernorm.weight.grad,
+        "mlp_norm": lt.post_attention_layernorm.weight.grad,
+    }
+    if cfg.attention_bias:
+        pairs.update(bq=lt.self_attn.q_proj.bias.grad, bk=lt.self_attn.k_proj.bias.grad,
+                     bv=lt.self_attn.v_proj.bias.grad)
+    errs = {name: rel_err(grads["layers"][name][layer], g.numpy()) for name, g in pairs.items()}
+    errs["embed"] = rel_err(grads["embed"], ref.model.embed_tokens.weight.grad.numpy())
+    worst = max(errs, key=errs.get)
+    print(f"\n[{hf_variant}] layer-{layer} grad rel err: max {errs[worst]:.2e} ({worst})")
+    assert errs[worst] < 1e-4, errs
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def assert_state_dicts_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def test_save_hf_roundtrip_bit_exact(hf_variant, make_tiny_hf, tmp_path):
+    path = make_tiny_hf(hf_variant)
+    out = tmp_path / "saved"
+    lisa_jax.save_hf(lisa_jax.load_hf(path), out)
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
+                                       "model.safetensors"]
+    orig = transformers.AutoModelForCausalLM.from_pretrained(path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(again) is type(orig)
+    assert_state_dicts_identical(orig, again)
+    for key in ("tie_word_embeddings", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                "rope_parameters", "vocab_size"):
+        assert getattr(again.config, key, None) == getattr(orig.config, key, None), key
+    # and back: the config survives a second load
+    assert lisa_jax.load_hf(out).cfg == lisa_jax.load_hf(path).cfg
+
+
+def test_save_hf_sharded_roundtrip(tiny_llama_sharded_dir, tmp_path):
+    out = tmp_path / "sharded"
+    model = lisa_jax.load_hf(tiny_llama_sharded_dir)
+    lisa_jax.save_hf(model, out, tokenizer_from=tiny_llama_sharded_dir, max_shard_size="30KB")
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    with open(out / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert set(index["weight_map"].values()) == set(shards)
+    sizes = sum(os.path.getsize(out / s) for s in shards)
+    assert 0 < index["metadata"]["total_size"] <= sizes
+    orig = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_sharded_dir)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert_state_dicts_identical(orig, again)
+    # tokenizer and generation config came along
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("w5 w7")["input_ids"][-2:] == [5, 7]
+    with open(out / "generation_config.json") as f:
+        gen = json.load(f)
+    assert gen["bos_token_id"] == 1 and gen["eos_token_id"] == 2
+    loaded = lisa_jax.load_hf(out)
+    for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_hf_replaces_existing_and_cleans_up(tiny_llama_dir, tmp_path, monkeypatch):
+    model = lisa_jax.load_hf(tiny_llama_dir)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    lisa_jax.save_hf(model, out)
+    assert not (out / "stale.txt").exists()
+    assert os.listdir(tmp_path) == ["ckpt"]  # no temp dirs left beside it
+
+    # A failure half way leaves the previous checkpoint untouched and no temp dir behind.
+    import safetensors.numpy
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lisa_jax.save_hf(model, out)
+    assert os.listdir(tmp_path) == ["ckpt"]
+    assert (out / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_bf16_load(tiny_llama_dir, torch_reference):
+    model = lisa_jax.load_hf(tiny_llama_dir, dtype=jnp.bfloat16)
+    assert model.cfg.dtype == "bfloat16"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
+    ids = np.random.RandomState(3).randint(0, 128, size=(2, 12))
+    logits = model(ids)
+    assert logits.dtype == jnp.float32
+    err = rel_err(logits, torch_logits(torch_reference(tiny_llama_dir), ids))
+    print(f"\n[llama2] bf16 logits rel err: {err:.2e}")
+    assert err < 0.1
+    assert lisa_jax.load_hf(tiny_llama_dir, "bf16").cfg.dtype == "bfloat16"
+
+
+def test_bf16_checkpoint_roundtrip(make_tiny_hf, tmp_path):
+    path = make_tiny_hf("qwen2", dtype="bfloat16")
+    # bf16 -> float32 is exact
+    wide = lisa_jax.load_hf(path, dtype="float32")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    w = ref.model.layers[0].self_attn.q_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(np.asarray(wide.params["layers"]["wq"][0]), w.T)
+    # bf16 kept as bf16 and written back bit-exact
+    model = lisa_jax.load_hf(path, dtype="bfloat16")
+    lisa_jax.save_hf(model, tmp_path / "bf16")
+    with open(tmp_path / "bf16" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16",
+                                                              dtype=torch.bfloat16)
+    assert_state_dicts_identical(ref, again)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _rewrite_weights(path, edit):
+    from safetensors.numpy import load_file, save_file
+
+    fn = os.path.join(path, "model.safetensors")
+    tensors = load_file(fn)
+    edit(tensors)
+    save_file(tensors, fn, metadata={"format": "pt"})
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_error_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        lisa_jax.load_hf(tmp_path / "nope")
+    assert "not a directory" in _one_line(e)
+
+
+def test_error_no_config(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        lisa_jax.load_hf(tmp_path)
+    msg = _one_line(e)
+    assert "no config.json" in msg and str(tmp_path) in msg
+
+
+def test_error_no_weights(tiny_llama_dir, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(os.path.join(tiny_llama_dir, "config.json"), d)
+    with pytest.raises(FileNotFoundError) as e:
+        lisa_jax.load_hf(d)
+    assert "no model.safetensors or model.safetensors.index.json" in _one_line(e)
+    (d / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as e:
+        lisa_jax.load_hf(d)
+    assert "pytorch_model.bin" in _one_line(e) and "safetensors" in _one_line(e)
+
+
+def test_error_missing_shard(tiny_llama_sharded_dir, tmp_path):
+    d = _copy(tiny_llama_sharded_dir, tmp_path / "ckpt")
+    os.remove(sorted(d.glob("model-*.safetensors"))[1])
+    with pytest.raises(FileNotFoundError) as e:
+        lisa_jax.load_hf(d)
+    assert "shard files that are not there" in _one_line(e)
+
+
+def test_error_unsupported_model_type(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "ckpt")
+    _edit_config(d, model_type="gpt2")
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(d)
+    msg = _one_line(e)
+    assert "'gpt2'" in msg and "llama, mistral, qwen2" in msg
+
+
+def test_error_missing_and_unexpected_tensors(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "ckpt")
+
+    def edit(t):
+        del t["model.layers.1.mlp.up_proj.weight"]
+        for i in range(2):
+            del t[f"model.layers.{i}.self_attn.k_proj.weight"]
+        t["model.layers.0.mlp.up_proj.bias"] = np.zeros(128, np.float32)
+
+    _rewrite_weights(d, edit)
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(d)
+    msg = _one_line(e)
+    assert "missing 3 tensor(s)" in msg
+    assert "model.layers.1.mlp.up_proj.weight" in msg
+    assert "model.layers.0.self_attn.k_proj.weight" in msg
+    assert "unexpected 1 tensor(s): model.layers.0.mlp.up_proj.bias" in msg
+
+
+def test_error_many_missing_tensors_are_summarised(make_tiny_hf, tmp_path):
+    # Qwen2 weights under a config that says Llama without biases: 6 unexpected biases.
+    d = _copy(make_tiny_hf("qwen2"), tmp_path / "ckpt")
+    _edit_config(d, model_type="llama", attention_bias=False)
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(d)
+    msg = _one_line(e)
+    assert "unexpected 6 tensor(s)" in msg and "(6 in all)" in msg
+    assert "model.layers.0.self_attn.k_proj.bias" in msg
+
+
+def test_error_shape_mismatch(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "ckpt")
+    _edit_config(d, intermediate_size=96)
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(d)
+    msg = _one_line(e)
+    assert "model.layers.0.mlp.gate_proj.weight" in msg
+    assert "[128, 64]" in msg and "[96, 64]" in msg
+
+
+def test_error_bad_dtype_and_shard_size(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(tiny_llama_dir, dtype="int8")
+    assert "float32, bfloat16 or float16" in _one_line(e)
+    model = lisa_jax.load_hf(tiny_llama_dir)
+    with pytest.raises(ValueError) as e:
+        lisa_jax.save_hf(model, tmp_path / "x", max_shard_size="lots")
+    assert "max_shard_size" in _one_line(e)
+    with pytest.raises(FileNotFoundError) as e:
+        lisa_jax.save_hf(model, tmp_path / "x", tokenizer_from=tmp_path / "none")
+    assert "tokenizer_from" in _one_line(e)
+    assert not (tmp_path / "x").exists()
+
+
+def test_parse_size():
+    assert hf_mod._parse_size("2GB") == 2 * 10**9
+    assert hf_mod._parse_size("500MiB") == 500 * 2**20
+    assert hf_mod._parse_size(1234) == 1234
