@@ -18,10 +18,12 @@ Name mapping (``i`` the layer index; Linear weights are stored ``[out, in]`` by 
     model.norm.weight                             final_norm
     lm_head.weight                                lm_head  (transposed; absent when tied)
 
-Loading never holds two full copies of the weights on the host: tensors are read one at a
-time from the (memory-mapped) safetensors files, cast to the target dtype straight into a
-preallocated stacked ``[L, ...]`` array, and each leaf is moved to its device as soon as its
-last layer has been filled, after which the host copy is dropped.
+Loading never holds two full copies of the weights on the host: the headers are checked
+first (names and shapes, before any data is read), then tensors are read one at a time, with
+plain reads rather than a memory map, straight into a preallocated stacked ``[L, ...]`` array
+of the target dtype (through a one-tensor temporary when it must be transposed or cast), and
+each leaf is moved to its device as soon as its last layer is filled, dropping the host copy.
+Peak host memory is about the weights plus the largest leaf (``experiments/load_memory.py``).
 
 >>> import tempfile, jax, jax.numpy as jnp
 >>> from lisa_jax.model import LlamaConfig, Model, init_params
@@ -143,6 +145,17 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def _shapes_in(fn: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file (reads the header only)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(fn, framework="numpy") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{fn} is not a readable safetensors file ({e}); re-download or "
+                         "re-save the checkpoint") from None
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> the safetensors file holding it."""
     index = os.path.join(path, WEIGHTS_INDEX)
@@ -161,15 +174,75 @@ def _weight_files(path: str) -> dict[str, str]:
                 f"{_name_list([os.path.basename(a) for a in absent])}; copy the whole checkpoint")
         return files
     if os.path.isfile(single):
-        from safetensors import safe_open
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _shapes_in(single)}
     others = [fn for fn in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
               if os.path.exists(os.path.join(path, fn))]
     hint = (f" (found {', '.join(others)}: convert it to safetensors, e.g. load it with "
             "transformers and call save_pretrained(..., safe_serialization=True))" if others
             else "; pass the directory save_pretrained or save_hf wrote")
     raise FileNotFoundError(f"no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX} in {path}{hint}")
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class _SafetensorsFile:
+    """Reads tensors of one safetensors file with plain reads into numpy buffers.
+
+    safetensors' own readers memory-map the file; the pages they touch count as resident
+    memory until the file is closed, i.e. up to a whole shard on top of the weights being
+    assembled. Reading with ``readinto`` keeps the host footprint to the destination arrays.
+    (The format: 8-byte little-endian header length, a JSON header mapping each name to its
+    dtype, shape and byte range, then the data.)
+    """
+
+    def __init__(self, fn: str):
+        self.fn = fn
+        self.f = open(fn, "rb")
+        n = int.from_bytes(self.f.read(8), "little")
+        header = json.loads(self.f.read(n))
+        header.pop("__metadata__", None)
+        self.header = header
+        self.base = 8 + n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def offset(self, name: str) -> int:
+        return self.header[name]["data_offsets"][0]
+
+    def dtype(self, name: str):
+        kind = self.header[name]["dtype"]
+        if kind not in _ST_DTYPES:
+            raise ValueError(f"tensor {name} in {self.fn} has unsupported dtype {kind}")
+        return np.dtype(_ST_DTYPES[kind])
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        if (tuple(out.shape) != tuple(info["shape"]) or out.dtype != self.dtype(name)
+                or not out.flags.c_contiguous or out.nbytes != end - start):
+            raise ValueError(f"tensor {name} in {self.fn}: header says {info}, buffer is "
+                             f"{out.dtype}{list(out.shape)}")
+        self.f.seek(self.base + start)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        while got < len(view):
+            k = self.f.readinto(view[got:])
+            if not k:
+                raise ValueError(f"{self.fn} is truncated (tensor {name}); re-download or "
+                                 "re-save the checkpoint")
+            got += k
+
+    def read(self, name: str) -> np.ndarray:
+        out = np.empty(self.header[name]["shape"], self.dtype(name))
+        self.read_into(name, out)
+        return out
 
 
 def read_hf_config(path: str) -> dict:
@@ -206,8 +279,6 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     ``shape`` our stacked shape); the leaf is placed with ``jax.device_put(arr, sharding)``
     (``None``: the default device).
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     hf = read_hf_config(path)
     dtype_name = _dtype_name(dtype)
@@ -244,17 +315,20 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     # Check every shape from the headers before reading any data.
     shapes = _leaf_shapes(cfg)
     for fn, names in by_file.items():
-        with safe_open(fn, framework="numpy") as f:
-            for name in names:
-                leaf, layer, transposed = expected[name]
-                want = shapes[leaf][1:] if layer is not None else shapes[leaf]
-                if transposed:
-                    want = want[::-1]
-                got = tuple(f.get_slice(name).get_shape())
-                if got != tuple(want):
-                    raise ValueError(f"tensor {name} in {os.path.basename(fn)} has shape "
-                                     f"{list(got)}, but {CONFIG_NAME} implies {list(want)}; "
-                                     "the config and the weights disagree")
+        in_file = _shapes_in(fn)
+        for name in names:
+            leaf, layer, transposed = expected[name]
+            want = shapes[leaf][1:] if layer is not None else shapes[leaf]
+            if transposed:
+                want = want[::-1]
+            if name not in in_file:
+                raise ValueError(f"{WEIGHTS_INDEX} places {name} in {os.path.basename(fn)}, "
+                                 "which does not hold it; the index and the shards disagree")
+            got = in_file[name]
+            if got != tuple(want):
+                raise ValueError(f"tensor {name} in {os.path.basename(fn)} has shape "
+                                 f"{list(got)}, but {CONFIG_NAME} implies {list(want)}; "
+                                 "the config and the weights disagree")
 
     np_dtype = np.dtype(jnp.dtype(dtype_name))
     host: dict[tuple[str, ...], np.ndarray] = {}
@@ -266,21 +340,22 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
         sharding = shardings(leaf, arr.shape, jnp.dtype(dtype_name)) if shardings else None
         placed[leaf] = jax.device_put(arr, sharding) if sharding is not None \
             else jax.device_put(arr)
+        # Wait for the copy, so the host buffer is freed now and not with all the others.
+        placed[leaf].block_until_ready()
 
     for fn in sorted(by_file, key=_natural_key):
-        with safe_open(fn, framework="numpy") as f:
-            for name in sorted(by_file[fn], key=_natural_key):
+        with _SafetensorsFile(fn) as f:
+            for name in sorted(by_file[fn], key=lambda n: f.offset(n)):
                 leaf, layer, transposed = expected[name]
-                src = f.get_tensor(name)
-                if transposed:
-                    src = src.T
                 if leaf not in host:
                     host[leaf] = np.empty(shapes[leaf], np_dtype)
-                if layer is None:
-                    host[leaf][...] = src
+                dst = host[leaf] if layer is None else host[leaf][layer]
+                if not transposed and f.dtype(name) == np_dtype:
+                    f.read_into(name, dst)  # straight into place, no temporary
                 else:
-                    host[leaf][layer] = src
-                del src
+                    src = f.read(name)
+                    dst[...] = src.T if transposed else src
+                    del src
                 remaining[leaf] -= 1
                 if remaining[leaf] == 0:
                     place(leaf)

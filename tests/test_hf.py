@@ -324,6 +324,16 @@ def test_error_missing_shard(tiny_llama_sharded_dir, tmp_path):
     assert "shard files that are not there" in _one_line(e)
 
 
+def test_error_corrupt_weights(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "ckpt")
+    fn = d / "model.safetensors"
+    os.truncate(fn, os.path.getsize(fn) - 1000)
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(d)
+    msg = _one_line(e)
+    assert "not a readable safetensors file" in msg and "model.safetensors" in msg
+
+
 def test_error_unsupported_model_type(tiny_llama_dir, tmp_path):
     d = _copy(tiny_llama_dir, tmp_path / "ckpt")
     _edit_config(d, model_type="gpt2")
