@@ -86,7 +86,8 @@ def main() -> None:
               f"{(peak - base) / size:.2f} x checkpoint; load took {m.group(5)} s")
         if timed:
             t = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
-            print(f"/usr/bin/time -v maximum resident set size: {int(t.group(1)) * 1024 / gb:.3f} GB")
+            kb = int(t.group(1))
+            print(f"/usr/bin/time -v maximum resident set size: {kb * 1024 / gb:.3f} GB")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -117,6 +117,15 @@ def test_sample_logits_filters():
     np.testing.assert_array_equal(draw(greedy=True), 1)
 
 
+def test_bf16_generate(make_tiny_hf):
+    model = lisa_jax.load_hf(make_tiny_hf("qwen2"), dtype=jnp.bfloat16)
+    ids = np.array([[5, 6, 7], [0, 8, 9]])
+    out = np.asarray(lisa_jax.generate(model, ids, max_new_tokens=6,
+                                       attention_mask=np.array([[1, 1, 1], [0, 1, 1]])))
+    assert out.shape == (2, 9) and out.dtype == np.int32
+    assert ((out >= 0) & (out < model.cfg.vocab_size)).all()
+
+
 def test_generate_errors(tiny_llama_dir):
     model = lisa_jax.load_hf(tiny_llama_dir)
     ids = np.array([[5, 6, 7]])

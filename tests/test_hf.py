@@ -334,6 +334,13 @@ def test_error_corrupt_weights(tiny_llama_dir, tmp_path):
     assert "not a readable safetensors file" in msg and "model.safetensors" in msg
 
 
+def test_sliding_window_warns(make_tiny_hf, tmp_path):
+    d = _copy(make_tiny_hf("mistral"), tmp_path / "ckpt")
+    _edit_config(d, sliding_window=16)
+    with pytest.warns(UserWarning, match="sliding_window=16 is not implemented"):
+        lisa_jax.load_hf(d)
+
+
 def test_error_unsupported_model_type(tiny_llama_dir, tmp_path):
     d = _copy(tiny_llama_dir, tmp_path / "ckpt")
     _edit_config(d, model_type="gpt2")
