@@ -100,6 +100,8 @@ def run_one(a) -> dict:
                 tokens_per_s=round(a.batch * a.seq / t, 1),
                 peak_gib=round(peak / 2**30, 2) if peak else None,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
+                backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
+                else None,
                 device=str(jax.devices()[0].device_kind))
 
 
@@ -120,10 +122,17 @@ def spawn(args: list[str], timeout: float) -> dict | None:
 
 
 def plan(a) -> list[dict]:
-    rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none")]
+    """Forward, floor, then every method without remat (LISA at every γ), then the remat
+    variants (LISA at ``--remat-gammas`` only: remat changes memory, not how it scales in γ)."""
+    rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none"),
+            dict(method="full", remat="none"), dict(method="lora", remat="none")]
+    rows += [dict(method="lisa", gamma=g, remat="none") for g in a.gammas]
     for remat in a.remats:
-        rows += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
-        rows += [dict(method="lisa", gamma=g, remat=remat) for g in a.gammas]
+        if remat == "none":
+            continue
+        if remat == "full":
+            rows += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
+        rows += [dict(method="lisa", gamma=g, remat=remat) for g in a.remat_gammas]
     return rows
 
 
@@ -162,7 +171,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--interval", type=int, default=5, help="LISA K: resamples happen in timing")
     ap.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--remats", nargs="+", default=["none", "full"])
+    ap.add_argument("--remats", nargs="+", default=["none", "mlp", "full"],
+                    help="LISA: none mlp full; full FT and LoRA rows use per-layer remat")
+    ap.add_argument("--remat-gammas", type=int, nargs="+", default=[2])
     ap.add_argument("--lora-r", type=int, default=128)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
     ap.add_argument("--methods", nargs="+", default=None,
@@ -170,6 +181,7 @@ def main():
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
     ap.add_argument("--peer-methods", nargs="+", default=["forward", "full", "lora", "lisa"])
     ap.add_argument("--peer-remat", action="store_true", help="peer rows with remat too")
+    ap.add_argument("--peer-gammas", type=int, nargs="+", default=[2])
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -183,7 +195,16 @@ def main():
     common = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
               "--lora-r", str(a.lora_r)] + (["--dtype", a.dtype] if a.dtype else [])
-    rows = []
+    rows, peers = [], []
+
+    def save():  # after every row, so that a cut-off job keeps what it measured
+        if a.out:
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(dict(command=" ".join(["python3", *sys.argv]),
+                               date=time.strftime("%Y-%m-%d"), rows=rows, peer_rows=peers), f,
+                          indent=1)
+
     for r in plan(a):
         if a.methods and r["method"] not in a.methods:
             continue
@@ -193,12 +214,15 @@ def main():
         if row:
             print(json.dumps(row), flush=True)
             rows.append(row)
-    peers = []
+            save()
     if a.peer:
         peer_script = os.path.join(HERE, "torch_peers.py")
         for remat in ([False, True] if a.peer_remat else [False]):
             for method in a.peer_methods:
-                gammas = a.gammas if method == "lisa" else [2]
+                gammas = ((a.remat_gammas if remat else a.peer_gammas) if method == "lisa"
+                          else [2])
+                if remat and method == "forward":
+                    continue
                 for g in gammas:
                     args = [peer_script, "--shape", a.shape, "--method", method,
                             "--batch", str(a.batch), "--seq", str(a.seq), "--gamma", str(g),
@@ -207,13 +231,8 @@ def main():
                     if row:
                         print(json.dumps(row), flush=True)
                         peers.append(row)
+                        save()
     print(table(rows, peers), flush=True)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(dict(command=" ".join(["python3", *sys.argv]),
-                           date=time.strftime("%Y-%m-%d"), rows=rows, peer_rows=peers), f,
-                      indent=1)
 
 
 if __name__ == "__main__":

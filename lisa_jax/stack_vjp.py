@@ -21,6 +21,7 @@ L layers, G active slots (γ).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,11 @@ from lisa_jax import model as M
 #   "mlp":  the layer input, q, k, v and the mid-residual; the backward recomputes gate and up.
 #   "full": only the layer input; the backward recomputes the whole layer forward.
 REMAT_MODES = ("none", "mlp", "full")
+
+# How the reverse pass is organized: "segments" (activation-only loops between the sampled
+# layers) or "scan_cond" (one scan, weight gradients under lax.cond into a carried slot
+# buffer). Both give the same gradients; the environment variable exists for benchmarks.
+BACKWARD = os.environ.get("LISA_JAX_BACKWARD", "segments")
 
 
 def _rms_stats(x, eps):
@@ -169,7 +175,53 @@ def _lisa_stack_fwd(cfg, remat, active_GxP, layers_LxP, slot_L, h, cos, sin):
     return out, (layers_LxP, slot_L, saved, cos, sin, shapes)
 
 
+def _layer_at(tree, index):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
+                        tree)
+
+
+def _bwd_segments(cfg, remat, res, dy):
+    """The reverse pass as ``G + 1`` activation-only loops split at the sampled layers.
+
+    Between two sampled layers a ``fori_loop`` (dynamic bounds) runs the activation backward
+    only; each sampled layer's backward, weight gradients included, runs once outside any loop
+    with its slot known statically. Nothing is carried or selected per layer, so no ``lax.cond``
+    and no gradient buffer passes through the loop. Needs slot ``j`` to hold the ``j``-th
+    lowest sampled layer (``slot_of_layer`` of sorted indices does).
+    """
+    layers_LxP, slot_L, saved, cos, sin, shapes = res
+    G = jax.tree.leaves(shapes)[0].shape[0] if jax.tree.leaves(shapes) else 0
+    L = slot_L.shape[0]
+
+    def down(dh, hi, lo):  # layers hi-1 .. lo, activation gradient only
+        def body(i, dh):
+            layer = hi - 1 - i
+            return _layer_backward(cfg, _layer_at(layers_LxP, layer), _layer_at(saved, layer),
+                                   cos, sin, dh, remat)[0]
+        return jax.lax.fori_loop(0, hi - lo, body, dh)
+
+    dh, hi, per_slot = dy, jnp.int32(L), [None] * G
+    for j in reversed(range(G)):
+        layer = jnp.argmax(slot_L == j).astype(jnp.int32)
+        dh = down(dh, hi, layer + 1)
+        dh, weight_grads = _layer_backward(cfg, _layer_at(layers_LxP, layer),
+                                           _layer_at(saved, layer), cos, sin, dh, remat)
+        per_slot[j] = weight_grads()
+        hi = layer
+    dh = down(dh, hi, jnp.int32(0))
+    grads = {name: (jnp.stack([g[name] for g in per_slot]) if G else
+                    jnp.zeros(shapes[name].shape, shapes[name].dtype)) for name in shapes}
+    return grads, None, None, dh, None, None
+
+
 def _lisa_stack_bwd(cfg, remat, res, dy):
+    if BACKWARD == "segments":
+        return _bwd_segments(cfg, remat, res, dy)
+    return _bwd_scan_cond(cfg, remat, res, dy)
+
+
+def _bwd_scan_cond(cfg, remat, res, dy):
+    """The reverse pass as one scan over all layers, weight gradients under ``lax.cond``."""
     layers_LxP, slot_L, saved, cos, sin, shapes = res
     grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     num_slots = jax.tree.leaves(shapes)[0].shape[0] if jax.tree.leaves(shapes) else 0
