@@ -154,6 +154,11 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int 
             lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk),
             view, batch)
         metrics = _metrics(loss, n, grads)
+        # Per sampled layer gradient norm (slot order = sorted active layers): the online
+        # importance estimate feeds on it.
+        metrics["layer_grad_norms"] = jnp.sqrt(sum(
+            jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+            for g in jax.tree.leaves(grads["layers"])))
         updates, opt_state = tx.update_view(clip_grads(grads, clip_norm), opt_state, view)
         new_view = optax.apply_updates(view, updates)
         return write_back(params, new_view, active), opt_state, metrics
