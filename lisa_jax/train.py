@@ -33,6 +33,7 @@ import optax
 import yaml
 
 from lisa_jax import data as data_lib
+from lisa_jax import importance as imp_lib
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as step_lib
@@ -61,6 +62,9 @@ class TrainConfig:
     lisa_interval: int = 20             # K: steps between resamples
     lisa_probs: str | None = None       # per-layer probabilities: a file or "p0,p1,..."
     lisa_reset: str = "sampled"         # sampled | all
+    lisa_importance: str = "none"       # none | online: p_ℓ from running per-layer grad norms
+    lisa_importance_floor: float = 0.05  # online: least probability per layer (at most γ/L)
+    lisa_importance_decay: float = 0.9  # online: moving-average decay of the grad norms
     # LoRA
     lora_rank: int = 16
     lora_alpha: float | None = None     # default 2 * rank
@@ -102,13 +106,12 @@ class TrainConfig:
         return {f.name: f for f in dataclasses.fields(cls)}
 
 
-# Settings for `--demo`: the bundled model (4 layers) learns the instruction format in about a
-# minute of CPU time. Flags given on the command line still win.
+# Settings for `--demo`: the bundled model (4 layers) learns the instruction format in about
+# half a minute of CPU time. Flags given on the command line still win.
 DEMO_PRESET = dict(model=str(DEMO_DIR / "model"), data=str(DEMO_DIR / "instructions.jsonl"),
-                   method="lisa", lisa_layers=2, lisa_interval=10, lr=3e-3, warmup_steps=10,
+                   method="lisa", lisa_layers=2, lisa_interval=20, lr=3e-3, warmup_steps=20,
                    schedule="cosine", weight_decay=0.0, batch_size=16, max_seq_len=128,
-                   steps=120, eval_every=40, eval_batches=4, save_every=60, log_every=1,
-                   sample_prompt="What is 7 plus 5?")
+                   steps=300, eval_every=100, eval_batches=4, save_every=100, log_every=1)
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -168,12 +171,15 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def parse_probs(spec: str, num_layers: int) -> list[float]:
-    """``--lisa-probs``: a file (JSON list or whitespace/comma separated) or ``"p0,p1,..."``."""
+    """``--lisa-probs``: a file (JSON list, JSON ``{"probs": [...]}`` as written by
+    ``importance.save_probs``, or whitespace/comma separated) or ``"p0,p1,..."``."""
     text = Path(spec).read_text() if Path(spec).is_file() else spec
     try:
-        probs = json.loads(text) if text.strip().startswith("[") else \
+        probs = json.loads(text) if text.strip().startswith(("[", "{")) else \
             [float(x) for x in text.replace(",", " ").split()]
-    except ValueError:
+        if isinstance(probs, dict):
+            probs = probs["probs"]
+    except (ValueError, KeyError, TypeError):
         raise TrainError(f"--lisa-probs {spec!r} is neither a file nor a list of numbers")
     if len(probs) != num_layers:
         raise TrainError(f"--lisa-probs has {len(probs)} values but the model has {num_layers} "
@@ -227,6 +233,11 @@ class Method:
                             weight_decay=cfg.weight_decay, mask=_decay_mask)
         clip = cfg.clip_norm or None
         self.tx = None
+        self.importance = None  # online importance estimate (--lisa-importance online)
+        self.log_extra: dict = {}  # logged with the next step's metrics (layer_probs)
+        if cfg.lisa_importance not in ("none", "online"):
+            raise TrainError(f"unknown --lisa-importance {cfg.lisa_importance!r}; use none or "
+                             "online")
         if cfg.method == "lisa":
             kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset)
             if cfg.lisa_probs:
@@ -238,6 +249,12 @@ class Method:
                                      f"{mcfg.num_layers}")
                 kw["n_active"] = cfg.lisa_layers
             try:
+                if cfg.lisa_importance == "online":  # Bernoulli mode, from uniform γ/L
+                    L = mcfg.num_layers
+                    kw.setdefault("probs", [cfg.lisa_layers / L] * L)
+                    kw.pop("n_active", None)
+                    self.importance = imp_lib.OnlineImportance(
+                        L, cfg.lisa_layers, cfg.lisa_importance_floor, cfg.lisa_importance_decay)
                 self.tx = lisa(inner, **kw)
             except ValueError as e:
                 raise TrainError(str(e))
@@ -260,9 +277,16 @@ class Method:
         self._eval = jax.jit(lambda p, b: step_lib.plain_loss(mcfg, p, b))
 
     def before_step(self, params):
-        """Host-side work before a step: Bernoulli LISA resamples here (its shapes change)."""
+        """Host-side work before a step: Bernoulli LISA resamples here (its shapes change),
+        with the online importance estimate's probabilities when there is one."""
         if self.tx is not None and self.tx.config.probs is not None:
-            self.state = self.tx.maybe_resample(self.state, params)
+            count, period = int(self.state.count), int(self.state.period)
+            starts = count // self.tx.config.interval != period
+            probs = self.importance.probs() if self.importance is not None and starts else None
+            if starts or count == 0:
+                used = probs if probs is not None else self.tx.config.probs
+                self.log_extra["layer_probs"] = [round(float(p), 6) for p in used]
+            self.state = self.tx.maybe_resample(self.state, params, probs)
 
     def active(self) -> list[int] | None:
         if self.tx is None:
@@ -381,17 +405,36 @@ def _peak_memory_gib() -> tuple[float | None, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host RSS"
 
 
-def prompt_ids(tokenizer, instruction: str) -> np.ndarray:
-    """The tokens of an instruction rendered exactly as in training, up to the response."""
-    ex = data_lib.tokenize_record(tokenizer, {"instruction": instruction, "output": ""})
+def _sample_probes(cfg: TrainConfig) -> list[tuple[dict, str | None]]:
+    """Instructions to generate for before and after training: ``--sample-prompt``, or for the
+    demo the first held-out records (with their reference answers)."""
+    if cfg.sample_prompt:
+        return [({"instruction": cfg.sample_prompt}, None)]
+    if not cfg.demo:
+        return []
+    _, held_out = data_lib.train_eval_split(data_lib.load_records(cfg.data),
+                                            cfg.eval_fraction or None, seed=cfg.seed)
+    return [({"instruction": r["instruction"], "input": r.get("input", "")}, r["output"])
+            for r in held_out[:3]]
+
+
+def _show(record: dict) -> str:
+    return repr(record["instruction"] + (f" | {record['input']}" if record.get("input") else ""))
+
+
+def prompt_ids(tokenizer, record: dict | str) -> np.ndarray:
+    """The tokens of an instruction (or an Alpaca record without output) rendered exactly as
+    in training, up to the response."""
+    record = {"instruction": record} if isinstance(record, str) else record
+    ex = data_lib.tokenize_record(tokenizer, {**record, "output": ""})
     first_target = int(np.argmax(ex.loss_mask)) if ex.loss_mask.any() else len(ex.input_ids)
     return ex.input_ids[:first_target]
 
 
-def sample(model: M.Model, tokenizer, instruction: str, max_new_tokens: int) -> str:
-    """Greedy completion of one instruction."""
+def sample(model: M.Model, tokenizer, record: dict | str, max_new_tokens: int) -> str:
+    """Greedy completion of one instruction (or Alpaca record)."""
     from lisa_jax.generate import generate
-    prompt = prompt_ids(tokenizer, instruction)
+    prompt = prompt_ids(tokenizer, record)
     out = generate(model, prompt[None], max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     new = np.asarray(out)[0, len(prompt):]
@@ -415,8 +458,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
 
     _check_config(cfg)
     out = _prepare_out_dir(cfg)
-    say = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if cfg.progress else \
-        (lambda *a: None)
+    say = lambda *a: tqdm.write(" ".join(str(x) for x in a))  # noqa: E731
 
     # Data and model.
     try:
@@ -432,6 +474,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
                                  pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
     eval_sets = data_lib.eval_batches(splits.eval, cfg.batch_size, tokenizer.pad_token_id,
                                       cfg.max_seq_len)[: cfg.eval_batches]
+    probes = _sample_probes(cfg)
     steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
     total = cfg.steps or max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
     schedule = make_schedule(cfg, total)
@@ -444,6 +487,8 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
         start = ckpts.latest()
         params, method.state, meta = ckpts.restore(start, params, method.state)
         loader.load_state_dict(meta["data"])
+        if method.importance is not None and meta.get("importance"):
+            method.importance.load_state_dict(meta["importance"])
         say(f"resumed {out} at step {start}")
     elif cfg.resume:
         raise TrainError(f"no checkpoint in {out / 'checkpoints'} to resume; drop --resume")
@@ -458,6 +503,12 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     say(f"data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} eval examples "
         f"({splits.stats.dropped_too_long} dropped as longer than {cfg.max_seq_len} tokens); "
         f"{total} steps of {cfg.batch_size}×{cfg.grad_accum} examples")
+
+    if probes and start == 0:
+        before = M.Model(mcfg, method.model_params(params))
+        for record, _ in probes:
+            text = sample(before, tokenizer, record, cfg.sample_tokens)
+            say(f"before: {_show(record)} -> {text!r}")
 
     # Ctrl-C / SIGTERM: finish the step, checkpoint, exit. A second signal exits at once.
     stop = {"signal": None}
@@ -479,7 +530,8 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
 
     def save(step):
         meta = {"step": step, "data": loader.state_dict(), "method": cfg.method,
-                "active_layers": method.active()}
+                "active_layers": method.active(),
+                "importance": method.importance.state_dict() if method.importance else None}
         ckpts.save(step, params, method.state, meta)
 
     try:
@@ -501,13 +553,18 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
             n_tok = int(sum(int(b["num_tokens"]) for b in micro))
             tokens_seen += n_tok
             active = method.active()
+            if method.importance is not None:
+                method.importance.observe(active, np.asarray(metrics["layer_grad_norms"]))
+            extra, method.log_extra = method.log_extra, {}
             if step % cfg.log_every == 0 or step == total:
                 row = {"loss": loss, "lr": float(schedule(step - 1)),
                        "grad_norm": float(metrics["grad_norm"]), "tokens": n_tok,
                        "tokens_per_s": n_tok / dt, "epoch": micro[-1]["epoch"]}
                 if active is not None:
                     row["active_layers"] = active
-                writer.write(step, row)
+                writer.write(step, {**row, **extra})
+            elif extra:
+                writer.write(step, extra)
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.3f} lr {float(schedule(step - 1)):.2e} "
                                 f"{n_tok / dt:,.0f} tok/s"
@@ -543,9 +600,11 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     final = M.Model(mcfg, method.model_params(params))
     if cfg.export:
         summary["hf_dir"] = save_hf(final, out / "hf", tokenizer_from=cfg.model)
-    if cfg.sample_prompt:
-        summary["sample_prompt"] = cfg.sample_prompt
-        summary["sample"] = sample(final, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+    if probes:
+        summary["samples"] = [
+            {"prompt": _show(record), "expected": expected,
+             "output": sample(final, tokenizer, record, cfg.sample_tokens)}
+            for record, expected in probes]
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -562,8 +621,9 @@ def main_train(cfg: TrainConfig) -> int:
           f"{s['peak_memory_kind']} memory {s['peak_memory_gib']} GiB")
     if "hf_dir" in s:
         print(f"exported: {s['hf_dir']}")
-    if "sample" in s:
-        print(f"sample: {s['sample_prompt']!r} -> {s['sample']!r}")
+    for smp in s.get("samples", []):
+        expected = f"  (reference: {smp['expected']!r})" if smp["expected"] else ""
+        print(f"after:  {smp['prompt']} -> {smp['output']!r}{expected}")
     return 130 if s["status"] == "interrupted" else 0
 
 
