@@ -56,7 +56,8 @@ cannot be resampled inside ``jit``. Call ``maybe_resample(tx, opt_state, params)
 before each step (it finds the LisaState anywhere inside e.g. an ``optax.chain`` or
 ``optax.MultiSteps`` state; a no-op within a period). Eager (untraced) ``tx.update`` does this
 itself. A jitted step compiles once per distinct active count; if it sees a state that was not
-prepared at a period boundary it raises at run time.
+prepared at a period boundary it raises at run time. ``maybe_resample(..., probs=p)`` draws
+with ``p`` instead of the configured probabilities (adaptive importance sampling).
 """
 from __future__ import annotations
 
@@ -413,9 +414,10 @@ class LisaTransformation(optax.GradientTransformation):
         layer slices."""
         return _apply_view(self.config, params, view_updates, state)
 
-    def maybe_resample(self, opt_state, params):
-        """Host-side: prepare every LisaState inside ``opt_state`` (see :func:`maybe_resample`)."""
-        return maybe_resample(self, opt_state, params)
+    def maybe_resample(self, opt_state, params, probs=None):
+        """Host-side: prepare every LisaState inside ``opt_state`` (see :func:`maybe_resample`;
+        ``probs`` overrides the configured probabilities for a draw made now)."""
+        return maybe_resample(self, opt_state, params, probs)
 
     prepare_host = maybe_resample
 
@@ -532,15 +534,28 @@ def resample(tx: LisaTransformation, state: LisaState, params) -> LisaState:
     return tx.prepare(state, params)
 
 
-def maybe_resample(tx: LisaTransformation, opt_state, params):
+def maybe_resample(tx: LisaTransformation, opt_state, params, probs=None):
     """Host-side preparation before a (jitted) step; needed in Bernoulli (``probs``) mode.
 
     Replaces every :class:`LisaState` inside ``opt_state`` (e.g. within ``optax.chain`` or
     ``optax.MultiSteps`` states) by its prepared version: at a period boundary the Bernoulli
     sample is drawn from the state's key and the state gets the new shapes (moments carried or
     reset as documented); otherwise it is returned unchanged. Also fine for ``n_active``.
+
+    ``probs``: per-layer probabilities ``[L]`` used instead of the ones given to ``lisa(probs=
+    ...)`` for a draw made by this call (adaptive importance sampling: the probabilities may
+    change from period to period). Only for a Bernoulli-mode ``tx``; the draw still consumes
+    the state's key, so a run is reproducible from its seed and its sequence of ``probs``.
+    Without a draw (within a period) ``probs`` is unused.
     """
-    return _lisa_states_map(lambda s: _prepare(tx.config, s, params), opt_state)
+    cfg = tx.config
+    if probs is not None:
+        if cfg.probs is None:
+            raise ValueError("maybe_resample(..., probs=...) needs a transformation made with "
+                             "lisa(probs=...) (Bernoulli mode); this one samples n_active "
+                             "layers uniformly")
+        cfg = dataclasses.replace(cfg, probs=sampling.check_probs(probs, cfg.probs.shape[0]))
+    return _lisa_states_map(lambda s: _prepare(cfg, s, params), opt_state)
 
 
 def trainable_view(tree, state: LisaState, layers="layers"):

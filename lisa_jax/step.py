@@ -157,7 +157,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int 
         # Per sampled layer gradient norm (slot order = sorted active layers): the online
         # importance estimate feeds on it.
         metrics["layer_grad_norms"] = jnp.sqrt(sum(
-            jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+            jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
             for g in jax.tree.leaves(grads["layers"])))
         updates, opt_state = tx.update_view(clip_grads(grads, clip_norm), opt_state, view)
         new_view = optax.apply_updates(view, updates)

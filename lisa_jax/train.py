@@ -564,7 +564,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
                     row["active_layers"] = active
                 writer.write(step, {**row, **extra})
             elif extra:
-                writer.write(step, extra)
+                writer.write(step, {**extra, "active_layers": active})
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.3f} lr {float(schedule(step - 1)):.2e} "
                                 f"{n_tok / dt:,.0f} tok/s"
