@@ -68,25 +68,30 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
     return total / jnp.maximum(n, 1.0), n
 
 
-def _embed_and_rope(cfg, embed, ids):
+def _embed_and_rope(cfg, embed, ids, h_sharding=None):
     B, S = ids.shape
     cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
-    return embed[ids], cos, sin
+    h = embed[ids]
+    if h_sharding is not None:  # several devices: keep the activations split along the batch
+        h = jax.lax.with_sharding_constraint(h, h_sharding)
+    return h, cos, sin
 
 
-def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=4096):
+def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=4096,
+               h_sharding=None):
     """The loss by plain autodiff-able code (full fine-tuning, LoRA, and the reference path)."""
     ids = batch["input_ids"]
-    h, cos, sin = _embed_and_rope(cfg, params["embed"], ids)
+    h, cos, sin = _embed_and_rope(cfg, params["embed"], ids, h_sharding)
     h = M.run_layers(cfg, params["layers"], h, cos, sin, None, remat)
     return lm_loss_from_hidden(cfg, params["final_norm"], M.head_weight(params), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
 
-def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none", loss_chunk=4096):
+def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none", loss_chunk=4096,
+              h_sharding=None):
     """The loss as a function of the trainable view; the frozen stack enters as a constant."""
     ids = batch["input_ids"]
-    h, cos, sin = _embed_and_rope(cfg, view["embed"], ids)
+    h, cos, sin = _embed_and_rope(cfg, view["embed"], ids, h_sharding)
     h = lisa_stack(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
     return lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
                                batch.get("loss_mask"), loss_chunk)
@@ -126,6 +131,18 @@ def clip_grads(grads, max_norm: float | None):
     return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
 
 
+def _jit(step, donate_argnums, shardings):
+    """``jax.jit`` of a step; with ``shardings`` (a ``lisa_jax.sharding.StepShardings``) jitted
+    with its in/out shardings over a device mesh instead."""
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    return shardings.jit(step, donate_argnums)
+
+
+def _h_sharding(shardings):
+    return None if shardings is None else shardings.activation
+
+
 def _metrics(loss, n_tokens, grads):
     return {"loss": loss, "tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
 
@@ -139,11 +156,17 @@ def write_back(params, new_view, active_G):
 
 
 def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int | None = 4096,
-                   clip_norm: float | None = None, donate: bool = True) -> Callable:
-    """The fast LISA step for a transform made by ``lisa_jax.lisa``."""
+                   clip_norm: float | None = None, donate: bool = True,
+                   shardings=None) -> Callable:
+    """The fast LISA step for a transform made by ``lisa_jax.lisa``.
+
+    ``shardings``: optional ``lisa_jax.sharding.StepShardings`` (several devices, SPMD).
+    """
     if remat not in REMAT_MODES:
         raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                          f"{', '.join(REMAT_MODES)}")
+
+    hs = _h_sharding(shardings)
 
     def step(params, opt_state, batch):
         opt_state = tx.prepare(opt_state, params)
@@ -151,7 +174,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int 
         view = tx.view(params, opt_state)
         slot_L = slot_of_layer(active, cfg.num_layers)
         (loss, n), grads = value_and_grad_accumulated(
-            lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk),
+            lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk, hs),
             view, batch)
         metrics = _metrics(loss, n, grads)
         # Per sampled layer gradient norm (slot order = sorted active layers): the online
@@ -163,34 +186,38 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int 
         new_view = optax.apply_updates(view, updates)
         return write_back(params, new_view, active), opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return _jit(step, (0, 1) if donate else (), shardings)
 
 
 def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat="none",
                     loss_chunk: int | None = 4096, clip_norm: float | None = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, shardings=None) -> Callable:
     """Full fine-tuning (or any optax transform fed a full gradient tree, LISA included)."""
+    hs = _h_sharding(shardings)
+
     def step(params, opt_state, batch):
         (loss, n), grads = value_and_grad_accumulated(
-            lambda p, b: plain_loss(cfg, p, b, remat, loss_chunk), params, batch)
+            lambda p, b: plain_loss(cfg, p, b, remat, loss_chunk, hs), params, batch)
         metrics = _metrics(loss, n, grads)
         updates, opt_state = tx.update(clip_grads(grads, clip_norm), opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return _jit(step, (0, 1) if donate else (), shardings)
 
 
 def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: float,
                    remat="none", loss_chunk: int | None = 4096, clip_norm: float | None = None,
-                   donate: bool = True) -> Callable:
+                   donate: bool = True, shardings=None) -> Callable:
     """LoRA: ``state`` is ``(lora_params, opt_state)``; the base parameters stay frozen.
 
     ``step(params, (lora, opt_state), batch) -> (params, (lora, opt_state), metrics)``; only the
     adapters and their optimizer state are donated.
     """
+    hs = _h_sharding(shardings)
+
     def loss_fn(lora, params, batch):
         layers = lora_lib.apply_lora(params["layers"], lora, scale)
-        return plain_loss(cfg, {**params, "layers": layers}, batch, remat, loss_chunk)
+        return plain_loss(cfg, {**params, "layers": layers}, batch, remat, loss_chunk, hs)
 
     def step(params, lora_state, batch):
         lora, opt_state = lora_state
@@ -200,7 +227,7 @@ def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: 
         updates, opt_state = tx.update(clip_grads(grads, clip_norm), opt_state, lora)
         return params, (optax.apply_updates(lora, updates), opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(1,) if donate else ())
+    return _jit(step, (1,) if donate else (), shardings)
 
 
 def make_forward(cfg: M.LlamaConfig, loss_chunk: int | None = 4096) -> Callable:

@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"              # float32 | bfloat16
     remat: str = "none"                 # LISA: none | mlp | full; full/LoRA: none | dots | full
+    mesh: str | None = None             # several devices: "fsdp=N,tp=M" (also dp=N); None: one
     # evaluation, logging, checkpoints
     eval_fraction: float = 0.05
     eval_every: int = 50
@@ -224,10 +225,21 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def _init_state(init, params, mcfg, mesh, traceable=True, lora=False):
+    """``(init(params), step shardings)``: on a mesh the state is created in its shardings
+    (``lisa_jax.sharding``), else as is with ``None``."""
+    if mesh is None:
+        return init(params), None
+    from lisa_jax import sharding as SH
+    if lora:
+        return SH.init_lora_sharded(init, params, mcfg, mesh)
+    return SH.init_sharded(init, params, mcfg, mesh, traceable)
+
+
 class Method:
     """One training method's state and compiled functions, behind one interface."""
 
-    def __init__(self, cfg: TrainConfig, mcfg: M.LlamaConfig, params, schedule):
+    def __init__(self, cfg: TrainConfig, mcfg: M.LlamaConfig, params, schedule, mesh=None):
         self.cfg, self.mcfg = cfg, mcfg
         inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2,
                             weight_decay=cfg.weight_decay, mask=_decay_mask)
@@ -258,22 +270,27 @@ class Method:
                 self.tx = lisa(inner, **kw)
             except ValueError as e:
                 raise TrainError(str(e))
-            self.state = self.tx.init(params)
-            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, cfg.remat, clip_norm=clip)
+            self.state, sh = _init_state(self.tx.init, params, mcfg, mesh,
+                                         traceable=self.tx.config.probs is None)
+            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, cfg.remat, clip_norm=clip,
+                                                   shardings=sh)
         elif cfg.method == "full":
-            self.state = inner.init(params)
-            self.step_fn = step_lib.make_plain_step(mcfg, inner, cfg.remat, clip_norm=clip)
+            self.state, sh = _init_state(inner.init, params, mcfg, mesh)
+            self.step_fn = step_lib.make_plain_step(mcfg, inner, cfg.remat, clip_norm=clip,
+                                                    shardings=sh)
         else:
             targets = tuple(t for t in cfg.lora_targets.split(",") if t)
-            try:
-                adapters = lora_lib.init_lora(params["layers"], jax.random.key(cfg.seed),
+            def init(p):
+                adapters = lora_lib.init_lora(p["layers"], jax.random.key(cfg.seed),
                                               cfg.lora_rank, targets=targets)
+                return adapters, inner.init(adapters)
+            try:
+                self.state, sh = _init_state(init, params, mcfg, mesh, lora=True)
             except ValueError as e:
                 raise TrainError(str(e))
             self.lora_scale = lora_lib.lora_scale(cfg.lora_rank, cfg.lora_alpha)
-            self.state = (adapters, inner.init(adapters))
             self.step_fn = step_lib.make_lora_step(mcfg, inner, self.lora_scale, cfg.remat,
-                                                   clip_norm=clip)
+                                                   clip_norm=clip, shardings=sh)
         self._eval = jax.jit(lambda p, b: step_lib.plain_loss(mcfg, p, b))
 
     def before_step(self, params):
@@ -466,7 +483,13 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
         splits = data_lib.prepare_data(cfg.data, tokenizer, cfg.max_seq_len,
                                        eval_fraction=cfg.eval_fraction or None, seed=cfg.seed,
                                        truncate=cfg.truncate)
-        model = load_hf(cfg.model, dtype=cfg.dtype)
+        mesh = None
+        if cfg.mesh:
+            from lisa_jax import sharding as SH
+            mesh = SH.make_mesh(cfg.mesh)
+            SH.check_batch_size(cfg.batch_size, mesh)
+        model = load_hf(cfg.model, dtype=cfg.dtype,
+                        shardings=SH.hf_shardings(cfg.model, mesh) if mesh else None)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e).splitlines()[0])
     mcfg, params = model.cfg, model.params
@@ -478,7 +501,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
     total = cfg.steps or max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
     schedule = make_schedule(cfg, total)
-    method = Method(cfg, mcfg, params, schedule)
+    method = Method(cfg, mcfg, params, schedule, mesh)
 
     # Resume or start.
     ckpts = _Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
@@ -538,6 +561,8 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
         while step < total:
             micro = [next(loader) for _ in range(cfg.grad_accum)]
             batch = _stack_micro(micro)
+            if mesh is not None:
+                batch = SH.shard_batch(batch, mesh)
             method.before_step(params)
             t0 = time.perf_counter()
             params, method.state, metrics = method.step_fn(params, method.state, batch)

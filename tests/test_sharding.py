@@ -1,0 +1,300 @@
+"""Several devices (SPMD over a ("dp", "fsdp", "tp") mesh) against one device.
+
+JAX fixes its device count when it starts, and this pytest process has started it already, so
+the multi-device checks run in a subprocess with 8 simulated CPU devices: this file run as a
+script (``python tests/test_sharding.py CHECK [ARGS]``) is that subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+DEVICES = 8
+
+
+def run_worker(*args, timeout=300) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, HERE, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- expected specs
+
+# The tiny model of the workers: V=64, D=32, F=64, N=4, K=2, H=8, L=6.
+# Written out by hand (not from the rule function) so the rules themselves are under test.
+EXPECTED = {
+    "fsdp=4,tp=2": {
+        "embed": "('tp', 'fsdp')", "lm_head": "('fsdp', 'tp')", "final_norm": "('fsdp',)",
+        "layers/attn_norm": "(None, 'fsdp')", "layers/mlp_norm": "(None, 'fsdp')",
+        "layers/wq": "(None, 'fsdp', 'tp')", "layers/wk": "(None, 'fsdp', 'tp')",
+        "layers/wv": "(None, 'fsdp', 'tp')", "layers/w_gate": "(None, 'fsdp', 'tp')",
+        "layers/w_up": "(None, 'fsdp', 'tp')",
+        "layers/wo": "(None, 'tp', 'fsdp')", "layers/w_down": "(None, 'tp', 'fsdp')",
+    },
+    "fsdp=8": {
+        "embed": "('fsdp', None)", "lm_head": "(None, 'fsdp')", "final_norm": "('fsdp',)",
+        "layers/attn_norm": "(None, 'fsdp')", "layers/mlp_norm": "(None, 'fsdp')",
+        "layers/wq": "(None, 'fsdp', None)", "layers/wk": "(None, 'fsdp', None)",
+        "layers/wv": "(None, 'fsdp', None)", "layers/w_gate": "(None, None, 'fsdp')",
+        "layers/w_up": "(None, None, 'fsdp')",
+        "layers/wo": "(None, 'fsdp', None)", "layers/w_down": "(None, 'fsdp', None)",
+    },
+}
+
+
+def _spec_str(spec) -> str:
+    return str(tuple(spec))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("method", ["lisa", "full"])
+def test_sharded_training_equals_one_device_and_leaves_carry_their_shardings(method):
+    out = run_worker("train", method)
+    for mesh, res in out.items():
+        assert res["max_abs_diff"] < 1e-5, (mesh, res["max_abs_diff"])
+        assert res["params_spec"] == EXPECTED[mesh], mesh
+        if method == "lisa":
+            assert res["resamples"] >= 3, res["active"]
+            assert res["active"] == res["active_ref"]
+        # Optimizer state: moments like their parameter; everything else replicated.
+        for path, spec in res["state_spec"].items():
+            param = next((p for p in EXPECTED[mesh] if path.endswith("/" + p)), None)
+            if param is not None and ("/mu/" in path or "/nu/" in path):
+                assert spec == EXPECTED[mesh][param], (mesh, path, spec)
+            else:
+                assert spec in ("()", "(None,)", "(None, None)"), (mesh, path, spec)
+        assert res["n_moment_leaves"] == 2 * len(EXPECTED[mesh]) - (0 if method == "full" else 0)
+
+
+def test_load_hf_places_each_leaf_in_its_sharding(make_tiny_hf):
+    path = make_tiny_hf("gqa")  # 3 layers, D=64, F=96, N=8, K=2, vocab 160
+    out = run_worker("load", path)
+    assert out["max_abs_diff"] == 0.0
+    spec = out["spec"]
+    assert spec["embed"] == "('tp', 'fsdp')" and spec["lm_head"] == "('fsdp', 'tp')"
+    assert spec["layers/wq"] == "(None, 'fsdp', 'tp')"
+    assert spec["layers/wk"] == "(None, 'fsdp', 'tp')"  # K=2 heads divide tp=2
+    assert spec["layers/wo"] == "(None, 'tp', 'fsdp')"
+    assert spec["layers/w_down"] == "(None, 'tp', 'fsdp')"
+    assert spec["layers/attn_norm"] == "(None, 'fsdp')"
+    assert out["devices_per_leaf"] == 8
+
+
+def test_trainer_with_mesh_runs_sharded(tmp_path):
+    out = run_worker("trainer", str(tmp_path / "run"))
+    assert out["steps"] == 4 and out["finite"]
+    assert out["spec"]["layers/wq"] == "(None, 'fsdp', 'tp')"
+    assert out["spec"]["lm_head"] == "('fsdp', 'tp')"
+    assert out["state_spec"]["slot_state/0/mu/layers/w_down"] == "(None, 'tp', 'fsdp')"
+    assert out["state_spec"]["key"] == "()" and out["state_spec"]["active"] == "()"
+    assert out["batch_spec"]["input_ids"] == "('fsdp', None)"
+    assert out["bad_batch_error"].startswith("batch size 6 does not divide")
+    assert "\n" not in out["bad_batch_error"]
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("fsdp=3", "mesh fsdp=3 has 1*3*1 = 3 devices but there are 1"),
+    ("fsdp=two", "size of 'fsdp' must be an integer"),
+    ("pp=2", "'pp=2' is not AXIS=SIZE"),
+    ("fsdp=2,fsdp=2", "axis 'fsdp' given twice"),
+    ("", "give at least one AXIS=SIZE"),
+])
+def test_bad_mesh_spec_is_one_line_error(spec, expect):
+    import jax
+
+    from lisa_jax import sharding as SH
+
+    with pytest.raises(SH.ShardingError) as e:
+        SH.make_mesh(spec, devices=jax.devices()[:1])
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mesh_config_parses_and_rules_skip_what_does_not_divide():
+    import jax
+
+    from lisa_jax import model as M
+    from lisa_jax import sharding as SH
+
+    assert SH.MeshConfig.parse("dp=2, fsdp=4,tp=1").shape == (2, 4, 1)
+    mesh = SH.make_mesh("fsdp=1")
+    assert mesh.axis_names == ("dp", "fsdp", "tp")
+
+    class FakeMesh:  # only the sizes matter to the rules
+        axis_names = ("dp", "fsdp", "tp")
+
+        class devices:
+            shape = (1, 4, 2)
+    cfg = M.LlamaConfig(vocab_size=30, hidden_size=12, intermediate_size=20, num_layers=3,
+                        num_heads=3, num_kv_heads=1, head_dim=4)
+    # N=3 heads do not divide tp=2: wq stays whole on tp; the layer axis is never sharded.
+    assert SH.leaf_spec(cfg, ("layers", "wq"), (3, 12, 12), FakeMesh) == \
+        jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert SH.leaf_spec(cfg, ("layers", "w_gate"), (3, 12, 20), FakeMesh) == \
+        jax.sharding.PartitionSpec(None, "fsdp", "tp")
+    assert SH.leaf_spec(cfg, ("embed",), (30, 12), FakeMesh) == \
+        jax.sharding.PartitionSpec("tp", "fsdp")
+    assert SH.leaf_spec(cfg, ("layers", "attn_norm"), (4, 12), FakeMesh)[0] is None
+
+
+# ----------------------------------------------------------------------------- the subprocess
+
+
+def _tiny_cfg():
+    from lisa_jax import model as M
+    return M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=6,
+                         num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+def _params(cfg):
+    import jax
+
+    from lisa_jax import model as M
+    p = M.init_params(cfg, jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+def _batches(cfg, n, B=8, S=16):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return [{"input_ids": rng.integers(0, cfg.vocab_size, (B, S)).astype(np.int32),
+             "loss_mask": (np.arange(S)[None] >= 3).repeat(B, 0).astype(np.int32)}
+            for _ in range(n)]
+
+
+def _worker_train(method: str) -> dict:
+    import jax
+    import numpy as np
+    import optax
+
+    import lisa_jax
+    from lisa_jax import sharding as SH
+    from lisa_jax import step as S
+
+    cfg = _tiny_cfg()
+    steps = 7  # LISA interval 2: samples at steps 0, 2, 4, 6 (3 resamples)
+    batches = _batches(cfg, steps)
+
+    # Adam's first steps divide by |g|: an entry whose gradient is ~1e-9 (reduction-order noise
+    # decides its sign) would move by +-lr either way. eps=1e-3 keeps the comparison about the
+    # sharding, not about that amplification.
+    def adam():
+        return optax.adamw(1e-2, eps=1e-3, weight_decay=0.01)
+
+    def make():
+        if method == "lisa":
+            tx = lisa_jax.lisa(adam(), n_active=2, interval=2, key=3)
+            return tx, lambda sh: S.make_lisa_step(cfg, tx, "none", clip_norm=1.0, shardings=sh)
+        tx = adam()
+        return tx, lambda sh: S.make_plain_step(cfg, tx, "none", clip_norm=1.0, shardings=sh)
+
+    def run(mesh):
+        tx, mk = make()
+        params = _params(cfg)
+        if mesh is None:
+            state, sh = tx.init(params), None
+        else:
+            params = jax.device_put(params, SH.param_shardings(cfg, params, mesh))
+            state, sh = SH.init_sharded(tx.init, params, cfg, mesh)
+        step = mk(sh)
+        actives = []
+        for b in batches:
+            params, state, _ = step(params, state, b)
+            if method == "lisa":
+                actives.append([int(i) for i in np.asarray(state.active)])
+        return params, state, actives
+
+    ref_params, _, ref_active = run(None)
+    out = {}
+    for spec in ("fsdp=4,tp=2", "fsdp=8"):
+        mesh = SH.make_mesh(spec)
+        params, state, active = run(mesh)
+        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+        state_spec = {k: v for k, v in SH.describe(state).items()}
+        out[spec] = dict(
+            max_abs_diff=diff,
+            params_spec={k: v for k, v in SH.describe(params).items()},
+            state_spec=state_spec,
+            n_moment_leaves=sum(1 for k in state_spec if "/mu/" in k or "/nu/" in k),
+            active=active, active_ref=ref_active,
+            resamples=len({tuple(a) for a in active}) - 1 if active else 0)
+    return out
+
+
+def _worker_load(path: str) -> dict:
+    import jax
+    import numpy as np
+
+    from lisa_jax import sharding as SH
+    from lisa_jax.hf import load_hf
+
+    mesh = SH.make_mesh("fsdp=4,tp=2")
+    ref = load_hf(path)
+    got = load_hf(path, shardings=SH.hf_shardings(path, mesh))
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)))
+    spec = {k: v for k, v in SH.describe(got.params).items()}
+    return dict(max_abs_diff=diff, spec=spec,
+                devices_per_leaf=min(len(x.sharding.device_set)
+                                     for x in jax.tree.leaves(got.params)))
+
+
+def _worker_trainer(out_dir: str) -> dict:
+    import math
+
+    from lisa_jax import sharding as SH
+    from lisa_jax import train as T
+
+    seen = {}
+
+    class Recording(T.Method):  # keeps what the trainer's step returned
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            inner = self.step_fn
+
+            def step(p, s, b):
+                out = inner(p, s, b)
+                seen["params"], seen["state"], seen["batch"] = out[0], out[1], b
+                return out
+            self.step_fn = step
+
+    T.Method = Recording
+    base = dict(model=str(T.DEMO_DIR / "model"), data=str(T.DEMO_DIR / "instructions.jsonl"),
+                method="lisa", lisa_layers=2, lisa_interval=2, steps=4, batch_size=8,
+                max_seq_len=64, eval_every=100, eval_batches=1, save_every=100,
+                progress=False, export=False, mesh="fsdp=4,tp=2")
+    summary = T.train(T.TrainConfig(out=out_dir, **base))
+    try:
+        T.train(T.TrainConfig(out=out_dir + "-bad", **{**base, "batch_size": 6}))
+        bad = ""
+    except T.TrainError as e:
+        bad = str(e)
+    rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return dict(steps=summary["steps"], finite=all(math.isfinite(x) for x in losses),
+                spec=SH.describe(seen["params"]), state_spec=SH.describe(seen["state"]),
+                batch_spec=SH.describe(seen["batch"]), bad_batch_error=bad)
+
+
+if __name__ == "__main__":
+    check, *rest = sys.argv[1:]
+    result = {"train": _worker_train, "load": _worker_load,
+              "trainer": _worker_trainer}[check](*rest)
+    print(json.dumps(result))
