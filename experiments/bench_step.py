@@ -35,6 +35,7 @@ SHAPES = {
                        num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
+S_LOSS_CHUNK = 2048  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
 
 
 def run_one(a) -> dict:
@@ -56,27 +57,30 @@ def run_one(a) -> dict:
     opt = optax.adamw(1e-5)
     state = None
     remat = a.remat
+    chunk = a.loss_chunk or None
     if a.method == "forward":
-        fwd = S.make_forward(cfg)
+        fwd = S.make_forward(cfg, chunk)
         step = lambda p, s, b: (p, s, {"loss": fwd(p, b)})  # noqa: E731
     elif a.method == "floor":
         def floor(p, b):
             rest = {k: v for k, v in p.items() if k != "layers"}
-            return jax.grad(lambda r: S.plain_loss(cfg, {**r, "layers": p["layers"]}, b)[0])(rest)
+            return jax.grad(lambda r: S.plain_loss(cfg, {**r, "layers": p["layers"]}, b,
+                                                   loss_chunk=chunk)[0])(rest)
         floor = jax.jit(floor)
         step = lambda p, s, b: (p, s, {"loss": floor(p, b)})  # noqa: E731
     elif a.method == "full":
         state = opt.init(params)
-        step = S.make_plain_step(cfg, opt, remat="full" if remat != "none" else "none")
+        step = S.make_plain_step(cfg, opt, remat="full" if remat != "none" else "none",
+                                 loss_chunk=chunk)
     elif a.method == "lora":
         lora = lora_lib.init_lora(params["layers"], jax.random.key(2), a.lora_r)
         state = (lora, opt.init(lora))
         step = S.make_lora_step(cfg, opt, lora_lib.lora_scale(a.lora_r, None),
-                                remat="full" if remat != "none" else "none")
+                                remat="full" if remat != "none" else "none", loss_chunk=chunk)
     elif a.method == "lisa":
         tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
         state = tx.init(params)
-        step = S.make_lisa_step(cfg, tx, remat=remat)
+        step = S.make_lisa_step(cfg, tx, remat=remat, loss_chunk=chunk)
     else:
         raise ValueError(a.method)
     t0 = time.perf_counter()
@@ -100,6 +104,7 @@ def run_one(a) -> dict:
                 tokens_per_s=round(a.batch * a.seq / t, 1),
                 peak_gib=round(peak / 2**30, 2) if peak else None,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
+                loss_chunk=chunk,
                 backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
                 else None,
                 device=str(jax.devices()[0].device_kind))
@@ -175,6 +180,8 @@ def main():
                     help="LISA: none mlp full; full FT and LoRA rows use per-layer remat")
     ap.add_argument("--remat-gammas", type=int, nargs="+", default=[2])
     ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--loss-chunk", type=int, default=S_LOSS_CHUNK,
+                    help="tokens per chunk of the LM loss (0: no chunking)")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="restrict to these methods (forward floor full lora lisa)")
@@ -194,7 +201,8 @@ def main():
         return
     common = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
-              "--lora-r", str(a.lora_r)] + (["--dtype", a.dtype] if a.dtype else [])
+              "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk)] + \
+        (["--dtype", a.dtype] if a.dtype else [])
     rows, peers = [], []
 
     def save():  # after every row, so that a cut-off job keeps what it measured

@@ -32,10 +32,13 @@ from lisa_jax import model as M
 from lisa_jax.stack_vjp import REMAT_MODES, lisa_stack, slot_of_layer
 
 METHODS = ("lisa", "full", "lora")
+# Tokens per chunk of the LM loss: one chunk of float32 logits (2048 x vocab) is alive at a
+# time; the backward recomputes each chunk's logits, one extra head matmul in all.
+LOSS_CHUNK = 2048
 
 
 def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input_ids_BxS,
-                        loss_mask_BxS=None, chunk: int | None = 4096):
+                        loss_mask_BxS=None, chunk: int | None = LOSS_CHUNK):
     """Next-token loss from the last hidden states, computing logits ``chunk`` tokens at a time.
 
     Only one chunk of float32 logits is alive at once (the backward recomputes them), which at
@@ -77,7 +80,7 @@ def _embed_and_rope(cfg, embed, ids, h_sharding=None):
     return h, cos, sin
 
 
-def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=4096,
+def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=LOSS_CHUNK,
                h_sharding=None):
     """The loss by plain autodiff-able code (full fine-tuning, LoRA, and the reference path)."""
     ids = batch["input_ids"]
@@ -87,7 +90,8 @@ def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=4096,
                                batch.get("loss_mask"), loss_chunk)
 
 
-def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none", loss_chunk=4096,
+def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none",
+              loss_chunk=LOSS_CHUNK,
               h_sharding=None):
     """The loss as a function of the trainable view; the frozen stack enters as a constant."""
     ids = batch["input_ids"]
@@ -155,7 +159,8 @@ def write_back(params, new_view, active_G):
     return out
 
 
-def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int | None = 4096,
+def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
+                   loss_chunk: int | None = LOSS_CHUNK,
                    clip_norm: float | None = None, donate: bool = True,
                    shardings=None) -> Callable:
     """The fast LISA step for a transform made by ``lisa_jax.lisa``.
@@ -190,7 +195,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none", loss_chunk: int 
 
 
 def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat="none",
-                    loss_chunk: int | None = 4096, clip_norm: float | None = None,
+                    loss_chunk: int | None = LOSS_CHUNK, clip_norm: float | None = None,
                     donate: bool = True, shardings=None) -> Callable:
     """Full fine-tuning (or any optax transform fed a full gradient tree, LISA included)."""
     hs = _h_sharding(shardings)
@@ -206,7 +211,8 @@ def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat=
 
 
 def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: float,
-                   remat="none", loss_chunk: int | None = 4096, clip_norm: float | None = None,
+                   remat="none", loss_chunk: int | None = LOSS_CHUNK,
+                   clip_norm: float | None = None,
                    donate: bool = True, shardings=None) -> Callable:
     """LoRA: ``state`` is ``(lora_params, opt_state)``; the base parameters stay frozen.
 
@@ -230,6 +236,6 @@ def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: 
     return _jit(step, (1,) if donate else (), shardings)
 
 
-def make_forward(cfg: M.LlamaConfig, loss_chunk: int | None = 4096) -> Callable:
+def make_forward(cfg: M.LlamaConfig, loss_chunk: int | None = LOSS_CHUNK) -> Callable:
     """The loss alone (evaluation, and the forward-only benchmark row)."""
     return jax.jit(lambda params, batch: plain_loss(cfg, params, batch, "none", loss_chunk))
