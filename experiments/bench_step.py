@@ -35,7 +35,7 @@ SHAPES = {
                        num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
-S_LOSS_CHUNK = 2048  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
+S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
 
 
 def run_one(a) -> dict:

@@ -32,9 +32,9 @@ from lisa_jax import model as M
 from lisa_jax.stack_vjp import REMAT_MODES, lisa_stack, slot_of_layer
 
 METHODS = ("lisa", "full", "lora")
-# Tokens per chunk of the LM loss: one chunk of float32 logits (2048 x vocab) is alive at a
+# Tokens per chunk of the LM loss: one chunk of float32 logits (4096 x vocab) is alive at a
 # time; the backward recomputes each chunk's logits, one extra head matmul in all.
-LOSS_CHUNK = 2048
+LOSS_CHUNK = 4096
 
 
 def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input_ids_BxS,
