@@ -24,16 +24,8 @@ import subprocess
 import sys
 import time
 
-SHAPES = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
-                 num_heads=4, num_kv_heads=4, head_dim=16),
-    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                           num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128),
-    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                       num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import SHAPES  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
 
@@ -41,7 +33,6 @@ S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the dr
 def run_one(a) -> dict:
     """Build the model and step for one method, time it, return one row."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     import lisa_jax

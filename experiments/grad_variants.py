@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import SHAPES  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 
 from lisa_jax import model as M  # noqa: E402
 from lisa_jax import step as S  # noqa: E402

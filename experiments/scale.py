@@ -31,16 +31,8 @@ import subprocess
 import sys
 import time
 
-SHAPES = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
-                 num_heads=4, num_kv_heads=2, head_dim=16),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128),
-    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                       num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128),
-    "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                       num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import SHAPES  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

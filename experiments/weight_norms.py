@@ -18,7 +18,6 @@ by ``--lisa-probs``), the bar chart to ``weight_norms.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -191,3 +191,36 @@ def torch_reference():
         return cache[path]
 
     return ref
+
+
+# ----------------------------------------------------------------------------- trainer inputs
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random 4-layer model with the bundled tokenizer: an HF directory (trainer tests)."""
+    import json
+
+    import jax
+
+    from lisa_jax import model as M
+    from lisa_jax.hf import save_hf
+    from lisa_jax.train import DEMO_DIR
+    vocab = json.loads((DEMO_DIR / "model" / "tokenizer.json").read_text())
+    V = len(vocab["model"]["vocab"]) + len(vocab.get("added_tokens", []))
+    cfg = M.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    out = tmp_path_factory.mktemp("model")
+    save_hf(M.Model(cfg, M.init_params(cfg, jax.random.key(0))), out / "m",
+            tokenizer_from=DEMO_DIR / "model")
+    return str(out / "m")
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """The first 200 bundled demo instructions (trainer tests)."""
+    from lisa_jax.train import DEMO_DIR
+    out = tmp_path_factory.mktemp("data") / "d.jsonl"
+    lines = (DEMO_DIR / "instructions.jsonl").read_text().splitlines()[:200]
+    out.write_text("\n".join(lines) + "\n")
+    return str(out)

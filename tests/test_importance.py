@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
-from lisa_jax.hf import save_hf
 from lisa_jax.importance import (OnlineImportance, load_probs, lora_delta_norms,
                                  probs_from_norms, save_probs, tree_change_norm,
                                  weight_change_norms)
 from lisa_jax.lisa import lisa, maybe_resample
-from lisa_jax.train import DEMO_DIR, TrainConfig, _Checkpoints, parse_probs, train
+from lisa_jax.train import TrainConfig, _Checkpoints, parse_probs, train
 
 # ----------------------------------------------------------------------------- probs_from_norms
 
@@ -163,28 +162,6 @@ def test_maybe_resample_with_probs_overrides_the_configured_probabilities():
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random 4-layer model with the bundled tokenizer: an HF directory."""
-    tok = DEMO_DIR / "model"
-    vocab = json.loads((tok / "tokenizer.json").read_text())
-    V = len(vocab["model"]["vocab"]) + len(vocab.get("added_tokens", []))
-    cfg = M.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4,
-                        num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0)
-    out = tmp_path_factory.mktemp("model")
-    save_hf(M.Model(cfg, M.init_params(cfg, jax.random.key(0))), out / "m", tokenizer_from=tok)
-    return str(out / "m")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "d.jsonl"
-    lines = (DEMO_DIR / "instructions.jsonl").read_text().splitlines()[:120]
-    out.write_text("\n".join(lines) + "\n")
-    return str(out)
 
 
 def _online(model_dir, data_file, out, **kw):

@@ -1,7 +1,5 @@
 """The trainer and CLI: resume, interruption, checkpoints, bad input, the demo."""
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,35 +11,7 @@ import numpy as np
 import pytest
 
 from lisa_jax import cli
-from lisa_jax import model as M
-from lisa_jax.hf import save_hf
-from lisa_jax.train import (DEMO_DIR, TrainConfig, TrainError, _Checkpoints, load_config,
-                            train)
-
-TOKENIZER_DIR = DEMO_DIR / "model"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random 4-layer model with the bundled tokenizer: an HF directory."""
-    vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
-    V = len(vocab["model"]["vocab"]) + len(vocab.get("added_tokens", []))
-    cfg = M.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4,
-                        num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0)
-    out = tmp_path_factory.mktemp("model")
-    save_hf(M.Model(cfg, M.init_params(cfg, jax.random.key(0))), out / "m",
-            tokenizer_from=TOKENIZER_DIR)
-    return str(out / "m")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "d.jsonl"
-    lines = (DEMO_DIR / "instructions.jsonl").read_text().splitlines()[:200]
-    out.write_text("\n".join(lines) + "\n")
-    return str(out)
-
+from lisa_jax.train import TrainConfig, TrainError, _Checkpoints, load_config, train
 
 def small(model_dir, data_file, out, **kw):
     base = dict(model=model_dir, data=data_file, out=str(out), steps=8, lr=3e-3,
