@@ -73,15 +73,10 @@ def _recompute(cfg, lp, saved, cos, sin, remat):
     """The full residual set (h, q, k, v, hm, a, b) from what ``remat`` saved."""
     if remat == "none":
         return saved
-    if remat == "mlp":
-        h, q, k, v, hm = saved
-    else:
-        (h,) = saved
-        B, S, _ = h.shape
-        x1 = M.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = M.qkv(cfg, lp, x1, cos, sin)
-        o = M.attention(q, k, v, None, M.attention_impl(cfg))
-        hm = h + o.reshape(B, S, -1) @ lp["wo"]
+    if remat == "full":
+        # The layer's own forward; its unused output projection is dead code XLA removes.
+        return _layer_forward(cfg, lp, saved[0], cos, sin, "none")[1]
+    h, q, k, v, hm = saved
     x2 = M.rms_norm(hm, lp["mlp_norm"], cfg.rms_norm_eps)
     return h, q, k, v, hm, x2 @ lp["w_gate"], x2 @ lp["w_up"]
 
