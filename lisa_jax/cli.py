@@ -30,6 +30,11 @@ _HELP = {
                   "'p0,p1,...'",
     "lisa_reset": "sampled: a newly sampled layer starts with fresh moments; all: every "
                   "period restarts all moments",
+    "lisa_importance": "none: uniform or --lisa-probs; online: probabilities from the "
+                       "sampled layers' gradient norms, redrawn every period",
+    "lisa_importance_floor": "online importance: the least probability of any layer",
+    "lisa_importance_decay": "online importance: moving-average decay of gradient norms",
+    "mesh": "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard over several devices",
     "remat": "rematerialization: LISA none|mlp|full; full/lora none|dots|full",
     "steps": "total optimizer steps (default: --epochs over the data)",
     "grad_accum": "micro-batches per optimizer step",
