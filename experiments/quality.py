@@ -590,8 +590,9 @@ def main(argv=None) -> dict:
         f"# LISA vs LoRA vs full fine-tuning (stdlib functions task)\n\n{table}\n\n{sentence}\n\n"
         f"Skipped: {skipped or 'nothing'}. Wall: "
         f"{', '.join(f'{k} {v:.0f}s' for k, v in wall.items())}.\n")
-    log(f"wrote {out_dir}/quality.json, quality.md, quality_curves.png "
-        f"(total {wall['total_s']:.0f}s)")
+    written = ["quality.json", "quality.md"] + \
+        (["quality_curves.png"] if (out_dir / "quality_curves.png").exists() else [])
+    log(f"wrote {out_dir}/{', '.join(written)} (total {wall['total_s']:.0f}s)")
     print(table, flush=True)
     print(sentence, flush=True)
     return report
