@@ -45,7 +45,8 @@ def run_one(a) -> dict:
     params = jax.jit(lambda k: M.init_params(cfg, k))(jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq), 0, cfg.vocab_size)
     batch = {"input_ids": ids}
-    opt = optax.adamw(1e-5)
+    # sgd isolates the optimizer's share of a step (variant rows; the peer uses AdamW).
+    opt = optax.adamw(1e-5) if a.inner == "adamw" else optax.sgd(1e-5)
     state = None
     remat = a.remat
     chunk = a.loss_chunk or None
@@ -95,7 +96,7 @@ def run_one(a) -> dict:
                 tokens_per_s=round(a.batch * a.seq / t, 1),
                 peak_gib=round(peak / 2**30, 2) if peak else None,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
-                loss_chunk=chunk,
+                loss_chunk=chunk, inner=a.inner,
                 backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
                 else None,
                 device=str(jax.devices()[0].device_kind))
@@ -171,6 +172,8 @@ def main():
                     help="LISA: none mlp full; full FT and LoRA rows use per-layer remat")
     ap.add_argument("--remat-gammas", type=int, nargs="+", default=[2])
     ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--inner", default="adamw", choices=["adamw", "sgd"],
+                    help="optimizer of the training rows (sgd: to isolate AdamW's cost)")
     ap.add_argument("--loss-chunk", type=int, default=S_LOSS_CHUNK,
                     help="tokens per chunk of the LM loss (0: no chunking)")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
@@ -192,7 +195,8 @@ def main():
         return
     common = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
-              "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk)] + \
+              "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk),
+              "--inner", a.inner] + \
         (["--dtype", a.dtype] if a.dtype else [])
     rows, peers = [], []
 
