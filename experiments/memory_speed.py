@@ -1,0 +1,135 @@
+"""The paper's memory table on our hardware: peak memory and tokens/s per method and shape.
+
+    python3 experiments/memory_speed.py --shapes tinyllama-1.1b llama2-7b llama2-13b \
+        --batches 1 4 --peer --out experiments/results/memory_speed
+
+Rows per shape and batch (sequence 1024, bf16, random weights): full fine-tuning, LoRA at
+ranks 128/256/512, LISA E+H+2L and E+H+4L (γ = 2 and 4), and with ``--peer`` the PyTorch peer's
+full, LoRA r128 and LISA γ=2 on the same shapes in the same job. Each row runs in its own process
+through ``bench_step.py --one`` (so its peak is its own). The paper's E+H row (γ = 0) is not
+run: the transform trains at least one layer (``n_active >= 1``).
+
+About 25 s a row on an H200 (process start, init, compile, 8 steps): one shape with both
+batches and the peer is 18 rows, about 8 minutes; run the shapes as separate jobs into separate
+``--out`` folders if a job is limited to 10 minutes.
+
+Writes ``memory_speed.json`` (every row, written after each one), ``memory_speed.md`` (the
+table) and ``memory_speed.png`` (peak memory and tokens/s bars) into ``--out``.
+``--render DIR`` redraws the table and chart from an existing JSON without running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import spawn  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = [("full", {}), ("lora", {"lora_r": 128}), ("lora", {"lora_r": 256}),
+           ("lora", {"lora_r": 512}), ("lisa", {"gamma": 2}), ("lisa", {"gamma": 4})]
+PEER_METHODS = [("full", {}), ("lora", {"lora_r": 128}), ("lisa", {"gamma": 2})]
+
+
+def label(row: dict) -> str:
+    if row["method"] == "lisa":
+        return f"LISA E+H+{row['gamma']}L"
+    if row["method"] == "lora":
+        return f"LoRA r{row['lora_r']}"
+    return "full FT"
+
+
+def render(result: dict, out_dir: str) -> str:
+    rows = result["rows"]
+    lines = ["| shape | batch | method | ours tok/s | ours peak GiB | peer tok/s | peer peak GiB |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.get("impl") != "lisa_jax":
+            continue
+        peer = next((p for p in rows if p.get("peer") == "torch" and p["shape"] == r["shape"]
+                     and p["batch"] == r["batch"] and label(p) == label(r)), None)
+        lines.append(f"| {r['shape']} | {r['batch']} | {label(r)} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_gib']} | "
+                     + (f"{peer['tokens_per_s']:,.0f} | {peer['peak_gib']} |" if peer else "| |"))
+    table = "\n".join(lines)
+    with open(os.path.join(out_dir, "memory_speed.md"), "w") as f:
+        f.write(f"# Peak memory and tokens/s\n\n`{result['command']}` ({result['date']})\n\n"
+                f"{table}\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        ours = [r for r in rows if r.get("impl") == "lisa_jax"]
+        keys = sorted({(r["shape"], r["batch"]) for r in ours})
+        fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 6), squeeze=False)
+        for j, (shape, batch) in enumerate(keys):
+            sel = [r for r in ours if r["shape"] == shape and r["batch"] == batch]
+            names = [label(r) for r in sel]
+            axes[0][j].bar(names, [r["peak_gib"] or 0 for r in sel], color="tab:blue")
+            axes[0][j].set_title(f"{shape}, batch {batch}×1024")
+            axes[0][j].set_ylabel("peak GiB")
+            axes[1][j].bar(names, [r["tokens_per_s"] for r in sel], color="tab:green")
+            axes[1][j].set_ylabel("tokens/s")
+            for ax in (axes[0][j], axes[1][j]):
+                ax.tick_params(axis="x", rotation=45, labelsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "memory_speed.png"), dpi=110)
+    except ImportError:
+        print("matplotlib is missing: no chart", flush=True)
+    return table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama2-7b", "llama2-13b"],
+                    choices=sorted(SHAPES))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
+    ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--out", default="experiments/results/memory_speed")
+    ap.add_argument("--render", default=None, help="only redraw from DIR/memory_speed.json")
+    a = ap.parse_args(argv)
+    if a.render:
+        with open(os.path.join(a.render, "memory_speed.json")) as f:
+            print(render(json.load(f), a.render))
+        return 0
+    os.makedirs(a.out, exist_ok=True)
+    result = dict(command=" ".join(["python3", *sys.argv]), date=time.strftime("%Y-%m-%d"),
+                  rows=[])
+
+    def record(row):
+        if row:
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            with open(os.path.join(a.out, "memory_speed.json"), "w") as f:
+                json.dump(result, f, indent=1)
+
+    bench = os.path.join(HERE, "bench_step.py")
+    for shape in a.shapes:
+        for batch in a.batches:
+            common = ["--shape", shape, "--batch", str(batch), "--seq", str(a.seq),
+                      "--steps", str(a.steps), "--warmup", str(a.warmup)]
+            for method, kw in METHODS:
+                args = [bench, "--one", method, *common,
+                        "--gamma", str(kw.get("gamma", 2)), "--lora-r", str(kw.get("lora_r", 128))]
+                record(spawn(args, a.timeout))
+            if a.peer:
+                for method, kw in PEER_METHODS:
+                    args = [os.path.join(HERE, "torch_peers.py"), "--method", method,
+                            "--shape", shape, "--batch", str(batch), "--seq", str(a.seq),
+                            "--gamma", str(kw.get("gamma", 2)),
+                            "--lora-r", str(kw.get("lora_r", 128))]
+                    record(spawn(args, a.timeout))
+    print(render(result, a.out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
