@@ -13,8 +13,8 @@ The LISA step
 3. The loss is differentiated with respect to the view only. The layer stack is
    ``stack_vjp.lisa_stack``, whose backward computes weight gradients for the sampled layers
    alone, so no ``L``-sized gradient tree is ever built.
-4. ``tx.update_view`` runs the inner optimizer on the view; the sampled slices are written back
-   into the (donated) stacked parameters with one scatter per leaf.
+4. ``tx.update_view`` runs the inner optimizer on the view; ``tx.apply_view`` writes the
+   sampled slices back into the (donated) stacked parameters with one scatter per leaf.
 
 The executable depends only on the shapes, so each active-layer count compiles once; a new sample
 of the same size reuses it.
@@ -151,14 +151,6 @@ def _metrics(loss, n_tokens, grads):
     return {"loss": loss, "tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
 
 
-def write_back(params, new_view, active_G):
-    """Parameters with the view's always-trained leaves and sampled slices written in."""
-    out = {k: v for k, v in new_view.items() if k != "layers"}
-    out["layers"] = {name: params["layers"][name].at[active_G].set(new_view["layers"][name])
-                     for name in params["layers"]}
-    return out
-
-
 def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                    loss_chunk: int | None = LOSS_CHUNK,
                    clip_norm: float | None = None, donate: bool = True,
@@ -188,8 +180,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
             jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
             for g in jax.tree.leaves(grads["layers"])))
         updates, opt_state = tx.update_view(clip_grads(grads, clip_norm), opt_state, view)
-        new_view = optax.apply_updates(view, updates)
-        return write_back(params, new_view, active), opt_state, metrics
+        return tx.apply_view(params, updates, opt_state), opt_state, metrics
 
     return _jit(step, (0, 1) if donate else (), shardings)
 
