@@ -102,8 +102,11 @@ def run_one(a) -> dict:
                 device=str(jax.devices()[0].device_kind))
 
 
-def spawn(args: list[str], timeout: float) -> dict | None:
-    """Run one row in a fresh process; its last stdout line is the JSON row."""
+def spawn(args: list[str], timeout: float, keep_failure: bool = False) -> dict | None:
+    """Run one row in a fresh process; its last stdout line is the JSON row.
+
+    A failed row is None, or with ``keep_failure`` a row ``{"status": "oom"}`` when the
+    process ran out of device memory (other failures and time-outs stay None: worth a retry)."""
     try:
         p = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                            timeout=timeout)
@@ -112,9 +115,12 @@ def spawn(args: list[str], timeout: float) -> dict | None:
         return None
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        text = (p.stderr or "") + (p.stdout or "")
+        tail = text.strip().splitlines()[-3:]
         print("  failed:", " ".join(args), "|", " / ".join(tail)[:400], flush=True)
-        return None
+        oom = any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                      "OutOfMemoryError"))
+        return {"status": "oom"} if keep_failure and oom else None
     return json.loads(lines[-1])
 
 

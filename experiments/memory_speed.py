@@ -10,8 +10,11 @@ through ``bench_step.py --one`` (so its peak is its own). The paper's E+H row (Î
 run: the transform trains at least one layer (``n_active >= 1``).
 
 About 25 s a row on an H200 (process start, init, compile, 8 steps): one shape with both
-batches and the peer is 18 rows, about 8 minutes; run the shapes as separate jobs into separate
-``--out`` folders if a job is limited to 10 minutes.
+batches and the peer is 18 rows, about 8 minutes. The run resumes: rows already in
+``--out``'s JSON (measured or out of memory) are skipped, so a job cut short by a time limit is
+finished by running the same command again, and shapes can be split over jobs or GPUs
+(``CUDA_VISIBLE_DEVICES``) writing the same folder one after another. A row that does not fit is
+kept as ``"status": "oom"`` and shown as OOM.
 
 Writes ``memory_speed.json`` (every row, written after each one), ``memory_speed.md`` (the
 table) and ``memory_speed.png`` (peak memory and tokens/s bars) into ``--out``.
@@ -43,27 +46,39 @@ def label(row: dict) -> str:
     return "full FT"
 
 
+def key(row: dict) -> tuple:
+    return (row.get("impl"), row["shape"], row["batch"], label(row))
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "| |"
+    if row.get("status") == "oom":
+        return "OOM | OOM |"
+    return f"{row['tokens_per_s']:,.0f} | {row['peak_gib']} |"
+
+
 def render(result: dict, out_dir: str) -> str:
     rows = result["rows"]
     lines = ["| shape | batch | method | ours tok/s | ours peak GiB | peer tok/s | peer peak GiB |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        if r.get("impl") != "lisa_jax":
-            continue
+    order = [label(dict(method=m, **kw)) for m, kw in METHODS]
+    shapes = list(SHAPES)
+    ours = sorted((r for r in rows if r.get("impl") == "lisa_jax"),
+                  key=lambda r: (shapes.index(r["shape"]), r["batch"], order.index(label(r))))
+    for r in ours:
         peer = next((p for p in rows if p.get("peer") == "torch" and p["shape"] == r["shape"]
                      and p["batch"] == r["batch"] and label(p) == label(r)), None)
-        lines.append(f"| {r['shape']} | {r['batch']} | {label(r)} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['peak_gib']} | "
-                     + (f"{peer['tokens_per_s']:,.0f} | {peer['peak_gib']} |" if peer else "| |"))
+        lines.append(f"| {r['shape']} | {r['batch']} | {label(r)} | {cell(r)} {cell(peer)}")
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "memory_speed.md"), "w") as f:
-        f.write(f"# Peak memory and tokens/s\n\n`{result['command']}` ({result['date']})\n\n"
-                f"{table}\n")
+        runs = "\n".join(f"- `{c}` ({d})" for c, d in zip(result["commands"], result["dates"]))
+        f.write(f"# Peak memory and tokens/s\n\n{runs}\n\n{table}\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        ours = [r for r in rows if r.get("impl") == "lisa_jax"]
+        ours = [r for r in rows if r.get("impl") == "lisa_jax" and r.get("status") != "oom"]
         keys = sorted({(r["shape"], r["batch"]) for r in ours})
         fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 6), squeeze=False)
         for j, (shape, batch) in enumerate(keys):
@@ -101,15 +116,31 @@ def main(argv=None) -> int:
             print(render(json.load(f), a.render))
         return 0
     os.makedirs(a.out, exist_ok=True)
-    result = dict(command=" ".join(["python3", *sys.argv]), date=time.strftime("%Y-%m-%d"),
-                  rows=[])
+    path = os.path.join(a.out, "memory_speed.json")
+    result = dict(commands=[], dates=[], rows=[])
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+    result["commands"].append(" ".join(["python3", *sys.argv]))
+    result["dates"].append(time.strftime("%Y-%m-%d"))
+    done = {key(r) for r in result["rows"]}
 
     def record(row):
         if row:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-            with open(os.path.join(a.out, "memory_speed.json"), "w") as f:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
                 json.dump(result, f, indent=1)
+            os.replace(tmp, path)
+
+    def run(args, base):
+        if key(base) in done:
+            return
+        row = spawn(args, a.timeout, keep_failure=True)
+        if row and "status" not in row:
+            row["status"] = "ok"
+        record({**base, **row} if row else None)
 
     bench = os.path.join(HERE, "bench_step.py")
     for shape in a.shapes:
@@ -119,14 +150,16 @@ def main(argv=None) -> int:
             for method, kw in METHODS:
                 args = [bench, "--one", method, *common,
                         "--gamma", str(kw.get("gamma", 2)), "--lora-r", str(kw.get("lora_r", 128))]
-                record(spawn(args, a.timeout))
+                run(args, dict(impl="lisa_jax", shape=shape, batch=batch, method=method,
+                               gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))
             if a.peer:
                 for method, kw in PEER_METHODS:
                     args = [os.path.join(HERE, "torch_peers.py"), "--method", method,
                             "--shape", shape, "--batch", str(batch), "--seq", str(a.seq),
                             "--gamma", str(kw.get("gamma", 2)),
                             "--lora-r", str(kw.get("lora_r", 128))]
-                    record(spawn(args, a.timeout))
+                    run(args, dict(impl="torch", peer="torch", shape=shape, batch=batch,
+                                   method=method, gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))
     print(render(result, a.out), flush=True)
     return 0
 
