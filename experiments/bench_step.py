@@ -94,7 +94,7 @@ def run_one(a) -> dict:
                 lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
                 step_s=round(t, 4), step_s_min=round(min(times), 4),
                 tokens_per_s=round(a.batch * a.seq / t, 1),
-                peak_gib=round(peak / 2**30, 2) if peak else None,
+                peak_gib=round(peak / 2**30, 2) if peak else None, peak_bytes=peak,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
                 loss_chunk=chunk, inner=a.inner,
                 backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"

@@ -55,8 +55,8 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
     T = x.shape[0]
 
     def nll_sum(x_c, t_c, w_c):
-        logits = (x_c @ head_DxV).astype(jnp.float32)
-        return jnp.sum(M.token_nll(logits, t_c) * w_c)
+        # Logits stay in the compute dtype; token_nll upcasts inside its fused reductions.
+        return jnp.sum(M.token_nll(x_c @ head_DxV, t_c) * w_c)
 
     if chunk is None or T <= chunk:
         total = nll_sum(x, targets, w)
