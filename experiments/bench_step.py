@@ -49,6 +49,9 @@ def run_one(a) -> dict:
     opt = optax.adamw(1e-5) if a.inner == "adamw" else optax.sgd(1e-5)
     state = None
     remat = a.remat
+    # Full FT and LoRA run plain autodiff: its remat policies (model.REMAT_POLICIES) are none,
+    # dots (keep matmul outputs) and full; LISA's "mlp" maps to full there.
+    plain_remat = remat if remat in M.REMAT_POLICIES else "full"
     chunk = a.loss_chunk or None
     if a.method == "forward":
         fwd = S.make_forward(cfg, chunk)
@@ -62,13 +65,13 @@ def run_one(a) -> dict:
         step = lambda p, s, b: (p, s, {"loss": floor(p, b)})  # noqa: E731
     elif a.method == "full":
         state = opt.init(params)
-        step = S.make_plain_step(cfg, opt, remat="full" if remat != "none" else "none",
+        step = S.make_plain_step(cfg, opt, remat=plain_remat,
                                  loss_chunk=chunk)
     elif a.method == "lora":
         lora = lora_lib.init_lora(params["layers"], jax.random.key(2), a.lora_r)
         state = (lora, opt.init(lora))
         step = S.make_lora_step(cfg, opt, lora_lib.lora_scale(a.lora_r, None),
-                                remat="full" if remat != "none" else "none", loss_chunk=chunk)
+                                remat=plain_remat, loss_chunk=chunk)
     elif a.method == "lisa":
         tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
         state = tx.init(params)
@@ -127,8 +130,10 @@ def spawn(args: list[str], timeout: float, keep_failure: bool = False) -> dict |
 def plan(a) -> list[dict]:
     """Forward, floor, then every method without remat (LISA at every γ), then the remat
     variants (LISA at ``--remat-gammas`` only: remat changes memory, not how it scales in γ)."""
+    # Full FT and LoRA without layer remat keep the matmul outputs ("dots"), as LISA's "none"
+    # does, and as the trainer does by default.
     rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none"),
-            dict(method="full", remat="none"), dict(method="lora", remat="none")]
+            dict(method="full", remat="dots"), dict(method="lora", remat="dots")]
     rows += [dict(method="lisa", gamma=g, remat="none") for g in a.gammas]
     for remat in a.remats:
         if remat == "none":
@@ -142,7 +147,8 @@ def plan(a) -> list[dict]:
 def table(rows: list[dict], peers: list[dict]) -> str:
     def peer_for(r):
         for p in peers:
-            if p["method"] == r["method"] and p.get("remat") == (r["remat"] != "none") and \
+            layer_remat = r["remat"] not in ("none", "dots")  # the peer's remat flag
+            if p["method"] == r["method"] and p.get("remat") == layer_remat and \
                     (r["method"] != "lisa" or p.get("gamma") == r.get("gamma")):
                 return p
         return None

@@ -149,6 +149,7 @@ def main(argv=None) -> int:
                       "--steps", str(a.steps), "--warmup", str(a.warmup)]
             for method, kw in METHODS:
                 args = [bench, "--one", method, *common,
+                        "--remat", "none" if method == "lisa" else "dots",
                         "--gamma", str(kw.get("gamma", 2)), "--lora-r", str(kw.get("lora_r", 128))]
                 run(args, dict(impl="lisa_jax", shape=shape, batch=batch, method=method,
                                gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))

@@ -35,7 +35,7 @@ _HELP = {
     "lisa_importance_floor": "online importance: the least probability of any layer",
     "lisa_importance_decay": "online importance: moving-average decay of gradient norms",
     "mesh": "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard over several devices",
-    "remat": "rematerialization: LISA none|mlp|full; full/lora none|dots|full",
+    "remat": "rematerialization: LISA none|mlp|full (default none); full/lora none|dots|full (default dots)",
     "steps": "total optimizer steps (default: --epochs over the data)",
     "grad_accum": "micro-batches per optimizer step",
     "clip_norm": "clip the gradient's global norm (0: off)",

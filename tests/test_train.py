@@ -174,6 +174,16 @@ def test_yaml_config_with_flag_overrides_is_saved_resolved(model_dir, data_file,
     import yaml
     saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
     assert saved["lr"] == 0.25 and saved["steps"] == 3
+    assert saved["remat"] == "none"  # the method's default, written out
+
+
+@pytest.mark.parametrize("method,expected", [("lisa", "none"), ("full", "dots"), ("lora", "dots")])
+def test_default_remat_keeps_matmul_outputs_for_every_method(method, expected):
+    """LISA's "none" and plain autodiff's "dots" both keep the matmul outputs and recompute
+    the elementwise ops; a remat given explicitly is left alone."""
+    from lisa_jax.train import TrainConfig, with_default_remat
+    assert with_default_remat(TrainConfig(method=method)).remat == expected
+    assert with_default_remat(TrainConfig(method=method, remat="full")).remat == "full"
 
 
 def test_demo_trains_exports_and_transformers_loads_it(tmp_path, capsys):
