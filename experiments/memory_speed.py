@@ -73,24 +73,39 @@ def render(result: dict, out_dir: str) -> str:
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "memory_speed.md"), "w") as f:
         runs = "\n".join(f"- `{c}` ({d})" for c, d in zip(result["commands"], result["dates"]))
-        f.write(f"# Peak memory and tokens/s\n\n{runs}\n\n{table}\n")
+        note = f"\n{result['note']}\n" if result.get("note") else ""
+        f.write(f"# Peak memory and tokens/s\n\n{runs}\n{note}\n{table}\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        ours = [r for r in rows if r.get("impl") == "lisa_jax" and r.get("status") != "oom"]
-        keys = sorted({(r["shape"], r["batch"]) for r in ours})
-        fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 6), squeeze=False)
+        keys = sorted({(r["shape"], r["batch"]) for r in ours},
+                      key=lambda k: (shapes.index(k[0]), k[1]))
+        fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.5), squeeze=False)
+        width = 0.4
         for j, (shape, batch) in enumerate(keys):
             sel = [r for r in ours if r["shape"] == shape and r["batch"] == batch]
-            names = [label(r) for r in sel]
-            axes[0][j].bar(names, [r["peak_gib"] or 0 for r in sel], color="tab:blue")
-            axes[0][j].set_title(f"{shape}, batch {batch}×1024")
-            axes[0][j].set_ylabel("peak GiB")
-            axes[1][j].bar(names, [r["tokens_per_s"] for r in sel], color="tab:green")
-            axes[1][j].set_ylabel("tokens/s")
-            for ax in (axes[0][j], axes[1][j]):
-                ax.tick_params(axis="x", rotation=45, labelsize=8)
+            peers = [next((p for p in rows if p.get("peer") == "torch" and p["shape"] == shape
+                           and p["batch"] == batch and label(p) == label(r)), None) for r in sel]
+            xs = list(range(len(sel)))
+            for i, (metric, ylabel) in enumerate((("peak_gib", "peak GiB"),
+                                                  ("tokens_per_s", "tokens/s"))):
+                ax = axes[i][j]
+                for x, r, p in zip(xs, sel, peers):
+                    for dx, row, color in ((-width / 2, r, "tab:blue"), (width / 2, p, "tab:orange")):
+                        if row is None:
+                            continue
+                        if row.get("status") == "oom":
+                            ax.text(x + dx, 0, "OOM", rotation=90, ha="center", va="bottom",
+                                    fontsize=7)
+                        else:
+                            ax.bar(x + dx, row[metric] or 0, width, color=color)
+                ax.set_xticks(xs, [label(r) for r in sel], rotation=45, ha="right", fontsize=8)
+                ax.set_ylabel(ylabel)
+            axes[0][j].set_title(f"{shape}, batch {batch}×1024", fontsize=10)
+        axes[0][0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"),
+                                   plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
+                          labels=["lisa_jax", "PyTorch peer"], fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "memory_speed.png"), dpi=110)
     except ImportError:
