@@ -244,6 +244,15 @@ class _SafetensorsFile:
         self.read_into(name, out)
         return out
 
+    def block(self, name: str, index: tuple) -> np.ndarray:
+        """``tensor[index]`` read from the file through a memory map: only the pages holding
+        the block are read (rows, or row pieces, of the row-major tensor)."""
+        info = self.header[name]
+        start = info["data_offsets"][0]
+        mm = np.memmap(self.fn, dtype=self.dtype(name), mode="r", offset=self.base + start,
+                       shape=tuple(info["shape"]))
+        return np.array(mm[index])
+
 
 def read_hf_config(path: str) -> dict:
     """``config.json`` of an HF model directory, with one-line errors for the usual mistakes."""
@@ -276,8 +285,9 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     ``dtype``: the parameter (and activation) dtype, a jnp dtype or its name ("float32",
     "bfloat16", "float16"). ``shardings``: optional ``(leaf_path, shape, dtype) -> Sharding or
     None``, called once per leaf (``leaf_path`` e.g. ``("layers", "wq")`` or ``("embed",)``,
-    ``shape`` our stacked shape); the leaf is placed with ``jax.device_put(arr, sharding)``
-    (``None``: the default device).
+    ``shape`` our stacked shape); each device's block of the leaf is then read straight from
+    the files (``jax.make_array_from_callback``), so on several hosts every process reads only
+    the slices its devices hold (``None``: the whole leaf on the default device).
     """
     path = os.fspath(path)
     hf = read_hf_config(path)
@@ -331,6 +341,8 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
                                  "the config and the weights disagree")
 
     np_dtype = np.dtype(jnp.dtype(dtype_name))
+    if shardings is not None:
+        return Model(cfg, _load_sharded(cfg, expected, files, shapes, np_dtype, shardings))
     host: dict[tuple[str, ...], np.ndarray] = {}
     remaining = {leaf: (shape[0] if leaf[0] == "layers" else 1) for leaf, shape in shapes.items()}
     placed: dict[tuple[str, ...], jax.Array] = {}
@@ -369,6 +381,55 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     return Model(cfg, params)
 
 
+def _load_sharded(cfg, expected, files, shapes, np_dtype, shardings) -> dict:
+    """Every leaf built with ``jax.make_array_from_callback``: each addressable device's block
+    is read straight from the safetensors files, so a process reads only the slices its own
+    devices hold (several hosts: each host its part; one host: never a whole leaf in memory)."""
+    sources: dict[tuple[str, ...], Any] = {}
+    for name, (leaf, layer, transposed) in expected.items():
+        src = (files[name], name, transposed)
+        if layer is None:
+            sources[leaf] = src
+        else:
+            sources.setdefault(leaf, [None] * shapes[leaf][0])[layer] = src
+    opened: dict[str, _SafetensorsFile] = {}
+
+    def read(src, index):
+        fn, name, transposed = src
+        if fn not in opened:
+            opened[fn] = _SafetensorsFile(fn)
+        f = opened[fn]
+        if transposed:  # HF keeps Linear weights as [out, in]; ours are [in, out]
+            return f.block(name, tuple(index)[::-1]).T.astype(np_dtype)
+        return f.block(name, tuple(index)).astype(np_dtype, copy=False)
+
+    def callback_for(leaf):
+        src = sources[leaf]
+        if leaf[0] != "layers":
+            return lambda index: read(src, index)
+
+        def layer_blocks(index):
+            layers = range(shapes[leaf][0])[index[0]]
+            return np.stack([read(src[i], index[1:]) for i in layers])
+        return layer_blocks
+
+    params: dict[str, Any] = {"layers": {}}
+    try:
+        for leaf, shape in shapes.items():
+            sharding = shardings(leaf, shape, jnp.dtype(np_dtype))
+            if sharding is None:  # the default device
+                sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            arr = jax.make_array_from_callback(shape, sharding, callback_for(leaf))
+            if leaf[0] == "layers":
+                params["layers"][leaf[1]] = arr
+            else:
+                params[leaf[0]] = arr
+    finally:
+        for f in opened.values():
+            f.f.close()
+    return params
+
+
 # ----------------------------------------------------------------------------- saving
 
 
@@ -390,7 +451,12 @@ def _hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, tuple, Any, Cal
     def fetch(leaf, layer, transposed):
         def go():
             x = leaf[layer] if layer is not None else leaf
-            a = np.asarray(jax.device_get(x))
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                # Spread over several processes: every process takes part in the gather.
+                from jax.experimental import multihost_utils
+                a = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            else:
+                a = np.asarray(jax.device_get(x))
             return np.ascontiguousarray(a.T if transposed else a)
         return go
 
@@ -432,6 +498,9 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
     renamed into place at the end, so a crash never leaves a half-written checkpoint; an
     existing ``out_dir`` is replaced. Tensors are written exactly (no dtype conversion).
     Returns ``out_dir``.
+
+    Parameters spread over several processes (hosts): call it on every process; each tensor is
+    gathered with all of them taking part, and process 0 writes the directory.
     """
     from safetensors.numpy import save_file
 
@@ -455,6 +524,12 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
             size = 0
         shards[-1].append(t)
         size += nbytes
+
+    if jax.process_index() != 0:
+        for shard in shards:  # the gathers need every process; only process 0 writes
+            for *_, fetch in shard:
+                fetch()
+        return out_dir
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

@@ -23,14 +23,20 @@ or from Python::
 Several hosts: start the same program on every host and call ``jax.distributed.initialize()``
 (coordinator address, process count and id from the arguments or the cluster environment)
 before anything else touches JAX; ``jax.devices()`` then lists the devices of all hosts and
-``make_mesh`` spans them (put "tp" within a host: it is the innermost mesh axis). Each process
-must then create only the shards it can address: the loader would build every leaf with
-``jax.make_array_from_callback(shape, sharding, lambda index: read(leaf)[index])`` reading
-just the slices ``index`` of its addressable devices from the safetensors files, and each
-process feeds its part of the global batch with ``jax.make_array_from_process_local_data``.
-``load_hf`` as it is places leaves with ``jax.device_put`` of the whole host array, which is
-right for one host (each device receives only its slices). Randomly initialised parameters
-(``init_params`` under ``jax.jit(..., out_shardings=param_shardings(...))``) need no change.
+``make_mesh`` spans them (put "tp" within a host: it is the innermost mesh axis). Then:
+
+* ``load_hf(path, shardings=hf_shardings(path, mesh))`` builds every leaf with
+  ``jax.make_array_from_callback``: each process reads from the safetensors files only the
+  blocks its own devices hold (every host needs the checkpoint directory, e.g. on a shared
+  file system);
+* every process passes the same global batch to the step; ``shard_batch`` keeps on each device
+  only its slice;
+* ``save_hf`` is called on every process: each tensor is gathered with all of them taking part
+  and process 0 writes the directory.
+
+``tests/test_sharding.py`` runs this with two processes of four CPU devices each. Randomly
+initialised parameters (``init_params`` under ``jax.jit(..., out_shardings=param_shardings(...))``)
+need no change.
 
 Partition rules (``param_shardings``; axes of size 1 are left out of the specs)
 ------------------------------------------------------------------------------

@@ -92,6 +92,54 @@ def test_load_hf_places_each_leaf_in_its_sharding(make_tiny_hf):
     assert spec["layers/w_down"] == "(None, 'tp', 'fsdp')"
     assert spec["layers/attn_norm"] == "(None, 'fsdp')"
     assert out["devices_per_leaf"] == 8
+    # Each device's block is read on its own, never the whole tensor: 1/8 of every matrix
+    # (fsdp x tp), 1/4 of every norm (fsdp; its 2 tp replicas read it twice).
+    for name, largest in out["largest_block"].items():
+        matrix = not name.endswith("norm.weight")
+        assert largest == pytest.approx(1 / 8 if matrix else 1 / 4), name
+        assert out["total_read"][name] == pytest.approx(1.0 if matrix else 2.0), name
+    assert len(out["largest_block"]) == 3 + 3 * 9  # embed, norm, head; 9 tensors per layer
+
+
+def test_two_processes_load_their_halves_train_and_export_like_one(make_tiny_hf, tmp_path):
+    """Several hosts, simulated by two processes of 4 CPU devices joined by
+    ``jax.distributed``: each reads only the blocks of its own devices, the sharded LISA steps
+    run across both, and the export gathers from both and equals a one-process run."""
+    import socket
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    path = make_tiny_hf("gqa")
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                          + " --xla_force_host_platform_device_count=4").strip())
+    procs = [subprocess.Popen([sys.executable, HERE, "steps", path, str(tmp_path / "two"),
+                               str(port), str(i)], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    two = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    one = run_worker("steps", path, str(tmp_path / "one"))
+
+    assert two[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert two[0]["losses"] == two[1]["losses"]
+    for res in two:  # each process read exactly its half of every matrix, never more
+        for name, total in res["total_read"].items():
+            if not name.endswith("norm.weight"):
+                assert total == pytest.approx(0.5), name
+    got = load_file(str(tmp_path / "two" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert any(not np.array_equal(ref[name], load_file(os.path.join(path, "model.safetensors"))[name])
+               for name in ref)  # the steps did change the model
 
 
 def test_trainer_with_mesh_runs_sharded(tmp_path):
@@ -248,15 +296,30 @@ def _worker_load(path: str) -> dict:
     from lisa_jax import sharding as SH
     from lisa_jax.hf import load_hf
 
+    from lisa_jax import hf as hf_lib
+
     mesh = SH.make_mesh("fsdp=4,tp=2")
     ref = load_hf(path)
+    # Record the size of every block the sharded load reads, as a fraction of its tensor.
+    fractions: dict[str, list[float]] = {}
+    block = hf_lib._SafetensorsFile.block
+
+    def recording_block(self, name, index):
+        out = block(self, name, index)
+        fractions.setdefault(name, []).append(out.size / np.prod(self.header[name]["shape"]))
+        return out
+
+    hf_lib._SafetensorsFile.block = recording_block
     got = load_hf(path, shardings=SH.hf_shardings(path, mesh))
+    hf_lib._SafetensorsFile.block = block
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)))
     spec = {k: v for k, v in SH.describe(got.params).items()}
     return dict(max_abs_diff=diff, spec=spec,
                 devices_per_leaf=min(len(x.sharding.device_set)
-                                     for x in jax.tree.leaves(got.params)))
+                                     for x in jax.tree.leaves(got.params)),
+                largest_block={k: max(v) for k, v in fractions.items()},
+                total_read={k: sum(v) for k, v in fractions.items()})
 
 
 def _worker_trainer(out_dir: str) -> dict:
@@ -296,8 +359,53 @@ def _worker_trainer(out_dir: str) -> dict:
                 batch_spec=SH.describe(seen["batch"]), bad_batch_error=bad)
 
 
+def _worker_steps(path: str, out_dir: str, port: str | None = None,
+                  process_id: str | None = None) -> dict:
+    """Sharded load (fsdp=4,tp=2), three LISA steps, export; with ``port`` as one of two
+    processes joined by ``jax.distributed`` (4 devices each)."""
+    import jax
+    if port is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                                   process_id=int(process_id))
+    import numpy as np
+    import optax
+
+    import lisa_jax
+    from lisa_jax import hf as hf_lib
+    from lisa_jax import sharding as SH
+    from lisa_jax import step as S
+    from lisa_jax.model import Model
+
+    fractions: dict[str, float] = {}
+    block = hf_lib._SafetensorsFile.block
+
+    def recording_block(self, name, index):
+        out = block(self, name, index)
+        fractions[name] = fractions.get(name, 0.0) + out.size / np.prod(
+            self.header[name]["shape"])
+        return out
+
+    hf_lib._SafetensorsFile.block = recording_block
+    mesh = SH.make_mesh("fsdp=4,tp=2")
+    model = hf_lib.load_hf(path, shardings=SH.hf_shardings(path, mesh))
+    hf_lib._SafetensorsFile.block = block
+    # SGD with momentum: an update proportional to the gradient, so a different summation
+    # order across processes shows as rounding, where Adam's normalized steps would amplify it.
+    tx = lisa_jax.lisa(optax.sgd(0.5, momentum=0.9), n_active=1, interval=2, key=0)
+    state, sh = SH.init_sharded(tx.init, model.params, model.cfg, mesh)
+    step = S.make_lisa_step(model.cfg, tx, shardings=sh)
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (8, 16))
+    params, losses = model.params, []
+    for _ in range(3):
+        params, state, metrics = step(params, state, {"input_ids": ids})
+        losses.append(float(metrics["loss"]))
+    hf_lib.save_hf(Model(model.cfg, params), out_dir)
+    return dict(losses=losses, total_read=fractions)
+
+
 if __name__ == "__main__":
     check, *rest = sys.argv[1:]
     result = {"train": _worker_train, "load": _worker_load,
-              "trainer": _worker_trainer}[check](*rest)
+              "trainer": _worker_trainer, "steps": _worker_steps}[check](*rest)
     print(json.dumps(result))
