@@ -35,6 +35,11 @@ _HELP = {
     "lisa_importance_floor": "online importance: the least probability of any layer",
     "lisa_importance_decay": "online importance: moving-average decay of gradient norms",
     "mesh": "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard over several devices",
+    "distributed": "several hosts: start one process per host with the same flags; they join "
+                   "with jax.distributed.initialize and --mesh spans all their devices",
+    "coordinator_address": "--distributed: host:port of process 0 (default: from the cluster)",
+    "num_processes": "--distributed: number of processes (default: from the cluster)",
+    "process_id": "--distributed: this process's index, 0 first (default: from the cluster)",
     "remat": "rematerialization: LISA none|mlp|full (default none); full/lora none|dots|full (default dots)",
     "steps": "total optimizer steps (default: --epochs over the data)",
     "grad_accum": "micro-batches per optimizer step",

@@ -91,6 +91,12 @@ class TrainConfig:
     # outputs: at LLaMA-2-7B shape 19 GiB leaner than keeping everything, and no slower).
     remat: str | None = None
     mesh: str | None = None             # several devices: "fsdp=N,tp=M" (also dp=N); None: one
+    # several hosts: one process per host, joined by jax.distributed.initialize (the three
+    # below left None: detected from the cluster, e.g. SLURM, Open MPI, Kubernetes, Cloud TPU)
+    distributed: bool = False
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
     # evaluation, logging, checkpoints
     eval_fraction: float = 0.05
     eval_every: int = 50
@@ -200,6 +206,8 @@ def parse_probs(spec: str, num_layers: int) -> list[float]:
 
 
 def _prepare_out_dir(cfg: TrainConfig) -> Path:
+    """Check and create the run directory. Several processes: every one checks (so all raise
+    the same error), then process 0 alone clears and creates it while the others wait."""
     out = Path(cfg.out)
     has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
     if has_run and not (cfg.resume or cfg.overwrite):
@@ -207,10 +215,38 @@ def _prepare_out_dir(cfg: TrainConfig) -> Path:
                          "--overwrite to replace it")
     if cfg.resume and not has_run:
         raise TrainError(f"nothing to resume in {out}; drop --resume to start a new run")
-    if cfg.overwrite and not cfg.resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _barrier(cfg, "checked the run directory")
+    if _is_main(cfg):
+        if cfg.overwrite and not cfg.resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(cfg, "created the run directory")
     return out
+
+
+def _is_main(cfg: TrainConfig) -> bool:
+    """Process 0 writes the run's files and prints; with one process, always."""
+    return not cfg.distributed or jax.process_index() == 0
+
+
+def _barrier(cfg: TrainConfig, name: str) -> None:
+    if cfg.distributed and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _init_distributed(cfg: TrainConfig) -> None:
+    """Join the other hosts' processes (``--distributed``), before JAX touches a device."""
+    if not cfg.distributed or jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                                   num_processes=cfg.num_processes, process_id=cfg.process_id)
+    except (ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"--distributed could not join the other processes ({msg[:200]}); "
+                         "give --coordinator-address, --num-processes and --process-id, or "
+                         "start under a cluster launcher JAX detects (SLURM, Open MPI, ...)")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -426,8 +462,18 @@ class _Writer:
             self.tb.close()
 
 
+class _NoWriter:
+    """The writer of the processes other than 0."""
+
+    def write(self, step: int, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _peak_memory_gib() -> tuple[float | None, str]:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**30, "device"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host RSS"
@@ -485,9 +531,14 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     from lisa_jax.hf import load_hf, save_hf
 
     cfg = with_default_remat(cfg)
+    _init_distributed(cfg)  # first: joining must come before JAX uses a device
     _check_config(cfg)
     out = _prepare_out_dir(cfg)
-    say = lambda *a: tqdm.write(" ".join(str(x) for x in a))  # noqa: E731
+    main_process = _is_main(cfg)
+
+    def say(*a):
+        if main_process:
+            tqdm.write(" ".join(str(x) for x in a))
 
     # Data and model.
     try:
@@ -509,7 +560,8 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
                                  pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
     eval_sets = data_lib.eval_batches(splits.eval, cfg.batch_size, tokenizer.pad_token_id,
                                       cfg.max_seq_len)[: cfg.eval_batches]
-    probes = _sample_probes(cfg)
+    # Greedy sampling runs on one device's copy of the model: skipped across processes.
+    probes = [] if cfg.distributed and jax.process_count() > 1 else _sample_probes(cfg)
     steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
     total = cfg.steps or max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
     schedule = make_schedule(cfg, total)
@@ -527,8 +579,9 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
         say(f"resumed {out} at step {start}")
     elif cfg.resume:
         raise TrainError(f"no checkpoint in {out / 'checkpoints'} to resume; drop --resume")
-    with open(out / "config.yaml", "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    if main_process:
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
     say(f"model {cfg.model}: {mcfg.model_type}, {mcfg.num_layers} layers, "
@@ -554,9 +607,9 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
         stop["signal"] = signum
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    writer = _Writer(out)
-    bar = tqdm(total=total, initial=start, disable=not cfg.progress, dynamic_ncols=True,
-               desc=cfg.method)
+    writer = _Writer(out) if main_process else _NoWriter()
+    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and main_process),
+               dynamic_ncols=True, desc=cfg.method)
     t_start = time.perf_counter()
     tokens_seen = 0
     last_saved = start if start else None
@@ -642,8 +695,9 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
             {"prompt": _show(record), "expected": expected,
              "output": sample(final, tokenizer, record, cfg.sample_tokens)}
             for record, expected in probes]
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1)
+    if main_process:
+        with open(out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
 
 

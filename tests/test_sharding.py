@@ -142,6 +142,61 @@ def test_two_processes_load_their_halves_train_and_export_like_one(make_tiny_hf,
                for name in ref)  # the steps did change the model
 
 
+def test_trainer_on_two_processes_matches_one_process(tmp_path):
+    """``lisa-jax train --distributed`` as two processes of 4 CPU devices against the same run
+    on one process of 8: same losses and layers, one set of files (process 0's), an export that
+    matches."""
+    import socket
+
+    import numpy as np
+
+    from lisa_jax import train as T
+    from lisa_jax.hf import load_hf
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    args = ["-m", "lisa_jax.cli", "train", "--model", str(T.DEMO_DIR / "model"),
+            "--data", str(T.DEMO_DIR / "instructions.jsonl"), "--method", "lisa",
+            "--lisa-layers", "2", "--lisa-interval", "2", "--steps", "4", "--batch-size", "8",
+            "--max-seq-len", "48", "--eval-fraction", "0", "--no-progress",
+            "--mesh", "fsdp=4,tp=2", "--lr", "3e-3"]
+
+    def env(devices):
+        return dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={devices}").strip())
+
+    two = [subprocess.Popen([sys.executable, *args, "--out", str(tmp_path / "two"),
+                             "--distributed", "--coordinator-address", f"localhost:{port}",
+                             "--num-processes", "2", "--process-id", str(i)], env=env(4),
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in two]
+    for p, (_, err) in zip(two, outs):
+        assert p.returncode == 0, err[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env(8),
+                         cwd=ROOT, text=True, capture_output=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def rows(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    got, ref = rows("two"), rows("one")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # written once, by process 0
+    assert [r["active_layers"] for r in got] == [r["active_layers"] for r in ref]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
+    a, b = load_hf(tmp_path / "two" / "hf").params, load_hf(tmp_path / "one" / "hf").params
+    for x, y in zip(jax_leaves(a), jax_leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-4)  # AdamW steps on reordered sums
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
 def test_trainer_with_mesh_runs_sharded(tmp_path):
     out = run_worker("trainer", str(tmp_path / "run"))
     assert out["steps"] == 4 and out["finite"]

@@ -119,6 +119,8 @@ def run_cli(args, capsys):
     ("gamma_too_large", r"--lisa-layers 9 is out of range: the model has 4 layers"),
     ("unknown_method", r"unknown method 'sft'; use --method lisa, full or lora"),
     ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
+    ("distributed_without_cluster",
+     r"--distributed could not join the other processes .*--coordinator-address"),
 ])
 def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, case, expect):
     out = tmp_path / "run"
@@ -142,6 +144,8 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, cas
         args += ["--lisa-layers", "9"]
     elif case == "unknown_method":
         args += ["--method", "sft"]
+    elif case == "distributed_without_cluster":
+        args += ["--distributed"]
     elif case == "unknown_flag_in_yaml":
         cfg = tmp_path / "c.yaml"
         cfg.write_text("bogus: 1\n")
