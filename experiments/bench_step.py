@@ -33,6 +33,7 @@ S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the dr
 def run_one(a) -> dict:
     """Build the model and step for one method, time it, return one row."""
     import jax
+    import jax.numpy as jnp
     import optax
 
     import lisa_jax
@@ -72,6 +73,23 @@ def run_one(a) -> dict:
         state = (lora, opt.init(lora))
         step = S.make_lora_step(cfg, opt, lora_lib.lora_scale(a.lora_r, None),
                                 remat=plain_remat, loss_chunk=chunk)
+    elif a.method == "eh":
+        # The paper's "E+H": embedding, final norm and head trained with AdamW, every layer
+        # frozen. The LISA stack with no slot: activation gradients only, no layer weight grad.
+        from lisa_jax.stack_vjp import slot_of_layer
+        rest_of = lambda p: {k: v for k, v in p.items() if k != "layers"}  # noqa: E731
+        state = opt.init(rest_of(params))
+        no_slot = jnp.zeros((0,), jnp.int32)
+
+        def eh_step(p, s, b):
+            empty = jax.tree.map(lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype), p["layers"])
+            slot_L = slot_of_layer(no_slot, cfg.num_layers)
+            (loss, _), g = jax.value_and_grad(
+                lambda r: S.lisa_loss(cfg, {**r, "layers": empty}, p["layers"], slot_L, b,
+                                      remat, chunk), has_aux=True)(rest_of(p))
+            updates, s = opt.update(g, s, rest_of(p))
+            return {**p, **optax.apply_updates(rest_of(p), updates)}, s, {"loss": loss}
+        step = jax.jit(eh_step, donate_argnums=(0, 1))
     elif a.method == "lisa":
         tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
         state = tx.init(params)
@@ -93,7 +111,7 @@ def run_one(a) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return dict(impl="lisa_jax", shape=a.shape, method=a.method, batch=a.batch, seq=a.seq,
-                gamma=a.gamma if a.method == "lisa" else None,
+                gamma=a.gamma if a.method == "lisa" else (0 if a.method == "eh" else None),
                 lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
                 step_s=round(t, 4), step_s_min=round(min(times), 4),
                 tokens_per_s=round(a.batch * a.seq / t, 1),

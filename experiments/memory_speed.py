@@ -4,10 +4,10 @@
         --batches 1 4 --peer --out experiments/results/memory_speed
 
 Rows per shape and batch (sequence 1024, bf16, random weights): full fine-tuning, LoRA at
-ranks 128/256/512, LISA E+H+2L and E+H+4L (γ = 2 and 4), and with ``--peer`` the PyTorch peer's
-full, LoRA r128 and LISA γ=2 on the same shapes in the same job. Each row runs in its own process
-through ``bench_step.py --one`` (so its peak is its own). The paper's E+H row (γ = 0) is not
-run: the transform trains at least one layer (``n_active >= 1``).
+ranks 128/256/512, LISA E+H (embedding, final norm and head only, every layer frozen: the
+step of ``bench_step.py --one eh``), E+H+2L and E+H+4L (γ = 2 and 4), and with ``--peer`` the
+PyTorch peer's full, LoRA r128 and LISA γ=2 on the same shapes in the same job. Each row runs in
+its own process through ``bench_step.py --one`` (so its peak is its own).
 
 About 25 s a row on an H200 (process start, init, compile, 8 steps): one shape with both
 batches and the peer is 18 rows, about 8 minutes. The run resumes: rows already in
@@ -34,11 +34,13 @@ from shapes import SHAPES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = [("full", {}), ("lora", {"lora_r": 128}), ("lora", {"lora_r": 256}),
-           ("lora", {"lora_r": 512}), ("lisa", {"gamma": 2}), ("lisa", {"gamma": 4})]
+           ("lora", {"lora_r": 512}), ("eh", {}), ("lisa", {"gamma": 2}), ("lisa", {"gamma": 4})]
 PEER_METHODS = [("full", {}), ("lora", {"lora_r": 128}), ("lisa", {"gamma": 2})]
 
 
 def label(row: dict) -> str:
+    if row["method"] == "eh":
+        return "LISA E+H"
     if row["method"] == "lisa":
         return f"LISA E+H+{row['gamma']}L"
     if row["method"] == "lora":
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
                       "--steps", str(a.steps), "--warmup", str(a.warmup)]
             for method, kw in METHODS:
                 args = [bench, "--one", method, *common,
-                        "--remat", "none" if method == "lisa" else "dots",
+                        "--remat", "none" if method in ("lisa", "eh") else "dots",
                         "--gamma", str(kw.get("gamma", 2)), "--lora-r", str(kw.get("lora_r", 128))]
                 run(args, dict(impl="lisa_jax", shape=shape, batch=batch, method=method,
                                gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))
