@@ -94,7 +94,8 @@ def render(result: dict, out_dir: str) -> str:
                                                   ("tokens_per_s", "tokens/s"))):
                 ax = axes[i][j]
                 for x, r, p in zip(xs, sel, peers):
-                    for dx, row, color in ((-width / 2, r, "tab:blue"), (width / 2, p, "tab:orange")):
+                    for dx, row, color in ((-width / 2, r, "tab:blue"),
+                                           (width / 2, p, "tab:orange")):
                         if row is None:
                             continue
                         if row.get("status") == "oom":

@@ -40,7 +40,8 @@ _HELP = {
     "coordinator_address": "--distributed: host:port of process 0 (default: from the cluster)",
     "num_processes": "--distributed: number of processes (default: from the cluster)",
     "process_id": "--distributed: this process's index, 0 first (default: from the cluster)",
-    "remat": "rematerialization: LISA none|mlp|full (default none); full/lora none|dots|full (default dots)",
+    "remat": "rematerialization: LISA none|mlp|full (default none); full/lora "
+             "none|dots|full (default dots)",
     "steps": "total optimizer steps (default: --epochs over the data)",
     "grad_accum": "micro-batches per optimizer step",
     "clip_norm": "clip the gradient's global norm (0: off)",

@@ -6,6 +6,7 @@ script (``python tests/test_sharding.py CHECK [ARGS]``) is that subprocess.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,16 +19,39 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 DEVICES = 8
 
 
+def cpu_env(devices: int, several_processes: bool = False) -> dict:
+    """The environment of a subprocess with ``devices`` simulated CPU devices (and gloo for the
+    collectives between processes when there are several)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                          + f" --xla_force_host_platform_device_count={devices}").strip())
+    if several_processes:
+        env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    return env
+
+
 def run_worker(*args, timeout=300) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                        + f" --xla_force_host_platform_device_count={DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, HERE, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run([sys.executable, HERE, *args], env=cpu_env(DEVICES),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_two_processes(command) -> list[str]:
+    """``command(port, process_id)`` started as two processes of 4 CPU devices that join
+    through ``jax.distributed`` at ``localhost:port``; their stdouts."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, *command(port, i)],
+                              env=cpu_env(4, several_processes=True), cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    return [out for out, _ in outs]
 
 
 # ----------------------------------------------------------------------------- expected specs
@@ -105,26 +129,13 @@ def test_two_processes_load_their_halves_train_and_export_like_one(make_tiny_hf,
     """Several hosts, simulated by two processes of 4 CPU devices joined by
     ``jax.distributed``: each reads only the blocks of its own devices, the sharded LISA steps
     run across both, and the export gathers from both and equals a one-process run."""
-    import socket
-
     import numpy as np
     from safetensors.numpy import load_file
 
     path = make_tiny_hf("gqa")
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                          + " --xla_force_host_platform_device_count=4").strip())
-    procs = [subprocess.Popen([sys.executable, HERE, "steps", path, str(tmp_path / "two"),
-                               str(port), str(i)], env=env, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    two = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    outs = run_two_processes(lambda port, i: [HERE, "steps", path, str(tmp_path / "two"),
+                                              str(port), str(i)])
+    two = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     one = run_worker("steps", path, str(tmp_path / "one"))
 
     assert two[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)
@@ -138,46 +149,32 @@ def test_two_processes_load_their_halves_train_and_export_like_one(make_tiny_hf,
     assert sorted(got) == sorted(ref)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    assert any(not np.array_equal(ref[name], load_file(os.path.join(path, "model.safetensors"))[name])
-               for name in ref)  # the steps did change the model
+    before = load_file(os.path.join(path, "model.safetensors"))
+    assert any(not np.array_equal(ref[name], before[name]) for name in ref)  # the steps did train
 
 
 def test_trainer_on_two_processes_matches_one_process(tmp_path):
     """``lisa-jax train --distributed`` as two processes of 4 CPU devices against the same run
     on one process of 8: same losses and layers, one set of files (process 0's), an export that
     matches."""
-    import socket
-
+    import jax
     import numpy as np
 
     from lisa_jax import train as T
     from lisa_jax.hf import load_hf
 
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
     args = ["-m", "lisa_jax.cli", "train", "--model", str(T.DEMO_DIR / "model"),
             "--data", str(T.DEMO_DIR / "instructions.jsonl"), "--method", "lisa",
             "--lisa-layers", "2", "--lisa-interval", "2", "--steps", "4", "--batch-size", "8",
             "--max-seq-len", "48", "--eval-fraction", "0", "--no-progress",
             "--mesh", "fsdp=4,tp=2", "--lr", "3e-3"]
 
-    def env(devices):
-        return dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={devices}").strip())
-
-    two = [subprocess.Popen([sys.executable, *args, "--out", str(tmp_path / "two"),
-                             "--distributed", "--coordinator-address", f"localhost:{port}",
-                             "--num-processes", "2", "--process-id", str(i)], env=env(4),
-                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in two]
-    for p, (_, err) in zip(two, outs):
-        assert p.returncode == 0, err[-3000:]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env(8),
-                         cwd=ROOT, text=True, capture_output=True, timeout=300)
+    run_two_processes(lambda port, i: [
+        *args, "--out", str(tmp_path / "two"), "--distributed",
+        "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+        "--process-id", str(i)])
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")],
+                         env=cpu_env(8), cwd=ROOT, text=True, capture_output=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
 
     def rows(run):
@@ -187,14 +184,8 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path):
     assert [r["active_layers"] for r in got] == [r["active_layers"] for r in ref]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
     a, b = load_hf(tmp_path / "two" / "hf").params, load_hf(tmp_path / "one" / "hf").params
-    for x, y in zip(jax_leaves(a), jax_leaves(b)):
-        np.testing.assert_allclose(x, y, atol=1e-4)  # AdamW steps on reordered sums
-
-
-def jax_leaves(tree):
-    import jax
-    import numpy as np
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4)  # AdamW, reordered sums
 
 
 def test_trainer_with_mesh_runs_sharded(tmp_path):
@@ -344,18 +335,13 @@ def _worker_train(method: str) -> dict:
     return out
 
 
-def _worker_load(path: str) -> dict:
-    import jax
+@contextlib.contextmanager
+def recording_reads():
+    """``{tensor name: [size of each block read, as a fraction of the tensor]}`` of the
+    safetensors reads made inside the block."""
     import numpy as np
 
-    from lisa_jax import sharding as SH
-    from lisa_jax.hf import load_hf
-
     from lisa_jax import hf as hf_lib
-
-    mesh = SH.make_mesh("fsdp=4,tp=2")
-    ref = load_hf(path)
-    # Record the size of every block the sharded load reads, as a fraction of its tensor.
     fractions: dict[str, list[float]] = {}
     block = hf_lib._SafetensorsFile.block
 
@@ -365,8 +351,23 @@ def _worker_load(path: str) -> dict:
         return out
 
     hf_lib._SafetensorsFile.block = recording_block
-    got = load_hf(path, shardings=SH.hf_shardings(path, mesh))
-    hf_lib._SafetensorsFile.block = block
+    try:
+        yield fractions
+    finally:
+        hf_lib._SafetensorsFile.block = block
+
+
+def _worker_load(path: str) -> dict:
+    import jax
+    import numpy as np
+
+    from lisa_jax import sharding as SH
+    from lisa_jax.hf import load_hf
+
+    mesh = SH.make_mesh("fsdp=4,tp=2")
+    ref = load_hf(path)
+    with recording_reads() as fractions:
+        got = load_hf(path, shardings=SH.hf_shardings(path, mesh))
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)))
     spec = {k: v for k, v in SH.describe(got.params).items()}
@@ -420,7 +421,6 @@ def _worker_steps(path: str, out_dir: str, port: str | None = None,
     processes joined by ``jax.distributed`` (4 devices each)."""
     import jax
     if port is not None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{port}", num_processes=2,
                                    process_id=int(process_id))
     import numpy as np
@@ -432,19 +432,9 @@ def _worker_steps(path: str, out_dir: str, port: str | None = None,
     from lisa_jax import step as S
     from lisa_jax.model import Model
 
-    fractions: dict[str, float] = {}
-    block = hf_lib._SafetensorsFile.block
-
-    def recording_block(self, name, index):
-        out = block(self, name, index)
-        fractions[name] = fractions.get(name, 0.0) + out.size / np.prod(
-            self.header[name]["shape"])
-        return out
-
-    hf_lib._SafetensorsFile.block = recording_block
     mesh = SH.make_mesh("fsdp=4,tp=2")
-    model = hf_lib.load_hf(path, shardings=SH.hf_shardings(path, mesh))
-    hf_lib._SafetensorsFile.block = block
+    with recording_reads() as fractions:
+        model = hf_lib.load_hf(path, shardings=SH.hf_shardings(path, mesh))
     # SGD with momentum: an update proportional to the gradient, so a different summation
     # order across processes shows as rounding, where Adam's normalized steps would amplify it.
     tx = lisa_jax.lisa(optax.sgd(0.5, momentum=0.9), n_active=1, interval=2, key=0)
@@ -456,7 +446,7 @@ def _worker_steps(path: str, out_dir: str, port: str | None = None,
         params, state, metrics = step(params, state, {"input_ids": ids})
         losses.append(float(metrics["loss"]))
     hf_lib.save_hf(Model(model.cfg, params), out_dir)
-    return dict(losses=losses, total_read=fractions)
+    return dict(losses=losses, total_read={k: sum(v) for k, v in fractions.items()})
 
 
 if __name__ == "__main__":
