@@ -291,6 +291,7 @@ class Method:
         inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2,
                             weight_decay=cfg.weight_decay, mask=_decay_mask)
         clip = cfg.clip_norm or None
+        remat = with_default_remat(cfg).remat
         self.tx = None
         self.importance = None  # online importance estimate (--lisa-importance online)
         self.log_extra: dict = {}  # logged with the next step's metrics (layer_probs)
@@ -319,11 +320,11 @@ class Method:
                 raise TrainError(str(e))
             self.state, sh = _init_state(self.tx.init, params, mcfg, mesh,
                                          traceable=self.tx.config.probs is None)
-            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, with_default_remat(cfg).remat, clip_norm=clip,
+            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, remat, clip_norm=clip,
                                                    shardings=sh)
         elif cfg.method == "full":
             self.state, sh = _init_state(inner.init, params, mcfg, mesh)
-            self.step_fn = step_lib.make_plain_step(mcfg, inner, with_default_remat(cfg).remat, clip_norm=clip,
+            self.step_fn = step_lib.make_plain_step(mcfg, inner, remat, clip_norm=clip,
                                                     shardings=sh)
         else:
             targets = tuple(t for t in cfg.lora_targets.split(",") if t)
@@ -336,7 +337,7 @@ class Method:
             except ValueError as e:
                 raise TrainError(str(e))
             self.lora_scale = lora_lib.lora_scale(cfg.lora_rank, cfg.lora_alpha)
-            self.step_fn = step_lib.make_lora_step(mcfg, inner, self.lora_scale, with_default_remat(cfg).remat,
+            self.step_fn = step_lib.make_lora_step(mcfg, inner, self.lora_scale, remat,
                                                    clip_norm=clip, shardings=sh)
         self._eval = jax.jit(lambda p, b: step_lib.plain_loss(mcfg, p, b))
 
