@@ -372,13 +372,18 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
                 if remaining[leaf] == 0:
                     place(leaf)
 
+    return Model(cfg, _params_tree(placed))
+
+
+def _params_tree(leaves: dict[tuple[str, ...], Any]) -> dict:
+    """The parameter dict from ``{leaf path: array}`` (``("embed",)``, ``("layers", "wq")``)."""
     params: dict[str, Any] = {"layers": {}}
-    for leaf, arr in placed.items():
+    for leaf, arr in leaves.items():
         if leaf[0] == "layers":
             params["layers"][leaf[1]] = arr
         else:
             params[leaf[0]] = arr
-    return Model(cfg, params)
+    return params
 
 
 def _load_sharded(cfg, expected, files, shapes, np_dtype, shardings) -> dict:
@@ -413,21 +418,17 @@ def _load_sharded(cfg, expected, files, shapes, np_dtype, shardings) -> dict:
             return np.stack([read(src[i], index[1:]) for i in layers])
         return layer_blocks
 
-    params: dict[str, Any] = {"layers": {}}
+    placed: dict[tuple[str, ...], jax.Array] = {}
     try:
         for leaf, shape in shapes.items():
             sharding = shardings(leaf, shape, jnp.dtype(np_dtype))
             if sharding is None:  # the default device
                 sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            arr = jax.make_array_from_callback(shape, sharding, callback_for(leaf))
-            if leaf[0] == "layers":
-                params["layers"][leaf[1]] = arr
-            else:
-                params[leaf[0]] = arr
+            placed[leaf] = jax.make_array_from_callback(shape, sharding, callback_for(leaf))
     finally:
         for f in opened.values():
             f.f.close()
-    return params
+    return _params_tree(placed)
 
 
 # ----------------------------------------------------------------------------- saving

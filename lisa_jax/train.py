@@ -158,7 +158,7 @@ def with_default_remat(cfg: TrainConfig) -> TrainConfig:
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    cfg = with_default_remat(cfg)
+    """``cfg`` (its remat already resolved by ``with_default_remat``) is usable."""
     if cfg.method not in METHODS:
         raise TrainError(f"unknown method {cfg.method!r}; use --method lisa, full or lora")
     if cfg.schedule not in SCHEDULES:
