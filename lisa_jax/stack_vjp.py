@@ -12,8 +12,9 @@ fine-tuning. ``lisa_stack`` is a ``jax.custom_vjp`` over the whole stack instead
 
 The math is the layer of ``lisa_jax.model.decoder_layer``, whose building blocks it reuses, with
 its backward written out by hand (RMSNorm, RoPE and SwiGLU are cheap and recomputed; attention
-is differentiated with ``jax.vjp`` of ``model.attention``, recomputing its forward, which at
-training sequence lengths costs a few percent of a layer).
+is differentiated with ``jax.vjp`` of ``model.attention``, which runs its forward once more in
+the backward, a few percent of a layer at training lengths; under ``remat="full"`` that one
+forward also serves the recomputed layer).
 
 Shapes: B batch, S sequence, D hidden, F MLP width, N query heads, K kv heads, H head dim,
 L layers, G active slots (γ).
@@ -55,30 +56,50 @@ def _rms_backward(n32, r, scale, dy):
     return dx, dy.astype(jnp.float32) * n32
 
 
-def _layer_forward(cfg, lp, h, cos, sin, remat):
-    """``model.decoder_layer`` that also returns the residuals ``remat`` keeps."""
+def _attention_vjp(cfg, q, k, v):
+    """The attention output and its pullback (one attention forward, kept for the backward)."""
+    impl = M.attention_impl(cfg)
+    return jax.vjp(lambda q_, k_, v_: M.attention(q_, k_, v_, None, impl), q, k, v)
+
+
+def _layer_forward(cfg, lp, h, cos, sin, remat, with_pullback=False):
+    """``model.decoder_layer`` that also returns the residuals ``remat`` keeps.
+
+    ``with_pullback``: also return the attention pullback (the backward's recompute uses it,
+    so that attention runs forward once there, not twice)."""
     B, S, D = h.shape
     x1 = M.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q, k, v = M.qkv(cfg, lp, x1, cos, sin)
-    o = M.attention(q, k, v, None, M.attention_impl(cfg))
+    if with_pullback:
+        o, attn_pullback = _attention_vjp(cfg, q, k, v)
+    else:
+        o = M.attention(q, k, v, None, M.attention_impl(cfg))
     hm = h + o.reshape(B, S, -1) @ lp["wo"]
     x2 = M.rms_norm(hm, lp["mlp_norm"], cfg.rms_norm_eps)
     a, b = x2 @ lp["w_gate"], x2 @ lp["w_up"]
     out = hm + (jax.nn.silu(a) * b) @ lp["w_down"]
     saved = {"none": (h, q, k, v, hm, a, b), "mlp": (h, q, k, v, hm), "full": (h,)}[remat]
+    if with_pullback:
+        return out, saved, (o, attn_pullback)
     return out, saved
 
 
 def _recompute(cfg, lp, saved, cos, sin, remat):
-    """The full residual set (h, q, k, v, hm, a, b) from what ``remat`` saved."""
-    if remat == "none":
-        return saved
+    """The full residual set (h, q, k, v, hm, a, b) from what ``remat`` saved, and the
+    attention output and pullback: from the recomputed forward under ``remat="full"``, else
+    from a fresh attention forward on the saved q, k, v."""
     if remat == "full":
         # The layer's own forward; its unused output projection is dead code XLA removes.
-        return _layer_forward(cfg, lp, saved[0], cos, sin, "none")[1]
-    h, q, k, v, hm = saved
-    x2 = M.rms_norm(hm, lp["mlp_norm"], cfg.rms_norm_eps)
-    return h, q, k, v, hm, x2 @ lp["w_gate"], x2 @ lp["w_up"]
+        _, residuals, attn = _layer_forward(cfg, lp, saved[0], cos, sin, "none",
+                                            with_pullback=True)
+        return residuals, attn
+    if remat == "none":
+        residuals = saved
+    else:
+        h, q, k, v, hm = saved
+        x2 = M.rms_norm(hm, lp["mlp_norm"], cfg.rms_norm_eps)
+        residuals = h, q, k, v, hm, x2 @ lp["w_gate"], x2 @ lp["w_up"]
+    return residuals, _attention_vjp(cfg, *residuals[1:4])
 
 
 def _contract(x_BxSxI, dy_BxSxO, dtype):
@@ -93,7 +114,7 @@ def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
     The weight gradients are returned as a thunk so that the caller can place their
     computation inside the branch of a ``lax.cond`` taken only by sampled layers.
     """
-    h, q, k, v, hm, a, b = _recompute(cfg, lp, saved, cos, sin, remat)
+    (h, q, k, v, hm, a, b), (o, attn_pullback) = _recompute(cfg, lp, saved, cos, sin, remat)
     B, S, D = h.shape
     dt = h.dtype
     # MLP: out = hm + (silu(a) * b) @ w_down.
@@ -109,8 +130,6 @@ def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
     dhm = dy + dhm_norm.astype(dt)
     # Attention: hm = h + attn(q, k, v) @ wo.
     do = (dhm @ lp["wo"].T).reshape(B, S, cfg.num_heads, cfg.head_dim)
-    impl = M.attention_impl(cfg)
-    o, attn_pullback = jax.vjp(lambda q_, k_, v_: M.attention(q_, k_, v_, None, impl), q, k, v)
     dq, dk, dv = attn_pullback(do)
     # RoPE is a rotation: its transpose is the rotation by the negative angle.
     dq = M.apply_rope(dq, cos, -sin).reshape(B, S, -1)
