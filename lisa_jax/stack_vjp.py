@@ -208,6 +208,9 @@ def _bwd_segments(cfg, remat, res, dy):
     L = slot_L.shape[0]
 
     def down(dh, hi, lo):  # layers hi-1 .. lo, activation gradient only
+        # One layer per iteration. Each iteration of this loop (its trip count is data) costs
+        # a device-to-host round trip on a GPU; two layers per iteration saved 1 ms of 225 at
+        # 7B but kept both layers' temporaries alive (+0.36 GiB at the peak).
         def body(i, dh):
             layer = hi - 1 - i
             return _layer_backward(cfg, _layer_at(layers_LxP, layer), _layer_at(saved, layer),

@@ -64,12 +64,22 @@ def test_stack_with_no_sampled_layer_gives_embedding_and_head_gradients_of_autod
 @pytest.mark.parametrize("remat", REMAT_MODES)
 @pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
 def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias):
-    cfg = tiny_cfg(attention_bias=bias)
+    _check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4])
+
+
+# The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5,
+# odd and even: the backward walks them two layers per loop iteration plus a remainder.
+@pytest.mark.parametrize("active", [[0, 5], [2, 3], [5], [0, 1, 2]])
+def test_stack_vjp_gradients_for_every_frozen_run_length(active):
+    _check_stack_gradients(tiny_cfg(), "none", active)
+
+
+def _check_stack_gradients(cfg, remat, active):
     p = perturbed_params(cfg)
     ids = batch_for(cfg)["input_ids"]
     cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
     h0 = p["embed"][ids]
-    active = jnp.array([1, 4])
+    active = jnp.array(active)
 
     def ref(layers, h):
         return jnp.sum(jnp.sin(M.run_layers(cfg, layers, h, cos, sin)))
