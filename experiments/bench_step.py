@@ -6,7 +6,8 @@
 Each measurement runs in its own process so that its peak memory is its own
 (``device.memory_stats()["peak_bytes_in_use"]``). Rows: forward only; the gradient floor of any
 LISA step under plain autodiff (embedding, final norm and head gradients, activation gradients
-through every layer, no layer weight gradient, no optimizer); full fine-tuning; LoRA; LISA with
+through every layer, no layer weight gradient, no optimizer); the paper's E+H (the LISA step
+with no sampled layer: AdamW on embedding, final norm and head); full fine-tuning; LoRA; LISA with
 γ active layers; each with and without rematerialization. With ``--peer`` the PyTorch peer
 (``experiments/torch_peers.py``: transformers + PEFT + LMFlow-style LISA) runs in the same job on
 the same shapes, and each of our rows is printed with its ratio to the peer's row of the same
@@ -110,6 +111,8 @@ def run_one(a) -> dict:
     t = statistics.median(times)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
+    if a.profile:
+        profile_step(a, step, params, state, batch)
     return dict(impl="lisa_jax", shape=a.shape, method=a.method, batch=a.batch, seq=a.seq,
                 gamma=a.gamma if a.method == "lisa" else (0 if a.method == "eh" else None),
                 lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
@@ -121,6 +124,23 @@ def run_one(a) -> dict:
                 backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
                 else None,
                 device=str(jax.devices()[0].device_kind))
+
+
+def profile_step(a, step, params, state, batch, steps: int = 3):
+    """Write a trace of ``steps`` steps (perfetto JSON; open in ui.perfetto.dev) and the
+    optimized HLO of the step under ``a.profile``, to see where a step's time goes."""
+    import jax
+
+    name = f"{a.method}{a.gamma if a.method == 'lisa' else ''}_{a.remat}"
+    os.makedirs(a.profile, exist_ok=True)
+    if hasattr(step, "lower"):
+        with open(os.path.join(a.profile, f"{name}.hlo.txt"), "w") as f:
+            f.write(step.lower(params, state, batch).compile().as_text())
+    trace_dir = os.path.join(a.profile, f"{name}_trace")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):  # synchronized per step, as the timed steps are
+            params, state, m = step(params, state, batch)
+            jax.block_until_ready((params, state, m))
 
 
 def spawn(args: list[str], timeout: float, keep_failure: bool = False) -> dict | None:
@@ -151,6 +171,7 @@ def plan(a) -> list[dict]:
     # Full FT and LoRA without layer remat keep the matmul outputs ("dots"), as LISA's "none"
     # does, and as the trainer does by default.
     rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none"),
+            dict(method="eh", remat="none"),
             dict(method="full", remat="dots"), dict(method="lora", remat="dots")]
     rows += [dict(method="lisa", gamma=g, remat="none") for g in a.gammas]
     for remat in a.remats:
@@ -208,13 +229,15 @@ def main():
                     help="tokens per chunk of the LM loss (0: no chunking)")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="restrict to these methods (forward floor full lora lisa)")
+                    help="restrict to these methods (forward floor eh full lora lisa)")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
     ap.add_argument("--peer-methods", nargs="+", default=["forward", "full", "lora", "lisa"])
     ap.add_argument("--peer-remat", action="store_true", help="peer rows with remat too")
     ap.add_argument("--peer-gammas", type=int, nargs="+", default=[2])
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None,
+                    help="folder: also write a trace and the optimized HLO of each row's step")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gamma", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--remat", default="none", help=argparse.SUPPRESS)
@@ -227,7 +250,8 @@ def main():
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
               "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk),
               "--inner", a.inner] + \
-        (["--dtype", a.dtype] if a.dtype else [])
+        (["--dtype", a.dtype] if a.dtype else []) + \
+        (["--profile", a.profile] if a.profile else [])
     rows, peers = [], []
 
     def save():  # after every row, so that a cut-off job keeps what it measured
