@@ -13,7 +13,11 @@ with no sampled layer: AdamW on embedding, final norm and head); full fine-tunin
 the same shapes, and each of our rows is printed with its ratio to the peer's row of the same
 method. Random weights: speed and memory do not depend on the values.
 
-One row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none``.
+One row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none``. Two
+rows exist by hand only, to measure what the stacked layer layout costs: ``--one
+floor_unstacked`` (the floor over one array per layer weight) and ``--one lisa_unstacked``
+(``experiments/unstacked_lisa.py``). ``--profile DIR`` also writes each row's trace and optimized
+HLO; ``experiments/trace_breakdown.py DIR`` sums the traces per kernel class.
 """
 from __future__ import annotations
 
@@ -65,6 +69,59 @@ def run_one(a) -> dict:
                                                    loss_chunk=chunk)[0])(rest)
         floor = jax.jit(floor)
         step = lambda p, s, b: (p, s, {"loss": floor(p, b)})  # noqa: E731
+    elif a.method == "floor_unstacked":
+        # The floor with the peer's layout: one array per layer weight and the layer loop
+        # unrolled, so that no layer's slice of a stacked array is copied for a library call.
+        rest_of = lambda p: {k: v for k, v in p.items() if k != "layers"}  # noqa: E731
+        layers = [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
+        params = {**rest_of(params), "layers": layers}
+
+        def unstacked_loss(rest, layers, b):
+            ids = b["input_ids"]
+            h, cos, sin = S._embed_and_rope(cfg, rest["embed"], ids)
+            for lp in layers:
+                h = M.decoder_layer(cfg, lp, h, cos, sin)
+            return S.lm_loss_from_hidden(cfg, rest["final_norm"], M.head_weight(rest), h, ids,
+                                         None, chunk)[0]
+        floor_u = jax.jit(lambda p, b: jax.grad(unstacked_loss)(rest_of(p), p["layers"], b))
+        step = lambda p, s, b: (p, s, {"loss": floor_u(p, b)})  # noqa: E731
+    elif a.method == "lisa_unstacked":
+        # LISA on one array per layer weight (experiments/unstacked_lisa.py), the sample fixed:
+        # the step updates the sampled layers' view; the host writes them into the list.
+        import numpy as np
+
+        import unstacked_lisa
+        from lisa_jax.stack_vjp import slot_of_layer
+        tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=10**9, key=0)
+        state = tx.init(params)
+        active = [int(i) for i in np.asarray(state.active)]
+        view = tx.view(params, state)
+        layers = [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
+        del params
+
+        def view_step(view, layers, opt_state, b):
+            slot_L = slot_of_layer(opt_state.active, cfg.num_layers)
+
+            def loss_fn(v):
+                ids = b["input_ids"]
+                h, cos, sin = S._embed_and_rope(cfg, v["embed"], ids)
+                h = unstacked_lisa.unstacked_stack(cfg, v["layers"], layers, slot_L, h, cos, sin)
+                return S.lm_loss_from_hidden(cfg, v["final_norm"], M.head_weight(v), h, ids,
+                                             None, chunk)
+            (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(view)
+            updates, opt_state = tx.update_view(g, opt_state, view)
+            return optax.apply_updates(view, updates), opt_state, loss
+        view_step = jax.jit(view_step, donate_argnums=(0, 2))
+        split = jax.jit(lambda vl: [jax.tree.map(lambda x: x[j], vl) for j in range(a.gamma)])
+
+        def step(p, s, b):
+            view, layers = p
+            view, s, loss = view_step(view, layers, s, b)
+            layers = list(layers)
+            for i, layer in zip(active, split(view["layers"])):
+                layers[i] = layer
+            return (view, layers), s, {"loss": loss}
+        params = (view, layers)
     elif a.method == "full":
         state = opt.init(params)
         step = S.make_plain_step(cfg, opt, remat=plain_remat,
@@ -114,7 +171,8 @@ def run_one(a) -> dict:
     if a.profile:
         profile_step(a, step, params, state, batch)
     return dict(impl="lisa_jax", shape=a.shape, method=a.method, batch=a.batch, seq=a.seq,
-                gamma=a.gamma if a.method == "lisa" else (0 if a.method == "eh" else None),
+                gamma=(a.gamma if a.method in ("lisa", "lisa_unstacked") else
+                       0 if a.method == "eh" else None),
                 lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
                 step_s=round(t, 4), step_s_min=round(min(times), 4),
                 tokens_per_s=round(a.batch * a.seq / t, 1),

@@ -109,11 +109,9 @@ def _contract(x_BxSxI, dy_BxSxO, dtype):
 
 
 def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
-    """(dh, weight-gradient closure) of one layer for output cotangent ``dy``.
-
-    The weight gradients are returned as a thunk so that the caller can place their
-    computation inside the branch of a ``lax.cond`` taken only by sampled layers.
-    """
+    """(dh, parts) of one layer for output cotangent ``dy``: the input's cotangent, and what
+    ``weight_grads_from_parts`` contracts into the weight gradients, which a caller computes
+    for sampled layers only."""
     (h, q, k, v, hm, a, b), (o, attn_pullback) = _recompute(cfg, lp, saved, cos, sin, remat)
     B, S, D = h.shape
     dt = h.dtype
@@ -140,27 +138,34 @@ def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
     dh_norm, dg1_tok = _rms_backward(n1, r1, lp["attn_norm"], dx1)
     dh = dhm + dh_norm.astype(dt)
 
-    def weight_grads():
-        x1 = (lp["attn_norm"] * n1.astype(dt))
-        x2 = (lp["mlp_norm"] * n2.astype(dt))
-        m = (silu * b32).astype(dt)
-        g = {
-            "attn_norm": jnp.sum(dg1_tok, axis=(0, 1)).astype(lp["attn_norm"].dtype),
-            "wq": _contract(x1, dq, lp["wq"].dtype),
-            "wk": _contract(x1, dk, lp["wk"].dtype),
-            "wv": _contract(x1, dv, lp["wv"].dtype),
-            "wo": _contract(o.reshape(B, S, -1), dhm, lp["wo"].dtype),
-            "mlp_norm": jnp.sum(dg2_tok, axis=(0, 1)).astype(lp["mlp_norm"].dtype),
-            "w_gate": _contract(x2, da, lp["w_gate"].dtype),
-            "w_up": _contract(x2, db, lp["w_up"].dtype),
-            "w_down": _contract(m, dy, lp["w_down"].dtype),
-        }
-        if cfg.attention_bias:
-            for name, d in (("bq", dq), ("bk", dk), ("bv", dv)):
-                g[name] = jnp.sum(d, axis=(0, 1), dtype=jnp.float32).astype(lp[name].dtype)
-        return g
+    # What the weight gradients are contracted from (left unused, and removed by XLA, for
+    # frozen layers).
+    parts = dict(x1=lp["attn_norm"] * n1.astype(dt), dq=dq, dk=dk, dv=dv,
+                 o=o.reshape(B, S, -1), dhm=dhm, x2=lp["mlp_norm"] * n2.astype(dt), da=da, db=db,
+                 m=(silu * b32).astype(dt), dy=dy, d_attn_norm=jnp.sum(dg1_tok, axis=(0, 1)),
+                 d_mlp_norm=jnp.sum(dg2_tok, axis=(0, 1)))
+    return dh, parts
 
-    return dh, weight_grads
+
+def weight_grads_from_parts(cfg, lp, parts):
+    """One layer's weight gradients from its backward's ``parts`` (``lp``: dtypes only)."""
+    x1, x2 = parts["x1"], parts["x2"]
+    g = {
+        "attn_norm": parts["d_attn_norm"].astype(lp["attn_norm"].dtype),
+        "wq": _contract(x1, parts["dq"], lp["wq"].dtype),
+        "wk": _contract(x1, parts["dk"], lp["wk"].dtype),
+        "wv": _contract(x1, parts["dv"], lp["wv"].dtype),
+        "wo": _contract(parts["o"], parts["dhm"], lp["wo"].dtype),
+        "mlp_norm": parts["d_mlp_norm"].astype(lp["mlp_norm"].dtype),
+        "w_gate": _contract(x2, parts["da"], lp["w_gate"].dtype),
+        "w_up": _contract(x2, parts["db"], lp["w_up"].dtype),
+        "w_down": _contract(parts["m"], parts["dy"], lp["w_down"].dtype),
+    }
+    if cfg.attention_bias:
+        for name in ("bq", "bk", "bv"):
+            g[name] = jnp.sum(parts["d" + name[1]], axis=(0, 1),
+                              dtype=jnp.float32).astype(lp[name].dtype)
+    return g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -221,9 +226,9 @@ def _bwd_segments(cfg, remat, res, dy):
     for j in reversed(range(G)):
         layer = jnp.argmax(slot_L == j).astype(jnp.int32)
         dh = down(dh, hi, layer + 1)
-        dh, weight_grads = _layer_backward(cfg, _layer_at(layers_LxP, layer),
-                                           _layer_at(saved, layer), cos, sin, dh, remat)
-        per_slot[j] = weight_grads()
+        lp = _layer_at(layers_LxP, layer)
+        dh, parts = _layer_backward(cfg, lp, _layer_at(saved, layer), cos, sin, dh, remat)
+        per_slot[j] = weight_grads_from_parts(cfg, lp, parts)
         hi = layer
     dh = down(dh, hi, jnp.int32(0))
     grads = {name: (jnp.stack([g[name] for g in per_slot]) if G else
@@ -246,10 +251,10 @@ def _bwd_scan_cond(cfg, remat, res, dy):
     def body(carry, xs):
         dy, grads = carry
         lp, slot, saved_l = xs
-        dh, weight_grads = _layer_backward(cfg, lp, saved_l, cos, sin, dy, remat)
+        dh, parts = _layer_backward(cfg, lp, saved_l, cos, sin, dy, remat)
         if num_slots:
             def write(grads):
-                g = weight_grads()
+                g = weight_grads_from_parts(cfg, lp, parts)
                 return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
                         for name in grads}
             grads = jax.lax.cond(slot >= 0, write, lambda grads: grads, grads)

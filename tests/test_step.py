@@ -1,4 +1,7 @@
 """The fast LISA step against the plain path (full gradient tree -> LISA transform)."""
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,3 +276,34 @@ def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
     expected = jax.tree.map(lambda p, g: p - g, p0, clipped)
     for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(expected)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_unstacked_prototype_gradients_equal_the_stacked_stack():
+    """experiments/unstacked_lisa.py (one array per layer, for the benchmark) computes the same
+    gradients as the library's stacked backward, sampled layers in any slot order."""
+    spec = importlib.util.spec_from_file_location(
+        "unstacked_lisa", Path(__file__).resolve().parents[1] / "experiments" / "unstacked_lisa.py")
+    U = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(U)
+    cfg = tiny_cfg()
+    p = perturbed_params(cfg)
+    ids = batch_for(cfg)["input_ids"]
+    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    h0 = p["embed"][ids]
+    layers = [jax.tree.map(lambda x: x[i], p["layers"]) for i in range(L)]
+    for active in ([1, 4], [0, 5], [3]):
+        active = jnp.array(active)
+        act = jax.tree.map(lambda x: x[active], p["layers"])
+        slot_L = slot_of_layer(active, L)
+
+        def stacked(a, h):
+            return jnp.sum(jnp.sin(lisa_stack(cfg, "none", a, p["layers"], slot_L, h, cos, sin)))
+
+        def unstacked(a, h):
+            return jnp.sum(jnp.sin(U.unstacked_stack(cfg, a, layers, slot_L, h, cos, sin)))
+
+        g_ref, gh_ref = jax.jit(jax.grad(stacked, argnums=(0, 1)))(act, h0)
+        g, gh = jax.jit(jax.grad(unstacked, argnums=(0, 1)))(act, h0)
+        for name in g_ref:
+            assert rel_err(g[name], g_ref[name]) < 1e-6, (active, name)
+        assert rel_err(gh, gh_ref) < 1e-6
