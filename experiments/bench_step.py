@@ -59,20 +59,22 @@ def run_one(a) -> dict:
     # dots (keep matmul outputs) and full; LISA's "mlp" maps to full there.
     plain_remat = remat if remat in M.REMAT_POLICIES else "full"
     chunk = a.loss_chunk or None
+
+    def rest_of(p):  # every parameter but the layers
+        return {k: v for k, v in p.items() if k != "layers"}
+
     if a.method == "forward":
         fwd = S.make_forward(cfg, chunk)
         step = lambda p, s, b: (p, s, {"loss": fwd(p, b)})  # noqa: E731
     elif a.method == "floor":
         def floor(p, b):
-            rest = {k: v for k, v in p.items() if k != "layers"}
             return jax.grad(lambda r: S.plain_loss(cfg, {**r, "layers": p["layers"]}, b,
-                                                   loss_chunk=chunk)[0])(rest)
+                                                   loss_chunk=chunk)[0])(rest_of(p))
         floor = jax.jit(floor)
         step = lambda p, s, b: (p, s, {"loss": floor(p, b)})  # noqa: E731
     elif a.method == "floor_unstacked":
         # The floor with the peer's layout: one array per layer weight and the layer loop
         # unrolled, so that no layer's slice of a stacked array is copied for a library call.
-        rest_of = lambda p: {k: v for k, v in p.items() if k != "layers"}  # noqa: E731
         layers = [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
         params = {**rest_of(params), "layers": layers}
 
@@ -135,7 +137,6 @@ def run_one(a) -> dict:
         # The paper's "E+H": embedding, final norm and head trained with AdamW, every layer
         # frozen. The LISA stack with no slot: activation gradients only, no layer weight grad.
         from lisa_jax.stack_vjp import slot_of_layer
-        rest_of = lambda p: {k: v for k, v in p.items() if k != "layers"}  # noqa: E731
         state = opt.init(rest_of(params))
         no_slot = jnp.zeros((0,), jnp.int32)
 
