@@ -95,6 +95,21 @@ class ShardingError(ValueError):
     """A bad mesh spec or a batch that does not divide over the mesh; one line."""
 
 
+# XLA:CPU's concurrency-optimized scheduler can leave independent collectives of a program
+# unordered; devices simulated as threads on a few cores then reach them in different orders
+# and wait for each other until the rendezvous times out (seen: LISA on fsdp=8 over 8 CPU
+# devices, in most runs). Without it the collectives keep one order. Only XLA:CPU reads it.
+CPU_COLLECTIVES_IN_ORDER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def order_cpu_collectives() -> None:
+    """Add ``CPU_COLLECTIVES_IN_ORDER`` to ``XLA_FLAGS`` unless that flag is set there already.
+    Takes effect only if JAX has not yet initialized its backends (call it before first use)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_COLLECTIVES_IN_ORDER.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + CPU_COLLECTIVES_IN_ORDER).strip()
+
+
 # ----------------------------------------------------------------------------- mesh
 
 

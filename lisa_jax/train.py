@@ -532,6 +532,9 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     from lisa_jax.hf import load_hf, save_hf
 
     cfg = with_default_remat(cfg)
+    if cfg.mesh or cfg.distributed:
+        from lisa_jax import sharding as SH
+        SH.order_cpu_collectives()  # before JAX's backends start
     _init_distributed(cfg)  # first: joining must come before JAX uses a device
     _check_config(cfg)
     out = _prepare_out_dir(cfg)

@@ -198,6 +198,23 @@ def test_trainer_with_mesh_runs_sharded(tmp_path):
     assert out["batch_spec"]["input_ids"] == "('fsdp', None)"
     assert out["bad_batch_error"].startswith("batch size 6 does not divide")
     assert "\n" not in out["bad_batch_error"]
+    # The trainer on a mesh keeps XLA:CPU's collectives in one order (cpu_env does not).
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in out["xla_flags"]
+
+
+def test_order_cpu_collectives_adds_its_flag_once_and_keeps_a_users_choice(monkeypatch):
+    from lisa_jax import sharding as SH
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    SH.order_cpu_collectives()
+    SH.order_cpu_collectives()
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                       "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    SH.order_cpu_collectives()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    SH.order_cpu_collectives()
+    assert os.environ["XLA_FLAGS"] == SH.CPU_COLLECTIVES_IN_ORDER
 
 
 @pytest.mark.parametrize("spec, expect", [
@@ -412,7 +429,8 @@ def _worker_trainer(out_dir: str) -> dict:
     losses = [r["loss"] for r in rows if "loss" in r]
     return dict(steps=summary["steps"], finite=all(math.isfinite(x) for x in losses),
                 spec=SH.describe(seen["params"]), state_spec=SH.describe(seen["state"]),
-                batch_spec=SH.describe(seen["batch"]), bad_batch_error=bad)
+                batch_spec=SH.describe(seen["batch"]), bad_batch_error=bad,
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def _worker_steps(path: str, out_dir: str, port: str | None = None,
