@@ -103,10 +103,14 @@ CPU_COLLECTIVES_IN_ORDER = "--xla_cpu_enable_concurrency_optimized_scheduler=fal
 
 
 def order_cpu_collectives() -> None:
-    """Add ``CPU_COLLECTIVES_IN_ORDER`` to ``XLA_FLAGS`` unless that flag is set there already.
-    Takes effect only if JAX has not yet initialized its backends (call it before first use)."""
+    """On CPU devices (``JAX_PLATFORMS=cpu`` or simulated ones in ``XLA_FLAGS``), add
+    ``CPU_COLLECTIVES_IN_ORDER`` to ``XLA_FLAGS`` unless that flag is set there already.
+    Accelerator hosts are left alone. Takes effect only if JAX has not yet initialized its
+    backends (call it before first use)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if CPU_COLLECTIVES_IN_ORDER.split("=")[0] not in flags:
+    on_cpu = (os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+              or "xla_force_host_platform_device_count" in flags)
+    if on_cpu and CPU_COLLECTIVES_IN_ORDER.split("=")[0] not in flags:
         os.environ["XLA_FLAGS"] = (flags + " " + CPU_COLLECTIVES_IN_ORDER).strip()
 
 

@@ -202,7 +202,7 @@ def test_trainer_with_mesh_runs_sharded(tmp_path):
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in out["xla_flags"]
 
 
-def test_order_cpu_collectives_adds_its_flag_once_and_keeps_a_users_choice(monkeypatch):
+def test_order_cpu_collectives_adds_its_flag_once_on_cpu_and_keeps_a_users_choice(monkeypatch):
     from lisa_jax import sharding as SH
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     SH.order_cpu_collectives()
@@ -213,8 +213,14 @@ def test_order_cpu_collectives_adds_its_flag_once_and_keeps_a_users_choice(monke
     SH.order_cpu_collectives()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
     monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     SH.order_cpu_collectives()
     assert os.environ["XLA_FLAGS"] == SH.CPU_COLLECTIVES_IN_ORDER
+    # Not on an accelerator host: nothing is added there.
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.delenv("JAX_PLATFORMS")
+    SH.order_cpu_collectives()
+    assert "XLA_FLAGS" not in os.environ
 
 
 @pytest.mark.parametrize("spec, expect", [
