@@ -70,8 +70,8 @@ def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias):
     _check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4])
 
 
-# The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5,
-# odd and even: the backward walks them two layers per loop iteration plus a remainder.
+# The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5:
+# the backward walks each run in a loop whose trip count is the run's length.
 @pytest.mark.parametrize("active", [[0, 5], [2, 3], [5], [0, 1, 2]])
 def test_stack_vjp_gradients_for_every_frozen_run_length(active):
     _check_stack_gradients(tiny_cfg(), "none", active)
