@@ -32,7 +32,7 @@ def kernel_class(name: str) -> str:
         return "triton_matmul"
     if "sdpa" in name or "cudnn" in name:
         return "cudnn_attention"
-    if "memcpy" in name.lower() and "D2H" not in name or "dynamic_slice_fusion" in name:
+    if "memcpy" in name.lower() or "dynamic_slice_fusion" in name:  # (D2H counted apart)
         return "slice_copies"
     if "dynamic_update_slice" in name or "scatter" in name:
         return "in_place_updates"
