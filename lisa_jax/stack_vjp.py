@@ -50,10 +50,10 @@ def _rms_stats(x, eps):
 
 
 def _rms_backward(n32, r, scale, dy):
-    """Backward of ``scale * n`` with ``n = x * r``: (dx float32, dscale float32 per token)."""
+    """Input cotangent (float32) of ``scale * n`` with ``n = x * r`` (its scale's gradient is
+    ``weight_grads_from_parts``'s)."""
     dn = dy.astype(jnp.float32) * scale.astype(jnp.float32)
-    dx = r * (dn - n32 * jnp.mean(dn * n32, axis=-1, keepdims=True))
-    return dx, dy.astype(jnp.float32) * n32
+    return r * (dn - n32 * jnp.mean(dn * n32, axis=-1, keepdims=True))
 
 
 def _attention_vjp(cfg, q, k, v):
@@ -124,7 +124,7 @@ def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
     db = (dm32 * silu).astype(dt)
     dx2 = da @ lp["w_gate"].T + db @ lp["w_up"].T
     n2, r2 = _rms_stats(hm, cfg.rms_norm_eps)
-    dhm_norm, dg2_tok = _rms_backward(n2, r2, lp["mlp_norm"], dx2)
+    dhm_norm = _rms_backward(n2, r2, lp["mlp_norm"], dx2)
     dhm = dy + dhm_norm.astype(dt)
     # Attention: hm = h + attn(q, k, v) @ wo.
     do = (dhm @ lp["wo"].T).reshape(B, S, cfg.num_heads, cfg.head_dim)
@@ -135,31 +135,40 @@ def _layer_backward(cfg, lp, saved, cos, sin, dy, remat):
     dv = dv.reshape(B, S, -1)
     dx1 = dq @ lp["wq"].T + dk @ lp["wk"].T + dv @ lp["wv"].T
     n1, r1 = _rms_stats(h, cfg.rms_norm_eps)
-    dh_norm, dg1_tok = _rms_backward(n1, r1, lp["attn_norm"], dx1)
+    dh_norm = _rms_backward(n1, r1, lp["attn_norm"], dx1)
     dh = dhm + dh_norm.astype(dt)
 
-    # What the weight gradients are contracted from (left unused, and removed by XLA, for
-    # frozen layers).
-    parts = dict(x1=lp["attn_norm"] * n1.astype(dt), dq=dq, dk=dk, dv=dv,
-                 o=o.reshape(B, S, -1), dhm=dhm, x2=lp["mlp_norm"] * n2.astype(dt), da=da, db=db,
-                 m=(silu * b32).astype(dt), dy=dy, d_attn_norm=jnp.sum(dg1_tok, axis=(0, 1)),
-                 d_mlp_norm=jnp.sum(dg2_tok, axis=(0, 1)))
+    # What the weight gradients are made of: tensors the activation backward holds anyway
+    # (saved or matmul inputs and outputs); the elementwise rest is derived from them in
+    # weight_grads_from_parts, so that a caller computing weight gradients conditionally
+    # (``lax.cond``) pays nothing for frozen layers. Unused, and removed by XLA, otherwise.
+    parts = dict(h=h, hm=hm, a=a, b=b, dq=dq, dk=dk, dv=dv, o=o.reshape(B, S, -1), dhm=dhm,
+                 da=da, db=db, dy=dy, dx1=dx1, dx2=dx2)
     return dh, parts
 
 
 def weight_grads_from_parts(cfg, lp, parts):
-    """One layer's weight gradients from its backward's ``parts`` (``lp``: dtypes only)."""
-    x1, x2 = parts["x1"], parts["x2"]
+    """One layer's weight gradients from its backward's ``parts`` (``lp``: the layer's
+    parameters; only its norm scales are read)."""
+    dt = parts["h"].dtype
+    n1, _ = _rms_stats(parts["h"], cfg.rms_norm_eps)
+    n2, _ = _rms_stats(parts["hm"], cfg.rms_norm_eps)
+    x1 = lp["attn_norm"] * n1.astype(dt)
+    x2 = lp["mlp_norm"] * n2.astype(dt)
+    m = (jax.nn.silu(parts["a"].astype(jnp.float32)) * parts["b"].astype(jnp.float32)).astype(dt)
+
+    def norm_grad(dx, n32, like):  # sum over tokens of dRMSNorm/dscale
+        return jnp.sum(dx.astype(jnp.float32) * n32, axis=(0, 1)).astype(like.dtype)
     g = {
-        "attn_norm": parts["d_attn_norm"].astype(lp["attn_norm"].dtype),
+        "attn_norm": norm_grad(parts["dx1"], n1, lp["attn_norm"]),
         "wq": _contract(x1, parts["dq"], lp["wq"].dtype),
         "wk": _contract(x1, parts["dk"], lp["wk"].dtype),
         "wv": _contract(x1, parts["dv"], lp["wv"].dtype),
         "wo": _contract(parts["o"], parts["dhm"], lp["wo"].dtype),
-        "mlp_norm": parts["d_mlp_norm"].astype(lp["mlp_norm"].dtype),
+        "mlp_norm": norm_grad(parts["dx2"], n2, lp["mlp_norm"]),
         "w_gate": _contract(x2, parts["da"], lp["w_gate"].dtype),
         "w_up": _contract(x2, parts["db"], lp["w_up"].dtype),
-        "w_down": _contract(parts["m"], parts["dy"], lp["w_down"].dtype),
+        "w_down": _contract(m, parts["dy"], lp["w_down"].dtype),
     }
     if cfg.attention_bias:
         for name in ("bq", "bk", "bv"):
@@ -265,6 +274,60 @@ def _bwd_scan_cond(cfg, remat, res, dy):
 
 
 lisa_stack.defvjp(_lisa_stack_fwd, _lisa_stack_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def lisa_layer_list(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin):
+    """``lisa_stack`` for layers held as a sequence of ``L`` per-layer trees (one array per
+    layer weight, ``lisa_jax.layer_list``), the loop over them unrolled.
+
+    Each layer's weights are whole arrays, so no library call (cuBLAS, cuDNN) needs a copy of a
+    slice, which the stacked layout costs on a GPU. The backward computes every layer's weight
+    gradients under ``lax.cond`` on its slot and writes them into the ``G``-slot buffer.
+    """
+    return _list_forward(cfg, remat, layers, h_BxSxD, cos, sin)[0]
+
+
+def _list_forward(cfg, remat, layers, h, cos, sin):
+    saved = []
+    for lp in layers:
+        h, s = _layer_forward(cfg, lp, h, cos, sin, remat)
+        saved.append(s)
+    return h, saved
+
+
+def _lisa_layer_list_fwd(cfg, remat, active_GxP, layers, slot_L, h, cos, sin):
+    out, saved = _list_forward(cfg, remat, layers, h, cos, sin)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), active_GxP)
+    return out, (layers, slot_L, saved, cos, sin, shapes)
+
+
+def _lisa_layer_list_bwd(cfg, remat, res, dy):
+    layers, slot_L, saved, cos, sin, shapes = res
+    grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    num_slots = jax.tree.leaves(shapes)[0].shape[0] if jax.tree.leaves(shapes) else 0
+    for layer in reversed(range(len(layers))):
+        lp = layers[layer]
+        # The unrolled program lets XLA schedule any layer's recompute early, all of them
+        # alive at once; the barrier makes each layer wait for its output cotangent.
+        saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
+        dy, parts = _layer_backward(cfg, lp, saved_l, cos, sin, dy, remat)
+        if num_slots:
+            def write(grads, parts, norms, slot):
+                g = weight_grads_from_parts(cfg, norms, parts)
+                return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
+                        for name in grads}
+            norms = {name: lp[name] for name in ("attn_norm", "mlp_norm")}
+            others = {name: jax.ShapeDtypeStruct(lp[name].shape, lp[name].dtype)
+                      for name in lp if name not in norms}
+            grads = jax.lax.cond(
+                slot_L[layer] >= 0,
+                lambda g, p, n, s: write(g, p, {**others, **n}, s),
+                lambda g, p, n, s: g, grads, parts, norms, slot_L[layer])
+    return grads, None, None, dy, None, None
+
+
+lisa_layer_list.defvjp(_lisa_layer_list_fwd, _lisa_layer_list_bwd)
 
 
 def slot_of_layer(active_G, num_layers: int):
