@@ -182,7 +182,7 @@ def _num_layers(cfg: _Config, leaves, mask) -> int:
     sizes = {}
     for x, m in zip(leaves, mask):
         if m:
-            shape = np.shape(x)
+            shape = tuple(x.shape) if isinstance(x, jax.ShapeDtypeStruct) else np.shape(x)
             if len(shape) == 0:
                 raise ValueError(f"a leaf selected by layers={cfg.layers_desc} is a scalar; layer "
                                  f"leaves need a leading layer axis L")
@@ -252,7 +252,7 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
         rest_state = _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
                            lambda f, o: f, lambda f, o, r: o)
 
-    slot_view = _part(treedef, leaves, mask, True, lambda x: x[new_active])
+    slot_view = _part(treedef, leaves, mask, True, lambda x: _rows(x, new_active))
     slot_ptd = jax.tree_util.tree_structure(slot_view, is_leaf=_none_or_masked)
     fresh = jax.vmap(cfg.inner.init)(slot_view)
 
@@ -286,6 +286,13 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
         slot_state=slot_state,
         rest_state=rest_state,
     )
+
+
+def _rows(x, active):
+    """``x[active]``; zeros of that shape for a ``jax.ShapeDtypeStruct`` template leaf."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jnp.zeros((active.shape[0],) + tuple(x.shape[1:]), x.dtype)
+    return x[active]
 
 
 def _due(cfg: _Config, state: LisaState):
@@ -392,7 +399,10 @@ class LisaTransformation(optax.GradientTransformation):
     def prepare(self, state: LisaState, params) -> LisaState:
         """Resample if ``state.count`` starts a new period (``lax.cond`` under jit, fixed shapes
         for ``n_active``); otherwise return ``state``. Idempotent. ``params``: full-size tree
-        (or grads) used as template for fresh inner states."""
+        (or grads) used as template for fresh inner states. Its layer leaves may be
+        ``jax.ShapeDtypeStruct``s ``[L, ...]`` (a step whose layers are not stacked): fresh
+        states are then ``inner.init`` of zeros, the same for every optimizer whose state
+        starts from the shapes alone (AdamW, SGD with momentum, Lion, ...)."""
         return _prepare(self.config, state, params)
 
     def view(self, tree, state: LisaState):
