@@ -13,10 +13,11 @@ with no sampled layer: AdamW on embedding, final norm and head); full fine-tunin
 the same shapes, and each of our rows is printed with its ratio to the peer's row of the same
 method. Random weights: speed and memory do not depend on the values.
 
-One row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none``. Two
-rows exist by hand only, to measure what the stacked layer layout costs: ``--one
-floor_unstacked`` (the floor over one array per layer weight) and ``--one lisa_unstacked``
-(``experiments/unstacked_lisa.py``). ``--profile DIR`` also writes each row's trace and optimized
+LISA rows run on one array per layer weight (``--layouts per_layer``, what the trainer uses on
+one GPU; ``lisa_jax.layer_list``) and/or on the stacked ``[L, ...]`` arrays (``stacked``). One
+row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none --layout
+per_layer``; ``--one floor_unstacked`` is the gradient floor over one array per layer weight (the
+floor of the per-layer LISA rows). ``--profile DIR`` also writes each row's trace and optimized
 HLO; ``experiments/trace_breakdown.py DIR`` sums the traces per kernel class.
 """
 from __future__ import annotations
@@ -87,43 +88,6 @@ def run_one(a) -> dict:
                                          None, chunk)[0]
         floor_u = jax.jit(lambda p, b: jax.grad(unstacked_loss)(rest_of(p), p["layers"], b))
         step = lambda p, s, b: (p, s, {"loss": floor_u(p, b)})  # noqa: E731
-    elif a.method == "lisa_unstacked":
-        # LISA on one array per layer weight (experiments/unstacked_lisa.py), the sample fixed:
-        # the step updates the sampled layers' view; the host writes them into the list.
-        import numpy as np
-
-        import unstacked_lisa
-        from lisa_jax.stack_vjp import slot_of_layer
-        tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=10**9, key=0)
-        state = tx.init(params)
-        active = [int(i) for i in np.asarray(state.active)]
-        view = tx.view(params, state)
-        layers = [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
-        del params
-
-        def view_step(view, layers, opt_state, b):
-            slot_L = slot_of_layer(opt_state.active, cfg.num_layers)
-
-            def loss_fn(v):
-                ids = b["input_ids"]
-                h, cos, sin = S._embed_and_rope(cfg, v["embed"], ids)
-                h = unstacked_lisa.unstacked_stack(cfg, v["layers"], layers, slot_L, h, cos, sin)
-                return S.lm_loss_from_hidden(cfg, v["final_norm"], M.head_weight(v), h, ids,
-                                             None, chunk)
-            (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(view)
-            updates, opt_state = tx.update_view(g, opt_state, view)
-            return optax.apply_updates(view, updates), opt_state, loss
-        view_step = jax.jit(view_step, donate_argnums=(0, 2))
-        split = jax.jit(lambda vl: [jax.tree.map(lambda x: x[j], vl) for j in range(a.gamma)])
-
-        def step(p, s, b):
-            view, layers = p
-            view, s, loss = view_step(view, layers, s, b)
-            layers = list(layers)
-            for i, layer in zip(active, split(view["layers"])):
-                layers[i] = layer
-            return (view, layers), s, {"loss": loss}
-        params = (view, layers)
     elif a.method == "full":
         state = opt.init(params)
         step = S.make_plain_step(cfg, opt, remat=plain_remat,
@@ -152,6 +116,9 @@ def run_one(a) -> dict:
     elif a.method == "lisa":
         tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
         state = tx.init(params)
+        if a.layout == "per_layer":
+            from lisa_jax import layer_list
+            params = layer_list.unstack(params, donate=True)
         step = S.make_lisa_step(cfg, tx, remat=remat, loss_chunk=chunk)
     else:
         raise ValueError(a.method)
@@ -172,7 +139,7 @@ def run_one(a) -> dict:
     if a.profile:
         profile_step(a, step, params, state, batch)
     return dict(impl="lisa_jax", shape=a.shape, method=a.method, batch=a.batch, seq=a.seq,
-                gamma=(a.gamma if a.method in ("lisa", "lisa_unstacked") else
+                gamma=(a.gamma if a.method == "lisa" else
                        0 if a.method == "eh" else None),
                 lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
                 step_s=round(t, 4), step_s_min=round(min(times), 4),
@@ -182,6 +149,7 @@ def run_one(a) -> dict:
                 loss_chunk=chunk, inner=a.inner,
                 backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
                 else None,
+                layout=a.layout if a.method == "lisa" else None,
                 device=str(jax.devices()[0].device_kind))
 
 
@@ -191,6 +159,8 @@ def profile_step(a, step, params, state, batch, steps: int = 3):
     import jax
 
     name = f"{a.method}{a.gamma if a.method == 'lisa' else ''}_{a.remat}"
+    if a.method == "lisa" and a.layout != "stacked":
+        name += f"_{a.layout}"
     os.makedirs(a.profile, exist_ok=True)
     if hasattr(step, "lower"):
         with open(os.path.join(a.profile, f"{name}.hlo.txt"), "w") as f:
@@ -232,13 +202,15 @@ def plan(a) -> list[dict]:
     rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none"),
             dict(method="eh", remat="none"),
             dict(method="full", remat="dots"), dict(method="lora", remat="dots")]
-    rows += [dict(method="lisa", gamma=g, remat="none") for g in a.gammas]
+    rows += [dict(method="lisa", gamma=g, remat="none", layout=lay)
+             for lay in a.layouts for g in a.gammas]
     for remat in a.remats:
         if remat == "none":
             continue
         if remat == "full":
             rows += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
-        rows += [dict(method="lisa", gamma=g, remat=remat) for g in a.remat_gammas]
+        rows += [dict(method="lisa", gamma=g, remat=remat, layout=lay)
+                 for lay in a.layouts for g in a.remat_gammas]
     return rows
 
 
@@ -250,12 +222,13 @@ def table(rows: list[dict], peers: list[dict]) -> str:
                     (r["method"] != "lisa" or p.get("gamma") == r.get("gamma")):
                 return p
         return None
-    out = [f"{'method':8s} {'γ/r':>4s} {'remat':>5s} {'step ms':>8s} {'tok/s':>9s} "
+    out = [f"{'method':8s} {'layout':9s} {'γ/r':>4s} {'remat':>5s} {'step ms':>8s} {'tok/s':>9s} "
            f"{'peak GiB':>8s} | {'peer tok/s':>10s} {'peer GiB':>8s} {'speed×':>6s} {'mem×':>5s}"]
     for r in rows:
         p = peer_for(r)
         g = r.get("gamma") or r.get("lora_r") or ""
-        line = (f"{r['method']:8s} {str(g):>4s} {r['remat']:>5s} {r['step_s'] * 1e3:8.1f} "
+        line = (f"{r['method']:8s} {r.get('layout') or '':9s} {str(g):>4s} {r['remat']:>5s} "
+                f"{r['step_s'] * 1e3:8.1f} "
                 f"{r['tokens_per_s']:9.0f} {r['peak_gib'] or float('nan'):8.2f} | ")
         if p:
             line += (f"{p['tokens_per_s']:10.0f} {p['peak_gib'] or float('nan'):8.2f} "
@@ -281,6 +254,10 @@ def main():
     ap.add_argument("--remats", nargs="+", default=["none", "mlp", "full"],
                     help="LISA: none mlp full; full FT and LoRA rows use per-layer remat")
     ap.add_argument("--remat-gammas", type=int, nargs="+", default=[2])
+    ap.add_argument("--layouts", nargs="+", default=["per_layer"],
+                    choices=["per_layer", "stacked"],
+                    help="LISA rows: layer weights as one array per layer (the trainer's on one "
+                         "device) and/or stacked [L, ...] arrays")
     ap.add_argument("--lora-r", type=int, default=128)
     ap.add_argument("--inner", default="adamw", choices=["adamw", "sgd"],
                     help="optimizer of the training rows (sgd: to isolate AdamW's cost)")
@@ -300,6 +277,7 @@ def main():
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gamma", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--remat", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--layout", default="per_layer", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         a.method = a.one
@@ -325,7 +303,8 @@ def main():
         if a.methods and r["method"] not in a.methods:
             continue
         args = [__file__, "--one", r["method"], "--remat", r["remat"],
-                "--gamma", str(r.get("gamma", 2)), *common]
+                "--gamma", str(r.get("gamma", 2)), "--layout", r.get("layout", "stacked"),
+                *common]
         row = spawn(args, a.timeout)
         if row:
             print(json.dumps(row), flush=True)

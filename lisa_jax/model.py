@@ -275,7 +275,8 @@ REMAT_POLICIES = {
 
 def run_layers(cfg: LlamaConfig, layers: Params, h_BxSxD, cos, sin, mask_BxSxS=None,
                remat: bool | str = False):
-    """All layers of the stack, scanned over the leading axis of ``layers``.
+    """All layers of the stack, scanned over the leading axis of ``layers``; or, for a
+    sequence of per-layer trees (``lisa_jax.layer_list``), one after another.
 
     ``remat``: False/"none", True/"full" (recompute each layer in the backward) or "dots".
     """
@@ -286,6 +287,11 @@ def run_layers(cfg: LlamaConfig, layers: Params, h_BxSxD, cos, sin, mask_BxSxS=N
         raise ValueError(f"unknown remat {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
     if mode != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[mode])
+    if isinstance(layers, (list, tuple)):
+        h = h_BxSxD
+        for lp in layers:
+            h = body(h, lp)[0]
+        return h
     return jax.lax.scan(body, h_BxSxD, layers)[0]
 
 

@@ -16,6 +16,12 @@ The LISA step
 4. ``tx.update_view`` runs the inner optimizer on the view; ``tx.apply_view`` writes the
    sampled slices back into the (donated) stacked parameters with one scatter per leaf.
 
+The same step takes either parameter layout (decided when it is traced): the stacked
+``[L, ...]`` arrays above, or ``params["layers"]`` as a tuple of per-layer trees
+(``lisa_jax.layer_list``), where the view is gathered with ``lax.switch``, the stack is
+``stack_vjp.lisa_layer_list`` and the write-back is one ``lax.cond`` per layer. On a GPU the
+second is faster (no copies of stacked slices) and what the trainer uses there.
+
 The executable depends only on the shapes, so each active-layer count compiles once; a new sample
 of the same size reuses it.
 """
@@ -27,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lisa_jax import layer_list
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_stack, slot_of_layer
+from lisa_jax.stack_vjp import REMAT_MODES, lisa_layer_list, lisa_stack, slot_of_layer
 
 METHODS = ("lisa", "full", "lora")
 # Tokens per chunk of the LM loss: one chunk of float32 logits (4096 x vocab) is alive at a
@@ -93,10 +100,12 @@ def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=LOSS_
 def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none",
               loss_chunk=LOSS_CHUNK,
               h_sharding=None):
-    """The loss as a function of the trainable view; the frozen stack enters as a constant."""
+    """The loss as a function of the trainable view; the frozen layers enter as a constant
+    (stacked, or a sequence of per-layer trees: ``lisa_jax.layer_list``)."""
     ids = batch["input_ids"]
     h, cos, sin = _embed_and_rope(cfg, view["embed"], ids, h_sharding)
-    h = lisa_stack(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
+    stack_fn = lisa_layer_list if isinstance(layers, (list, tuple)) else lisa_stack
+    h = stack_fn(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
     return lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
@@ -166,9 +175,15 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
     hs = _h_sharding(shardings)
 
     def step(params, opt_state, batch):
-        opt_state = tx.prepare(opt_state, params)
+        per_layer = layer_list.is_per_layer(params)
+        if per_layer:
+            rest = {k: v for k, v in params.items() if k != "layers"}
+            opt_state = tx.prepare(opt_state, layer_list.stacked_template(params))
+            view = {**rest, "layers": layer_list.gather(params["layers"], opt_state.active)}
+        else:
+            opt_state = tx.prepare(opt_state, params)
+            view = tx.view(params, opt_state)
         active = opt_state.active
-        view = tx.view(params, opt_state)
         slot_L = slot_of_layer(active, cfg.num_layers)
         (loss, n), grads = value_and_grad_accumulated(
             lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk, hs),
@@ -180,6 +195,10 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
             jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
             for g in jax.tree.leaves(grads["layers"])))
         updates, opt_state = tx.update_view(clip_grads(grads, clip_norm), opt_state, view)
+        if per_layer:
+            view = optax.apply_updates(view, updates)
+            layers = layer_list.write_back(params["layers"], view["layers"], slot_L)
+            return {**view, "layers": layers}, opt_state, metrics
         return tx.apply_view(params, updates, opt_state), opt_state, metrics
 
     return _jit(step, (0, 1) if donate else (), shardings)

@@ -26,17 +26,29 @@ def bench():
 def _args(method, **kw):
     a = dict(shape="tiny", batch=2, seq=16, steps=2, warmup=1, interval=2, lora_r=4,
              inner="adamw", loss_chunk=4096, dtype=None, method=method, gamma=2, remat="none",
-             profile=None)
+             profile=None, layout="stacked")
     a.update(kw)
     return argparse.Namespace(**a)
 
 
-@pytest.mark.parametrize("method", ["forward", "floor", "floor_unstacked", "eh", "full", "lora",
-                                    "lisa", "lisa_unstacked"])
-def test_every_row_runs(bench, method):
-    row = bench.run_one(_args(method))
+@pytest.mark.parametrize("method,layout", [
+    ("forward", None), ("floor", None), ("floor_unstacked", None), ("eh", None), ("full", None),
+    ("lora", None), ("lisa", "stacked"), ("lisa", "per_layer")])
+def test_every_row_runs(bench, method, layout):
+    row = bench.run_one(_args(method, layout=layout or "stacked"))
     assert row["method"] == method and row["tokens_per_s"] > 0 and row["step_s"] > 0
-    assert row["gamma"] == {"lisa": 2, "lisa_unstacked": 2, "eh": 0}.get(method)
+    assert row["gamma"] == {"lisa": 2, "eh": 0}.get(method)
+    assert row["layout"] == layout
+
+
+def test_plan_runs_lisa_in_each_layout_asked_for(bench):
+    a = argparse.Namespace(gammas=[1, 2], remats=["none", "full"], remat_gammas=[2],
+                           layouts=["per_layer", "stacked"])
+    lisa_rows = [(r["gamma"], r["remat"], r["layout"]) for r in bench.plan(a)
+                 if r["method"] == "lisa"]
+    assert lisa_rows == [(1, "none", "per_layer"), (2, "none", "per_layer"),
+                         (1, "none", "stacked"), (2, "none", "stacked"),
+                         (2, "full", "per_layer"), (2, "full", "stacked")]
 
 
 def test_profile_writes_the_trace_and_the_optimized_hlo(bench, tmp_path):

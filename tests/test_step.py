@@ -1,7 +1,4 @@
 """The fast LISA step against the plain path (full gradient tree -> LISA transform)."""
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +6,17 @@ import optax
 import pytest
 
 import lisa_jax
+from lisa_jax import layer_list
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as S
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_stack, slot_of_layer
+from lisa_jax.stack_vjp import REMAT_MODES, lisa_layer_list, lisa_stack, slot_of_layer
+
+LAYOUTS = ["stacked", "per_layer"]
+
+
+def in_layout(params, layout):
+    return layer_list.unstack(params) if layout == "per_layer" else params
 
 L = 6
 
@@ -64,20 +68,23 @@ def test_stack_with_no_sampled_layer_gives_embedding_and_head_gradients_of_autod
         assert rel_err(g_fast[name], g_ref[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("remat", REMAT_MODES)
 @pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
-def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias):
-    _check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4])
+def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias, layout):
+    _check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4], layout)
 
 
 # The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5:
-# the backward walks each run in a loop whose trip count is the run's length.
+# the stacked backward walks each run in a loop whose trip count is the run's length; the
+# per-layer backward decides each layer's weight gradients under lax.cond.
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("active", [[0, 5], [2, 3], [5], [0, 1, 2]])
-def test_stack_vjp_gradients_for_every_frozen_run_length(active):
-    _check_stack_gradients(tiny_cfg(), "none", active)
+def test_stack_vjp_gradients_for_every_frozen_run_length(active, layout):
+    _check_stack_gradients(tiny_cfg(), "none", active, layout)
 
 
-def _check_stack_gradients(cfg, remat, active):
+def _check_stack_gradients(cfg, remat, active, layout="stacked"):
     p = perturbed_params(cfg)
     ids = batch_for(cfg)["input_ids"]
     cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
@@ -87,15 +94,18 @@ def _check_stack_gradients(cfg, remat, active):
     def ref(layers, h):
         return jnp.sum(jnp.sin(M.run_layers(cfg, layers, h, cos, sin)))
 
+    stack_fn, layers = ((lisa_layer_list, in_layout(p, layout)["layers"])
+                        if layout == "per_layer" else (lisa_stack, p["layers"]))
+
     def fast(act, h):
-        out = lisa_stack(cfg, remat, act, p["layers"], slot_of_layer(active, L), h, cos, sin)
+        out = stack_fn(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin)
         return jnp.sum(jnp.sin(out))
 
     g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(p["layers"], h0)
     act = jax.tree.map(lambda x: x[active], p["layers"])
     out_ref = jax.jit(lambda: M.run_layers(cfg, p["layers"], h0, cos, sin))()
-    out_fast = jax.jit(lambda: lisa_stack(cfg, remat, act, p["layers"], slot_of_layer(active, L),
-                                          h0, cos, sin))()
+    out_fast = jax.jit(lambda: stack_fn(cfg, remat, act, layers, slot_of_layer(active, L),
+                                        h0, cos, sin))()
     assert rel_err(out_fast, out_ref) < 1e-6  # the forward is the model's own layer
     g_act, g_h2 = jax.jit(jax.grad(fast, argnums=(0, 1)))(act, h0)
     assert set(g_act) == set(p["layers"])
@@ -120,8 +130,9 @@ def test_stack_vjp_with_no_sampled_layer_gives_only_activation_gradient():
     assert rel_err(g_h, g_ref) < 1e-5
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("inner", ["sgd_momentum", "adamw"])
-def test_fast_step_updates_equal_plain_path_over_several_periods(inner):
+def test_fast_step_updates_equal_plain_path_over_several_periods(inner, layout):
     cfg = tiny_cfg(tie_embeddings=True)
     p0 = perturbed_params(cfg)
     # A larger eps keeps Adam's g / sqrt(v) from amplifying rounding in near-zero gradients.
@@ -130,7 +141,7 @@ def test_fast_step_updates_equal_plain_path_over_several_periods(inner):
     tx = lisa_jax.lisa(opt, n_active=2, interval=3, key=7)
     fast = S.make_lisa_step(cfg, tx, donate=False)
     plain = S.make_plain_step(cfg, tx, donate=False)
-    pa, sa = p0, tx.init(p0)
+    pa, sa = in_layout(p0, layout), tx.init(p0)
     pb, sb = p0, tx.init(p0)
     seen = set()
     for i in range(10):  # 4 periods, resamples at steps 3, 6, 9
@@ -140,19 +151,22 @@ def test_fast_step_updates_equal_plain_path_over_several_periods(inner):
         seen.add(tuple(np.asarray(lisa_jax.active_layers(sa))))
         np.testing.assert_array_equal(lisa_jax.active_layers(sa), lisa_jax.active_layers(sb))
         assert abs(float(ma["loss"]) - float(mb["loss"])) < 1e-5
-        for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        assert layer_list.is_per_layer(pa) == (layout == "per_layer")
+        for a, b in zip(jax.tree.leaves(layer_list.stack(pa)), jax.tree.leaves(pb)):
             assert rel_err(a, b) < 1e-5
     assert len(seen) > 1, "the test should cross resamples with different samples"
 
 
-def test_frozen_layers_are_bit_identical_after_training():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_frozen_layers_are_bit_identical_after_training(layout):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     tx = lisa_jax.lisa(optax.adamw(1e-2), n_active=2, interval=100, key=1)
     step = S.make_lisa_step(cfg, tx)
-    p, s = jax.tree.map(jnp.copy, p0), tx.init(p0)
+    p, s = in_layout(jax.tree.map(jnp.copy, p0), layout), tx.init(p0)
     for i in range(3):
         p, s, _ = step(p, s, batch_for(cfg, seed=i))
+    p = layer_list.stack(p)
     active = set(np.asarray(lisa_jax.active_layers(s)).tolist())
     for name, w in p["layers"].items():
         for layer in range(L):
@@ -162,12 +176,13 @@ def test_frozen_layers_are_bit_identical_after_training():
         assert not np.array_equal(np.asarray(p[name]), np.asarray(p0[name])), name
 
 
-def test_one_compile_per_active_count():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_compile_per_active_count(layout):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=2, interval=2, key=0)
     step = S.make_lisa_step(cfg, tx)
-    p, s = p0, tx.init(p0)
+    p, s = in_layout(p0, layout), tx.init(p0)
     samples = set()
     for i in range(12):  # 6 periods, 6 resamples
         p, s, _ = step(p, s, batch_for(cfg, seed=i))
@@ -179,11 +194,12 @@ def test_one_compile_per_active_count():
     # Layer 0 always, layer 1 half the time, the rest never: counts 1 and 2 only.
     tx = lisa_jax.lisa(optax.adamw(1e-3), probs=[1.0, 0.5] + [0.0] * (L - 2), interval=1, key=3)
     step = S.make_lisa_step(cfg, tx)
-    p, s = perturbed_params(cfg), None
+    p = perturbed_params(cfg)
     s = tx.init(p)
+    p = in_layout(p, layout)
     counts = []
     for i in range(10):
-        s = tx.maybe_resample(s, p)
+        s = tx.maybe_resample(s, layer_list.stacked_template(p))
         counts.append(int(lisa_jax.active_layers(s).shape[0]))
         p, s, _ = step(p, s, batch_for(cfg, seed=i))
     assert step._cache_size() == len(set(counts)) < len(counts)
@@ -276,34 +292,3 @@ def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
     expected = jax.tree.map(lambda p, g: p - g, p0, clipped)
     for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(expected)):
         assert rel_err(a, b) < 1e-5
-
-
-def test_unstacked_prototype_gradients_equal_the_stacked_stack():
-    """experiments/unstacked_lisa.py (one array per layer, for the benchmark) computes the same
-    gradients as the library's stacked backward, sampled layers in any slot order."""
-    spec = importlib.util.spec_from_file_location(
-        "unstacked_lisa", Path(__file__).resolve().parents[1] / "experiments" / "unstacked_lisa.py")
-    U = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(U)
-    cfg = tiny_cfg()
-    p = perturbed_params(cfg)
-    ids = batch_for(cfg)["input_ids"]
-    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
-    h0 = p["embed"][ids]
-    layers = [jax.tree.map(lambda x: x[i], p["layers"]) for i in range(L)]
-    for active in ([1, 4], [0, 5], [3]):
-        active = jnp.array(active)
-        act = jax.tree.map(lambda x: x[active], p["layers"])
-        slot_L = slot_of_layer(active, L)
-
-        def stacked(a, h):
-            return jnp.sum(jnp.sin(lisa_stack(cfg, "none", a, p["layers"], slot_L, h, cos, sin)))
-
-        def unstacked(a, h):
-            return jnp.sum(jnp.sin(U.unstacked_stack(cfg, a, layers, slot_L, h, cos, sin)))
-
-        g_ref, gh_ref = jax.jit(jax.grad(stacked, argnums=(0, 1)))(act, h0)
-        g, gh = jax.jit(jax.grad(unstacked, argnums=(0, 1)))(act, h0)
-        for name in g_ref:
-            assert rel_err(g[name], g_ref[name]) < 1e-6, (active, name)
-        assert rel_err(gh, gh_ref) < 1e-6
