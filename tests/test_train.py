@@ -33,13 +33,16 @@ def logged_layers(run_dir):
     return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
 
 
-@pytest.mark.parametrize("method", ["lisa", "lora"])
-def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method):
-    straight = train(small(model_dir, data_file, tmp_path / "a", method=method))
+@pytest.mark.parametrize("method,layout", [("lisa", "stacked"), ("lisa", "per_layer"),
+                                           ("lora", "auto")])
+def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method,
+                                                    layout):
+    kw = dict(method=method, layer_layout=layout)
+    straight = train(small(model_dir, data_file, tmp_path / "a", **kw))
     assert straight["status"] == "finished"
-    halted = train(small(model_dir, data_file, tmp_path / "b", method=method), halt_at=5)
+    halted = train(small(model_dir, data_file, tmp_path / "b", **kw), halt_at=5)
     assert halted["status"] == "interrupted" and halted["steps"] == 5
-    resumed = train(small(model_dir, data_file, tmp_path / "b", method=method, resume=True))
+    resumed = train(small(model_dir, data_file, tmp_path / "b", resume=True, **kw))
     assert resumed["status"] == "finished" and resumed["steps"] == 8
     step_a, pa, meta_a = final_params(tmp_path / "a")
     step_b, pb, meta_b = final_params(tmp_path / "b")
@@ -57,6 +60,28 @@ def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_pa
         ob = cb.mngr.restore(8, args=cb.ocp.args.Composite(opt=cb.ocp.args.StandardRestore()))
         for a, b in zip(jax.tree.leaves(oa["opt"]), jax.tree.leaves(ob["opt"])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_per_layer_layout_trains_as_the_stacked_one_and_shares_its_checkpoints(
+        model_dir, data_file, tmp_path):
+    """The per-layer layout (``--layer-layout per_layer``) is a layout, not another method: the
+    same run in both layouts ends at the same weights (to float rounding: the programs
+    differ), and a run interrupted in one layout resumes in the other."""
+    train(small(model_dir, data_file, tmp_path / "s", layer_layout="stacked"))
+    train(small(model_dir, data_file, tmp_path / "p", layer_layout="per_layer"))
+    train(small(model_dir, data_file, tmp_path / "m", layer_layout="per_layer"), halt_at=5)
+    resumed = train(small(model_dir, data_file, tmp_path / "m", layer_layout="stacked",
+                          resume=True))
+    assert resumed["status"] == "finished"
+    _, ps, _ = final_params(tmp_path / "s")
+    assert logged_layers(tmp_path / "s") == logged_layers(tmp_path / "p") == \
+        logged_layers(tmp_path / "m")
+    for run in ("p", "m"):
+        _, p, _ = final_params(tmp_path / run)
+        assert jax.tree.structure(p) == jax.tree.structure(ps)  # stacked on disk
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ps)):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)), run
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(model_dir, data_file,
@@ -118,6 +143,7 @@ def run_cli(args, capsys):
     ("all_too_long", r"longer than max length .*--max-seq-len"),
     ("gamma_too_large", r"--lisa-layers 9 is out of range: the model has 4 layers"),
     ("unknown_method", r"unknown method 'sft'; use --method lisa, full or lora"),
+    ("per_layer_with_full", r"--layer-layout per_layer is for --method lisa on one device"),
     ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
     ("distributed_without_cluster",
      r"--distributed could not join the other processes .*--coordinator-address"),
@@ -144,6 +170,8 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, cas
         args += ["--lisa-layers", "9"]
     elif case == "unknown_method":
         args += ["--method", "sft"]
+    elif case == "per_layer_with_full":
+        args += ["--method", "full", "--layer-layout", "per_layer"]
     elif case == "distributed_without_cluster":
         args += ["--distributed"]
     elif case == "unknown_flag_in_yaml":
