@@ -433,6 +433,11 @@ class _Checkpoints:
     def save(self, step: int, params, opt_state, meta: dict) -> None:
         ocp = self.ocp
         leaves = {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(opt_state))}
+        # orbax refuses zero-size arrays, which Bernoulli LISA's state holds in a period with
+        # no sampled layer: their shapes go into the metadata instead.
+        empty = {k: [list(x.shape), str(x.dtype)] for k, x in leaves.items() if x.size == 0}
+        leaves = {k: x for k, x in leaves.items() if k not in empty}
+        meta = {**meta, "empty_opt_leaves": empty}
         if layer_list.is_per_layer(params):  # checkpoints hold the canonical, stacked layout
             params = layer_list.stacked_on_host(params)
         self.mngr.save(step, args=ocp.args.Composite(
@@ -455,7 +460,10 @@ class _Checkpoints:
                              "delete that step directory to fall back to an earlier one, or "
                              "start again with --overwrite")
         treedef = jax.tree.structure(opt_like)
-        leaves = [jnp.asarray(out["opt"][k]) for k in sorted(out["opt"])]
+        stored = {k: jnp.asarray(v) for k, v in out["opt"].items()}
+        for k, (shape, dtype) in out["meta"].pop("empty_opt_leaves", {}).items():
+            stored[k] = jnp.zeros(shape, dtype)
+        leaves = [stored[k] for k in sorted(stored)]
         if len(leaves) != treedef.num_leaves:
             raise TrainError(f"checkpoint {self.dir / str(step)} holds an optimizer state of "
                              f"another method or model ({len(leaves)} leaves, expected "

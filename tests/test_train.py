@@ -62,6 +62,23 @@ def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_pa
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path, layout):
+    """Bernoulli LISA can sample no layer for a period; its state then holds zero-size arrays,
+    which must checkpoint and resume like any other (orbax alone refuses them)."""
+    kw = dict(lisa_probs="0.02,0.02,0.02,0.7", lisa_interval=2, save_every=2,
+              layer_layout=layout)
+    train(small(model_dir, data_file, tmp_path / "a", **kw))
+    train(small(model_dir, data_file, tmp_path / "b", **kw), halt_at=4)
+    train(small(model_dir, data_file, tmp_path / "b", resume=True, **kw))
+    layers = logged_layers(tmp_path / "a")
+    assert [] in layers.values() and layers == logged_layers(tmp_path / "b")
+    _, pa, _ = final_params(tmp_path / "a")
+    _, pb, _ = final_params(tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_per_layer_layout_trains_as_the_stacked_one_and_shares_its_checkpoints(
         model_dir, data_file, tmp_path):
     """The per-layer layout (``--layer-layout per_layer``) is a layout, not another method: the
