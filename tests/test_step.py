@@ -254,7 +254,8 @@ def test_bad_remat_is_a_one_line_error():
         S.make_lisa_step(cfg, tx, remat="dots")
 
 
-def test_gradient_accumulation_equals_the_whole_batch():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradient_accumulation_equals_the_whole_batch(layout):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     whole = batch_for(cfg, B=4)
@@ -263,8 +264,8 @@ def test_gradient_accumulation_equals_the_whole_batch():
     micro = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), whole)
     tx = lisa_jax.lisa(optax.sgd(0.1), n_active=2, interval=5, key=0)
     step = S.make_lisa_step(cfg, tx, donate=False)
-    pa, _, ma = step(p0, tx.init(p0), whole)
-    pb, _, mb = step(p0, tx.init(p0), micro)
+    pa, _, ma = step(in_layout(p0, layout), tx.init(p0), whole)
+    pb, _, mb = step(in_layout(p0, layout), tx.init(p0), micro)
     assert abs(float(ma["loss"]) - float(mb["loss"])) < 1e-6
     assert float(ma["tokens"]) == float(mb["tokens"])
     for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
