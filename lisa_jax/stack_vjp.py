@@ -10,6 +10,9 @@ fine-tuning. ``lisa_stack`` is a ``jax.custom_vjp`` over the whole stack instead
   weight gradients of a layer only when that layer holds a slot (``lax.cond``), writing them
   into a ``γ``-slot gradient buffer carried through the scan. No ``L``-sized gradient exists.
 
+``lisa_layer_list`` is the same over per-layer weights (``lisa_jax.layer_list``): the loop is
+unrolled and each layer's weight gradients are computed under ``lax.cond`` on its slot.
+
 The math is the layer of ``lisa_jax.model.decoder_layer``, whose building blocks it reuses, with
 its backward written out by hand (RMSNorm, RoPE and SwiGLU are cheap and recomputed; attention
 is differentiated with ``jax.vjp`` of ``model.attention``, which runs its forward once more in

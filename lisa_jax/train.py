@@ -94,7 +94,7 @@ class TrainConfig:
     remat: str | None = None
     # LISA on one device: auto | per_layer | stacked. per_layer trains on one array per layer
     # weight (lisa_jax.layer_list), which spares a GPU the copies of stacked slices (LLaMA-2-7B
-    # on an H200: 227 -> 210 ms a step); auto picks it on a GPU. Checkpoints and exports are
+    # on an H200: 227 -> 213 ms a step); auto picks it on a GPU. Checkpoints and exports are
     # stacked either way.
     layer_layout: str = "auto"
     mesh: str | None = None             # several devices: "fsdp=N,tp=M" (also dp=N); None: one
