@@ -24,7 +24,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Params = Any
 
@@ -74,15 +73,6 @@ def stack(params: Params, donate: bool = False) -> Params:
                 if isinstance(x, jax.Array):
                     x.delete()
     return {**params, "layers": treedef.unflatten(stacked)}
-
-
-def stacked_on_host(params: Params) -> Params:
-    """``params`` in the canonical layout as host (numpy) arrays: what a checkpoint stores,
-    whichever layout the run trains in, built without device memory."""
-    host = jax.device_get(params)
-    if is_per_layer(host):
-        host = {**host, "layers": jax.tree.map(lambda *xs: np.stack(xs), *host["layers"])}
-    return host
 
 
 def stacked_shapes(layers: Sequence[Params]) -> Params:

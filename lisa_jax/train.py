@@ -438,8 +438,6 @@ class _Checkpoints:
         empty = {k: [list(x.shape), str(x.dtype)] for k, x in leaves.items() if x.size == 0}
         leaves = {k: x for k, x in leaves.items() if k not in empty}
         meta = {**meta, "empty_opt_leaves": empty}
-        if layer_list.is_per_layer(params):  # checkpoints hold the canonical, stacked layout
-            params = layer_list.stacked_on_host(params)
         self.mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt=ocp.args.StandardSave(leaves),
@@ -657,10 +655,20 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     step = start
 
     def save(step):
+        nonlocal params
         meta = {"step": step, "data": loader.state_dict(), "method": cfg.method,
                 "active_layers": method.active(),
                 "importance": method.importance.state_dict() if method.importance else None}
-        ckpts.save(step, params, method.state, meta)
+        if not layer_list.is_per_layer(params):
+            ckpts.save(step, params, method.state, meta)
+            return
+        # Checkpoints hold the canonical, stacked layout: restack on the device leaf by leaf
+        # (one leaf of extra memory, a copy at memory bandwidth), save, and split again.
+        params = layer_list.stack(params, donate=True)
+        try:
+            ckpts.save(step, params, method.state, meta)
+        finally:
+            params = layer_list.unstack(params, donate=True)
 
     try:
         while step < total:
