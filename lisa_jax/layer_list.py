@@ -106,12 +106,12 @@ def write_back(layers: Sequence[Params], view_GxP: Params, slot_L) -> tuple:
     not -1 (under ``lax.cond``: a frozen layer is not read or written)."""
     if all(x.shape[0] == 0 for x in jax.tree.leaves(view_GxP)):  # no sampled layer
         return tuple(layers)
-    out = []
-    for i, lp in enumerate(layers):
-        def take(lp, view, slot):
-            return jax.tree.map(
-                lambda x, v: jax.lax.dynamic_index_in_dim(v, slot, 0, keepdims=False)
-                .astype(x.dtype), lp, view)
-        out.append(jax.lax.cond(slot_L[i] >= 0, take, lambda lp, view, slot: lp,
-                                lp, view_GxP, slot_L[i]))
-    return tuple(out)
+    def take(lp, view, slot):
+        return jax.tree.map(
+            lambda x, v: jax.lax.dynamic_index_in_dim(v, slot, 0, keepdims=False)
+            .astype(x.dtype), lp, view)
+
+    def keep(lp, view, slot):
+        return lp
+    return tuple(jax.lax.cond(slot_L[i] >= 0, take, keep, lp, view_GxP, slot_L[i])
+                 for i, lp in enumerate(layers))

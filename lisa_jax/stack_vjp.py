@@ -309,6 +309,16 @@ def _lisa_layer_list_bwd(cfg, remat, res, dy):
     layers, slot_L, saved, cos, sin, shapes = res
     grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     num_slots = jax.tree.leaves(shapes)[0].shape[0] if jax.tree.leaves(shapes) else 0
+    # The branch reads only the norm scales' values; the other weights enter by dtype alone.
+    dtypes = {name: jax.ShapeDtypeStruct(x.shape, x.dtype) for name, x in layers[0].items()}
+
+    def write(grads, parts, norms, slot):
+        g = weight_grads_from_parts(cfg, {**dtypes, **norms}, parts)
+        return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
+                for name in grads}
+
+    def skip(grads, parts, norms, slot):
+        return grads
     for layer in reversed(range(len(layers))):
         lp = layers[layer]
         # The unrolled program lets XLA schedule any layer's recompute early, all of them
@@ -316,17 +326,9 @@ def _lisa_layer_list_bwd(cfg, remat, res, dy):
         saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
         dy, parts = _layer_backward(cfg, lp, saved_l, cos, sin, dy, remat)
         if num_slots:
-            def write(grads, parts, norms, slot):
-                g = weight_grads_from_parts(cfg, norms, parts)
-                return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
-                        for name in grads}
             norms = {name: lp[name] for name in ("attn_norm", "mlp_norm")}
-            others = {name: jax.ShapeDtypeStruct(lp[name].shape, lp[name].dtype)
-                      for name in lp if name not in norms}
-            grads = jax.lax.cond(
-                slot_L[layer] >= 0,
-                lambda g, p, n, s: write(g, p, {**others, **n}, s),
-                lambda g, p, n, s: g, grads, parts, norms, slot_L[layer])
+            grads = jax.lax.cond(slot_L[layer] >= 0, write, skip, grads, parts, norms,
+                                 slot_L[layer])
     return grads, None, None, dy, None, None
 
 
