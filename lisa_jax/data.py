@@ -355,8 +355,9 @@ class DataLoader:
     ``pad_id``; ``S`` the smallest of ``buckets`` that fits) plus ``num_tokens`` (non-pad
     tokens), ``num_target_tokens`` and ``num_examples``, and ``epoch`` / ``step_in_epoch``.
 
-    ``drop_last`` drops an epoch's final partial batch; otherwise it is filled with all-pad
-    rows (loss mask 0), keeping the batch shape fixed.
+    ``drop_last`` leaves ``len(examples) % batch_size`` examples out of each epoch, drawn at
+    random with the epoch's shuffle (so a different few each epoch); otherwise the final
+    partial batch is filled with all-pad rows (loss mask 0), keeping the batch shape fixed.
 
     ``state_dict()`` after ``k`` batches, loaded into a fresh loader over the same examples and
     settings, makes it yield exactly batch ``k + 1`` onwards.
@@ -390,7 +391,7 @@ class DataLoader:
         self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{n} examples make no full batch of {batch_size}; lower "
-                             "--batch-size or pass drop_last=False")
+                             f"--batch-size to {n} or add examples")
         self.epoch = 0
         self.position = 0  # batches already yielded in this epoch
         self._plan_epoch: int | None = None
@@ -408,11 +409,15 @@ class DataLoader:
         else:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(n)
+            if self.drop_last:
+                # Leave out the remainder before sorting by length: cut after the sort, it
+                # would be the longest examples of the last chunk in every epoch.
+                order = order[: n - n % B]
             chunk = B * self.chunk_batches
             sorted_order = np.concatenate([
                 c[np.argsort(lens[c], kind="stable")]
-                for c in (order[i:i + chunk] for i in range(0, n, chunk))])
-            batches = [sorted_order[i:i + B] for i in range(0, n, B)]
+                for c in (order[i:i + chunk] for i in range(0, len(order), chunk))])
+            batches = [sorted_order[i:i + B] for i in range(0, len(sorted_order), B)]
         if self.drop_last and len(batches[-1]) < B:
             batches = batches[:-1]
         if self.shuffle:

@@ -239,3 +239,57 @@ def test_prepare_data_and_eval_batches(tmp_path):
     assert all(b["input_ids"].shape == (4, 64) for b in batches)
     assert sum(b["num_target_tokens"] for b in batches) == sum(int(e.loss_mask.sum())
                                                                for e in s.eval)
+
+
+def distinct_length_examples(n):
+    """``n`` examples of lengths 1..n in a scrambled order; token 0 of each is its index."""
+    lengths = np.random.default_rng(4).permutation(np.arange(1, n + 1))
+    return [data.Example(np.full(L, i, np.int32), np.ones(L, np.int32))
+            for i, L in enumerate(lengths)]
+
+
+def test_drop_last_leaves_out_different_examples_each_epoch():
+    exs = distinct_length_examples(100)
+    loader = data.DataLoader(exs, batch_size=8, seed=0, max_seq_len=128)
+    assert len(loader) == 12
+    seen_per_epoch = []
+    for _ in range(20):
+        seen = []
+        for _ in range(len(loader)):
+            b = next(loader)
+            assert b["num_examples"] == 8
+            seen += b["input_ids"][:, 0].tolist()
+        assert len(set(seen)) == 96
+        seen_per_epoch.append(frozenset(seen))
+    assert set().union(*seen_per_epoch) == set(range(100))  # nothing is starved
+    assert len(set(seen_per_epoch)) > 1
+    # The longest examples are trained on too, not only the shortest 96.
+    longest = max(range(100), key=lambda i: len(exs[i]))
+    assert sum(longest in s for s in seen_per_epoch) >= 10
+
+
+def test_drop_last_resume_mid_epoch_matches_uninterrupted():
+    exs = distinct_length_examples(100)
+    kw = dict(batch_size=8, seed=5, max_seq_len=128)
+    full = data.DataLoader(exs, **kw)
+    uninterrupted = [next(full)["input_ids"] for _ in range(30)]
+    a = data.DataLoader(exs, **kw)
+    for _ in range(17):  # the middle of the second epoch
+        next(a)
+    b = data.DataLoader(exs, **kw)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for want in uninterrupted[17:]:
+        np.testing.assert_array_equal(next(b)["input_ids"], want)
+    # And the same seed gives the same plan, another seed another one.
+    assert [x.tolist() for x in data.DataLoader(exs, **kw).epoch_plan(3)] == \
+        [x.tolist() for x in full.epoch_plan(3)]
+    other = data.DataLoader(exs, **{**kw, "seed": 6})
+    assert [x.tolist() for x in other.epoch_plan(3)] != [x.tolist() for x in full.epoch_plan(3)]
+
+
+def test_too_few_examples_names_cli_flags():
+    with pytest.raises(ValueError) as e:
+        data.DataLoader(random_examples(5), batch_size=8)
+    msg = str(e.value)
+    assert "--batch-size" in msg and "5" in msg and "add examples" in msg
+    assert "drop_last" not in msg
