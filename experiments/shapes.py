@@ -1,6 +1,8 @@
 """Model shapes the experiments run at (random weights), as ``LlamaConfig`` keyword arguments.
 
-The first four are the shapes of the PyTorch peer (``torch_peers.py``).
+All but llama2-70b are also shapes of the PyTorch peer (``torch_peers_strong.py``;
+``torch_peers.py`` lacks llama3-8b). ``llama3-8b`` is Llama 3 8B (GQA, 128k vocabulary,
+rope theta 500000; the peer keeps transformers' default theta, which changes no step time).
 """
 SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
@@ -9,6 +11,9 @@ SHAPES = {
                            num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64),
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                       num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                      rope_theta=500000.0),
     "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
                        num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128),
     "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
