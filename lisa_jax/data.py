@@ -474,8 +474,24 @@ class DataLoader:
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int = 0,
-                 max_seq_len: int | None = None) -> list[dict[str, Any]]:
-    """Every example once, length-sorted, in fixed-shape batches (last one filled with pad rows)."""
+                 max_seq_len: int | None = None, max_batches: int | None = None,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Eval examples in fixed-shape batches, length-sorted (last one filled with pad rows).
+
+    Every example once when ``max_batches`` is None or the set fits in that many batches;
+    otherwise a random sample of ``max_batches * batch_size`` examples, deterministic in
+    ``seed``. Sampling rather than taking the first batches keeps the estimate over all
+    lengths: the first length-sorted batches hold only the shortest examples.
+    """
+    if max_batches is not None:
+        if max_batches < 0:
+            raise ValueError(f"max_batches must be at least 0, got {max_batches}; lower "
+                             "--eval-batches to 0 or more")
+        limit = max_batches * batch_size
+        if len(examples) > limit:
+            picked = np.random.default_rng([seed, 0xE7A1]).choice(len(examples), limit,
+                                                                   replace=False)
+            examples = [examples[i] for i in np.sort(picked)]
     if not examples:
         return []
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))

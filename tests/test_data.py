@@ -293,3 +293,36 @@ def test_too_few_examples_names_cli_flags():
     msg = str(e.value)
     assert "--batch-size" in msg and "5" in msg and "add examples" in msg
     assert "drop_last" not in msg
+
+
+def test_eval_batches_subset_spans_all_lengths():
+    exs = distinct_length_examples(100)
+    lengths = np.array([len(e) for e in exs])
+
+    def chosen(seed):
+        batches = data.eval_batches(exs, batch_size=4, max_seq_len=128, max_batches=5,
+                                    seed=seed)
+        assert len(batches) == 5 and all(b["num_examples"] == 4 for b in batches)
+        return [int(i) for b in batches for i in b["input_ids"][:, 0]]
+
+    picks = {seed: chosen(seed) for seed in range(8)}
+    for ids in picks.values():
+        assert len(set(ids)) == 20
+        # A sample across all lengths: its mean is near the mean of all (the shortest 20
+        # examples would have mean 10.5 against 50.5), and long examples are among them.
+        assert abs(lengths[ids].mean() - lengths.mean()) < 20
+        assert lengths[ids].max() > 60
+    assert picks[0] == chosen(0)  # deterministic in the seed
+    assert len({tuple(v) for v in picks.values()}) > 1
+    longest = int(np.argmax(lengths))
+    assert any(longest in ids for ids in picks.values())
+    # Each batch still holds examples of similar length (length-bucketed).
+    batches = data.eval_batches(exs, batch_size=4, max_seq_len=128, max_batches=5)
+    maxima = [b["num_tokens"] for b in batches]
+    assert maxima == sorted(maxima)
+    # None, or a limit the set does not exceed, evaluates every example once.
+    for limit in (None, 25, 40):
+        every = data.eval_batches(exs, batch_size=4, max_seq_len=128, max_batches=limit)
+        assert sorted(int(i) for b in every for i in b["input_ids"][:b["num_examples"], 0]) == \
+            list(range(100))
+    assert data.eval_batches(exs, batch_size=4, max_seq_len=128, max_batches=0) == []
