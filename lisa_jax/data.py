@@ -205,18 +205,40 @@ def render_chat_template(tokenizer, record: dict) -> list[tuple[str, bool]]:
     return [(t, tgt) for t, tgt in segs if t]
 
 
-def tokenize_record(tokenizer, record: dict, use_chat_template: bool | None = None) -> Example:
-    """Render and tokenize one record, each segment on its own, and build its loss mask."""
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` itself puts the BOS token first (``add_bos_token`` or its
+    post-processor); Llama-3 and ChatML tokenizers, for instance, do not."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    # Asked of the tokenizer's behaviour rather than its add_bos_token attribute, which some
+    # tokenizers leave unset while their post-processor adds BOS.
+    probe = "a"
+    with_special = tokenizer(probe)["input_ids"]
+    without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def tokenize_record(tokenizer, record: dict, use_chat_template: bool | None = None,
+                    add_bos: bool | None = None) -> Example:
+    """Render and tokenize one record, each segment on its own, and build its loss mask.
+
+    BOS comes first when the tokenizer would add it to a plain ``tokenizer(text)`` call
+    (``add_bos``: that answer, if already known), so training and generation from the same
+    text agree; a chat template that writes the BOS itself is not given a second one.
+    """
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if add_bos is None:
+        add_bos = tokenizer_adds_bos(tokenizer)
     segs = render_chat_template(tokenizer, record) if use_chat_template else render_plain(record)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     mask: list[int] = []
-    bos = tokenizer.bos_token_id
-    if bos is not None and not (segs and tokenizer.bos_token
-                                and segs[0][0].startswith(tokenizer.bos_token)):
-        ids.append(bos)
+    rendered_bos = bool(segs and tokenizer.bos_token
+                        and segs[0][0].startswith(tokenizer.bos_token))
+    if add_bos and not rendered_bos:
+        ids.append(tokenizer.bos_token_id)
         mask.append(0)
     for text, is_target in segs:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -247,9 +269,10 @@ def build_examples(records: Sequence[dict], tokenizer, max_seq_len: int,
     or cut to it (``truncate=True``; kept only if a target token survives)."""
     stats = DataStats(num_records=len(records))
     out: list[Example] = []
+    add_bos = tokenizer_adds_bos(tokenizer) if records else False
     for i, r in enumerate(records):
         validate_record(r, i)
-        ex = tokenize_record(tokenizer, r, use_chat_template)
+        ex = tokenize_record(tokenizer, r, use_chat_template, add_bos)
         if len(ex) > max_seq_len:
             if not truncate:
                 stats.dropped_too_long += 1

@@ -16,16 +16,18 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} 
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_tokenizer(pad=True, chat=False):
+def make_tokenizer(pad=True, chat=False, add_bos=True, bos="<s>"):
+    """Llama 2 style by default: the tokenizer itself puts ``<s>`` first (``add_bos_token``)."""
     tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(SPECIAL)
-    kw = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    kw = dict(bos_token=bos, eos_token="</s>", unk_token="<unk>",
+              add_bos_token=add_bos and bos is not None)
     if pad:
         kw["pad_token"] = "<pad>"
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
     if chat:
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = chat if isinstance(chat, str) else CHAT_TEMPLATE
     return fast
 
 
@@ -326,3 +328,39 @@ def test_eval_batches_subset_spans_all_lengths():
         assert sorted(int(i) for b in every for i in b["input_ids"][:b["num_examples"], 0]) == \
             list(range(100))
     assert data.eval_batches(exs, batch_size=4, max_seq_len=128, max_batches=0) == []
+
+
+def test_bos_only_when_the_tokenizer_adds_it(tmp_path):
+    rec = {"instruction": "Reverse the list", "output": "4 1 3"}
+    prompt = data.PROMPT_TEMPLATE_NO_INPUT.format(instruction="Reverse the list")
+    for add_bos in (True, False):
+        tok = make_tokenizer(add_bos=add_bos)
+        assert (tok("hi")["input_ids"][0] == VOCAB["<s>"]) == add_bos
+        ex = data.tokenize_record(tok, rec)
+        # Training sees the prompt exactly as the tokenizer encodes it (lisa-jax generate --raw).
+        raw = tok(prompt)["input_ids"]
+        assert ex.input_ids[:len(raw)].tolist() == raw
+        assert ex.input_ids.tolist().count(VOCAB["<s>"]) == int(add_bos)
+        assert ex.loss_mask.tolist() == [0] * len(raw) + [1] * 4
+        # The same after a save and load_tokenizer.
+        tok.save_pretrained(tmp_path / str(add_bos))
+        again = data.load_tokenizer(tmp_path / str(add_bos))
+        assert data.tokenize_record(again, rec).input_ids.tolist() == ex.input_ids.tolist()
+    no_bos = make_tokenizer(bos=None)
+    assert VOCAB["<s>"] not in data.tokenize_record(no_bos, rec).input_ids.tolist()
+
+
+def test_chat_template_bos_never_doubled():
+    rec = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"}]}
+    body = ids("<|user|>", "hi", "</s>", "<|assistant|>", "hello", "</s>")
+    assert data.tokenize_record(make_tokenizer(chat=True, add_bos=False), rec
+                                ).input_ids.tolist() == body
+    assert data.tokenize_record(make_tokenizer(chat=True, add_bos=True), rec
+                                ).input_ids.tolist() == ids("<s>") + body
+    # A template that writes the BOS itself gets exactly one, whatever add_bos_token says.
+    with_bos = "{{ bos_token }}" + CHAT_TEMPLATE
+    for add_bos in (True, False):
+        ex = data.tokenize_record(make_tokenizer(chat=with_bos, add_bos=add_bos), rec)
+        assert ex.input_ids.tolist() == ids("<s>") + body
+        assert ex.loss_mask.tolist() == [0] * 5 + [1, 1]
