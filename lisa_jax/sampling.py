@@ -126,11 +126,11 @@ def normalize_probs(scores, expected: float, floor: float = 0.0) -> np.ndarray:
         if budget <= 0 or not free.any():
             break
         w = np.where(free, s, 0.0)
-        total = w.sum()
-        if total <= 0:  # only zero-score layers left: share the rest equally
-            w = free.astype(np.float64)
-            total = w.sum()
-        p = np.where(capped, 1.0, floor + budget * w / total)
+        top = w.max()
+        # Weights relative to the largest free score: their sum cannot overflow, and a
+        # subnormal score keeps its share (budget times a subnormal rounds to a few ulps).
+        w = w / top if top > 0 else free.astype(np.float64)  # all zero: equal shares
+        p = np.where(capped, 1.0, floor + budget * (w / w.sum()))
         over = free & (p > 1.0)
         if not over.any():
             break

@@ -26,6 +26,7 @@ import math
 import os
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 # The tests compile many small programs and run each only a few times: on CPU, skip LLVM's
 # optimisation passes (XLA's own graph passes still run; results can differ from an optimised
@@ -35,6 +36,13 @@ if (os.environ.get("LISA_JAX_TEST_XLA_OPT", "0") != "1" and not glob.glob("/dev/
         and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
+
+# Hypothesis draws the same examples on every run, so a test's outcome never depends on luck
+# (a failure seen once is seen every time). LISA_JAX_HYPOTHESIS_PROFILE=explore draws fresh
+# random examples, for hunting new counterexamples locally.
+hypothesis_settings.register_profile("derandomized", derandomize=True)
+hypothesis_settings.register_profile("explore", derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("LISA_JAX_HYPOTHESIS_PROFILE", "derandomized"))
 
 HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral")
 

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from lisa_jax import sampling
 from lisa_jax.sampling import (expected_count, normalize_probs, sample_bernoulli,
@@ -59,16 +59,36 @@ def test_bernoulli_mean_count_matches_expected_count():
     np.testing.assert_allclose(masks.mean(0), probs, atol=0.03)
 
 
-@FAST
-@given(scores=st.lists(st.floats(0.0, 1e3), min_size=1, max_size=32), data=st.data())
-def test_normalize_probs_within_floor_and_one_and_sums_to_expected(scores, data):
+def check_normalized(scores, expected, floor):
     n = len(scores)
-    expected = data.draw(st.floats(0.05, float(n)))
-    floor = data.draw(st.floats(0.0, expected / n))
     p = normalize_probs(scores, expected=expected, floor=floor)
     assert p.shape == (n,)
     assert np.all(p >= floor - 1e-9) and np.all(p <= 1.0 + 1e-9)
     assert p.sum() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+@st.composite
+def scores_expected_floor(draw):
+    scores = draw(st.lists(st.floats(0.0, 1e3), min_size=1, max_size=32))
+    n = len(scores)
+    expected = draw(st.floats(0.05, float(n)))
+    floor = draw(st.floats(0.0, expected / n))
+    return scores, expected, floor
+
+
+@FAST
+@given(case=scores_expected_floor())
+# Subnormal scores: once the large layers are capped, the budget left goes to them.
+@example(case=([1.0, 5e-324], 1.9, 0.2))
+@example(case=([1.0, 5e-324], 1.5, 0.0))
+@example(case=([5e-324, 1.0, 5e-324], 2.5, 0.3))
+@example(case=([5e-324, 5e-324, 1e-320], 2.5, 0.1))  # every score subnormal
+@example(case=([2.2250738585072014e-308, 5e-324, 1e-310], 2.0, 0.0))
+@example(case=([1e3, 5e-324, 0.0, 1e-320], 3.5, 0.1))
+@example(case=([1e300, 1e-300, 5e-324, 0.0], 3.0, 0.05))
+@example(case=([1.7e308, 1.7e308, 1.7e308], 1.0, 0.0))  # the sum of the scores overflows
+def test_normalize_probs_within_floor_and_one_and_sums_to_expected(case):
+    check_normalized(*case)
 
 
 def test_normalize_probs_is_monotone_in_score_and_caps_at_one():
