@@ -132,11 +132,12 @@ def cmd_generate(argv) -> int:
     import numpy as np
 
     from lisa_jax import data as data_lib
-    from lisa_jax.generate import generate
+    from lisa_jax.generate import generate, stop_token_ids, truncate_at_stop
     from lisa_jax.train import prompt_ids
     try:
         model, tok_dir = _load_for_inference(a.model, a.dtype)
         tok = data_lib.load_tokenizer(tok_dir)
+        stop = stop_token_ids(model.cfg, tok, tok_dir)
     except (TrainError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -144,11 +145,9 @@ def cmd_generate(argv) -> int:
         ids = np.asarray(tok(text)["input_ids"], np.int32) if a.raw else prompt_ids(tok, text)
         out = generate(model, ids[None], max_new_tokens=a.max_new_tokens,
                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                       key=jax.random.key(a.seed + i), eos_token_id=tok.eos_token_id,
+                       key=jax.random.key(a.seed + i), eos_token_id=stop,
                        pad_token_id=tok.pad_token_id)
-        new = np.asarray(out)[0, len(ids):].tolist()
-        if tok.eos_token_id in new:
-            new = new[: new.index(tok.eos_token_id)]
+        new = truncate_at_stop(np.asarray(out)[0, len(ids):], stop)
         print(f">>> {text}\n{tok.decode(new, skip_special_tokens=True).strip()}")
     return 0
 

@@ -19,6 +19,8 @@ transformers' ``generate``) and padded keys are masked out. The layer math is mo
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +226,41 @@ def generate(model: Model, input_ids, max_new_tokens: int = 20, attention_mask=N
                     use_top_p=(not greedy and top_p is not None and top_p < 1.0),
                     eos=eos, pad=int(pad_token_id))
     return out[0] if squeeze else out
+
+
+def stop_token_ids(model_cfg: LlamaConfig, tokenizer=None, model_dir=None) -> tuple[int, ...]:
+    """Every token id that ends a generation, each once: the tokenizer's eos, then the eos
+    ids of the model config, then those of ``model_dir``'s ``generation_config.json`` (if
+    given and present). Instruct checkpoints end turns with ids the tokenizer's eos misses
+    (Llama 3 Instruct's end-of-turn), which their configs list."""
+    ids: list[int] = []
+
+    def add(value):
+        if value is None:
+            return
+        for e in [value] if isinstance(value, (int, np.integer)) else value:
+            if int(e) not in ids:
+                ids.append(int(e))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    add(model_cfg.eos_token_id)
+    if model_dir is not None:
+        path = os.path.join(os.fspath(model_dir), "generation_config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    add(json.load(f).get("eos_token_id"))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+                raise ValueError(f"{path} is not a readable generation config ({e}); fix or "
+                                 "remove it") from None
+    return tuple(ids)
+
+
+def truncate_at_stop(tokens, stop_ids) -> list[int]:
+    """The generated ``tokens`` before the first of ``stop_ids``, as a list."""
+    tokens = np.asarray(tokens).tolist()
+    stops = set(int(s) for s in stop_ids)
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens

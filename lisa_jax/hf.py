@@ -560,8 +560,10 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
                 with open(src) as f:
                     gen = json.load(f)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if hf.get(key) is not None:
-                gen[key] = hf[key]
+            if hf.get(key) is None:
+                continue
+            gen[key] = (_joined_eos(gen.get(key), hf[key]) if key == "eos_token_id"
+                        else hf[key])
         gen["transformers_version"] = hf["transformers_version"]
         with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
             json.dump(gen, f, indent=2, sort_keys=True)
@@ -583,6 +585,19 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _joined_eos(source, model_eos):
+    """The generation config's eos ids: a list the source model had is kept (instruct
+    checkpoints stop at several ids while their config.json names one), with any id of the
+    model config it lacks appended; otherwise the model config's value."""
+    if not isinstance(source, list):
+        return model_eos
+    joined = list(source)
+    for e in model_eos if isinstance(model_eos, list) else [model_eos]:
+        if e not in joined:
+            joined.append(e)
+    return joined
 
 
 def _hf_config(cfg: LlamaConfig, params) -> dict:

@@ -139,3 +139,27 @@ def test_generate_errors(tiny_llama_dir):
         lisa_jax.generate(model, np.array([[5, 200]]))
     out = lisa_jax.generate(model, np.array([5, 6, 7]), max_new_tokens=0)
     np.testing.assert_array_equal(out, [5, 6, 7])
+
+
+def test_stop_token_ids_join_tokenizer_config_and_generation_config(tiny_llama_dir, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    from lisa_jax import data as data_lib
+    from lisa_jax.generate import stop_token_ids, truncate_at_stop
+
+    d = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    with open(d / "generation_config.json") as f:
+        gen = json.load(f)
+    with open(d / "generation_config.json", "w") as f:
+        json.dump({**gen, "eos_token_id": [2, 9]}, f)
+    model = lisa_jax.load_hf(d)
+    tok = data_lib.load_tokenizer(d)
+    assert stop_token_ids(model.cfg, tok) == (2,)
+    assert stop_token_ids(model.cfg, tok, d) == (2, 9)
+    listed = dataclasses.replace(model.cfg, eos_token_id=(11, 2))
+    assert stop_token_ids(listed, tok, d) == (2, 11, 9)  # each once, the tokenizer's first
+    assert stop_token_ids(listed, None) == (11, 2)
+    assert truncate_at_stop([5, 6, 9, 2, 7], (2, 9)) == [5, 6]
+    assert truncate_at_stop(np.array([5, 6]), (2, 9)) == [5, 6]

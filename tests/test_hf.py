@@ -226,6 +226,34 @@ def test_save_hf_replaces_existing_and_cleans_up(tiny_llama_dir, tmp_path, monke
     assert (out / "model.safetensors").exists()
 
 
+def _write_generation_config(path, **values):
+    with open(os.path.join(path, "generation_config.json")) as f:
+        gen = json.load(f)
+    gen.update(values)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+
+
+def test_save_hf_keeps_generation_config_eos_list(tiny_llama_dir, tmp_path):
+    # An instruct checkpoint stops at several ids; its model config names only one of them.
+    src = shutil.copytree(tiny_llama_dir, tmp_path / "src")
+    _write_generation_config(src, eos_token_id=[2, 7], temperature=0.6)
+    out = lisa_jax.save_hf(lisa_jax.load_hf(src), tmp_path / "out", tokenizer_from=src)
+    with open(os.path.join(out, "generation_config.json")) as f:
+        gen = json.load(f)
+    assert gen["eos_token_id"] == [2, 7] and gen["temperature"] == 0.6
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 7]
+    # A model config with a list of eos ids keeps the list in both files.
+    listed = shutil.copytree(tiny_llama_dir, tmp_path / "listed")
+    _edit_config(listed, eos_token_id=[2, 9])
+    model = lisa_jax.load_hf(listed)
+    assert model.cfg.eos_token_id == (2, 9)
+    out = lisa_jax.save_hf(model, tmp_path / "out2")
+    for name in ("config.json", "generation_config.json"):
+        with open(os.path.join(out, name)) as f:
+            assert json.load(f)["eos_token_id"] == [2, 9], name
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 
