@@ -13,6 +13,17 @@ with no sampled layer: AdamW on embedding, final norm and head); full fine-tunin
 the same shapes, and each of our rows is printed with its ratio to the peer's row of the same
 method. Random weights: speed and memory do not depend on the values.
 
+The peer is ``experiments/torch_peers_strong.py``; ``--peer-impl`` picks how it runs: ``liger``
+(the default: Liger kernels for RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy; needs
+``liger_kernel`` importable), ``compile`` (``torch.compile``) or ``eager`` (plain transformers,
+what ``torch_peers.py`` measures). ``--update-precision fp32`` gives every method's optimizer
+fp32 master weights when the parameters are 16-bit (``lisa_jax.master_weights(opt)``; for
+LISA inside: ``lisa(master_weights(opt), ...)``); ``bf16`` updates the bf16 weights in place.
+``--label`` is copied into every row, so that the JSONs of several invocations (a package
+before and after a change, say: experiments/precision_h200.sh) can be merged. Each row records
+``impl`` (``lisa_jax`` or ``torch``), ``ms`` (median step), ``tokens_per_s``, ``peak_gib`` and
+``wall_s`` (its process, start to end).
+
 LISA rows run on one array per layer weight (``--layouts per_layer``, what the trainer uses on
 one GPU; ``lisa_jax.layer_list``) and/or on the stacked ``[L, ...]`` arrays (``stacked``). One
 row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none --layout
@@ -23,6 +34,7 @@ HLO; ``experiments/trace_breakdown.py DIR`` sums the traces per kernel class.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -34,6 +46,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import SHAPES  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
+PEER_SCRIPT = os.path.join(HERE, "torch_peers_strong.py")
+# --peer-impl -> the peer script's flags (eager: torch_peers_strong.py without flags is
+# torch_peers.py, with the llama3-8b shape besides).
+PEER_IMPLS = {"eager": [], "liger": ["--liger"], "compile": ["--compile"]}
+TRAINING = ("full", "lora", "eh", "lisa")  # the methods with an optimizer
 
 
 def run_one(a) -> dict:
@@ -54,6 +71,13 @@ def run_one(a) -> dict:
     batch = {"input_ids": ids}
     # sgd isolates the optimizer's share of a step (variant rows; the peer uses AdamW).
     opt = optax.adamw(1e-5) if a.inner == "adamw" else optax.sgd(1e-5)
+    precision = getattr(a, "update_precision", "bf16")
+    sixteen_bit = jnp.dtype(cfg.dtype).itemsize < 4
+    master = precision == "fp32" and sixteen_bit and a.method in TRAINING
+    if master:
+        # Imported only here, so that the script runs on copies of the package without it.
+        from lisa_jax import master_weights
+        opt = master_weights(opt)  # LISA: lisa(master_weights(opt)); LoRA: on the adapters
     state = None
     remat = a.remat
     # Full FT and LoRA run plain autodiff: its remat policies (model.REMAT_POLICIES) are none,
@@ -138,11 +162,12 @@ def run_one(a) -> dict:
     peak = stats.get("peak_bytes_in_use")
     if a.profile:
         profile_step(a, step, params, state, batch)
-    return dict(impl="lisa_jax", shape=a.shape, method=a.method, batch=a.batch, seq=a.seq,
+    return dict(impl="lisa_jax", label=getattr(a, "label", None), shape=a.shape,
+                method=a.method, batch=a.batch, seq=a.seq,
                 gamma=(a.gamma if a.method == "lisa" else
                        0 if a.method == "eh" else None),
                 lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
-                step_s=round(t, 4), step_s_min=round(min(times), 4),
+                step_s=round(t, 4), step_s_min=round(min(times), 4), ms=round(t * 1e3, 1),
                 tokens_per_s=round(a.batch * a.seq / t, 1),
                 peak_gib=round(peak / 2**30, 2) if peak else None, peak_bytes=peak,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
@@ -150,6 +175,10 @@ def run_one(a) -> dict:
                 backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
                 else None,
                 layout=a.layout if a.method == "lisa" else None,
+                update_precision=(None if a.method not in TRAINING else
+                                  precision if sixteen_bit else "fp32"),
+                master_weights=master,
+                lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
                 device=str(jax.devices()[0].device_kind))
 
 
@@ -177,6 +206,7 @@ def spawn(args: list[str], timeout: float, keep_failure: bool = False) -> dict |
 
     A failed row is None, or with ``keep_failure`` a row ``{"status": "oom"}`` when the
     process ran out of device memory (other failures and time-outs stay None: worth a retry)."""
+    t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                            timeout=timeout)
@@ -191,7 +221,9 @@ def spawn(args: list[str], timeout: float, keep_failure: bool = False) -> dict |
         oom = any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
                                       "OutOfMemoryError"))
         return {"status": "oom"} if keep_failure and oom else None
-    return json.loads(lines[-1])
+    row = json.loads(lines[-1])
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def plan(a) -> list[dict]:
@@ -207,11 +239,53 @@ def plan(a) -> list[dict]:
     for remat in a.remats:
         if remat == "none":
             continue
+        variants = []
         if remat == "full":
-            rows += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
-        rows += [dict(method="lisa", gamma=g, remat=remat, layout=lay)
-                 for lay in a.layouts for g in a.remat_gammas]
+            variants += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
+        variants += [dict(method="lisa", gamma=g, remat=remat, layout=lay)
+                     for lay in a.layouts for g in a.remat_gammas]
+        remat_methods = getattr(a, "remat_methods", None)
+        rows += [r for r in variants if remat_methods is None or r["method"] in remat_methods]
     return rows
+
+
+def peer_plan(a) -> list[dict]:
+    """The peer's rows: each of ``--peer-methods`` without remat (LISA at ``--peer-gammas``),
+    then with ``--peer-remat`` those of ``--peer-remat-methods`` with remat (LISA at
+    ``--remat-gammas``); the forward has no remat row."""
+    rows = []
+    for remat in ([False, True] if a.peer_remat else [False]):
+        for method in a.peer_methods:
+            if remat and (method == "forward" or
+                          (a.peer_remat_methods and method not in a.peer_remat_methods)):
+                continue
+            gammas = (a.remat_gammas if remat else a.peer_gammas) if method == "lisa" else [2]
+            rows += [dict(method=method, gamma=g, remat=remat) for g in gammas]
+    return rows
+
+
+def peer_args(a, r: dict) -> list[str]:
+    """The peer script's command line for one row of ``peer_plan``."""
+    return [PEER_SCRIPT, "--shape", a.shape, "--method", r["method"],
+            "--batch", str(a.batch), "--seq", str(a.seq), "--gamma", str(r["gamma"]),
+            "--lora-r", str(a.lora_r)] + (["--remat"] if r["remat"] else []) + \
+        (["--steps", str(a.peer_steps)] if a.peer_steps else []) + \
+        (["--warmup", str(a.peer_warmup)] if a.peer_warmup is not None else []) + \
+        PEER_IMPLS[a.peer_impl]
+
+
+def peer_row(a, row: dict) -> dict:
+    """A peer script's JSON line with the fields our rows carry."""
+    row = {"impl": "torch", "label": a.label, **row}
+    row.setdefault("liger", a.peer_impl == "liger")
+    row.setdefault("compile", a.peer_impl == "compile")
+    row["update_precision"] = "bf16"  # pure bf16 weights, fused AdamW (no fp32 master)
+    row["ms"] = round(row["step_s"] * 1e3, 1)
+    return row
+
+
+def peer_name(p: dict) -> str:
+    return "liger" if p.get("liger") else "compile" if p.get("compile") else "eager"
 
 
 def table(rows: list[dict], peers: list[dict]) -> str:
@@ -222,23 +296,27 @@ def table(rows: list[dict], peers: list[dict]) -> str:
                     (r["method"] != "lisa" or p.get("gamma") == r.get("gamma")):
                 return p
         return None
-    out = [f"{'method':8s} {'layout':9s} {'γ/r':>4s} {'remat':>5s} {'step ms':>8s} {'tok/s':>9s} "
-           f"{'peak GiB':>8s} | {'peer tok/s':>10s} {'peer GiB':>8s} {'speed×':>6s} {'mem×':>5s}"]
+    out = [f"peer: torch {peer_name(peers[0])}"] if peers else []
+    out += [f"{'method':8s} {'layout':9s} {'γ/r':>4s} {'remat':>5s} {'upd':>4s} {'step ms':>8s} "
+            f"{'tok/s':>9s} {'peak GiB':>8s} | {'peer tok/s':>10s} {'peer GiB':>8s} "
+            f"{'speed×':>6s} {'mem×':>5s}"]
     for r in rows:
         p = peer_for(r)
         g = r.get("gamma") or r.get("lora_r") or ""
         line = (f"{r['method']:8s} {r.get('layout') or '':9s} {str(g):>4s} {r['remat']:>5s} "
-                f"{r['step_s'] * 1e3:8.1f} "
+                f"{r.get('update_precision') or '':>4s} {r['step_s'] * 1e3:8.1f} "
                 f"{r['tokens_per_s']:9.0f} {r['peak_gib'] or float('nan'):8.2f} | ")
         if p:
+            mem = (r["peak_gib"] / p["peak_gib"] if r.get("peak_gib") and p.get("peak_gib")
+                   else float("nan"))
             line += (f"{p['tokens_per_s']:10.0f} {p['peak_gib'] or float('nan'):8.2f} "
-                     f"{r['tokens_per_s'] / p['tokens_per_s']:6.2f} "
-                     f"{(r['peak_gib'] or 0) / (p['peak_gib'] or 1):5.2f}")
+                     f"{r['tokens_per_s'] / p['tokens_per_s']:6.2f} {mem:5.2f}")
         out.append(line)
     for p in peers:
         if not any(peer_for(r) is p for r in rows):
             out.append(f"peer {p['method']:8s} γ={p.get('gamma')} remat={p.get('remat')}: "
-                       f"{p['tokens_per_s']:.0f} tok/s, {p['peak_gib']} GiB")
+                       f"{p['step_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
+                       f"{p['peak_gib']} GiB")
     return "\n".join(out)
 
 
@@ -254,6 +332,9 @@ def main():
     ap.add_argument("--remats", nargs="+", default=["none", "mlp", "full"],
                     help="LISA: none mlp full; full FT and LoRA rows use per-layer remat")
     ap.add_argument("--remat-gammas", type=int, nargs="+", default=[2])
+    ap.add_argument("--remat-methods", nargs="+", default=None,
+                    help="only these methods get the --remats variants (default: full lora "
+                         "lisa; full FT and LoRA have one, remat full)")
     ap.add_argument("--layouts", nargs="+", default=["per_layer"],
                     choices=["per_layer", "stacked"],
                     help="LISA rows: layer weights as one array per layer (the trainer's on one "
@@ -264,12 +345,27 @@ def main():
     ap.add_argument("--loss-chunk", type=int, default=S_LOSS_CHUNK,
                     help="tokens per chunk of the LM loss (0: no chunking)")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
+    ap.add_argument("--update-precision", default="bf16", choices=["bf16", "fp32"],
+                    help="fp32: 16-bit parameters get fp32 master weights in the optimizer "
+                         "(lisa_jax.master_weights); bf16: updates applied to the bf16 weights")
+    ap.add_argument("--label", default=None,
+                    help="free text copied into every row (e.g. before / after)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="restrict to these methods (forward floor eh full lora lisa)")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
+    ap.add_argument("--peer-only", action="store_true",
+                    help="run only the peer's rows (implies --peer)")
+    ap.add_argument("--peer-impl", default="liger", choices=sorted(PEER_IMPLS),
+                    help="the peer: transformers with Liger kernels, torch.compile or eager")
     ap.add_argument("--peer-methods", nargs="+", default=["forward", "full", "lora", "lisa"])
     ap.add_argument("--peer-remat", action="store_true", help="peer rows with remat too")
+    ap.add_argument("--peer-remat-methods", nargs="+", default=None,
+                    help="with --peer-remat: only these methods (default: all but forward)")
     ap.add_argument("--peer-gammas", type=int, nargs="+", default=[2])
+    ap.add_argument("--peer-steps", type=int, default=None,
+                    help="timed steps of the peer (default: the peer script's, 12)")
+    ap.add_argument("--peer-warmup", type=int, default=None,
+                    help="untimed steps of the peer (default: the peer script's, 3)")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None,
@@ -286,9 +382,14 @@ def main():
     common = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
               "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk),
-              "--inner", a.inner] + \
+              "--inner", a.inner, "--update-precision", a.update_precision] + \
+        (["--label", a.label] if a.label is not None else []) + \
         (["--dtype", a.dtype] if a.dtype else []) + \
         (["--profile", a.profile] if a.profile else [])
+    a.peer = a.peer or a.peer_only
+    if a.peer and a.peer_impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        sys.exit("--peer-impl liger: liger_kernel is not importable (pip install --no-deps "
+                 "liger-kernel==0.8.5, or put its folder on PYTHONPATH); or --peer-impl eager")
     rows, peers = [], []
 
     def save():  # after every row, so that a cut-off job keeps what it measured
@@ -296,10 +397,12 @@ def main():
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             with open(a.out, "w") as f:
                 json.dump(dict(command=" ".join(["python3", *sys.argv]),
-                               date=time.strftime("%Y-%m-%d"), rows=rows, peer_rows=peers), f,
-                          indent=1)
+                               date=time.strftime("%Y-%m-%d"), label=a.label,
+                               update_precision=a.update_precision,
+                               peer_impl=a.peer_impl if a.peer else None,
+                               rows=rows, peer_rows=peers), f, indent=1)
 
-    for r in plan(a):
+    for r in ([] if a.peer_only else plan(a)):
         if a.methods and r["method"] not in a.methods:
             continue
         args = [__file__, "--one", r["method"], "--remat", r["remat"],
@@ -311,22 +414,13 @@ def main():
             rows.append(row)
             save()
     if a.peer:
-        peer_script = os.path.join(HERE, "torch_peers.py")
-        for remat in ([False, True] if a.peer_remat else [False]):
-            for method in a.peer_methods:
-                gammas = ((a.remat_gammas if remat else a.peer_gammas) if method == "lisa"
-                          else [2])
-                if remat and method == "forward":
-                    continue
-                for g in gammas:
-                    args = [peer_script, "--shape", a.shape, "--method", method,
-                            "--batch", str(a.batch), "--seq", str(a.seq), "--gamma", str(g),
-                            "--lora-r", str(a.lora_r)] + (["--remat"] if remat else [])
-                    row = spawn(args, a.timeout)
-                    if row:
-                        print(json.dumps(row), flush=True)
-                        peers.append(row)
-                        save()
+        for r in peer_plan(a):
+            row = spawn(peer_args(a, r), a.timeout)
+            if row:
+                row = peer_row(a, row)
+                print(json.dumps(row), flush=True)
+                peers.append(row)
+                save()
     print(table(rows, peers), flush=True)
 
 
