@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -489,6 +490,19 @@ def _check_layout(cfg: LlamaConfig, params) -> None:
                              f"implies {list(want)}")
 
 
+def _fresh_dir(parent: str, prefix: str) -> str:
+    """A new, uniquely named directory in ``parent`` with the mode ``os.mkdir`` gives under the
+    umask (``tempfile.mkdtemp`` makes it owner-only, which the renamed checkpoint would keep,
+    so other users could not read it)."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(6))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
 def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") -> str:
     """Write ``model`` as an HF model directory that ``transformers`` loads.
 
@@ -534,7 +548,10 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = _fresh_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
+    # The mode open() gives a new file under the umask (the directory's, less execute):
+    # safetensors writes its files owner-only.
+    file_mode = os.stat(tmp).st_mode & 0o666
     try:
         weight_map = {}
         for s, shard in enumerate(shards):
@@ -542,6 +559,7 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
                 f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
             arrays = {name: fetch() for name, _, _, fetch in shard}
             save_file(arrays, os.path.join(tmp, fn), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, fn), file_mode)
             del arrays
             weight_map.update({name: fn for name, *_ in shard})
         if len(shards) > 1:

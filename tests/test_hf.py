@@ -254,6 +254,27 @@ def test_save_hf_keeps_generation_config_eos_list(tiny_llama_dir, tmp_path):
             assert json.load(f)["eos_token_id"] == [2, 9], name
 
 
+def test_save_hf_directory_has_the_mode_mkdir_gives(tiny_llama_dir, tmp_path):
+    import stat
+
+    model = lisa_jax.load_hf(tiny_llama_dir)
+    previous = os.umask(0o022)
+    try:
+        os.mkdir(tmp_path / "reference")
+        (tmp_path / "reference" / "file").write_text("")
+        out = lisa_jax.save_hf(model, tmp_path / "ckpt", tokenizer_from=tiny_llama_dir)
+        again = lisa_jax.save_hf(model, tmp_path / "ckpt")  # replacing an existing one
+    finally:
+        os.umask(previous)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    want = mode(tmp_path / "reference")
+    assert want == 0o755
+    assert again == out
+    assert mode(out) == want
+    for fn in ("model.safetensors", "config.json", "generation_config.json"):
+        assert mode(os.path.join(out, fn)) == mode(tmp_path / "reference" / "file"), fn
+
+
 # ----------------------------------------------------------------------------- dtypes
 
 
