@@ -76,7 +76,10 @@ def run_one(a) -> dict:
     master = precision == "fp32" and sixteen_bit and a.method in TRAINING
     if master:
         # Imported only here, so that the script runs on copies of the package without it.
-        from lisa_jax import master_weights
+        try:
+            from lisa_jax import master_weights
+        except ImportError:
+            from lisa_jax.precision import master_weights
         opt = master_weights(opt)  # LISA: lisa(master_weights(opt)); LoRA: on the adapters
     state = None
     remat = a.remat
@@ -390,7 +393,7 @@ def main():
     if a.peer and a.peer_impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
         sys.exit("--peer-impl liger: liger_kernel is not importable (pip install --no-deps "
                  "liger-kernel==0.8.5, or put its folder on PYTHONPATH); or --peer-impl eager")
-    rows, peers = [], []
+    rows, peers, failed = [], [], []
 
     def save():  # after every row, so that a cut-off job keeps what it measured
         if a.out:
@@ -400,7 +403,12 @@ def main():
                                date=time.strftime("%Y-%m-%d"), label=a.label,
                                update_precision=a.update_precision,
                                peer_impl=a.peer_impl if a.peer else None,
-                               rows=rows, peer_rows=peers), f, indent=1)
+                               rows=rows, peer_rows=peers, failed=failed), f, indent=1)
+
+    def failure(spec: dict, impl: str, got: dict | None):  # an OOM or another failure, kept
+        failed.append(dict(impl=impl, label=a.label, shape=a.shape, **spec,
+                           status=(got or {}).get("status", "failed")))
+        save()
 
     for r in ([] if a.peer_only else plan(a)):
         if a.methods and r["method"] not in a.methods:
@@ -408,20 +416,27 @@ def main():
         args = [__file__, "--one", r["method"], "--remat", r["remat"],
                 "--gamma", str(r.get("gamma", 2)), "--layout", r.get("layout", "stacked"),
                 *common]
-        row = spawn(args, a.timeout)
-        if row:
+        row = spawn(args, a.timeout, keep_failure=True)
+        if row and "status" not in row:
             print(json.dumps(row), flush=True)
             rows.append(row)
             save()
+        else:
+            failure(r, "lisa_jax", row)
     if a.peer:
         for r in peer_plan(a):
-            row = spawn(peer_args(a, r), a.timeout)
-            if row:
+            row = spawn(peer_args(a, r), a.timeout, keep_failure=True)
+            if row and "status" not in row:
                 row = peer_row(a, row)
                 print(json.dumps(row), flush=True)
                 peers.append(row)
                 save()
+            else:
+                failure(r, "torch", row)
     print(table(rows, peers), flush=True)
+    for f in failed:
+        print(f"{f['status']}: {f['impl']} {f['method']} γ={f.get('gamma')} "
+              f"remat={f['remat']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -141,11 +141,24 @@ def test_fp32_updates_wrap_the_optimizer_inside_lisa(bench, monkeypatch):
 
 def test_fp32_updates_with_the_package_master_weights(bench):
     import lisa_jax
-    if not hasattr(lisa_jax, "master_weights"):
+    if not (hasattr(lisa_jax, "master_weights") or
+            importlib.util.find_spec("lisa_jax.precision") is not None):
         pytest.skip("lisa_jax.master_weights is not in this copy of the package")
     row = bench.run_one(_args("lisa", dtype="bfloat16", update_precision="fp32", steps=1,
                               layout="per_layer"))
     assert row["master_weights"] is True and row["tokens_per_s"] > 0
+
+
+def test_failed_rows_are_kept_in_the_json(tmp_path):
+    out = tmp_path / "b.json"
+    p = _main("--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
+              "--methods", "lisa", "--gammas", "8", "--remats", "none", "--label", "x",
+              "--out", str(out))  # γ=8 > the 4 layers of tiny
+    assert p.returncode == 0 and "failed: lisa_jax lisa γ=8 remat=none" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["rows"] == [] and d["failed"] == [dict(
+        impl="lisa_jax", label="x", shape="tiny", method="lisa", gamma=8, remat="none",
+        layout="per_layer", status="failed")]
 
 
 def _main(*argv, timeout=300):
