@@ -30,9 +30,17 @@ always-trained leaves keep theirs. With ``reset="all"`` all moments restart ever
 the global step and never restart.
 
 ``inner`` must be elementwise: it is run separately on the always-trained leaves and, under
-``jax.vmap``, on each slot. Whole-tree statistics (global-norm clipping, ...) belong outside::
+``jax.vmap``, on each slot. Whole-tree statistics belong outside it.
 
-    optax.chain(optax.clip_by_global_norm(1.0), lisa(optax.adamw(lr)))
+Clipping: ``lisa(..., clip_norm=c)`` clips by the global norm of the *trained* gradients (the
+always-trained leaves and the sampled slices), which is what the fast step computes and what
+LMFlow's LISA does. ``optax.chain(optax.clip_by_global_norm(c), lisa(...))`` clips by the norm
+of the whole tree it is given instead: fed plain-autodiff gradients, that includes the frozen
+layers' gradients (which LISA then drops), so it scales the trained gradients down further.
+
+bfloat16 parameters: ``lisa(precision.master_weights(optax.adamw(lr)))`` updates the trained
+view with float32 precision, keeping 16 extra bits for the always-trained leaves and the slots
+only (``lisa_jax.precision``).
 
 Contract for a fast train step
 ------------------------------
@@ -70,6 +78,7 @@ import numpy as np
 import optax
 
 from lisa_jax import sampling
+from lisa_jax.precision import MasterWeightsState
 
 __all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "resample",
            "maybe_resample", "trainable_view", "update_view", "scatter_view", "apply_view"]
@@ -99,6 +108,7 @@ class _Config:
     key: Any  # int seed, typed PRNG key or raw uint32 key data, as given
     key_impl: Any  # PRNG implementation of the sampler key (None: the default)
     reset: str
+    clip_norm: float | None = None
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -140,22 +150,25 @@ def _is_namedtuple(x) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def _walk(fresh, old, rest, ptd, on_param, on_other):
+def _walk(fresh, old, rest, ptd, on_param, on_other, on_master):
     """Rebuild an inner state: NamedTuple nodes with a param-shaped field go to ``on_param``
-    (fresh, old); everything else to ``on_other`` (fresh, old, rest) at its leaves/subtrees."""
+    (fresh, old); the master-weight remainders of ``precision.master_weights`` (weights, not
+    moments: never reset) to ``on_master`` (fresh, old); everything else to ``on_other``
+    (fresh, old, rest) at its leaves/subtrees."""
+    walk = lambda f, o, r: _walk(f, o, r, ptd, on_param, on_other, on_master)  # noqa: E731
+    if isinstance(fresh, MasterWeightsState):
+        return MasterWeightsState(on_master(fresh.remainder, old.remainder),
+                                  walk(fresh.inner_state, old.inner_state, rest.inner_state))
     if _param_shaped(fresh, ptd):  # a bare param-shaped subtree: moments too
         return on_param(fresh, old)
     if _is_namedtuple(fresh):
         if any(_param_shaped(f, ptd) for f in fresh):
             return on_param(fresh, old)
-        return type(fresh)(*(_walk(f, o, r, ptd, on_param, on_other)
-                             for f, o, r in zip(fresh, old, rest)))
+        return type(fresh)(*(walk(f, o, r) for f, o, r in zip(fresh, old, rest)))
     if isinstance(fresh, (tuple, list)):
-        return type(fresh)(_walk(f, o, r, ptd, on_param, on_other)
-                           for f, o, r in zip(fresh, old, rest))
+        return type(fresh)(walk(f, o, r) for f, o, r in zip(fresh, old, rest))
     if isinstance(fresh, dict):
-        return type(fresh)((k, _walk(fresh[k], old[k], rest[k], ptd, on_param, on_other))
-                           for k in fresh)
+        return type(fresh)((k, walk(fresh[k], old[k], rest[k])) for k in fresh)
     return on_other(fresh, old, rest)
 
 
@@ -250,25 +263,28 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
         rest_params = _part(treedef, leaves, mask, False)
         rest_ptd = jax.tree_util.tree_structure(rest_params, is_leaf=_none_or_masked)
         rest_state = _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
-                           lambda f, o: f, lambda f, o, r: o)
+                           lambda f, o: f, lambda f, o, r: o, lambda f, o: o)
 
     slot_view = _part(treedef, leaves, mask, True, lambda x: _rows(x, new_active))
     slot_ptd = jax.tree_util.tree_structure(slot_view, is_leaf=_none_or_masked)
     fresh = jax.vmap(cfg.inner.init)(slot_view)
 
-    if cfg.reset == "sampled" and g_old > 0 and g_new > 0:
+    if g_old > 0 and g_new > 0:
+        # A layer sampled again in the next period moves from its old slot to its new one.
         eq = new_active[:, None] == state.active[None, :]
         kept, src = eq.any(axis=1), jnp.argmax(eq, axis=1)
 
-        def carry(f, o):
-            k = kept.reshape((-1,) + (1,) * (f.ndim - 1))
-            return jnp.where(k, o[src], f).astype(f.dtype)
-
-        def on_param(f_node, o_node):
-            return jax.tree.map(carry, f_node, o_node)
+        def carry(f_node, o_node):
+            def one(f, o):
+                k = kept.reshape((-1,) + (1,) * (f.ndim - 1))
+                return jnp.where(k, o[src], f).astype(f.dtype)
+            return jax.tree.map(one, f_node, o_node)
     else:
-        def on_param(f_node, o_node):
+        def carry(f_node, o_node):
             return f_node
+
+    def on_param(f_node, o_node):  # moments: carried for kept layers unless reset="all"
+        return carry(f_node, o_node) if cfg.reset == "sampled" else f_node
 
     if g_old == g_new:
         def on_other(f, o, r):  # counts of schedules, hyperparams, ...: unchanged
@@ -277,7 +293,7 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
         def on_other(f, o, r):
             return jax.tree.map(lambda x: jnp.broadcast_to(x, (g_new,) + jnp.shape(x)), r)
 
-    slot_state = _walk(fresh, state.slot_state, rest_state, slot_ptd, on_param, on_other)
+    slot_state = _walk(fresh, state.slot_state, rest_state, slot_ptd, on_param, on_other, carry)
     return LisaState(
         count=state.count,
         key=jax.random.key_data(key_next),
@@ -309,8 +325,18 @@ def _prepare(cfg: _Config, state: LisaState, params) -> LisaState:
         return _resample_now(cfg, state, params)
     if not traced:
         return _resample_now(cfg, state, params)
-    return jax.lax.cond(_due(cfg, state), lambda s: _resample_now(cfg, s, params),
-                        lambda s: s, state)
+    if cfg.reset == "all":  # the always-trained leaves' moments restart too
+        return jax.lax.cond(_due(cfg, state), lambda s: _resample_now(cfg, s, params),
+                            lambda s: s, state)
+    # A resample changes the sampler and the slots only. The always-trained leaves' state
+    # (embedding and head moments: the larger part at LLaMA shapes) stays outside the cond,
+    # which would otherwise hold a second copy of it through the whole step.
+    rest = state.rest_state
+
+    def resample(s):
+        return _resample_now(cfg, s._replace(rest_state=rest), params)._replace(rest_state=None)
+    out = jax.lax.cond(_due(cfg, state), resample, lambda s: s, state._replace(rest_state=None))
+    return out._replace(rest_state=rest)
 
 
 def _raise_unprepared(count, period):
@@ -332,6 +358,9 @@ def _update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
         jax.lax.cond(_due(cfg, state),
                      lambda: jax.debug.callback(_raise_unprepared, state.count, state.period),
                      lambda: None)
+    if cfg.clip_norm:
+        view_grads = optax.clip_by_global_norm(cfg.clip_norm).update(
+            view_grads, optax.EmptyState())[0]
     leaves, mask, treedef = _split(cfg, view_grads)
     p_leaves = (treedef.flatten_up_to(view_params) if view_params is not None
                 else [None] * len(leaves))
@@ -441,12 +470,13 @@ def lisa(
     key=0,
     layers: str | Callable[[Any, Any], bool] = "layers",
     reset: str = "sampled",
+    clip_norm: float | None = None,
 ) -> LisaTransformation:
     """LISA: train all non-layer leaves, and a sampled subset of the stacked layers, with ``inner``.
 
     Args:
-      inner: an elementwise optax transformation, e.g. ``optax.adamw(schedule)``. Whole-tree
-        statistics belong outside: ``optax.chain(optax.clip_by_global_norm(1.0), lisa(...))``.
+      inner: an elementwise optax transformation, e.g. ``optax.adamw(schedule)``, or
+        ``precision.master_weights(...)`` of one for bfloat16 parameters.
         Per-slot ``inner`` sees one layer's slice (no layer axis), so a callable weight-decay
         mask like ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)`` exempts the norms.
       n_active: number of layers trained per period, drawn uniformly without replacement.
@@ -461,6 +491,8 @@ def lisa(
       reset: ``"sampled"`` (a newly sampled layer starts fresh, kept layers and always-trained
         leaves keep their moments) or ``"all"`` (every moment restarts each period). Schedules
         follow the global step either way.
+      clip_norm: clip by the global norm of the trained gradients (see the module docstring);
+        ``None`` or 0: no clipping.
 
     Returns:
       A :class:`LisaTransformation`, usable anywhere an ``optax.GradientTransformation`` is.
@@ -510,8 +542,11 @@ def lisa(
         elif jnp.shape(key) != (2,):
             raise ValueError("key must be an int seed, a jax.random.key(...) or a raw "
                              "jax.random.PRNGKey(...)")
+    if clip_norm is not None and not clip_norm >= 0:
+        raise ValueError(f"clip_norm={clip_norm!r} must be >= 0 (0 or None: no clipping)")
     cfg = _Config(inner=inner, pred=pred, layers_desc=desc, n_active=n_active, probs=probs,
-                  interval=int(interval), key=key, key_impl=key_impl, reset=reset)
+                  interval=int(interval), key=key, key_impl=key_impl, reset=reset,
+                  clip_norm=float(clip_norm) if clip_norm else None)
 
     def init(params):
         return _init(cfg, params)

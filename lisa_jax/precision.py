@@ -1,0 +1,148 @@
+"""Float32-precision updates for parameters stored in bfloat16.
+
+A bfloat16 weight keeps 8 significant bits. An Adam step moves a weight by about the learning
+rate, and at ``lr = 1e-5`` that is less than half a bfloat16 spacing of every weight with
+``|w| >= 2**-8`` (and of every norm scale near 1): added in bfloat16, such an update rounds
+back to the old value, and the weight never moves.
+
+:func:`master_weights` wraps any optax transformation so that it runs on a float32 *master*
+copy of the parameters and hands back updates that set each bfloat16 parameter to its master
+rounded to nearest. The master is not stored whole: a float32 number is its bfloat16 rounding
+(the high 16 bits, with the rounding carried in) plus a signed 16-bit remainder, so the state
+keeps only the remainder (``int16``, 2 bytes a parameter instead of 4 for a separate copy) and
+rebuilds the exact float32 master from the parameter itself at every update. Parameters that
+are float32 already pass through unchanged (no remainder is stored for them).
+
+Because the parameter *is* the high half of its master, the two can never drift apart, and a
+fresh state needs no parameter values: its remainders start at zero, which is exact for any
+bfloat16 parameter. Under :func:`lisa_jax.lisa`, put it inside, ``lisa(master_weights(adamw))``:
+the remainders then exist for the always-trained leaves and the γ slots only, a newly sampled
+layer starts from its bfloat16 value (an exact upcast), a layer that stays sampled keeps its
+remainder, and frozen layers stay plain bfloat16 constants.
+
+The inner transformation sees float32 gradients and float32 parameters, so its state (e.g.
+Adam's moments) is float32 unless it is told otherwise (``optax.adamw(..., mu_dtype=...)``).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["MasterWeightsState", "master_weights", "split_master", "join_master"]
+
+
+class MasterWeightsState(NamedTuple):
+    """State of :func:`master_weights`.
+
+    ``remainder``: per bfloat16 parameter, the ``int16`` remainder of its float32 master
+    (``optax.MaskedNode()`` for float32 parameters); ``inner_state``: the wrapped
+    transformation's state, built on float32 masters."""
+
+    remainder: Any
+    inner_state: Any
+
+
+def split_master(master):
+    """``(bfloat16 rounding to nearest, int16 remainder)`` of a float32 array, exactly.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([1.0 + 2.0**-10, -3.14159, 1e-30], jnp.float32)
+    >>> hi, rem = split_master(x)
+    >>> bool((join_master(hi, rem) == x).all()), hi.dtype.name, rem.dtype.name
+    (True, 'bfloat16', 'int16')
+    """
+    bits = jax.lax.bitcast_convert_type(master.astype(jnp.float32), jnp.uint32)
+    # Adding half of the low half's range rounds the high half to nearest (ties away from
+    # zero; a carry into the exponent is the correct rounding). The low half, read as a signed
+    # number, is then exactly what the rounded high half lacks.
+    high = ((bits + jnp.uint32(0x8000)) >> 16).astype(jnp.uint16)
+    low = jax.lax.bitcast_convert_type((bits & jnp.uint32(0xFFFF)).astype(jnp.uint16), jnp.int16)
+    return jax.lax.bitcast_convert_type(high, jnp.bfloat16), low
+
+
+def join_master(param, remainder):
+    """The float32 master of a bfloat16 ``param`` and its ``int16`` ``remainder``."""
+    high = jax.lax.bitcast_convert_type(param, jnp.uint16).astype(jnp.uint32) << 16
+    low = remainder.astype(jnp.int32).astype(jnp.uint32)  # two's complement: wraps as wanted
+    return jax.lax.bitcast_convert_type(high + low, jnp.float32)
+
+
+def _is_bf16(x) -> bool:
+    return jnp.dtype(x.dtype) == jnp.bfloat16
+
+
+def _check_dtype(x):
+    if jnp.dtype(x.dtype) not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"master_weights takes bfloat16 or float32 parameters, got "
+                         f"{jnp.dtype(x.dtype).name}")
+
+
+def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run ``inner`` on float32 masters of bfloat16 parameters (see the module docstring).
+
+    ``update`` needs ``params``. Its updates are float32 and bring each bfloat16 parameter
+    exactly to its new master rounded to nearest under ``optax.apply_updates`` (which adds in
+    float32 and casts back); for float32 parameters they are ``inner``'s own.
+
+    Example: at ``lr = 1e-5`` plain bfloat16 AdamW leaves a weight of 1.0 where it was; with
+    master weights it moves, by the float32 amount once the steps add up to a bfloat16 spacing.
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones((3,), jnp.bfloat16)}
+      >>> grads = {"w": jnp.ones((3,), jnp.bfloat16)}
+      >>> def run(tx, steps=400):
+      ...     p, s = params, tx.init(params)
+      ...     for _ in range(steps):
+      ...         u, s = tx.update(grads, s, p)
+      ...         p = optax.apply_updates(p, u)
+      ...     return p, s
+      >>> plain, _ = run(optax.adam(1e-5))
+      >>> float(plain["w"][0])
+      1.0
+      >>> mixed, state = run(master_weights(optax.adam(1e-5)))
+      >>> mixed["w"].dtype.name, float(mixed["w"][0])
+      ('bfloat16', 0.99609375)
+      >>> master = join_master(mixed["w"], state.remainder["w"])
+      >>> abs(float(master[0]) - (1 - 400 * 1e-5)) < 1e-5
+      True
+    """
+
+    def init(params):
+        jax.tree.map(_check_dtype, params)
+        remainder = jax.tree.map(
+            lambda p: jnp.zeros(p.shape, jnp.int16) if _is_bf16(p) else optax.MaskedNode(),
+            params)
+        masters = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32) if _is_bf16(p) else p,
+                               params)
+        return MasterWeightsState(remainder, inner.init(masters))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("master_weights needs params in update(grads, state, params): "
+                             "the float32 masters are rebuilt from them")
+        # The masters exist only from here on: without the barrier XLA may rebuild them as
+        # soon as the step starts and keep them alive through the backward pass.
+        grads, params, remainder = jax.lax.optimization_barrier(
+            (grads, params, state.remainder))
+        masters = jax.tree.map(lambda p, r: join_master(p, r) if _is_bf16(p) else p,
+                               params, remainder)
+        grads32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        inner_updates, inner_state = inner.update(grads32, state.inner_state, masters)
+
+        def param_update(p, m, u):
+            if not _is_bf16(p):
+                return u
+            # Exact in float32 (both are bfloat16 values), so p + update == the new parameter.
+            return split_master(m + u)[0].astype(jnp.float32) - p.astype(jnp.float32)
+
+        def new_remainder(p, m, u):
+            return split_master(m + u)[1] if _is_bf16(p) else optax.MaskedNode()
+
+        updates = jax.tree.map(param_update, params, masters, inner_updates)
+        remainder = jax.tree.map(new_remainder, params, masters, inner_updates)
+        return updates, MasterWeightsState(remainder, inner_state)
+
+    return optax.GradientTransformation(init, update)
