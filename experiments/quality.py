@@ -351,10 +351,10 @@ def main(argv=None) -> dict:
 
     # -- pretraining
     t = time.perf_counter()
-    tx = optax.adamw(schedule(args.pretrain_lr, args.pretrain_steps, max(10, args.pretrain_steps
-                                                                         // 20)),
-                     b2=0.95, weight_decay=0.1)
-    pstep = step_lib.make_plain_step(cfg, tx, clip_norm=1.0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        schedule(args.pretrain_lr, args.pretrain_steps, max(10, args.pretrain_steps // 20)),
+        b2=0.95, weight_decay=0.1))
+    pstep = step_lib.make_plain_step(cfg, tx)
     opt = tx.init(params)
     rng = np.random.default_rng(0)
     B = args.pretrain_batch
@@ -394,13 +394,14 @@ def main(argv=None) -> dict:
     lr = {"full": args.lr_full, "lora": args.lr_lora, "lisa": args.lr_lisa,
           "lisa_imp": args.lr_lisa}
     inner = {k: optax.adamw(schedule(v, T, warm), weight_decay=0.0) for k, v in lr.items()}
+    for k in ("full", "lora"):  # LISA clips the trained gradients itself (clip_norm below)
+        inner[k] = optax.chain(optax.clip_by_global_norm(1.0), inner[k])
     scale = lora_lib.lora_scale(args.lora_rank, None)
-    steps = {"full": step_lib.make_plain_step(cfg, inner["full"], clip_norm=1.0),
-             "lora": step_lib.make_lora_step(cfg, inner["lora"], scale, clip_norm=1.0)}
+    steps = {"full": step_lib.make_plain_step(cfg, inner["full"]),
+             "lora": step_lib.make_lora_step(cfg, inner["lora"], scale)}
     K, G = args.lisa_interval, args.lisa_gamma
-    lisa_kw = dict(interval=K)
-    steps["lisa"] = step_lib.make_lisa_step(
-        cfg, lisa(inner["lisa"], n_active=G, **lisa_kw), clip_norm=1.0)
+    lisa_kw = dict(interval=K, clip_norm=1.0)
+    steps["lisa"] = step_lib.make_lisa_step(cfg, lisa(inner["lisa"], n_active=G, **lisa_kw))
 
     def loader(seed):
         return data_lib.DataLoader(ft_train, args.ft_batch, seed=seed, pad_id=pad_id,
@@ -461,7 +462,7 @@ def main(argv=None) -> dict:
                  "lora_norms": lora_norms.tolist(), "probs": probs.tolist(),
                  "wall_s": time.perf_counter() - t}
         steps["lisa_imp"] = step_lib.make_lisa_step(
-            cfg, lisa(inner["lisa_imp"], probs=probs, **lisa_kw), clip_norm=1.0)
+            cfg, lisa(inner["lisa_imp"], probs=probs, **lisa_kw))
         log(f"importance probe ({args.probe_steps} steps each of full and LoRA, "
             f"{probe['wall_s']:.0f}s): p = {np.round(probs, 3).tolist()}")
 

@@ -51,8 +51,8 @@ def batches(tokenizer, steps: int, batch_size: int, max_seq_len: int, seed: int)
 
 
 def run_full(mcfg, params, data, lr):
-    tx = optax.adamw(lr, weight_decay=0.0)
-    step = step_lib.make_plain_step(mcfg, tx, clip_norm=1.0, donate=False)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+    step = step_lib.make_plain_step(mcfg, tx, donate=False)
     p, s, losses = params, tx.init(params), []
     for b in data:
         p, s, m = step(p, s, b)
@@ -61,10 +61,10 @@ def run_full(mcfg, params, data, lr):
 
 
 def run_lora(mcfg, params, data, lr, rank, alpha, seed):
-    tx = optax.adamw(lr, weight_decay=0.0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
     scale = lora_lib.lora_scale(rank, alpha)
     adapters = lora_lib.init_lora(params["layers"], jax.random.key(seed), rank)
-    step = step_lib.make_lora_step(mcfg, tx, scale, clip_norm=1.0, donate=False)
+    step = step_lib.make_lora_step(mcfg, tx, scale, donate=False)
     state, losses = (adapters, tx.init(adapters)), []
     for b in data:
         _, state, m = step(params, state, b)

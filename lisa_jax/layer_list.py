@@ -82,6 +82,12 @@ def stacked_shapes(layers: Sequence[Params]) -> Params:
                         layers[0])
 
 
+def gathered_shapes(layers: Sequence[Params], num_slots: int) -> Params:
+    """``jax.ShapeDtypeStruct`` of each leaf of ``gather(layers, <num_slots indices>)``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_slots,) + x.shape, x.dtype),
+                        layers[0])
+
+
 def stacked_template(params: Params) -> Params:
     """``params`` as the LISA transform's ``prepare``/``maybe_resample`` take it: per-layer
     trees replaced by ``stacked_shapes`` (stacked params are returned as they are)."""

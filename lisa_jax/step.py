@@ -136,14 +136,6 @@ def value_and_grad_accumulated(loss_fn, x, batch):
     return (loss_sum / denom, n), grads
 
 
-def clip_grads(grads, max_norm: float | None):
-    """Global-norm clipping of the gradients a step holds (for LISA: the trainable view, whose
-    norm equals that of the full gradient tree, zero elsewhere)."""
-    if not max_norm:
-        return grads
-    return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
-
-
 def _jit(step, donate_argnums, shardings):
     """``jax.jit`` of a step; with ``shardings`` (a ``lisa_jax.sharding.StepShardings``) jitted
     with its in/out shardings over a device mesh instead."""
@@ -161,10 +153,10 @@ def _metrics(loss, n_tokens, grads):
 
 
 def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
-                   loss_chunk: int | None = LOSS_CHUNK,
-                   clip_norm: float | None = None, donate: bool = True,
+                   loss_chunk: int | None = LOSS_CHUNK, donate: bool = True,
                    shardings=None) -> Callable:
-    """The fast LISA step for a transform made by ``lisa_jax.lisa``.
+    """The fast LISA step for a transform made by ``lisa_jax.lisa`` (clipping, if any, is the
+    transform's: ``lisa(..., clip_norm=c)`` clips by the norm of the trained gradients).
 
     ``shardings``: optional ``lisa_jax.sharding.StepShardings`` (several devices, SPMD).
     """
@@ -179,7 +171,12 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
         if per_layer:
             rest = {k: v for k, v in params.items() if k != "layers"}
             opt_state = tx.prepare(opt_state, layer_list.stacked_template(params))
-            view = {**rest, "layers": layer_list.gather(params["layers"], opt_state.active)}
+            # The stack's backward reads only the shapes of the sampled layers' view; their
+            # values are for the update, gathered below once the gradients exist, so that
+            # they are not alive through the backward pass.
+            view = {**rest, "layers": jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype),
+                layer_list.gathered_shapes(params["layers"], opt_state.active.shape[0]))}
         else:
             opt_state = tx.prepare(opt_state, params)
             view = tx.view(params, opt_state)
@@ -188,13 +185,16 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
         (loss, n), grads = value_and_grad_accumulated(
             lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk, hs),
             view, batch)
+        if per_layer:
+            grads, active_after = jax.lax.optimization_barrier((grads, active))
+            view = {**rest, "layers": layer_list.gather(params["layers"], active_after)}
         metrics = _metrics(loss, n, grads)
         # Per sampled layer gradient norm (slot order = sorted active layers): the online
         # importance estimate feeds on it.
         metrics["layer_grad_norms"] = jnp.sqrt(sum(
             jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
             for g in jax.tree.leaves(grads["layers"])))
-        updates, opt_state = tx.update_view(clip_grads(grads, clip_norm), opt_state, view)
+        updates, opt_state = tx.update_view(grads, opt_state, view)
         if per_layer:
             view = optax.apply_updates(view, updates)
             layers = layer_list.write_back(params["layers"], view["layers"], slot_L)
@@ -205,16 +205,18 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
 
 
 def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat="none",
-                    loss_chunk: int | None = LOSS_CHUNK, clip_norm: float | None = None,
-                    donate: bool = True, shardings=None) -> Callable:
-    """Full fine-tuning (or any optax transform fed a full gradient tree, LISA included)."""
+                    loss_chunk: int | None = LOSS_CHUNK, donate: bool = True,
+                    shardings=None) -> Callable:
+    """Full fine-tuning (or any optax transform fed a full gradient tree, LISA included).
+
+    Clipping belongs in ``tx``: ``optax.chain(optax.clip_by_global_norm(c), adamw)``."""
     hs = _h_sharding(shardings)
 
     def step(params, opt_state, batch):
         (loss, n), grads = value_and_grad_accumulated(
             lambda p, b: plain_loss(cfg, p, b, remat, loss_chunk, hs), params, batch)
         metrics = _metrics(loss, n, grads)
-        updates, opt_state = tx.update(clip_grads(grads, clip_norm), opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return _jit(step, (0, 1) if donate else (), shardings)
@@ -222,7 +224,6 @@ def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat=
 
 def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: float,
                    remat="none", loss_chunk: int | None = LOSS_CHUNK,
-                   clip_norm: float | None = None,
                    donate: bool = True, shardings=None) -> Callable:
     """LoRA: ``state`` is ``(lora_params, opt_state)``; the base parameters stay frozen.
 
@@ -240,7 +241,7 @@ def make_lora_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, scale: 
         (loss, n), grads = value_and_grad_accumulated(
             lambda lo, b: loss_fn(lo, params, b), lora, batch)
         metrics = _metrics(loss, n, grads)
-        updates, opt_state = tx.update(clip_grads(grads, clip_norm), opt_state, lora)
+        updates, opt_state = tx.update(grads, opt_state, lora)
         return params, (optax.apply_updates(lora, updates), opt_state), metrics
 
     return _jit(step, (1,) if donate else (), shardings)

@@ -319,10 +319,10 @@ def _worker_train(method: str) -> dict:
 
     def make():
         if method == "lisa":
-            tx = lisa_jax.lisa(adam(), n_active=2, interval=2, key=3)
-            return tx, lambda sh: S.make_lisa_step(cfg, tx, "none", clip_norm=1.0, shardings=sh)
-        tx = adam()
-        return tx, lambda sh: S.make_plain_step(cfg, tx, "none", clip_norm=1.0, shardings=sh)
+            tx = lisa_jax.lisa(adam(), n_active=2, interval=2, key=3, clip_norm=1.0)
+            return tx, lambda sh: S.make_lisa_step(cfg, tx, "none", shardings=sh)
+        tx = optax.chain(optax.clip_by_global_norm(1.0), adam())
+        return tx, lambda sh: S.make_plain_step(cfg, tx, "none", shardings=sh)
 
     def run(mesh):
         tx, mk = make()

@@ -277,8 +277,8 @@ def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
     .grad), not those of frozen layers, which the fast step never computes."""
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
-    tx = lisa_jax.lisa(optax.sgd(1.0), n_active=2, interval=5, key=0)
-    fast = S.make_lisa_step(cfg, tx, clip_norm=1e-3, donate=False)
+    tx = lisa_jax.lisa(optax.sgd(1.0), n_active=2, interval=5, key=0, clip_norm=1e-3)
+    fast = S.make_lisa_step(cfg, tx, donate=False)
     batch = batch_for(cfg)
     state = tx.init(p0)
     active = lisa_jax.active_layers(state)
@@ -293,3 +293,29 @@ def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
     expected = jax.tree.map(lambda p, g: p - g, p0, clipped)
     for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(expected)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_lisa_clip_norm_gives_the_fast_steps_result_from_a_full_gradient_tree():
+    """``lisa(..., clip_norm=c)`` fed the whole plain-autodiff gradient tree (frozen layers'
+    gradients included) clips by the trained gradients' norm, exactly as the fast step does;
+    ``optax.chain(clip_by_global_norm(c), lisa(...))`` clips by the whole tree's norm."""
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    batch = batch_for(cfg)
+    tx = lisa_jax.lisa(optax.sgd(1.0), n_active=2, interval=5, key=0, clip_norm=1e-3)
+    fast = S.make_lisa_step(cfg, tx, donate=False)
+    plain = S.make_plain_step(cfg, tx, donate=False)
+    pa, _, ma = fast(p0, tx.init(p0), batch)
+    pb, _, mb = plain(p0, tx.init(p0), batch)
+    assert float(mb["grad_norm"]) > float(ma["grad_norm"]) > 1e-3  # frozen grads, and clipping
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        assert rel_err(a, b) < 1e-5
+    chained = optax.chain(optax.clip_by_global_norm(1e-3),
+                          lisa_jax.lisa(optax.sgd(1.0), n_active=2, interval=5, key=0))
+    pc, _, _ = S.make_plain_step(cfg, chained, donate=False)(p0, chained.init(p0), batch)
+
+    def step_norm(p):
+        return float(optax.global_norm(jax.tree.map(lambda a, b: a - b, p, p0)))
+    # The whole-tree norm clips harder: the trained leaves move less by the ratio of norms.
+    ratio = float(ma["grad_norm"]) / float(mb["grad_norm"])
+    assert abs(step_norm(pc) / step_norm(pa) - ratio) < 1e-3 * ratio
