@@ -44,7 +44,10 @@ _HELP = {
              "none|dots|full (default dots)",
     "steps": "total optimizer steps (default: --epochs over the data)",
     "grad_accum": "micro-batches per optimizer step",
-    "clip_norm": "clip the gradient's global norm (0: off)",
+    "clip_norm": "clip the global norm of the trained gradients (0: off)",
+    "update_dtype": "float32: update the trained parameters with float32 precision (bfloat16 "
+                    "runs keep 2 bytes more per trained parameter); bfloat16: plain bfloat16 "
+                    "updates (steps under half a bfloat16 spacing are lost)",
     "resume": "continue the run in --out from its latest checkpoint",
     "overwrite": "replace the run in --out",
 }

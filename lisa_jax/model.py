@@ -217,6 +217,27 @@ def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla
                                         mask=mask_BxSxS[:, None], implementation="xla")
 
 
+# Leaves AdamW does not decay: norm scales and biases (HF Trainer exempts LayerNorm weights and
+# biases the same way). Matched by name, not by rank, since a stacked norm ``[L, D]`` has the
+# rank of a matrix while one layer's slice of a matrix (a LISA slot) has the rank it always has.
+NO_WEIGHT_DECAY = ("attn_norm", "mlp_norm", "final_norm", "bq", "bk", "bv")
+
+
+def weight_decay_mask(params: Params):
+    """``True`` at every leaf weight decay applies to: the embedding, the head, every projection
+    and LoRA factor; ``False`` at norm scales and biases. The same for stacked layers, per-layer
+    trees and one layer's slice.
+
+    >>> import jax.numpy as jnp
+    >>> weight_decay_mask({"embed": jnp.ones((4, 2)), "final_norm": jnp.ones(2),
+    ...                    "layers": {"mlp_norm": jnp.ones((3, 2)), "wq": jnp.ones((3, 2, 2))}})
+    {'embed': True, 'final_norm': False, 'layers': {'mlp_norm': False, 'wq': True}}
+    """
+    def decays(path, _):
+        return not any(getattr(k, "key", None) in NO_WEIGHT_DECAY for k in path)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def layer_params_names(cfg: LlamaConfig) -> tuple[str, ...]:
     names = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
     if cfg.attention_bias:

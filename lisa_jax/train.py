@@ -39,6 +39,7 @@ from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as step_lib
 from lisa_jax.lisa import active_layers, lisa
+from lisa_jax.precision import master_weights
 
 DEMO_DIR = Path(__file__).parent / "demo"
 METHODS = ("lisa", "full", "lora")
@@ -88,6 +89,10 @@ class TrainConfig:
     epochs: float = 1.0
     seed: int = 0
     dtype: str = "float32"              # float32 | bfloat16
+    # float32: trained parameters are updated with float32 precision (for bfloat16 parameters,
+    # lisa_jax.precision keeps 16 more bits of each trained parameter: 2 bytes each);
+    # bfloat16: plain bfloat16 updates, which lose every step under half a bfloat16 spacing.
+    update_dtype: str = "float32"
     # LISA: none | mlp | full; full/LoRA: none | dots | full. Default: LISA none (its own
     # backward keeps the matmul outputs), full/LoRA dots (plain autodiff keeping the matmul
     # outputs: at LLaMA-2-7B shape 19 GiB leaner than keeping everything, and no slower).
@@ -172,12 +177,17 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise TrainError(f"unknown dtype {cfg.dtype!r}; use --dtype float32 or bfloat16")
+    if cfg.update_dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"unknown --update-dtype {cfg.update_dtype!r}; use float32 or bfloat16")
+    if cfg.update_dtype == "bfloat16" and cfg.dtype != "bfloat16":
+        raise TrainError("--update-dtype bfloat16 is for --dtype bfloat16 runs; drop it (a "
+                         "float32 model is updated in float32)")
     modes = step_lib.REMAT_MODES if cfg.method == "lisa" else tuple(M.REMAT_POLICIES)
     if cfg.remat not in modes:
         raise TrainError(f"--remat {cfg.remat} is not a mode of --method {cfg.method}; use one "
                          f"of {', '.join(modes)}")
     for name in ("batch_size", "grad_accum", "max_seq_len", "lisa_interval", "log_every",
-                 "eval_every", "save_every"):
+                 "eval_every", "save_every", "eval_batches"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.layer_layout not in LAYER_LAYOUTS:
@@ -289,11 +299,6 @@ def per_layer_layout(cfg: TrainConfig) -> bool:
             and jax.default_backend() == "gpu")
 
 
-def _decay_mask(params):
-    # Weight decay on matrices only, not on norms and biases (as HF Trainer does).
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
-
-
 def _init_state(init, params, mcfg, mesh, traceable=True, lora=False):
     """``(init(params), step shardings)``: on a mesh the state is created in its shardings
     (``lisa_jax.sharding``), else as is with ``None``."""
@@ -310,9 +315,18 @@ class Method:
 
     def __init__(self, cfg: TrainConfig, mcfg: M.LlamaConfig, params, schedule, mesh=None):
         self.cfg, self.mcfg = cfg, mcfg
-        inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2,
-                            weight_decay=cfg.weight_decay, mask=_decay_mask)
+        # bfloat16 runs keep Adam's first moment in bfloat16 (b1 = 0.9 moves it by a tenth a
+        # step, far above its rounding) and the second in float32 (b2 = 0.999 moves it by a
+        # thousandth, which bfloat16 rounds away): see experiments/results/precision_h200.
+        mu_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
+        inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, mu_dtype=mu_dtype,
+                            weight_decay=cfg.weight_decay, mask=M.weight_decay_mask)
+        if cfg.dtype == "bfloat16" and cfg.update_dtype == "float32":
+            inner = master_weights(inner)
         clip = cfg.clip_norm or None
+        # LISA clips by the norm of the trained gradients (the transform's clip_norm); full
+        # FT and LoRA train everything their gradient tree holds.
+        clipped = optax.chain(optax.clip_by_global_norm(clip), inner) if clip else inner
         remat = with_default_remat(cfg).remat
         self.tx = None
         self.importance = None  # online importance estimate (--lisa-importance online)
@@ -321,7 +335,8 @@ class Method:
             raise TrainError(f"unknown --lisa-importance {cfg.lisa_importance!r}; use none or "
                              "online")
         if cfg.method == "lisa":
-            kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset)
+            kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset,
+                      clip_norm=clip)
             if cfg.lisa_probs:
                 kw["probs"] = parse_probs(cfg.lisa_probs, mcfg.num_layers)
             else:
@@ -342,25 +357,23 @@ class Method:
                 raise TrainError(str(e))
             self.state, sh = _init_state(self.tx.init, params, mcfg, mesh,
                                          traceable=self.tx.config.probs is None)
-            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, remat, clip_norm=clip,
-                                                   shardings=sh)
+            self.step_fn = step_lib.make_lisa_step(mcfg, self.tx, remat, shardings=sh)
         elif cfg.method == "full":
-            self.state, sh = _init_state(inner.init, params, mcfg, mesh)
-            self.step_fn = step_lib.make_plain_step(mcfg, inner, remat, clip_norm=clip,
-                                                    shardings=sh)
+            self.state, sh = _init_state(clipped.init, params, mcfg, mesh)
+            self.step_fn = step_lib.make_plain_step(mcfg, clipped, remat, shardings=sh)
         else:
             targets = tuple(t for t in cfg.lora_targets.split(",") if t)
             def init(p):
                 adapters = lora_lib.init_lora(p["layers"], jax.random.key(cfg.seed),
                                               cfg.lora_rank, targets=targets)
-                return adapters, inner.init(adapters)
+                return adapters, clipped.init(adapters)
             try:
                 self.state, sh = _init_state(init, params, mcfg, mesh, lora=True)
             except ValueError as e:
                 raise TrainError(str(e))
             self.lora_scale = lora_lib.lora_scale(cfg.lora_rank, cfg.lora_alpha)
-            self.step_fn = step_lib.make_lora_step(mcfg, inner, self.lora_scale, remat,
-                                                   clip_norm=clip, shardings=sh)
+            self.step_fn = step_lib.make_lora_step(mcfg, clipped, self.lora_scale, remat,
+                                                   shardings=sh)
         self._eval = jax.jit(lambda p, b: step_lib.plain_loss(mcfg, p, b))
 
     def before_step(self, params):
@@ -537,16 +550,17 @@ def prompt_ids(tokenizer, record: dict | str) -> np.ndarray:
     return ex.input_ids[:first_target]
 
 
-def sample(model: M.Model, tokenizer, record: dict | str, max_new_tokens: int) -> str:
-    """Greedy completion of one instruction (or Alpaca record)."""
-    from lisa_jax.generate import generate
+def sample(model: M.Model, tokenizer, record: dict | str, max_new_tokens: int,
+           model_dir: str | None = None) -> str:
+    """Greedy completion of one instruction (or Alpaca record), stopped at any of the model's
+    stop ids (``generate.stop_token_ids``)."""
+    from lisa_jax.generate import generate, stop_token_ids, truncate_at_stop
     prompt = prompt_ids(tokenizer, record)
-    out = generate(model, prompt[None], max_new_tokens=max_new_tokens,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    new = np.asarray(out)[0, len(prompt):]
-    if tokenizer.eos_token_id is not None and (new == tokenizer.eos_token_id).any():
-        new = new[: int(np.argmax(new == tokenizer.eos_token_id))]
-    return tokenizer.decode(new.tolist(), skip_special_tokens=True).strip()
+    stop = stop_token_ids(model.cfg, tokenizer, model_dir)
+    out = generate(model, prompt[None], max_new_tokens=max_new_tokens, eos_token_id=stop,
+                   pad_token_id=tokenizer.pad_token_id)
+    new = truncate_at_stop(np.asarray(out)[0, len(prompt):], stop)
+    return tokenizer.decode(list(new), skip_special_tokens=True).strip()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -588,13 +602,15 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
             SH.check_batch_size(cfg.batch_size, mesh)
         model = load_hf(cfg.model, dtype=cfg.dtype,
                         shardings=SH.hf_shardings(cfg.model, mesh) if mesh else None)
+        loader = data_lib.DataLoader(splits.train, cfg.batch_size, seed=cfg.seed,
+                                     pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e).splitlines()[0])
     mcfg, params = model.cfg, model.params
-    loader = data_lib.DataLoader(splits.train, cfg.batch_size, seed=cfg.seed,
-                                 pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
+    # A seeded sample across all lengths (not the shortest examples) when the set is larger.
     eval_sets = data_lib.eval_batches(splits.eval, cfg.batch_size, tokenizer.pad_token_id,
-                                      cfg.max_seq_len)[: cfg.eval_batches]
+                                      cfg.max_seq_len, max_batches=cfg.eval_batches,
+                                      seed=cfg.seed)
     # Greedy sampling runs on one device's copy of the model: skipped across processes.
     probes = [] if cfg.distributed and jax.process_count() > 1 else _sample_probes(cfg)
     steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
@@ -630,7 +646,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     if probes and start == 0:
         before = M.Model(mcfg, method.model_params(params))
         for record, _ in probes:
-            text = sample(before, tokenizer, record, cfg.sample_tokens)
+            text = sample(before, tokenizer, record, cfg.sample_tokens, cfg.model)
             say(f"before: {_show(record)} -> {text!r}")
         del before
     if per_layer_layout(cfg):
@@ -742,7 +758,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     if probes:
         summary["samples"] = [
             {"prompt": _show(record), "expected": expected,
-             "output": sample(final, tokenizer, record, cfg.sample_tokens)}
+             "output": sample(final, tokenizer, record, cfg.sample_tokens, cfg.model)}
             for record, expected in probes]
     if main_process:
         with open(out / "summary.json", "w") as f:

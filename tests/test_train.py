@@ -33,11 +33,12 @@ def logged_layers(run_dir):
     return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
 
 
-@pytest.mark.parametrize("method,layout", [("lisa", "stacked"), ("lisa", "per_layer"),
-                                           ("lora", "auto")])
+@pytest.mark.parametrize("method,layout,dtype", [
+    ("lisa", "stacked", "float32"), ("lisa", "per_layer", "float32"), ("lora", "auto", "float32"),
+    ("lisa", "per_layer", "bfloat16")])  # bfloat16: the masters' remainders resume too
 def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method,
-                                                    layout):
-    kw = dict(method=method, layer_layout=layout)
+                                                    layout, dtype):
+    kw = dict(method=method, layer_layout=layout, dtype=dtype)
     straight = train(small(model_dir, data_file, tmp_path / "a", **kw))
     assert straight["status"] == "finished"
     halted = train(small(model_dir, data_file, tmp_path / "b", **kw), halt_at=5)
@@ -53,13 +54,32 @@ def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_pa
     if method == "lisa":
         la, lb = logged_layers(tmp_path / "a"), logged_layers(tmp_path / "b")
         assert la == lb and len({tuple(v) for v in la.values()}) > 1
-    else:  # LoRA trains adapters: compare the optimizer state leaves too (the adapters)
-        ca = _Checkpoints(tmp_path / "a" / "checkpoints", 2)
-        cb = _Checkpoints(tmp_path / "b" / "checkpoints", 2)
-        oa = ca.mngr.restore(8, args=ca.ocp.args.Composite(opt=ca.ocp.args.StandardRestore()))
-        ob = cb.mngr.restore(8, args=cb.ocp.args.Composite(opt=cb.ocp.args.StandardRestore()))
-        for a, b in zip(jax.tree.leaves(oa["opt"]), jax.tree.leaves(ob["opt"])):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The optimizer states too (LoRA's adapters, the masters' remainders, the moments).
+    ca = _Checkpoints(tmp_path / "a" / "checkpoints", 2)
+    cb = _Checkpoints(tmp_path / "b" / "checkpoints", 2)
+    oa = ca.mngr.restore(8, args=ca.ocp.args.Composite(opt=ca.ocp.args.StandardRestore()))
+    ob = cb.mngr.restore(8, args=cb.ocp.args.Composite(opt=cb.ocp.args.StandardRestore()))
+    for a, b in zip(jax.tree.leaves(oa["opt"]), jax.tree.leaves(ob["opt"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if dtype == "bfloat16":
+        assert any(np.asarray(x).dtype == np.int16 and np.abs(np.asarray(x)).max() > 0
+                   for x in jax.tree.leaves(oa["opt"]))
+
+
+def test_lisa_on_every_layer_equals_full_fine_tuning_with_decay_and_clipping(
+        model_dir, data_file, tmp_path):
+    """γ = L trains what full fine-tuning trains, with the same AdamW: weight decay spares the
+    norm scales of both (a stacked norm ``[L, D]`` is no matrix), and both clip by the norm of
+    every gradient."""
+    kw = dict(steps=4, lr=1e-3, weight_decay=0.5, clip_norm=0.05, lisa_interval=100,
+              remat="full", save_every=4)
+    train(small(model_dir, data_file, tmp_path / "full", method="full", **kw))
+    train(small(model_dir, data_file, tmp_path / "lisa", method="lisa", lisa_layers=4, **kw))
+    _, pf, _ = final_params(tmp_path / "full")
+    _, pl, _ = final_params(tmp_path / "lisa")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(pf)[0], jax.tree.leaves(pl)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path):
