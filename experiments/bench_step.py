@@ -70,7 +70,8 @@ def run_one(a) -> dict:
     ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq), 0, cfg.vocab_size)
     batch = {"input_ids": ids}
     # sgd isolates the optimizer's share of a step (variant rows; the peer uses AdamW).
-    opt = optax.adamw(1e-5) if a.inner == "adamw" else optax.sgd(1e-5)
+    mu_dtype = getattr(a, "mu_dtype", None)
+    opt = optax.adamw(1e-5, mu_dtype=mu_dtype) if a.inner == "adamw" else optax.sgd(1e-5)
     precision = getattr(a, "update_precision", "bf16")
     sixteen_bit = jnp.dtype(cfg.dtype).itemsize < 4
     master = precision == "fp32" and sixteen_bit and a.method in TRAINING
@@ -180,7 +181,7 @@ def run_one(a) -> dict:
                 layout=a.layout if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
-                master_weights=master,
+                master_weights=master, mu_dtype=mu_dtype,
                 lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
                 device=str(jax.devices()[0].device_kind))
 
@@ -351,6 +352,8 @@ def main():
     ap.add_argument("--update-precision", default="bf16", choices=["bf16", "fp32"],
                     help="fp32: 16-bit parameters get fp32 master weights in the optimizer "
                          "(lisa_jax.master_weights); bf16: updates applied to the bf16 weights")
+    ap.add_argument("--mu-dtype", default=None, choices=["bfloat16", "float32"],
+                    help="dtype of AdamW's first moment (default: that of what it updates)")
     ap.add_argument("--label", default=None,
                     help="free text copied into every row (e.g. before / after)")
     ap.add_argument("--methods", nargs="+", default=None,
@@ -386,6 +389,7 @@ def main():
               "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
               "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk),
               "--inner", a.inner, "--update-precision", a.update_precision] + \
+        (["--mu-dtype", a.mu_dtype] if a.mu_dtype else []) + \
         (["--label", a.label] if a.label is not None else []) + \
         (["--dtype", a.dtype] if a.dtype else []) + \
         (["--profile", a.profile] if a.profile else [])

@@ -3,7 +3,7 @@
 # before a change (bf16 updates) and after it (fp32 master weights), and the PyTorch peer with
 # Liger kernels, in one job. From the repository root, with OUT set to an output folder:
 #
-#   OUT=/path/to/out bash experiments/precision_h200.sh [before] [after] [peer] [all]  # default all
+#   OUT=/path/to/out bash experiments/precision_h200.sh [before] [after] [mu16] [peer] [all]
 #   bash experiments/precision_h200.sh table DIR...   # only the table, from DIR/*.json (no GPU)
 #
 # It needs two folders beside the working tree (carried to the GPU machine):
@@ -106,8 +106,8 @@ mkdir -p "$OUT"
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
 for p in "${PHASES[@]}"; do
-  case $p in before|after|peer) ;; all) PHASES=(before after peer) ;;
-    *) echo "unknown phase $p: before after peer all table"; exit 2 ;; esac
+  case $p in before|after|mu16|peer) ;; all) PHASES=(before after mu16 peer) ;;
+    *) echo "unknown phase $p: before after mu16 peer all table"; exit 2 ;; esac
 done
 
 has() { local x; for x in "${PHASES[@]}"; do [ "$x" = "$1" ] && return 0; done; return 1; }
@@ -149,6 +149,13 @@ main() {
     PYTHONPATH=$pp_after python3 experiments/bench_step.py "${SHAPE[@]}" "${OURS[@]}" \
       --label after --update-precision fp32 --out "$OUT/after.json"
     echo "== after: $((SECONDS - t0)) s"
+  fi
+  if has mu16; then  # the LISA rows again, with AdamW's first moment in bfloat16
+    t0=$SECONDS
+    PYTHONPATH=$pp_after python3 experiments/bench_step.py "${SHAPE[@]}" "${OURS[@]}" \
+      --methods lisa --label after-mu16 --update-precision fp32 --mu-dtype bfloat16 \
+      --out "$OUT/after_mu16.json"
+    echo "== mu16: $((SECONDS - t0)) s"
   fi
   if has peer; then
     t0=$SECONDS
