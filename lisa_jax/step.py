@@ -6,8 +6,9 @@ parameters and optimizer state donated, so the update happens in place. ``batch`
 
 The LISA step
 -------------
-1. ``tx.prepare(state, params)`` resamples the active layers when a period starts (inside the jitted
-   step for a fixed ``n_active``; for ``probs`` the loop calls ``tx.prepare_host`` first).
+1. ``tx.prepare(state, params)`` resamples the active layers when a period starts (an executable
+   of its own run before the step for a fixed ``n_active``; for ``probs`` the loop calls
+   ``tx.maybe_resample`` first).
 2. The *trainable view* (``tx.view``): the always-trained leaves and the ``G`` sampled slices
    of every layer leaf, gathered into ``[G, ...]`` arrays.
 3. The loss is differentiated with respect to the view only. The layer stack is
@@ -170,7 +171,6 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
         per_layer = layer_list.is_per_layer(params)
         if per_layer:
             rest = {k: v for k, v in params.items() if k != "layers"}
-            opt_state = tx.prepare(opt_state, layer_list.stacked_template(params))
             # The stack's backward reads only the shapes of the sampled layers' view; their
             # values are for the update, gathered below once the gradients exist, so that
             # they are not alive through the backward pass.
@@ -178,7 +178,6 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                 lambda x: jnp.zeros(x.shape, x.dtype),
                 layer_list.gathered_shapes(params["layers"], opt_state.active.shape[0]))}
         else:
-            opt_state = tx.prepare(opt_state, params)
             view = tx.view(params, opt_state)
         active = opt_state.active
         slot_L = slot_of_layer(active, cfg.num_layers)
@@ -201,7 +200,39 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
             return {**view, "layers": layers}, opt_state, metrics
         return tx.apply_view(params, updates, opt_state), opt_state, metrics
 
-    return _jit(step, (0, 1) if donate else (), shardings)
+    return _prepared_first(tx, _jit(step, (0, 1) if donate else (), shardings), donate,
+                           shardings)
+
+
+def _prepared_first(tx, step, donate: bool, shardings):
+    """``step`` behind ``tx.prepare`` run as an executable of its own (donating the state).
+
+    Inside the step, the resample's ``lax.cond`` would produce the slots' state as a new
+    buffer while the donated one waits for the step's output: two copies of the γ slots'
+    moments through the backward pass. Apart, the step updates the state in place."""
+    def prepare(opt_state, params):
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                layer_list.stacked_template(params))
+        return tx.prepare(opt_state, template)
+
+    donate_state = (0,) if donate else ()
+    if shardings is None:
+        prepare_jit = jax.jit(prepare, donate_argnums=donate_state)
+    else:
+        prepare_jit = jax.jit(prepare, donate_argnums=donate_state,
+                              in_shardings=(shardings.state, shardings.params),
+                              out_shardings=shardings.state)
+
+    def run(params, opt_state, batch):
+        if shardings is not None:
+            params = jax.device_put(params, shardings.params)
+            opt_state = jax.device_put(opt_state, shardings.state)
+        return step(params, prepare_jit(opt_state, params), batch)
+
+    jitted = getattr(step, "jitted", step)
+    run.lower, run._cache_size = jitted.lower, jitted._cache_size
+    run.prepare = prepare_jit
+    return run
 
 
 def make_plain_step(cfg: M.LlamaConfig, tx: optax.GradientTransformation, remat="none",
