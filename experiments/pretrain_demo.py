@@ -94,7 +94,7 @@ def instruction_texts(path: Path) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -104,6 +104,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    # Encoding starts with <s>, as every pretraining document does (token_stream), so
+    # that fine-tuning and prompting see the model's own document start.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", clean_up_tokenization_spaces=False)
     out_dir.mkdir(parents=True, exist_ok=True)
