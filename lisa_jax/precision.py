@@ -108,6 +108,17 @@ def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransfo
       >>> master = join_master(mixed["w"], state.remainder["w"])
       >>> abs(float(master[0]) - (1 - 400 * 1e-5)) < 1e-5
       True
+
+    Under LISA the remainders exist for the always-trained leaves and the sampled slots only:
+
+      >>> import lisa_jax
+      >>> params = {"embed": jnp.ones((5, 2), jnp.bfloat16),
+      ...           "layers": {"w": jnp.ones((6, 2, 2), jnp.bfloat16)}}
+      >>> tx = lisa_jax.lisa(master_weights(optax.adamw(1e-5)), n_active=2, interval=10)
+      >>> state = tx.init(params)
+      >>> rem = state.slot_state.remainder
+      >>> rem["layers"]["w"].shape, rem["layers"]["w"].dtype.name   # γ = 2 slots of [2, 2]
+      ((2, 2, 2), 'int16')
     """
 
     def init(params):
