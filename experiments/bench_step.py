@@ -9,15 +9,15 @@ LISA step under plain autodiff (embedding, final norm and head gradients, activa
 through every layer, no layer weight gradient, no optimizer); the paper's E+H (the LISA step
 with no sampled layer: AdamW on embedding, final norm and head); full fine-tuning; LoRA; LISA with
 γ active layers; each with and without rematerialization. With ``--peer`` the PyTorch peer
-(``experiments/torch_peers.py``: transformers + PEFT + LMFlow-style LISA) runs in the same job on
-the same shapes, and each of our rows is printed with its ratio to the peer's row of the same
-method. Random weights: speed and memory do not depend on the values.
+(transformers + PEFT + LMFlow-style LISA) runs in the same job on the same shapes, and each of
+our rows is printed with its ratio to the peer's row of the same method. Random weights: speed
+and memory do not depend on the values.
 
 The peer is ``experiments/torch_peers_strong.py``; ``--peer-impl`` picks how it runs: ``liger``
 (the default: Liger kernels for RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy; needs
 ``liger_kernel`` importable), ``compile`` (``torch.compile``) or ``eager`` (plain transformers,
-what ``torch_peers.py`` measures). ``--update-precision fp32`` gives every method's optimizer
-fp32 master weights when the parameters are 16-bit (``lisa_jax.master_weights(opt)``; for
+the peer of earlier results). ``--update-precision fp32`` gives every method's optimizer fp32
+master weights when the parameters are 16-bit (``lisa_jax.master_weights(opt)``; for
 LISA inside: ``lisa(master_weights(opt), ...)``); ``bf16`` updates the bf16 weights in place.
 ``--label`` is copied into every row, so that the JSONs of several invocations (a package
 before and after a change, say: experiments/precision_h200.sh) can be merged. Each row records
@@ -47,8 +47,7 @@ from shapes import SHAPES  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
 PEER_SCRIPT = os.path.join(HERE, "torch_peers_strong.py")
-# --peer-impl -> the peer script's flags (eager: torch_peers_strong.py without flags is
-# torch_peers.py, with the llama3-8b shape besides).
+# --peer-impl -> the peer script's flags (eager: torch_peers_strong.py without flags).
 PEER_IMPLS = {"eager": [], "liger": ["--liger"], "compile": ["--compile"]}
 TRAINING = ("full", "lora", "eh", "lisa")  # the methods with an optimizer
 

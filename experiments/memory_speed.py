@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                                gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))
             if a.peer:
                 for method, kw in PEER_METHODS:
-                    args = [os.path.join(HERE, "torch_peers.py"), "--method", method,
+                    args = [os.path.join(HERE, "torch_peers_strong.py"), "--method", method,
                             "--shape", shape, "--batch", str(batch), "--seq", str(a.seq),
                             "--gamma", str(kw.get("gamma", 2)),
                             "--lora-r", str(kw.get("lora_r", 128))]

@@ -1,8 +1,8 @@
 """Model shapes the experiments run at (random weights), as ``LlamaConfig`` keyword arguments.
 
-All but llama2-70b are also shapes of the PyTorch peer (``torch_peers_strong.py``;
-``torch_peers.py`` lacks llama3-8b). ``llama3-8b`` is Llama 3 8B (GQA, 128k vocabulary,
-rope theta 500000; the peer keeps transformers' default theta, which changes no step time).
+All but llama2-70b are also shapes of the PyTorch peer (``torch_peers_strong.py``).
+``llama3-8b`` is Llama 3 8B (GQA, 128k vocabulary, rope theta 500000; the peer keeps
+transformers' default theta, which changes no step time).
 """
 SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
