@@ -182,11 +182,32 @@ def cmd_export(argv) -> int:
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export}
 
 
+def _negative_numbers_attached(argv: list[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse takes a value like ``-1e-3`` (an
+    exponent) for an option of its own and stops."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _negative_numbers_attached(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}",
+                  file=sys.stderr)
+            return 2
         print(__doc__.strip(), file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if argv else 2
     return COMMANDS[argv[0]](argv[1:])
 
 

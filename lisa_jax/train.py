@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +155,51 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     unknown = sorted(set(values) - set(TrainConfig.fields()))
     if unknown:
         raise TrainError(f"unknown setting(s) {', '.join(unknown)}; see `lisa-jax train --help`")
+    values = {k: _typed(k, v) for k, v in values.items()}
     if values.get("demo"):
         values = {**DEMO_PRESET, **values}
     return TrainConfig(**values)
+
+
+def _typed(name: str, value):
+    """``value`` as the type of setting ``name``: YAML reads ``1e-5`` (no dot) and quoted
+    numbers as strings, which are converted here; what cannot be converted is a one-line
+    error naming the flag."""
+    hints = typing.get_type_hints(TrainConfig)
+    args = [a for a in typing.get_args(hints[name]) if a is not type(None)]
+    optional = type(None) in typing.get_args(hints[name])
+    tp = args[0] if args else hints[name]
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        if optional:
+            return None
+        raise TrainError(f"{flag} needs a value (got an empty setting)")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in ("true", "yes", "on", "1"):
+                return True
+            if str(value).strip().lower() in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if float(number) != int(number):
+                raise ValueError
+            return int(number)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError, OverflowError):
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, "text")
+        raise TrainError(f"{flag} takes {kind}, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- validation
@@ -198,8 +241,10 @@ def _check_config(cfg: TrainConfig) -> None:
                          "(or use --layer-layout stacked) with other methods or with --mesh")
     if cfg.steps is not None and cfg.steps < 1:
         raise TrainError("--steps must be at least 1")
-    if cfg.lr <= 0:
-        raise TrainError("--lr must be positive")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.steps is None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise TrainError(f"--epochs must be positive, got {cfg.epochs} (or give --steps N)")
     if not cfg.model:
         raise TrainError("no model given; pass --model DIR (an HF model directory) or --demo")
     if not cfg.data:

@@ -1,4 +1,5 @@
-"""lisa-jax generate: stopping at every stop id of the tokenizer and the model's configs."""
+"""The lisa-jax command line: generate stops at every stop id of the tokenizer and the model's
+configs; a mistyped command is a one-line error."""
 from __future__ import annotations
 
 import json
@@ -42,3 +43,9 @@ def test_generate_stops_at_a_second_eos_id(tiny_llama_dir, tmp_path, capsys, lis
     assert rc == 0
     want = tok.decode(new[:step], skip_special_tokens=True).strip()
     assert capsys.readouterr().out == f">>> {PROMPT}\n{want}\n"
+
+
+def test_a_mistyped_command_is_named_in_a_one_line_error(capsys):
+    assert cli.main(["trian", "--demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown command 'trian'; use one of train, generate, export"

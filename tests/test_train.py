@@ -184,6 +184,10 @@ def run_cli(args, capsys):
     ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
     ("distributed_without_cluster",
      r"--distributed could not join the other processes .*--coordinator-address"),
+    ("yaml_word_for_a_number", r"--batch-size takes a whole number, got 'four'"),
+    ("lr_nan", r"--lr must be a positive number, got nan"),
+    ("epochs_zero", r"--epochs must be positive, got 0.0"),
+    ("negative_lr", r"--lr must be a positive number, got -0.001"),  # reaches the check
 ])
 def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, case, expect):
     out = tmp_path / "run"
@@ -211,6 +215,16 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, cas
         args += ["--method", "full", "--layer-layout", "per_layer"]
     elif case == "distributed_without_cluster":
         args += ["--distributed"]
+    elif case == "yaml_word_for_a_number":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("batch_size: four\n")
+        args += ["--config", str(cfg)]
+    elif case == "negative_lr":
+        args += ["--lr", "-1e-3"]
+    elif case == "lr_nan":
+        args += ["--lr", "nan"]
+    elif case == "epochs_zero":
+        args = args[:7] + ["--no-progress", "--epochs", "0"]  # no --steps
     elif case == "unknown_flag_in_yaml":
         cfg = tmp_path / "c.yaml"
         cfg.write_text("bogus: 1\n")
@@ -231,6 +245,16 @@ def test_output_dir_with_another_run_is_refused_and_untouched(model_dir, data_fi
                        "--steps", "2", "--no-progress"], capsys)
     assert rc == 2 and "holds another run; pass --resume" in err and "--overwrite" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_are_typed(tmp_path):
+    """PyYAML reads ``1e-5`` (no dot) and quoted numbers as strings; the config takes them as
+    the settings' types."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('lr: 1e-5\nbatch_size: "4"\nprogress: "no"\nlora_alpha: null\n')
+    c = load_config(str(cfg))
+    assert (c.lr, c.batch_size, c.progress, c.lora_alpha) == (1e-5, 4, False, None)
+    assert isinstance(c.lr, float) and isinstance(c.batch_size, int)
 
 
 def test_yaml_config_with_flag_overrides_is_saved_resolved(model_dir, data_file, tmp_path):
