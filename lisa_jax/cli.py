@@ -84,6 +84,9 @@ def train_parser() -> argparse.ArgumentParser:
 def cmd_train(argv) -> int:
     args = vars(train_parser().parse_args(argv))
     path = args.pop("config", None)
+    saved = Path(args.get("out", TrainConfig.out), "config.yaml")
+    if path is None and args.get("resume") and saved.is_file():
+        path = str(saved)  # `--out DIR --resume` continues from the run's own settings
     try:
         cfg = load_config(path, args)
     except TrainError as e:

@@ -273,6 +273,42 @@ def parse_probs(spec: str, num_layers: int) -> list[float]:
     return [float(p) for p in probs]
 
 
+# Settings a resumed run keeps: they decide what its checkpoint's state means and which
+# batches come next. The others (steps or epochs, the optimizer's hyperparameters, e.g. a
+# lower --lr after a divergence, evaluation, saving, logging, remat, layout, devices) may
+# change on --resume; each change is printed and saved in config.yaml.
+FIXED_ON_RESUME = (
+    "model", "data", "method", "lisa_layers", "lisa_interval", "lisa_probs", "lisa_reset",
+    "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lora_rank",
+    "lora_alpha", "lora_targets", "grad_accum", "batch_size", "max_seq_len", "truncate",
+    "seed", "dtype", "update_dtype", "eval_fraction")
+
+
+def resume_changes(cfg: TrainConfig, out: Path) -> dict[str, tuple]:
+    """``{setting: (saved, given)}`` where ``cfg`` differs from the run's saved config.yaml;
+    a setting of ``FIXED_ON_RESUME`` that differs is a one-line error (nothing is written)."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return {}
+    saved = with_default_remat(load_config(str(saved_path)))
+    changes = {}
+    for name in TrainConfig.fields():
+        old, new = getattr(saved, name), getattr(cfg, name)
+        if name in ("model", "data") and old and new:
+            same = Path(old).resolve() == Path(new).resolve()
+        else:
+            same = old == new
+        if same or name in ("resume", "overwrite"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in FIXED_ON_RESUME:
+            raise TrainError(f"{flag} cannot change when resuming (the run in {out} has "
+                             f"{old!r}, given {new!r}); drop {flag}, or start a new run in "
+                             "another --out")
+        changes[name] = (old, new)
+    return changes
+
+
 def _prepare_out_dir(cfg: TrainConfig) -> Path:
     """Check and create the run directory. Several processes: every one checks (so all raise
     the same error), then process 0 alone clears and creates it while the others wait."""
@@ -628,11 +664,14 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     _init_distributed(cfg)  # first: joining must come before JAX uses a device
     _check_config(cfg)
     out = _prepare_out_dir(cfg)
+    changes = resume_changes(cfg, out) if cfg.resume else {}
     main_process = _is_main(cfg)
 
     def say(*a):
         if main_process:
             tqdm.write(" ".join(str(x) for x in a))
+    for name, (old, new) in changes.items():
+        say(f"resuming with --{name.replace('_', '-')} {new!r} (was {old!r})")
 
     # Data and model.
     try:

@@ -82,6 +82,34 @@ def test_lisa_on_every_layer_equals_full_fine_tuning_with_decay_and_clipping(
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_resume_from_the_run_directory_alone_and_with_a_changed_step_count(
+        model_dir, data_file, tmp_path, capsys):
+    """``--out DIR --resume`` continues from the run's saved settings; a setting that may
+    change (the step count) is applied, printed and saved in config.yaml."""
+    out = tmp_path / "run"
+    train(small(model_dir, data_file, out), halt_at=4)
+    rc = cli.main(["train", "--out", str(out), "--resume", "--steps", "10"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "resuming with --steps 10 (was 8)" in captured.out + captured.err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert load_config(str(out / "config.yaml")).steps == 10
+
+
+def test_resume_refuses_a_fixed_setting_and_changes_nothing(model_dir, data_file, tmp_path,
+                                                             capsys):
+    out = tmp_path / "run"
+    train(small(model_dir, data_file, out), halt_at=4)
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for flag, value in [("--lisa-layers", "3"), ("--batch-size", "2"), ("--seed", "1"),
+                        ("--method", "full"), ("--dtype", "bfloat16")]:
+        rc = cli.main(["train", "--out", str(out), "--resume", flag, value])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(f"error: {flag} cannot change when resuming"), err
+        assert len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
 def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path):
     """Bernoulli LISA can sample no layer for a period; its state then holds zero-size arrays,
     which must checkpoint and resume like any other (orbax alone refuses them). Per-layer
