@@ -14,7 +14,9 @@ same run: same batches, same sampled layers, bit-identical parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -313,6 +315,8 @@ def _prepare_out_dir(cfg: TrainConfig) -> Path:
     """Check and create the run directory. Several processes: every one checks (so all raise
     the same error), then process 0 alone clears and creates it while the others wait."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; pass --out a directory (new or a run's)")
     has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
     if has_run and not (cfg.resume or cfg.overwrite):
         raise TrainError(f"{out} holds another run; pass --resume to continue it or "
@@ -653,16 +657,56 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     ``halt_at``: stop after that step as an interruption would (checkpoint, then return), for
     tests of resuming.
     """
-    from tqdm.auto import tqdm
-
-    from lisa_jax.hf import load_hf, save_hf
-
     cfg = with_default_remat(cfg)
     if cfg.mesh or cfg.distributed:
         from lisa_jax import sharding as SH
         SH.order_cpu_collectives()  # before JAX's backends start
     _init_distributed(cfg)  # first: joining must come before JAX uses a device
     _check_config(cfg)
+    with _run_lock(cfg):
+        return _run(cfg, halt_at)
+
+
+@contextlib.contextmanager
+def _run_lock(cfg: TrainConfig):
+    """Hold ``.<out>.lock`` beside the run directory (process 0) for the whole run, so that a
+    second run into the same ``--out`` is refused, ``--overwrite`` included (the lock sits
+    outside the directory it would delete). The lock is the kernel's: a dead process's lock
+    is free again, so a stale lock file is simply taken over."""
+    if not _is_main(cfg):
+        yield
+        return
+    out = Path(cfg.out)
+    path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise TrainError(f"cannot create the run directory's lock {path} ({e.strerror}); pass "
+                         "--out a directory you can write")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise TrainError(f"another lisa-jax train is running into {out} ({holder}); wait "
+                             "for it to end, or pass another --out")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
+    """``train`` once the settings are checked and the run directory is locked."""
+    from tqdm.auto import tqdm
+
+    from lisa_jax.hf import load_hf, save_hf
+
     out = _prepare_out_dir(cfg)
     changes = resume_changes(cfg, out) if cfg.resume else {}
     main_process = _is_main(cfg)

@@ -110,6 +110,34 @@ def test_resume_refuses_a_fixed_setting_and_changes_nothing(model_dir, data_file
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_lives(
+        model_dir, data_file, tmp_path, capsys):
+    """A live run holds the lock (here a process holding it as a run would): another run into
+    the same --out is refused, --overwrite included, and finds its directory untouched; once
+    the holder is gone its lock file is simply taken over."""
+    out = tmp_path / "run"
+    train(small(model_dir, data_file, out, steps=2))
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lock = tmp_path / ".run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+        "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"), str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            rc, err = run_cli(["train", "--model", model_dir, "--data", data_file, "--out",
+                               str(out), "--steps", "2", "--no-progress", *extra], capsys)
+            assert rc == 2 and "another lisa-jax train is running into" in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists()  # stale: its holder is dead
+    rc, err = run_cli(["train", "--out", str(out), "--resume", "--steps", "3"], capsys)
+    assert rc == 0, err
+
+
 def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path):
     """Bernoulli LISA can sample no layer for a period; its state then holds zero-size arrays,
     which must checkpoint and resume like any other (orbax alone refuses them). Per-layer
@@ -215,6 +243,7 @@ def run_cli(args, capsys):
     ("yaml_word_for_a_number", r"--batch-size takes a whole number, got 'four'"),
     ("lr_nan", r"--lr must be a positive number, got nan"),
     ("epochs_zero", r"--epochs must be positive, got 0.0"),
+    ("out_is_a_file", r"--out .* is a file; pass --out a directory"),
     ("negative_lr", r"--lr must be a positive number, got -0.001"),  # reaches the check
 ])
 def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, case, expect):
@@ -249,6 +278,9 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, cas
         args += ["--config", str(cfg)]
     elif case == "negative_lr":
         args += ["--lr", "-1e-3"]
+    elif case == "out_is_a_file":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("x")
     elif case == "lr_nan":
         args += ["--lr", "nan"]
     elif case == "epochs_zero":
