@@ -226,18 +226,10 @@ def test_save_hf_replaces_existing_and_cleans_up(tiny_llama_dir, tmp_path, monke
     assert (out / "model.safetensors").exists()
 
 
-def _write_generation_config(path, **values):
-    with open(os.path.join(path, "generation_config.json")) as f:
-        gen = json.load(f)
-    gen.update(values)
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump(gen, f)
-
-
 def test_save_hf_keeps_generation_config_eos_list(tiny_llama_dir, tmp_path):
     # An instruct checkpoint stops at several ids; its model config names only one of them.
     src = shutil.copytree(tiny_llama_dir, tmp_path / "src")
-    _write_generation_config(src, eos_token_id=[2, 7], temperature=0.6)
+    _edit_json(src, "generation_config.json", eos_token_id=[2, 7], temperature=0.6)
     out = lisa_jax.save_hf(lisa_jax.load_hf(src), tmp_path / "out", tokenizer_from=src)
     with open(os.path.join(out, "generation_config.json")) as f:
         gen = json.load(f)
@@ -316,12 +308,16 @@ def _copy(src, dst):
     return dst
 
 
+def _edit_json(path, name, **changes):
+    with open(os.path.join(path, name)) as f:
+        values = json.load(f)
+    values.update(changes)
+    with open(os.path.join(path, name), "w") as f:
+        json.dump(values, f)
+
+
 def _edit_config(path, **changes):
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    _edit_json(path, "config.json", **changes)
 
 
 def _rewrite_weights(path, edit):
