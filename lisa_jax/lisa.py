@@ -78,7 +78,6 @@ import numpy as np
 import optax
 
 from lisa_jax import sampling
-from lisa_jax.precision import MasterWeightsState
 
 __all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "resample",
            "maybe_resample", "trainable_view", "update_view", "scatter_view", "apply_view"]
@@ -152,13 +151,15 @@ def _is_namedtuple(x) -> bool:
 
 def _walk(fresh, old, rest, ptd, on_param, on_other, on_master):
     """Rebuild an inner state: NamedTuple nodes with a param-shaped field go to ``on_param``
-    (fresh, old); the master-weight remainders of ``precision.master_weights`` (weights, not
-    moments: never reset) to ``on_master`` (fresh, old); everything else to ``on_other``
-    (fresh, old, rest) at its leaves/subtrees."""
+    (fresh, old); the field a NamedTuple class names as its ``WEIGHTS_FIELD`` (weights, not
+    moments, e.g. ``precision.MasterWeightsState.remainder``: never reset) to ``on_master``
+    (fresh, old), its other fields walked on; everything else to ``on_other`` (fresh, old,
+    rest) at its leaves/subtrees."""
     walk = lambda f, o, r: _walk(f, o, r, ptd, on_param, on_other, on_master)  # noqa: E731
-    if isinstance(fresh, MasterWeightsState):
-        return MasterWeightsState(on_master(fresh.remainder, old.remainder),
-                                  walk(fresh.inner_state, old.inner_state, rest.inner_state))
+    weights = getattr(type(fresh), "WEIGHTS_FIELD", None) if _is_namedtuple(fresh) else None
+    if weights is not None:
+        return type(fresh)(*(on_master(f, o) if name == weights else walk(f, o, r)
+                             for name, f, o, r in zip(fresh._fields, fresh, old, rest)))
     if _param_shaped(fresh, ptd):  # a bare param-shaped subtree: moments too
         return on_param(fresh, old)
     if _is_namedtuple(fresh):

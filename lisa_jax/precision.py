@@ -44,6 +44,10 @@ class MasterWeightsState(NamedTuple):
     remainder: Any
     inner_state: Any
 
+    # Tells lisa() that this field holds weights, not moments: carried with a layer that stays
+    # sampled and never reset.
+    WEIGHTS_FIELD = "remainder"
+
 
 def split_master(master):
     """``(bfloat16 rounding to nearest, int16 remainder)`` of a float32 array, exactly.
@@ -143,17 +147,19 @@ def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransfo
         grads32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         inner_updates, inner_state = inner.update(grads32, state.inner_state, masters)
 
-        def param_update(p, m, u):
-            if not _is_bf16(p):
-                return u
-            # Exact in float32 (both are bfloat16 values), so p + update == the new parameter.
-            return split_master(m + u)[0].astype(jnp.float32) - p.astype(jnp.float32)
-
-        def new_remainder(p, m, u):
-            return split_master(m + u)[1] if _is_bf16(p) else optax.MaskedNode()
-
-        updates = jax.tree.map(param_update, params, masters, inner_updates)
-        remainder = jax.tree.map(new_remainder, params, masters, inner_updates)
+        treedef = jax.tree.structure(params)
+        updates, remainders = [], []
+        for p, m, u in zip(treedef.flatten_up_to(params), treedef.flatten_up_to(masters),
+                           treedef.flatten_up_to(inner_updates)):
+            if _is_bf16(p):
+                new_param, r = split_master(m + u)
+                # Exact in float32 (both are bfloat16 values): p + update == new_param.
+                updates.append(new_param.astype(jnp.float32) - p.astype(jnp.float32))
+                remainders.append(r)
+            else:
+                updates.append(u)
+                remainders.append(optax.MaskedNode())
+        updates, remainder = treedef.unflatten(updates), treedef.unflatten(remainders)
         return updates, MasterWeightsState(remainder, inner_state)
 
     return optax.GradientTransformation(init, update)
