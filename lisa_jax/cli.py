@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 from pathlib import Path
 
-from lisa_jax.train import TrainConfig, TrainError, load_config, main_train
+from lisa_jax.train import TrainConfig, TrainError, load_config, main_train, setting_type
 
 _HELP = {
     "model": "HF model directory (config.json, *.safetensors, tokenizer)",
@@ -53,16 +51,6 @@ _HELP = {
 }
 
 
-def _base_type(tp):
-    """``int`` for ``int | None`` and friends."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__`
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return args[0]
-    return tp
-
-
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa-jax train", description="Fine-tune with LISA, full "
                                 "fine-tuning or LoRA.")
@@ -70,7 +58,7 @@ def train_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(f.type)
+        tp = setting_type(f.name)[0]
         help_ = _HELP.get(f.name, "") + f" (default: {getattr(defaults, f.name)})"
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

@@ -163,14 +163,20 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     return TrainConfig(**values)
 
 
+def setting_type(name: str) -> tuple[type, bool]:
+    """``(type, whether None is allowed)`` of setting ``name``: ``(int, True)`` for
+    ``int | None``."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    rest = [a for a in args if a is not type(None)]
+    return (rest[0] if rest else hint), type(None) in args
+
+
 def _typed(name: str, value):
     """``value`` as the type of setting ``name``: YAML reads ``1e-5`` (no dot) and quoted
     numbers as strings, which are converted here; what cannot be converted is a one-line
     error naming the flag."""
-    hints = typing.get_type_hints(TrainConfig)
-    args = [a for a in typing.get_args(hints[name]) if a is not type(None)]
-    optional = type(None) in typing.get_args(hints[name])
-    tp = args[0] if args else hints[name]
+    tp, optional = setting_type(name)
     flag = "--" + name.replace("_", "-")
     if value is None:
         if optional:
