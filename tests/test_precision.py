@@ -14,7 +14,7 @@ from lisa_jax import layer_list
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as S
-from lisa_jax.precision import MasterWeightsState, join_master, master_weights, split_master
+from lisa_jax.precision import join_master, master_weights, split_master
 
 
 def _bits(x):
@@ -109,11 +109,6 @@ def _toy(L=6, D=4):
                        "norm": jnp.ones((L, D), jnp.bfloat16)}}
 
 
-def _lisa_state(state):
-    return next(s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-        s, lisa_jax.LisaState)) if isinstance(s, lisa_jax.LisaState))
-
-
 @pytest.mark.parametrize("reset", ["sampled", "all"])
 def test_resampling_moves_a_kept_layers_remainder_and_starts_new_layers_at_zero(reset):
     """Remainders are weights, not moments: at a period boundary a layer that stays sampled
@@ -205,21 +200,13 @@ def _start():
 
 def _masters(params, state):
     """The float32 masters of the leaves a run trained, from its bfloat16 parameters and its
-    MasterWeightsState (LISA: the always-trained leaves and the slots)."""
-    found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-        s, (MasterWeightsState, lisa_jax.LisaState))) if isinstance(
-            s, (MasterWeightsState, lisa_jax.LisaState))]
-    top = found[0]
-    if isinstance(top, lisa_jax.LisaState):
-        active = np.asarray(top.active)
-        rest = {k: v for k, v in params.items() if k != "layers"}
-        rest_m = jax.tree.map(join_master, rest, {k: v for k, v in
-                                                   top.rest_state.remainder.items()
-                                                   if k != "layers"})
-        slots = jax.tree.map(lambda x: x[active], params["layers"])
-        slot_m = jax.tree.map(join_master, slots, top.slot_state.remainder["layers"])
-        return {**rest_m, "layers": slot_m}
-    return jax.tree.map(join_master, params, top.remainder)
+    state: a MasterWeightsState, or a LisaState of one (the always-trained leaves and the
+    slots, which ``trainable_view`` gathers)."""
+    if isinstance(state, lisa_jax.LisaState):
+        remainder = {**state.rest_state.remainder,
+                     "layers": state.slot_state.remainder["layers"]}
+        return jax.tree.map(join_master, lisa_jax.trainable_view(params, state), remainder)
+    return jax.tree.map(join_master, params, state.remainder)
 
 
 @functools.lru_cache(maxsize=None)  # the float32 reference serves both LISA layouts
@@ -270,10 +257,9 @@ def _ratio(w, w32, w0):
 def _trained(tree, active):
     """The leaves a run trains, as float32 numpy (LISA: the sampled layers' slices)."""
     tree = jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
-    if active is not None and "layers" in tree and not isinstance(tree["layers"], tuple):
-        if next(iter(jax.tree.leaves(tree["layers"]))).shape[0] == L:
-            tree = {**tree, "layers": jax.tree.map(lambda x: x[active], tree["layers"])}
-    return tree
+    if active is None:
+        return tree
+    return {**tree, "layers": jax.tree.map(lambda x: x[active], tree["layers"])}
 
 
 @pytest.mark.parametrize("method,layout", [("lisa", "stacked"), ("lisa", "per_layer"),
