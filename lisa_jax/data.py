@@ -12,10 +12,19 @@ Pipeline::
 
 ``prepare_data`` does the middle three steps in one call.
 
-Record forms (JSON list or JSONL, one object a line):
+Record forms:
 
 * Alpaca: ``{"instruction": ..., "input": optional, "output": ...}``
 * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
+* ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}``
+  (``user``/``assistant`` too), read as a chat record.
+
+Files (``load_records``; a list of them is concatenated in order): JSONL (one record a line)
+or JSON (a list of records), UTF-8 with or without a byte order mark, LF or CRLF; parquet, CSV
+or TSV with ``instruction``/``input``/``output`` columns or a ``messages`` (or
+``conversations``) column, JSON text in CSV; an Arrow file or a ``datasets`` ``save_to_disk``
+folder (read with pyarrow). A mistake raises ``DataError`` (a ``ValueError``), one line naming
+the file, the 1-based line or record, and the fix.
 
 Rendering uses the tokenizer's chat template when it has one, else the plain Alpaca template
 (``PROMPT_TEMPLATE`` / ``PROMPT_TEMPLATE_NO_INPUT``, the response followed by eos). The prompt
@@ -33,6 +42,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -49,67 +60,400 @@ BUCKET_MULTIPLE = 64
 # ----------------------------------------------------------------------------- loading
 
 
-def load_records(path: str | Path) -> list[dict]:
-    """Records from a JSON file holding a list, or a JSONL file (one object a line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"data file {str(p)!r} not found; pass the path of a .json or .jsonl "
-                         "file of instruction records")
-    text = p.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}; the file must "
-                             "hold one JSON list of records (or be JSONL)") from None
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: malformed JSONL at line {lineno}: {e.msg}; each line "
-                                 "must be one complete JSON object") from None
-    if not records:
-        raise ValueError(f"{p}: no records found; the file must hold instruction records")
-    for i, r in enumerate(records):
-        validate_record(r, i)
+class DataError(ValueError):
+    """A mistake in the data the user passed: one line naming the file, the record and the fix."""
+
+
+DATA_FORMATS = ".jsonl, .json, .parquet, .csv, .tsv or .arrow file, or a save_to_disk folder"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+_RECORD_FORMS = ("Alpaca records need 'instruction' and 'output' (and optionally 'input'), chat "
+                 "records 'messages', ShareGPT records 'conversations'")
+_TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv",
+                   ".arrow": "arrow"}
+
+
+def load_records(path: str | Path | Sequence[str | Path]) -> list[dict]:
+    """The records of a data file or folder, or of several (concatenated in the order given).
+
+    JSONL (one object a line) or JSON (a list of objects); parquet, CSV or TSV with Alpaca
+    columns or a ``messages`` column (in CSV, JSON text); an Arrow file, or a folder written
+    by ``datasets.Dataset.save_to_disk``. Alpaca and chat records are returned as they are,
+    ShareGPT records (``conversations`` of ``from``/``value`` turns) as chat records. A
+    mistake raises ``DataError`` naming the file and the (1-based) line or record.
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise DataError(f"no data files given; pass --data a {DATA_FORMATS}")
+    records: list[dict] = []
+    for p in paths:
+        records += _load_one(Path(p))
     return records
 
 
-def validate_record(record: Any, index: int) -> str:
-    """``"alpaca"`` or ``"chat"``; a ValueError naming the record and what it lacks otherwise."""
+def _load_one(p: Path) -> list[dict]:
+    if p.is_dir():
+        rows, where = _read_saved_dataset(p), f"of {p}"
+        return _table_records(p, rows, lambda i: f"record {i} {where}")
+    if not p.is_file():
+        raise DataError(f"data file {str(p)!r} not found; pass --data a {DATA_FORMATS}")
+    kind = _TABLE_SUFFIXES.get(p.suffix.lower())
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PAR1"):
+        kind = "parquet"
+    elif head.startswith(b"ARROW1"):
+        kind = "arrow"
+    if kind == "parquet":
+        rows = _read_arrow_table(p, "parquet")
+    elif kind == "arrow":
+        rows = _read_arrow_table(p, "arrow")
+    elif kind in ("csv", "tsv"):
+        return _read_csv(p, "\t" if kind == "tsv" else ",")
+    else:
+        return _read_json(p)
+    return _table_records(p, rows, lambda i: f"record {i} of {p}")
+
+
+def _read_text(p: Path) -> str:
+    """The file's text: UTF-8, a leading byte order mark dropped; binary files refused."""
+    raw = p.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{p} is UTF-16 text; save it as UTF-8 and pass it to --data again")
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"{p} is a binary file, not text; pass --data a {DATA_FORMATS} "
+                        "(parquet and Arrow files are read by their .parquet/.arrow suffix)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{p} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                        "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8) and pass it to --data "
+                        "again") from None
+
+
+def _lines(text: str) -> list[str]:
+    # Not str.splitlines: that also splits at U+2028, form feeds and the like, which JSON
+    # strings may hold as they are.
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+
+
+def _read_json(p: Path) -> list[dict]:
+    text = _read_text(p)
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{p} is empty; pass --data a file of instruction records")
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"line {e.lineno} of {p}: malformed JSON ({e.msg}); a .json file must "
+                            "hold one JSON list of records (or write one record a line, JSONL)"
+                            ) from None
+        if not items:
+            raise DataError(f"{p} holds an empty list; pass --data a file of instruction records")
+        return [normalize_record(r, f"record {i} of {p}") for i, r in enumerate(items, 1)]
+    records = []
+    for lineno, line in enumerate(_lines(text), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            whole = _json_or_none(text) if not records else None
+            if isinstance(whole, dict):
+                if any(k in whole for k in ("instruction", "messages", "conversations")):
+                    return [normalize_record(whole, f"record 1 of {p}")]
+                keys = ", ".join(repr(k) for k in list(whole)[:5])
+                raise DataError(f"{p} holds one JSON object (keys {keys}), not records; pass "
+                                "--data a JSON list of records or JSONL (one record a line)"
+                                ) from None
+            raise DataError(f"line {lineno} of {p}: malformed JSON ({e.msg}); each line must "
+                            "hold one complete JSON object (JSONL)") from None
+        records.append(normalize_record(item, f"line {lineno} of {p}"))
+    return records
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _check_columns(p: Path, columns: Sequence[str]) -> None:
+    cols = set(columns)
+    if {"instruction", "output"} <= cols or cols & {"messages", "conversations"}:
+        return
+    shown = ", ".join(repr(c) for c in list(columns)[:8]) or "none"
+    raise DataError(f"{p} has columns {shown}; it needs 'instruction' and 'output' (and "
+                    "optionally 'input'), or 'messages' (chat) or 'conversations' (ShareGPT)")
+
+
+def _table_records(p: Path, rows: list[dict], where_of) -> list[dict]:
+    """Records of a table's rows; chat columns may hold JSON text, and are dropped where empty
+    (so a table can mix Alpaca and chat rows)."""
+    if not rows:
+        raise DataError(f"{p} has no rows; pass --data a file of instruction records")
+    out = []
+    for i, row in enumerate(rows, 1):
+        where = where_of(i)
+        rec = dict(row)
+        for col in ("messages", "conversations"):
+            if col not in rec:
+                continue
+            v = rec[col]
+            if v is None or (isinstance(v, str) and not v.strip()):
+                del rec[col]
+            elif isinstance(v, str):
+                try:
+                    rec[col] = json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: column {col!r} is not JSON ({e.msg}); write it "
+                                    "as a JSON list of {\"role\", \"content\"} objects") from None
+        if "messages" in rec or "conversations" in rec:
+            for k in ("instruction", "input", "output"):
+                if not rec.get(k):
+                    rec.pop(k, None)
+        out.append(normalize_record(rec, where))
+    return out
+
+
+def _read_csv(p: Path, delimiter: str) -> list[dict]:
+    import csv
+    import io
+
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long conversations
+    text = _read_text(p)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows: list[dict] = []
+    wheres: list[str] = []
+    start = 1
+    try:
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            if header is None:
+                header = [h.strip() for h in fields]
+                _check_columns(p, header)
+                continue
+            if len(fields) != len(header):
+                raise DataError(f"line {line} of {p}: {len(fields)} fields but the header has "
+                                f"{len(header)}; quote fields that hold "
+                                f"{'tabs' if delimiter == chr(9) else 'commas'} or newlines")
+            rows.append(dict(zip(header, fields)))
+            wheres.append(f"line {line} of {p}")
+    except csv.Error as e:
+        raise DataError(f"line {reader.line_num} of {p}: malformed CSV ({e}); quote fields "
+                        "that hold quotes, commas or newlines") from None
+    if header is None:
+        raise DataError(f"{p} is empty; pass --data a file of instruction records")
+    return _table_records(p, rows, lambda i: wheres[i - 1])
+
+
+def _pyarrow(p: Path):
+    try:
+        import pyarrow
+    except ImportError:
+        raise DataError(f"reading {p} needs pyarrow; pip install pyarrow") from None
+    return pyarrow
+
+
+def _read_arrow_table(p: Path, kind: str) -> list[dict]:
+    pa = _pyarrow(p)
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(p)
+        else:
+            table = _read_arrow_file(pa, p)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{p} is not a readable {kind} file ({str(e).splitlines()[0]}); pass "
+                        f"--data a {DATA_FORMATS}") from None
+    _check_columns(p, table.column_names)
+    return table.to_pylist()
+
+
+def _read_arrow_file(pa, p: Path):
+    """An Arrow IPC stream (what ``save_to_disk`` writes) or file."""
+    import pyarrow.ipc
+
+    try:
+        with pa.memory_map(str(p)) as src:
+            return pyarrow.ipc.open_stream(src).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(p)) as src:
+            return pyarrow.ipc.open_file(src).read_all()
+
+
+def _read_saved_dataset(p: Path) -> list[dict]:
+    """Rows of a ``datasets.Dataset.save_to_disk`` folder: its Arrow shards in order."""
+    if (p / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((p / "dataset_dict.json").read_text())["splits"]
+        except (ValueError, KeyError):
+            splits = sorted(d.name for d in p.iterdir() if d.is_dir())
+        pick = "train" if "train" in splits else splits[0] if splits else "SPLIT"
+        raise DataError(f"{p} holds a DatasetDict with splits {', '.join(splits)}; pass "
+                        f"--data {p / pick}")
+    files = None
+    if (p / "state.json").is_file():
+        try:
+            state = json.loads((p / "state.json").read_text())
+            files = [p / f["filename"] for f in state["_data_files"]]
+        except (ValueError, KeyError, TypeError):
+            files = None
+    if files is None:
+        files = sorted(p.glob("*.arrow"))
+    if not files:
+        raise DataError(f"{p} is a folder without .arrow files; pass --data a {DATA_FORMATS}")
+    pa = _pyarrow(p)
+    tables = []
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f} (listed in {p / 'state.json'}) is missing; save the dataset "
+                            "again with save_to_disk")
+        try:
+            tables.append(_read_arrow_file(pa, f))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f} is not a readable Arrow file ({str(e).splitlines()[0]}); save "
+                            "the dataset again with save_to_disk") from None
+    _check_columns(p, tables[0].column_names)
+    return [row for t in tables for row in t.to_pylist()]
+
+
+def _where(index: int | str) -> str:
+    return f"record {index + 1}" if isinstance(index, int) else index
+
+
+def normalize_record(record: Any, index: int | str) -> dict:
+    """``record`` checked (``validate_record``), a ShareGPT record turned into a chat record.
+
+    ``index``: the 0-based position of the record, or where it is (``"line 3 of d.jsonl"``),
+    for the message of a ``DataError``.
+    """
+    kind = validate_record(record, index)
+    if kind != "sharegpt":
+        return record
+    msgs = [{"role": SHAREGPT_ROLES[str(t.get("from", t.get("role"))).lower()],
+             "content": t.get("value", t.get("content"))} for t in record["conversations"]]
+    system = record.get("system")
+    if isinstance(system, str) and system and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system})
+    return {"messages": msgs}
+
+
+def validate_record(record: Any, index: int | str) -> str:
+    """``"alpaca"``, ``"chat"`` or ``"sharegpt"``; a ``DataError`` naming the record (``index``:
+    its 0-based position, or where it is, e.g. ``"line 3 of d.jsonl"``) and what it lacks."""
+    where = _where(index)
     if not isinstance(record, dict):
-        raise ValueError(f"record {index} is a {type(record).__name__}, not an object; each record "
-                         "needs 'instruction' and 'output', or 'messages'")
+        raise DataError(f"{where} is a JSON {_json_type(record)}, not an object; "
+                        + _RECORD_FORMS)
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
-            raise ValueError(f"record {index}: 'messages' must be a non-empty list of "
-                             "{role, content} objects")
-        for j, m in enumerate(msgs):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of "
+                            "{\"role\", \"content\"} objects")
+        for j, m in enumerate(msgs, 1):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"record {index}: message {j} is missing 'role' or 'content'")
+                raise DataError(f"{where}: message {j} is missing 'role' or 'content'; each "
+                                "message is {\"role\": ..., \"content\": ...}")
             if m["role"] not in ROLES:
-                raise ValueError(f"record {index}: message {j} has role {m['role']!r}; use one "
-                                 f"of {', '.join(ROLES)}")
+                raise DataError(f"{where}: message {j} has role {m['role']!r}; use one of "
+                                f"{', '.join(ROLES)}")
             if not isinstance(m["content"], str):
-                raise ValueError(f"record {index}: message {j} 'content' must be a string")
+                raise DataError(f"{where}: message {j} 'content' must be a string, not "
+                                f"{_json_type(m['content'])}")
         if not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError(f"record {index}: 'messages' has no assistant turn to train on")
+            raise DataError(f"{where}: 'messages' has no assistant turn to train on")
         return "chat"
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list of "
+                            "{\"from\", \"value\"} objects")
+        for j, t in enumerate(turns, 1):
+            if not isinstance(t, dict) or not (("from" in t and "value" in t)
+                                               or ("role" in t and "content" in t)):
+                raise DataError(f"{where}: turn {j} of 'conversations' is missing 'from' or "
+                                "'value'; each turn is {\"from\": \"human\", \"value\": ...}")
+            role = t["from"] if "from" in t else t["role"]
+            if str(role).lower() not in SHAREGPT_ROLES:
+                raise DataError(f"{where}: turn {j} is from {role!r}; use human, gpt or system "
+                                "(or user, assistant)")
+            text = t["value"] if "from" in t else t["content"]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: turn {j} 'value' must be a string, not "
+                                f"{_json_type(text)}")
+        if not any(SHAREGPT_ROLES[str(t.get("from", t.get("role"))).lower()] == "assistant"
+                   for t in turns):
+            raise DataError(f"{where}: 'conversations' has no gpt turn to train on")
+        return "sharegpt"
     missing = [k for k in ("instruction", "output") if k not in record]
     if missing:
-        raise ValueError(f"record {index} is missing {' and '.join(repr(k) for k in missing)}; "
-                         "Alpaca records need 'instruction' and 'output' (chat records need "
-                         "'messages')")
+        keys = ", ".join(repr(k) for k in list(record)[:5]) or "none"
+        raise DataError(f"{where} is missing {' and '.join(repr(k) for k in missing)} (its "
+                        f"keys: {keys}); {_RECORD_FORMS}")
     for k in ("instruction", "input", "output"):
-        if k in record and record[k] is not None and not isinstance(record[k], str):
-            raise ValueError(f"record {index}: {k!r} must be a string")
+        v = record.get(k)
+        if not isinstance(v, str) and not (k == "input" and v is None):
+            raise DataError(f"{where}: {k!r} must be a string, not {_json_type(v)}")
     return "alpaca"
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+            dict: "object"}.get(type(v), type(v).__name__)
+
+
+def response_is_empty(record: dict) -> bool:
+    """Whether every response of a (checked) record is empty or blank."""
+    if "messages" in record:
+        return all(not m["content"].strip() for m in record["messages"]
+                   if m["role"] == "assistant")
+    return not record["output"].strip()
+
+
+def _warn_all_empty(n: int) -> None:
+    warnings.warn(f"all {n} records have an empty response ('output' or the assistant turns), "
+                  "so the loss has no response tokens to learn: only the end-of-response token "
+                  "is a target; fill in the responses in --data", stacklevel=3)
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    """A ``DataError`` when the tokenizer has token ids the model's embedding has no row for.
+
+    A tokenizer smaller than ``vocab_size`` is fine (vocabularies are often padded).
+
+    >>> class Tok:
+    ...     name_or_path = "m"
+    ...     def __len__(self): return 40
+    ...     def get_vocab(self): return {f"t{i}": i for i in range(40)}
+    >>> check_vocab(Tok(), 64)
+    >>> check_vocab(Tok(), 32)
+    Traceback (most recent call last):
+    ...
+    lisa_jax.data.DataError: the tokenizer of m has 40 tokens but the model's vocab_size is 32 (config.json), so token ids 32..39 have no embedding; put the model's own tokenizer files in the --model directory, or resize its embeddings to at least 40 tokens first
+    """
+    n = len(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if vocab:
+        n = max(n, max(vocab.values()) + 1)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if isinstance(tid, int):
+            n = max(n, tid + 1)
+    if n > vocab_size:
+        src = getattr(tokenizer, "name_or_path", "") or "the --model directory"
+        raise DataError(f"the tokenizer of {src} has {n} tokens but the model's vocab_size is "
+                        f"{vocab_size} (config.json), so token ids {vocab_size}..{n - 1} have no "
+                        "embedding; put the model's own tokenizer files in the --model "
+                        f"directory, or resize its embeddings to at least {n} tokens first")
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -119,12 +463,14 @@ def load_tokenizer(model_dir: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"could not load a tokenizer from {str(model_dir)!r} ({e}); the "
-                         "directory needs tokenizer.json or the tokenizer's files") from None
+        raise DataError(f"could not load a tokenizer from {str(model_dir)!r} "
+                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                        "); the --model directory needs tokenizer.json or the tokenizer's files"
+                        ) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"the tokenizer in {model_dir} has neither a pad nor an eos token; "
-                             "add one to its tokenizer_config.json")
+            raise DataError(f"the tokenizer in {model_dir} has neither a pad nor an eos token; "
+                            "add one to its tokenizer_config.json")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -196,9 +542,10 @@ def render_chat_template(tokenizer, record: dict) -> list[tuple[str, bool]]:
         prefix = render(msgs[:i], True)
         full = render(msgs[:i + 1], False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise ValueError("the tokenizer's chat template does not render conversations "
-                             "incrementally, so assistant turns cannot be masked exactly; pass "
-                             "use_chat_template=False to use the plain template")
+            raise DataError("the tokenizer's chat template does not render conversations "
+                            "incrementally, so assistant turns cannot be masked exactly; delete "
+                            "'chat_template' from the --model directory's tokenizer_config.json "
+                            "to train with the plain Alpaca template")
         segs.append((prefix[len(done):], False))
         segs.append((full[len(prefix):], True))
         done = full
@@ -227,6 +574,8 @@ def tokenize_record(tokenizer, record: dict, use_chat_template: bool | None = No
     (``add_bos``: that answer, if already known), so training and generation from the same
     text agree; a chat template that writes the BOS itself is not given a second one.
     """
+    if "conversations" in record and "messages" not in record:
+        record = normalize_record(record, "the record")
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if add_bos is None:
@@ -258,20 +607,27 @@ class DataStats:
     dropped_too_long: int = 0
     truncated: int = 0
     dropped_no_target: int = 0
+    empty_responses: int = 0  # records whose responses are all empty (only eos is a target)
     max_len: int = 0
     mean_len: float = 0.0
 
 
 def build_examples(records: Sequence[dict], tokenizer, max_seq_len: int,
                    truncate: bool = False,
-                   use_chat_template: bool | None = None) -> tuple[list[Example], DataStats]:
+                   use_chat_template: bool | None = None,
+                   warn_empty: bool = True) -> tuple[list[Example], DataStats]:
     """Tokenized examples of ``records``; longer than ``max_seq_len`` ones are dropped (default)
-    or cut to it (``truncate=True``; kept only if a target token survives)."""
+    or cut to it (``truncate=True``; kept only if a target token survives).
+
+    Records whose responses are empty are counted in ``stats.empty_responses``; when all are,
+    a warning says so (``warn_empty``): such examples only teach the model to stop at once.
+    """
     stats = DataStats(num_records=len(records))
     out: list[Example] = []
     add_bos = tokenizer_adds_bos(tokenizer) if records else False
     for i, r in enumerate(records):
-        validate_record(r, i)
+        r = normalize_record(r, i)
+        stats.empty_responses += response_is_empty(r)
         ex = tokenize_record(tokenizer, r, use_chat_template, add_bos)
         if len(ex) > max_seq_len:
             if not truncate:
@@ -285,11 +641,20 @@ def build_examples(records: Sequence[dict], tokenizer, max_seq_len: int,
         out.append(ex)
     if records and not out:
         if stats.dropped_too_long:
-            raise ValueError(f"all {len(records)} examples are longer than max length "
-                             f"{max_seq_len} tokens ({stats.dropped_too_long} dropped); raise "
-                             "--max-seq-len or pass --truncate")
-        raise ValueError(f"none of the {len(records)} examples has a response token left to "
-                         "train on; raise --max-seq-len")
+            raise DataError(f"all {len(records)} examples are longer than max length "
+                            f"{max_seq_len} tokens ({stats.dropped_too_long} dropped); raise "
+                            "--max-seq-len or pass --truncate")
+        if stats.empty_responses == len(records):
+            raise DataError(f"all {len(records)} records have an empty response, so the loss "
+                            "has no target tokens; fill in 'output' (or the assistant turns) in "
+                            "--data")
+        raise DataError(f"none of the {len(records)} examples has a response token left to "
+                        "train on; raise --max-seq-len")
+    if warn_empty and records and stats.empty_responses == len(records):
+        _warn_all_empty(len(records))
+    elif stats.empty_responses:
+        log.warning("%d of %d records have an empty response (they only teach the model to "
+                    "stop)", stats.empty_responses, len(records))
     if stats.dropped_too_long:
         log.warning("dropped %d of %d examples longer than %d tokens (raise --max-seq-len to "
                     "keep them)", stats.dropped_too_long, len(records), max_seq_len)
@@ -308,18 +673,18 @@ def train_eval_split(items: Sequence, eval_fraction: float | None = None,
     """A held-out split, deterministic in ``seed``; the two parts are disjoint and keep order."""
     n = len(items)
     if eval_size is not None and eval_fraction is not None:
-        raise ValueError("give eval_size or eval_fraction, not both")
+        raise ValueError("give an eval size or an eval fraction, not both")
     if eval_fraction is not None:
         if not 0.0 <= eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+            raise DataError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
         k = int(round(n * eval_fraction))
         if eval_fraction > 0 and n > 1:
             k = max(k, 1)
     else:
         k = int(eval_size or 0)
     if k < 0 or (k >= n and k > 0):
-        raise ValueError(f"eval split of {k} leaves no training data out of {n} examples; "
-                         "lower --eval-size/--eval-fraction")
+        raise DataError(f"an eval split of {k} leaves no training data out of {n} records; "
+                        "lower --eval-fraction or add records to --data")
     held = set(np.random.default_rng([seed, 0x5EED]).permutation(n)[:k].tolist())
     train = [x for i, x in enumerate(items) if i not in held]
     ev = [x for i, x in enumerate(items) if i in held]
@@ -333,16 +698,20 @@ class Splits:
     stats: DataStats
 
 
-def prepare_data(path: str | Path, tokenizer, max_seq_len: int,
+def prepare_data(path: str | Path | Sequence[str | Path], tokenizer, max_seq_len: int,
                  eval_fraction: float | None = None, eval_size: int | None = None,
                  seed: int = 0, truncate: bool = False,
                  use_chat_template: bool | None = None) -> Splits:
-    """Load, split (on records, so the split does not depend on ``max_seq_len``) and tokenize."""
+    """Load (one data file or folder, or a list of them: ``load_records``), split (on records,
+    so the split does not depend on ``max_seq_len``) and tokenize."""
     records = load_records(path)
+    if all(response_is_empty(r) for r in records):
+        _warn_all_empty(len(records))
     tr, ev = train_eval_split(records, eval_fraction, eval_size, seed)
-    train, stats = build_examples(tr, tokenizer, max_seq_len, truncate, use_chat_template)
-    evals, _ = (build_examples(ev, tokenizer, max_seq_len, truncate, use_chat_template)
-                if ev else ([], None))
+    train, stats = build_examples(tr, tokenizer, max_seq_len, truncate, use_chat_template,
+                                  warn_empty=False)
+    evals, _ = (build_examples(ev, tokenizer, max_seq_len, truncate, use_chat_template,
+                               warn_empty=False) if ev else ([], None))
     return Splits(train, evals, stats)
 
 
@@ -391,9 +760,9 @@ class DataLoader:
                  buckets: Sequence[int] | None = None, chunk_batches: int = 16,
                  drop_last: bool = True, shuffle: bool = True, num_epochs: int | None = None):
         if not examples:
-            raise ValueError("no examples to batch")
+            raise DataError("no examples to batch; pass --data a file of instruction records")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise DataError(f"--batch-size must be at least 1, got {batch_size}")
         self.examples = list(examples)
         self.batch_size = batch_size
         self.seed = seed
@@ -404,7 +773,7 @@ class DataLoader:
             buckets = bucket_lengths(top)
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         if longest > self.buckets[-1]:
-            raise ValueError(f"an example has {longest} tokens, more than the largest bucket "
+            raise DataError(f"an example has {longest} tokens, more than the largest bucket "
                              f"{self.buckets[-1]}; raise --max-seq-len")
         self.chunk_batches = chunk_batches
         self.drop_last = drop_last
@@ -413,8 +782,9 @@ class DataLoader:
         n = len(self.examples)
         self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{n} examples make no full batch of {batch_size}; lower "
-                             f"--batch-size to {n} or add examples")
+            raise DataError(f"{n} training examples make no full batch of {batch_size}; lower "
+                            f"--batch-size to {n} or add examples to --data (the eval split "
+                            "and examples over --max-seq-len are not among them)")
         self.epoch = 0
         self.position = 0  # batches already yielded in this epoch
         self._plan_epoch: int | None = None
@@ -488,11 +858,13 @@ class DataLoader:
                 "num_examples": len(self.examples), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, mine in (("seed", self.seed), ("num_examples", len(self.examples)),
-                          ("batch_size", self.batch_size)):
+        for key, mine, fix in (("seed", self.seed, "the same --seed"),
+                               ("num_examples", len(self.examples),
+                                "the same --data, --max-seq-len and --eval-fraction"),
+                               ("batch_size", self.batch_size, "the same --batch-size")):
             if key in state and int(state[key]) != mine:
-                raise ValueError(f"data state has {key}={state[key]} but this loader has "
-                                 f"{mine}; resume with the same data and --{key.replace('_', '-')}")
+                raise DataError(f"the checkpoint's data position has {key}={state[key]} but "
+                                f"this run has {mine}; resume with {fix}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -508,8 +880,7 @@ def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int = 0,
     """
     if max_batches is not None:
         if max_batches < 0:
-            raise ValueError(f"max_batches must be at least 0, got {max_batches}; lower "
-                             "--eval-batches to 0 or more")
+            raise DataError(f"--eval-batches must be at least 0, got {max_batches}")
         limit = max_batches * batch_size
         if len(examples) > limit:
             picked = np.random.default_rng([seed, 0xE7A1]).choice(len(examples), limit,

@@ -104,17 +104,22 @@ def test_bad_inputs(tmp_path):
         data.load_records(bad)
     missing = write(tmp_path, "m.jsonl", '{"instruction": "a", "output": "b"}\n'
                                          '{"instruction": "a"}\n')
-    with pytest.raises(ValueError, match="record 1 is missing 'output'"):
+    with pytest.raises(ValueError, match="line 2 of .*m.jsonl is missing 'output'"):
         data.load_records(missing)
     neither = write(tmp_path, "n.json", '[{"prompt": "a"}]')
-    with pytest.raises(ValueError, match="record 0 is missing 'instruction' and 'output'"):
+    with pytest.raises(ValueError, match="record 1 of .*n.json is missing 'instruction' and "
+                                         "'output'"):
         data.load_records(neither)
     no_asst = write(tmp_path, "c.json", '[{"messages": [{"role": "user", "content": "a"}]}]')
-    with pytest.raises(ValueError, match="record 0.*no assistant"):
+    with pytest.raises(ValueError, match="record 1 of .*no assistant"):
         data.load_records(no_asst)
     bad_role = write(tmp_path, "r.json", '[{"messages": [{"role": "bot", "content": "a"}]}]')
-    with pytest.raises(ValueError, match="record 0: message 0 has role 'bot'"):
+    with pytest.raises(ValueError, match="record 1 of .*r.json: message 1 has role 'bot'"):
         data.load_records(bad_role)
+    # Records given to the API directly are numbered from 1 too.
+    with pytest.raises(data.DataError, match="^record 2 is missing 'output'"):
+        data.build_examples([{"instruction": "a", "output": "b"}, {"instruction": "a"}],
+                            make_tokenizer(), 10)
     tok = make_tokenizer()
     recs = [{"instruction": "Reverse the list", "output": "1 2 3"}] * 3
     with pytest.raises(ValueError, match=r"all 3 examples.*3 dropped.*--max-seq-len"):
