@@ -121,8 +121,8 @@ def _read_text(p: Path) -> str:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{p} is UTF-16 text; save it as UTF-8 and pass it to --data again")
     if b"\x00" in raw[:65536]:
-        raise DataError(f"{p} is a binary file, not text; pass --data a {DATA_FORMATS} "
-                        "(parquet and Arrow files are read by their .parquet/.arrow suffix)")
+        raise DataError(f"{p} is a binary file, not JSON or CSV text (a spreadsheet? export it "
+                        f"as CSV); pass --data a {DATA_FORMATS}")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -435,10 +435,10 @@ def check_vocab(tokenizer, vocab_size: int) -> None:
     ...     def __len__(self): return 40
     ...     def get_vocab(self): return {f"t{i}": i for i in range(40)}
     >>> check_vocab(Tok(), 64)
-    >>> check_vocab(Tok(), 32)
+    >>> check_vocab(Tok(), 32)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    lisa_jax.data.DataError: the tokenizer of m has 40 tokens but the model's vocab_size is 32 (config.json), so token ids 32..39 have no embedding; put the model's own tokenizer files in the --model directory, or resize its embeddings to at least 40 tokens first
+    lisa_jax.data.DataError: the tokenizer of m has 40 tokens but the model's vocab_size is 32 ...
     """
     n = len(tokenizer)
     vocab = tokenizer.get_vocab()
@@ -460,6 +460,9 @@ def load_tokenizer(model_dir: str | Path):
     """The model directory's tokenizer (local files only), with pad = eos if it has no pad."""
     from transformers import AutoTokenizer
 
+    if not Path(model_dir).is_dir():
+        raise DataError(f"--model directory {str(model_dir)!r} not found; pass the directory "
+                        "of an HF model (config.json, *.safetensors, tokenizer files)")
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -858,13 +861,14 @@ class DataLoader:
                 "num_examples": len(self.examples), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, mine, fix in (("seed", self.seed, "the same --seed"),
-                               ("num_examples", len(self.examples),
-                                "the same --data, --max-seq-len and --eval-fraction"),
-                               ("batch_size", self.batch_size, "the same --batch-size")):
+        for key, what, mine, fix in (
+                ("seed", "seed {}", self.seed, "the same --seed"),
+                ("num_examples", "{} training examples", len(self.examples),
+                 "the same --data, --max-seq-len and --eval-fraction"),
+                ("batch_size", "batch size {}", self.batch_size, "the same --batch-size")):
             if key in state and int(state[key]) != mine:
-                raise DataError(f"the checkpoint's data position has {key}={state[key]} but "
-                                f"this run has {mine}; resume with {fix}")
+                raise DataError(f"the checkpoint's data position is for {what.format(state[key])}"
+                                f" but this run has {what.format(mine)}; resume with {fix}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

@@ -369,3 +369,393 @@ def test_chat_template_bos_never_doubled():
         ex = data.tokenize_record(make_tokenizer(chat=with_bos, add_bos=add_bos), rec)
         assert ex.input_ids.tolist() == ids("<s>") + body
         assert ex.loss_mask.tolist() == [0] * 5 + [1, 1]
+
+
+# ----------------------------------------------------------------------------- file formats
+
+ALPACA = [{"instruction": "Reverse the list", "input": "3 1 4", "output": "4 1 3"},
+          {"instruction": "Reverse the list, be brief", "input": "", "output": "a b"},
+          # quotes, a comma, a newline and U+2028 (a line break to str.splitlines, not JSON)
+          {"instruction": 'hi, "be brief"\nhello', "input": "a\u2028b", "output": "see you"},
+          {"instruction": "hi", "input": "1 2", "output": "bye"}]
+CHAT = [{"messages": [{"role": "system", "content": "be brief"},
+                      {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "bye, \"a\""},
+                      {"role": "assistant", "content": "see you"}]},
+        {"messages": [{"role": "user", "content": "Reverse the list\n1 2"},
+                      {"role": "assistant", "content": "2 1"}]},
+        {"messages": [{"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b c"}]}]
+TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def sharegpt(records, roles=TO_SHAREGPT):
+    return [{"conversations": [{"from": roles[m["role"]], "value": m["content"]}
+                               for m in r["messages"]]} for r in records]
+
+
+def table_rows(records):
+    """Records as table rows: chat messages as JSON text (a CSV cell holds text)."""
+    return [{"messages": json.dumps(r["messages"])} if "messages" in r else r for r in records]
+
+
+def write_jsonl(path, records, bom=False, crlf=False):
+    nl = "\r\n" if crlf else "\n"
+    text = nl.join(json.dumps(r, ensure_ascii=False) for r in records) + nl
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return path
+
+
+def write_csv(path, records, delimiter=",", bom=False, crlf=False):
+    import csv
+    import io
+    rows = table_rows(records)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), delimiter=delimiter,
+                       lineterminator="\r\n" if crlf else "\n")
+    w.writeheader()
+    w.writerows(rows)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buf.getvalue().encode())
+    return path
+
+
+def write_parquet(path, records, json_text=False):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(table_rows(records) if json_text else records), path)
+    return path
+
+
+def write_arrow_stream(path, records):
+    import pyarrow as pa
+    table = pa.Table.from_pylist(records)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def write_save_to_disk(folder, records, shards=2):
+    """The layout ``datasets.Dataset.save_to_disk`` writes (Arrow streams listed in state.json;
+    checked against datasets 5.2), without needing the library."""
+    folder.mkdir()
+    cut = -(-len(records) // shards)
+    names = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
+    for i, name in enumerate(names):
+        write_arrow_stream(folder / name, records[i * cut:(i + 1) * cut])
+    (folder / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0",
+         "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+         "_output_all_columns": False, "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
+
+
+FORMATS = {
+    "jsonl": lambda d, r: write_jsonl(d / "d.jsonl", r),
+    "jsonl_bom_crlf": lambda d, r: write_jsonl(d / "d.jsonl", r, bom=True, crlf=True),
+    "json_array": lambda d, r: write(d, "d.json", json.dumps(r, indent=2)),
+    "json_array_bom_crlf": lambda d, r: (d / "d.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(r, indent=2).replace("\n", "\r\n").encode()) and d / "d.json",
+    "parquet": lambda d, r: write_parquet(d / "d.parquet", r),
+    "parquet_json_text": lambda d, r: write_parquet(d / "d.parquet", r, json_text=True),
+    "parquet_no_suffix": lambda d, r: write_parquet(d / "d.data", r),
+    "csv": lambda d, r: write_csv(d / "d.csv", r),
+    "csv_bom_crlf": lambda d, r: write_csv(d / "d.csv", r, bom=True, crlf=True),
+    "tsv": lambda d, r: write_csv(d / "d.tsv", r, delimiter="\t"),
+    "arrow": lambda d, r: write_arrow_stream(d / "d.arrow", r),
+    "save_to_disk": lambda d, r: write_save_to_disk(d / "saved", r),
+}
+SHAREGPT_FORMATS = {
+    "sharegpt_json": lambda d, r: write(d, "s.json", json.dumps(sharegpt(r))),
+    "sharegpt_jsonl": lambda d, r: write_jsonl(d / "s.jsonl", sharegpt(r)),
+    "sharegpt_user_assistant": lambda d, r: write_jsonl(
+        d / "s.jsonl", sharegpt(r, {"system": "system", "user": "user",
+                                    "assistant": "assistant"})),
+    "sharegpt_parquet": lambda d, r: write_parquet(d / "s.parquet", sharegpt(r)),
+    "sharegpt_csv": lambda d, r: write_csv(d / "s.csv", [
+        {"conversations": json.dumps(c["conversations"])} for c in sharegpt(r)]),
+}
+
+
+def batches_of(records, tok):
+    exs, _ = data.build_examples(records, tok, max_seq_len=64)
+    loader = data.DataLoader(exs, batch_size=2, seed=3, pad_id=tok.pad_token_id,
+                             max_seq_len=64, drop_last=False, num_epochs=2)
+    return [(b["input_ids"].tolist(), b["loss_mask"].tolist()) for b in loader]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("kind", ["alpaca", "chat"])
+def test_every_format_gives_the_batches_of_jsonl(tmp_path, fmt, kind):
+    records, tok = (ALPACA, make_tokenizer()) if kind == "alpaca" else \
+        (CHAT, make_tokenizer(chat=True))
+    loaded = data.load_records(FORMATS[fmt](tmp_path, records))
+    assert loaded == records  # every field, in order, newlines and U+2028 kept
+    assert batches_of(loaded, tok) == batches_of(records, tok)
+
+
+@pytest.mark.parametrize("fmt", sorted(SHAREGPT_FORMATS))
+def test_sharegpt_reads_as_chat_records(tmp_path, fmt):
+    loaded = data.load_records(SHAREGPT_FORMATS[fmt](tmp_path, CHAT))
+    assert loaded == CHAT  # human -> user, gpt -> assistant, system kept, order kept
+    for tok in (make_tokenizer(chat=True), make_tokenizer()):
+        assert batches_of(loaded, tok) == batches_of(CHAT, tok)
+    # The API takes ShareGPT records as they are too.
+    tok = make_tokenizer(chat=True)
+    raw = sharegpt(CHAT)[0]
+    assert data.tokenize_record(tok, raw).input_ids.tolist() == \
+        data.tokenize_record(tok, CHAT[0]).input_ids.tolist()
+    assert batches_of(sharegpt(CHAT), tok) == batches_of(CHAT, tok)
+
+
+def test_sharegpt_system_field_and_masks():
+    rec = {"system": "be brief", "conversations": [{"from": "human", "value": "hi"},
+                                                   {"from": "gpt", "value": "hello"}]}
+    assert data.normalize_record(rec, 0) == {"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}]}
+    ex = data.tokenize_record(make_tokenizer(chat=True), rec)
+    # Only the gpt turn is a target.
+    assert [t for t, m in zip(ex.input_ids.tolist(), ex.loss_mask.tolist()) if m] == \
+        ids("hello", "</s>")
+
+
+def test_datasets_save_to_disk_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(tmp_path / "ds"))
+    assert data.load_records(tmp_path / "ds") == ALPACA
+
+
+def test_several_files_concatenate_in_order(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ALPACA[:2])
+    b = write_csv(tmp_path / "b.csv", CHAT)
+    c = write_parquet(tmp_path / "c.parquet", ALPACA[2:])
+    assert data.load_records([a, b, c]) == ALPACA[:2] + CHAT + ALPACA[2:]
+    assert data.load_records([c, a]) == ALPACA[2:] + ALPACA[:2]
+    assert data.load_records([str(a)]) == ALPACA[:2]
+    tok = make_tokenizer()
+    s = data.prepare_data([a, c], tok, max_seq_len=64)
+    one = data.prepare_data(write_jsonl(tmp_path / "all.jsonl", ALPACA), tok, max_seq_len=64)
+    assert [e.input_ids.tolist() for e in s.train] == [e.input_ids.tolist() for e in one.train]
+    # A mistake in the second file names that file and its own line numbers.
+    bad = write(tmp_path, "bad.jsonl", json.dumps(ALPACA[0]) + '\n{"instruction": "a"}\n')
+    with pytest.raises(data.DataError, match=r"^line 2 of \S*bad\.jsonl is missing 'output'"):
+        data.load_records([a, bad])
+    with pytest.raises(data.DataError, match="--data"):
+        data.load_records([])
+
+
+def test_mixed_alpaca_and_chat_rows_in_one_csv(tmp_path):
+    cell = json.dumps(CHAT[1]["messages"]).replace('"', '""')
+    p = write(tmp_path, "m.csv", f'instruction,input,output,messages\nhi,,a,\n,,,"{cell}"\n')
+    assert data.load_records(p) == [{"instruction": "hi", "input": "", "output": "a"}, CHAT[1]]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _csv(text):
+    return lambda d: write(d, "data.csv", text)
+
+
+def _parquet(rows, name="data.parquet"):
+    return lambda d: write_parquet(d / name, rows)
+
+
+def write_dataset_dict(folder):
+    """What ``datasets.DatasetDict.save_to_disk`` writes: a folder per split."""
+    folder.mkdir()
+    for split in ("train", "test"):
+        write_save_to_disk(folder / split, ALPACA)
+    (folder / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    return folder
+
+
+GOOD = json.dumps({"instruction": "a", "output": "b"})
+BAD_INPUTS = {
+    # name: (make the input in a folder, substrings the message must hold)
+    "missing_file": (lambda d: d / "nope.jsonl", ["nope.jsonl", "not found", "--data"]),
+    "binary": (lambda d: (d / "data.jsonl").write_bytes(b"PK\x03\x04\x00\x00\x01") and
+               d / "data.jsonl", ["data.jsonl", "binary", "--data"]),
+    "latin1": (lambda d: (d / "data.jsonl").write_bytes(
+        (GOOD + '\n{"instruction": "caf\xe9", "output": "b"}\n').encode("latin-1")) and
+        d / "data.jsonl", ["data.jsonl", "not UTF-8", "line 2", "UTF-8"]),
+    "utf16": (lambda d: (d / "data.jsonl").write_bytes((GOOD + "\n").encode("utf-16")) and
+              d / "data.jsonl", ["data.jsonl", "UTF-16", "UTF-8"]),
+    "empty": (lambda d: write(d, "data.jsonl", "\n \n"), ["data.jsonl", "empty"]),
+    "jsonl_malformed": (lambda d: write(d, "data.jsonl", f"{GOOD}\n{GOOD}\n{{\"instruction\":\n"),
+                        ["line 3 of", "data.jsonl", "malformed JSON"]),
+    # a blank line: line numbers count it, so the second record is on line 3
+    "jsonl_missing_output": (lambda d: write(d, "data.jsonl", f'{GOOD}\n\n{{"instruction": "a"}}'),
+                             ["line 3 of", "data.jsonl", "missing 'output'", "'instruction'"]),
+    "jsonl_first_line": (lambda d: write(d, "data.jsonl", '{"prompt": "a", "answer": "b"}\n'),
+                         ["line 1 of", "'prompt'", "'instruction' and 'output'", "messages",
+                          "conversations"]),
+    "json_record_2": (lambda d: write(d, "data.json", f'[{GOOD}, {{"output": "b"}}]'),
+                      ["record 2 of", "data.json", "missing 'instruction'"]),
+    "json_not_object": (lambda d: write(d, "data.json", f'[{GOOD}, ["a", "b"]]'),
+                        ["record 2 of", "data.json", "list, not an object"]),
+    "json_malformed": (lambda d: write(d, "data.json", f'[\n{GOOD},\n{GOOD}\n{GOOD}]'),
+                       ["line 4 of", "data.json", "malformed JSON"]),
+    "json_one_object": (lambda d: write(d, "data.json", '{\n"data": [\n' + GOOD + "]\n}"),
+                        ["data.json", "one JSON object", "'data'", "--data"]),
+    "json_number_field": (lambda d: write(d, "data.json", '[{"instruction": 3, "output": "b"}]'),
+                          ["record 1 of", "'instruction' must be a string, not number"]),
+    "chat_bad_role": (lambda d: write(d, "data.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]})),
+        ["line 1 of", "message 2 has role 'bot'", "assistant"]),
+    "sharegpt_bad_role": (lambda d: write(d, "data.jsonl", GOOD + "\n" + json.dumps(
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]})),
+        ["line 2 of", "data.jsonl", "turn 2 is from 'bot'", "human, gpt or system"]),
+    "sharegpt_no_gpt": (lambda d: write(d, "data.json", json.dumps(
+        [{"conversations": [{"from": "human", "value": "a"}]}])),
+        ["record 1 of", "data.json", "no gpt turn"]),
+    "sharegpt_no_value": (lambda d: write(d, "data.json", json.dumps(
+        [{"conversations": [{"from": "human", "text": "a"}]}])),
+        ["record 1 of", "turn 1", "'from' or 'value'"]),
+    "csv_columns": (_csv("prompt,response\na,b\n"),
+                    ["data.csv", "columns 'prompt', 'response'", "'instruction' and 'output'",
+                     "messages"]),
+    "csv_field_count": (_csv("instruction,output\na,b\nc,d,e\n"),
+                        ["line 3 of", "data.csv", "3 fields", "header has 2", "quote"]),
+    # a quoted newline in record 1: record 2 starts on line 4
+    "csv_multiline_then_bad": (_csv('instruction,output\n"a\nb",c\nd,e,f\n'),
+                               ["line 4 of", "data.csv", "3 fields"]),
+    "csv_messages_not_json": (_csv('messages\n"[{""role"": ""assistant"", ""content"": ""a""}]"\n'
+                                   '"[{role: user}]"\n'),
+                              ["line 3 of", "data.csv", "column 'messages' is not JSON"]),
+    "csv_messages_missing_content": (_csv('messages\n"[{""role"": ""user""}]"\n'),
+                                     ["line 2 of", "data.csv", "message 1", "'content'"]),
+    "csv_empty": (_csv(""), ["data.csv", "empty"]),
+    "parquet_columns": (_parquet([{"text": "a"}]), ["data.parquet", "columns 'text'"]),
+    "parquet_null_output": (_parquet([{"instruction": "a", "output": "b"},
+                                      {"instruction": "a", "output": None}]),
+                            ["record 2 of", "data.parquet", "'output' must be a string, not null"]),
+    "parquet_corrupt": (lambda d: write(d, "data.parquet", "not parquet"),
+                        ["data.parquet", "not a readable parquet file", "--data"]),
+    "dataset_dict": (lambda d: write_dataset_dict(d / "dd"),
+                     ["DatasetDict", "train, test", "--data", "dd/train"]),
+    "folder_without_arrow": (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir",
+                             ["empty_dir", "without .arrow files", "--data"]),
+    "save_to_disk_bad_record": (lambda d: write_save_to_disk(d / "saved", ALPACA[:3] + [
+        {"instruction": "a", "input": "", "output": None}]),
+        ["record 4 of", "saved", "'output' must be a string"]),
+}
+PYTHON_NAMES = ("drop_last", "use_chat_template", "eval_fraction", "eval_size", "batch_size",
+                "max_batches", "=False", "=True", "record 0")
+
+
+def check_one_line(msg, must):
+    assert "\n" not in msg, msg
+    for part in must:
+        assert part in msg, (part, msg)
+    for name in PYTHON_NAMES:
+        assert name not in msg, (name, msg)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_naming_file_record_and_fix(tmp_path, case):
+    make, must = BAD_INPUTS[case]
+    path = make(tmp_path)
+    with pytest.raises(data.DataError) as e:
+        data.load_records(path)
+    check_one_line(str(e.value), must)
+    assert isinstance(e.value, ValueError)  # the trainer turns ValueErrors into one-line errors
+
+
+def _not_incremental():
+    # The template writes the turn count first, so an earlier rendering is no prefix.
+    tok = make_tokenizer(chat="{{ messages|length }} " + CHAT_TEMPLATE)
+    data.tokenize_record(tok, CHAT[1])
+
+
+def _resume(**kw):
+    exs = random_examples(20)
+    state = data.DataLoader(exs, batch_size=4, seed=0).state_dict()
+    other = dict(exs=exs, batch_size=4, seed=0) | kw
+    data.DataLoader(other.pop("exs"), **other).load_state_dict(state)
+
+
+API_MISTAKES = {
+    "too_few_for_a_batch": (lambda: data.DataLoader(random_examples(5), batch_size=8),
+                            ["5 training examples", "--batch-size to 5", "--data"]),
+    "batch_size_0": (lambda: data.DataLoader(random_examples(5), batch_size=0),
+                     ["--batch-size must be at least 1"]),
+    "eval_fraction_1": (lambda: data.train_eval_split(list(range(9)), eval_fraction=1.0),
+                        ["--eval-fraction", "[0, 1)"]),
+    "eval_takes_all": (lambda: data.train_eval_split([1], eval_size=1),
+                       ["--eval-fraction", "--data"]),
+    "eval_batches": (lambda: data.eval_batches(random_examples(3), 2, max_batches=-1),
+                     ["--eval-batches"]),
+    "resume_seed": (lambda: _resume(seed=1), ["--seed"]),
+    "resume_data": (lambda: _resume(exs=random_examples(21)), ["--data"]),
+    "resume_batch": (lambda: _resume(batch_size=2), ["--batch-size"]),
+    "all_too_long": (lambda: data.build_examples(ALPACA, make_tokenizer(), 4),
+                     ["--max-seq-len", "--truncate"]),
+    "template": (_not_incremental, ["chat template", "tokenizer_config.json", "plain"]),
+    "tokenizer_dir": (lambda: data.load_tokenizer("/nonexistent/model"),
+                      ["/nonexistent/model", "--model", "not found"]),
+    "tokenizer_files": (lambda: data.load_tokenizer(data.Path(__file__).parent),
+                        ["--model", "tokenizer.json"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(API_MISTAKES))
+def test_mistakes_name_cli_flags_not_python_parameters(case):
+    call, must = API_MISTAKES[case]
+    with pytest.raises(data.DataError) as e:
+        call()
+    check_one_line(str(e.value), must)
+
+
+def test_fewer_records_than_a_batch_after_the_eval_split(tmp_path):
+    tok = make_tokenizer()
+    p = write_jsonl(tmp_path / "d.jsonl", ALPACA + ALPACA[:2])  # 6 records, 1 held out
+    s = data.prepare_data(p, tok, max_seq_len=64, eval_fraction=0.2)
+    assert (len(s.train), len(s.eval)) == (5, 1)
+    with pytest.raises(data.DataError, match="5 training examples.*--batch-size to 5"):
+        data.DataLoader(s.train, batch_size=8)
+    assert len(data.DataLoader(s.train, batch_size=5)) == 1
+
+
+# ----------------------------------------------------------------------------- vocab, empty
+
+
+def test_check_vocab_counts_added_tokens():
+    tok = make_tokenizer()
+    n = len(VOCAB)
+    data.check_vocab(tok, n)
+    data.check_vocab(tok, n + 64)  # a padded embedding is fine
+    with pytest.raises(data.DataError) as e:
+        data.check_vocab(tok, n - 1)
+    check_one_line(str(e.value), [f"{n} tokens", f"vocab_size is {n - 1}", "--model"])
+    # An added token past the model's rows: tokenizer.vocab_size does not count it.
+    tok.add_tokens(["<extra>"])
+    assert tok.vocab_size == n
+    with pytest.raises(data.DataError, match=f"{n + 1} tokens.*vocab_size is {n}"):
+        data.check_vocab(tok, n)
+
+
+def test_all_empty_responses_warn_and_count(tmp_path):
+    import warnings
+    tok = make_tokenizer()
+    empty = [{"instruction": "hi", "output": ""}, {"instruction": "bye", "output": "  "},
+             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}]
+    with pytest.warns(UserWarning, match="all 3 records have an empty response.*no response "
+                                         "tokens.*--data"):
+        exs, stats = data.build_examples(empty, tok, 64)
+    assert stats.empty_responses == 3
+    # What is left to learn is the end of the response.
+    assert all(e.input_ids[e.loss_mask == 1].tolist() == ids("</s>") for e in exs)
+    # One warning from prepare_data, not one per split.
+    p = write_jsonl(tmp_path / "e.jsonl", empty * 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.prepare_data(p, tok, 64, eval_fraction=0.25)
+    assert len([w for w in caught if "empty response" in str(w.message)]) == 1
+    # Some empty responses: counted, no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, stats = data.build_examples(empty + ALPACA, tok, 64)
+    assert stats.empty_responses == 3
