@@ -527,6 +527,12 @@ def test_datasets_save_to_disk_folder(tmp_path):
     assert data.load_records(tmp_path / "ds") == ALPACA
 
 
+def test_arrow_folder_without_state_json_reads_every_shard(tmp_path):
+    folder = write_save_to_disk(tmp_path / "saved", ALPACA, shards=3)
+    (folder / "state.json").unlink()
+    assert data.load_records(folder) == ALPACA
+
+
 def test_several_files_concatenate_in_order(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ALPACA[:2])
     b = write_csv(tmp_path / "b.csv", CHAT)
@@ -622,6 +628,9 @@ BAD_INPUTS = {
     # a quoted newline in record 1: record 2 starts on line 4
     "csv_multiline_then_bad": (_csv('instruction,output\n"a\nb",c\nd,e,f\n'),
                                ["line 4 of", "data.csv", "3 fields"]),
+    # a bad record spanning lines 3-4: named by the line it starts on
+    "csv_bad_multiline_record": (_csv('instruction,output\na,b\n"c\nd",e,f\n'),
+                                 ["line 3 of", "data.csv", "3 fields"]),
     "csv_messages_not_json": (_csv('messages\n"[{""role"": ""assistant"", ""content"": ""a""}]"\n'
                                    '"[{role: user}]"\n'),
                               ["line 3 of", "data.csv", "column 'messages' is not JSON"]),
