@@ -93,8 +93,7 @@ def load_records(path: str | Path | Sequence[str | Path]) -> list[dict]:
 
 def _load_one(p: Path) -> list[dict]:
     if p.is_dir():
-        rows, where = _read_saved_dataset(p), f"of {p}"
-        return _table_records(p, rows, lambda i: f"record {i} {where}")
+        return _table_records(p, _read_saved_dataset(p), lambda i: f"record {i} of {p}")
     if not p.is_file():
         raise DataError(f"data file {str(p)!r} not found; pass --data a {DATA_FORMATS}")
     kind = _TABLE_SUFFIXES.get(p.suffix.lower())
