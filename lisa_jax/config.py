@@ -1,0 +1,338 @@
+"""The settings of a training run: the ``TrainConfig`` schema, where each setting's type, default,
+help text and allowed values are declared once (the command line's flags are built from them),
+the reading of a YAML file of settings, the checks a run's settings must pass before anything is
+written, and which settings a resumed run may change.
+
+    >>> cfg = load_config(None, {"method": "full", "lr": "2e-5"})
+    >>> cfg.lr, with_default_remat(cfg).remat
+    (2e-05, 'dots')
+    >>> help_text("lisa_layers"), choices("lisa_reset")
+    ('γ: layers trained at a time', ('sampled', 'all'))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lisa_jax.lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
+from lisa_jax.model import REMAT_POLICIES
+from lisa_jax.stack_vjp import REMAT_MODES as LISA_REMAT_MODES
+
+DEMO_DIR = Path(__file__).parent / "demo"
+
+# Per method: the rematerialization modes its step takes, and the one it uses when none is
+# given. LISA's "none" (its own backward keeps the matmul outputs) and plain autodiff's "dots"
+# both keep the matmul outputs and recompute the elementwise ops.
+REMAT_MODES = {"lisa": LISA_REMAT_MODES, "full": tuple(REMAT_POLICIES),
+               "lora": tuple(REMAT_POLICIES)}
+DEFAULT_REMAT = {"lisa": "none", "full": "dots", "lora": "dots"}
+
+
+class TrainError(Exception):
+    """A problem with the user's input or run directory: printed as one line, no traceback."""
+
+
+def _setting(default, help: str, choices: tuple[str, ...] = ()):
+    """A field of ``TrainConfig`` with its help text (and allowed values) beside it."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run; each is also a ``--flag`` (underscores become dashes)."""
+
+    model: str | None = _setting(None, "HF model directory (config.json, *.safetensors, "
+                                       "tokenizer)")
+    data: str | None = _setting(None, "instruction data: JSON or JSONL, Alpaca "
+                                      "(instruction/input/output) or chat (messages)")
+    out: str = _setting("runs/run", "run directory (checkpoints, metrics, exported model)")
+    demo: bool = _setting(False, "fine-tune the bundled tiny model on the bundled instruction "
+                                 "set (CPU, ~1 min)")
+    method: str = _setting("lisa", "training method: LISA (sampled layers), full fine-tuning "
+                                   "or LoRA adapters", ("lisa", "full", "lora"))
+    # LISA
+    lisa_layers: int = _setting(2, "γ: layers trained at a time")
+    lisa_interval: int = _setting(20, "K: steps between resamples of the trained layers")
+    lisa_probs: str | None = _setting(None, "per-layer sampling probabilities (importance "
+                                            "sampling): a file or 'p0,p1,...'")
+    lisa_reset: str = _setting("sampled", "sampled: a newly sampled layer starts with fresh "
+                                          "moments; all: every period restarts all moments",
+                               ("sampled", "all"))
+    lisa_importance: str = _setting("none", "none: uniform or --lisa-probs; online: "
+                                            "probabilities from the sampled layers' gradient "
+                                            "norms, redrawn every period", ("none", "online"))
+    lisa_importance_floor: float = _setting(0.05, "online importance: the least probability of "
+                                                  "any layer (at most γ/L)")
+    lisa_importance_decay: float = _setting(0.9, "online importance: moving-average decay of "
+                                                 "gradient norms")
+    # LoRA
+    lora_rank: int = _setting(16, "LoRA: rank of the adapters")
+    lora_alpha: float | None = _setting(None, "LoRA: scale numerator, adapters scaled by "
+                                              "alpha/rank (default: 2 * rank)")
+    lora_targets: str = _setting(",".join(LORA_DEFAULT_TARGETS),
+                                 "LoRA: comma-separated layer weights given adapters")
+    # optimization
+    lr: float = _setting(1e-5, "peak learning rate of AdamW")
+    schedule: str = _setting("cosine", "learning rate after the linear warmup",
+                             ("cosine", "linear", "constant"))
+    warmup_steps: int = _setting(0, "steps of linear warmup from 0 to --lr")
+    min_lr_ratio: float = _setting(0.0, "final learning rate of cosine and linear, as a "
+                                        "fraction of --lr")
+    weight_decay: float = _setting(0.0, "AdamW's decoupled weight decay (norm scales spared)")
+    adam_b1: float = _setting(0.9, "AdamW's first-moment decay")
+    adam_b2: float = _setting(0.999, "AdamW's second-moment decay")
+    clip_norm: float = _setting(1.0, "clip the global norm of the trained gradients (0: off)")
+    grad_accum: int = _setting(1, "micro-batches per optimizer step")
+    batch_size: int = _setting(8, "examples per micro-batch")
+    max_seq_len: int = _setting(512, "longest example in tokens")
+    truncate: bool = _setting(False, "cut over-long examples instead of dropping them")
+    steps: int | None = _setting(None, "total optimizer steps (default: --epochs over the data)")
+    epochs: float = _setting(1.0, "passes over the training data when --steps is not given")
+    seed: int = _setting(0, "seed of the data order, the evaluation split, LISA's sampler and "
+                            "LoRA's initialization")
+    dtype: str = _setting("float32", "dtype of the parameters", ("float32", "bfloat16"))
+    update_dtype: str = _setting(
+        "float32", "float32: update the trained parameters with float32 precision (bfloat16 "
+                   "runs keep 2 bytes more per trained parameter); bfloat16: plain bfloat16 "
+                   "updates (steps under half a bfloat16 spacing are lost)",
+        ("float32", "bfloat16"))
+    remat: str | None = _setting(
+        None, "rematerialization: LISA none|mlp|full (default none); full/lora none|dots|full "
+              "(default dots: plain autodiff keeping the matmul outputs, leaner than keeping "
+              "everything and no slower)")
+    # Per-layer arrays spare a GPU the copies of stacked slices before each library call.
+    layer_layout: str = _setting(
+        "auto", "LISA on one device: per_layer trains on one array per layer weight, stacked on "
+                "one array per weight of all layers; auto picks per_layer on a GPU. Checkpoints "
+                "and exports are stacked either way", ("auto", "per_layer", "stacked"))
+    mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard "
+                                      "over several devices (not given: one device)")
+    distributed: bool = _setting(False, "several hosts: start one process per host with the "
+                                        "same flags; they join with jax.distributed.initialize "
+                                        "and --mesh spans all their devices")
+    coordinator_address: str | None = _setting(None, "--distributed: host:port of process 0 "
+                                                     "(default: from the cluster)")
+    num_processes: int | None = _setting(None, "--distributed: number of processes (default: "
+                                               "from the cluster)")
+    process_id: int | None = _setting(None, "--distributed: this process's index, 0 first "
+                                            "(default: from the cluster)")
+    # evaluation, logging, checkpoints
+    eval_fraction: float = _setting(0.05, "fraction of the data held out for evaluation (0: "
+                                          "none)")
+    eval_every: int = _setting(50, "steps between evaluations")
+    eval_batches: int = _setting(8, "most batches of an evaluation")
+    log_every: int = _setting(1, "steps between rows of metrics.jsonl")
+    save_every: int = _setting(100, "steps between checkpoints")
+    keep_checkpoints: int = _setting(2, "checkpoints kept (the latest ones)")
+    export: bool = _setting(True, "write the HF directory at the end")
+    sample_prompt: str | None = _setting(None, "an instruction to generate for before and after "
+                                               "training")
+    sample_tokens: int = _setting(48, "most tokens generated for a sample")
+    progress: bool = _setting(True, "show a progress bar")
+    resume: bool = _setting(False, "continue the run in --out from its latest checkpoint")
+    overwrite: bool = _setting(False, "replace the run in --out")
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def help_text(name: str) -> str:
+    """The help text of setting ``name``."""
+    return TrainConfig.fields()[name].metadata["help"]
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The values setting ``name`` allows; ``()`` for a setting not limited to a list."""
+    return TrainConfig.fields()[name].metadata["choices"]
+
+
+def flag(name: str) -> str:
+    """The command-line flag of setting ``name``: ``--lisa-layers`` for ``lisa_layers``."""
+    return "--" + name.replace("_", "-")
+
+
+# Settings for `--demo`: the bundled model (4 layers) learns the instruction format in about
+# half a minute of CPU time. Flags given on the command line still win.
+DEMO_PRESET = dict(model=str(DEMO_DIR / "model"), data=str(DEMO_DIR / "instructions.jsonl"),
+                   method="lisa", lisa_layers=2, lisa_interval=20, lr=3e-3, warmup_steps=20,
+                   schedule="cosine", weight_decay=0.0, batch_size=16, max_seq_len=128,
+                   steps=300, eval_every=100, eval_batches=4, save_every=100, log_every=1)
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < demo preset (with ``demo``) < YAML file < ``overrides`` (the command line)."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise TrainError(f"config file {path!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainError(f"config file {path!r} is not valid YAML: {e}".splitlines()[0])
+        if not isinstance(loaded, dict):
+            raise TrainError(f"config file {path!r} must hold a mapping of settings")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(TrainConfig.fields()))
+    if unknown:
+        raise TrainError(f"unknown setting(s) {', '.join(unknown)}; see `lisa-jax train --help`")
+    values = {k: _typed(k, v) for k, v in values.items()}
+    if values.get("demo"):
+        values = {**DEMO_PRESET, **values}
+    return TrainConfig(**values)
+
+
+def setting_type(name: str) -> tuple[type, bool]:
+    """``(type, whether None is allowed)`` of setting ``name``: ``(int, True)`` for
+    ``int | None``."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    rest = [a for a in args if a is not type(None)]
+    return (rest[0] if rest else hint), type(None) in args
+
+
+def _typed(name: str, value):
+    """``value`` as the type of setting ``name``: YAML reads ``1e-5`` (no dot) and quoted
+    numbers as strings, which are converted here; what cannot be converted is a one-line
+    error naming the flag."""
+    tp, optional = setting_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise TrainError(f"{flag(name)} needs a value (got an empty setting)")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in ("true", "yes", "on", "1"):
+                return True
+            if str(value).strip().lower() in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if float(number) != int(number):
+                raise ValueError
+            return int(number)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError, OverflowError):
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, "text")
+        raise TrainError(f"{flag(name)} takes {kind}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def with_default_remat(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``remat`` filled in for its method when not given."""
+    if cfg.remat is not None:
+        return cfg
+    return dataclasses.replace(cfg, remat=DEFAULT_REMAT.get(cfg.method, "dots"))
+
+
+def _spoken(values: tuple[str, ...]) -> str:
+    """``"a, b or c"``."""
+    return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """``cfg`` (its remat already resolved by ``with_default_remat``) is usable."""
+    if cfg.method not in choices("method"):
+        raise TrainError(f"unknown method {cfg.method!r}; use --method "
+                         f"{_spoken(choices('method'))}")
+    if cfg.schedule not in choices("schedule"):
+        raise TrainError(f"unknown schedule {cfg.schedule!r}; use one of "
+                         f"{', '.join(choices('schedule'))}")
+    if cfg.dtype not in choices("dtype"):
+        raise TrainError(f"unknown dtype {cfg.dtype!r}; use --dtype {_spoken(choices('dtype'))}")
+    if cfg.update_dtype not in choices("update_dtype"):
+        raise TrainError(f"unknown --update-dtype {cfg.update_dtype!r}; use "
+                         f"{_spoken(choices('update_dtype'))}")
+    if cfg.lisa_importance not in choices("lisa_importance"):
+        raise TrainError(f"unknown --lisa-importance {cfg.lisa_importance!r}; use "
+                         f"{_spoken(choices('lisa_importance'))}")
+    if cfg.update_dtype == "bfloat16" and cfg.dtype != "bfloat16":
+        raise TrainError("--update-dtype bfloat16 is for --dtype bfloat16 runs; drop it (a "
+                         "float32 model is updated in float32)")
+    modes = REMAT_MODES[cfg.method]
+    if cfg.remat not in modes:
+        raise TrainError(f"--remat {cfg.remat} is not a mode of --method {cfg.method}; use one "
+                         f"of {', '.join(modes)}")
+    for name in ("batch_size", "grad_accum", "max_seq_len", "lisa_interval", "log_every",
+                 "eval_every", "save_every", "eval_batches"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{flag(name)} must be at least 1")
+    if cfg.layer_layout not in choices("layer_layout"):
+        raise TrainError(f"unknown --layer-layout {cfg.layer_layout!r}; use one of "
+                         f"{', '.join(choices('layer_layout'))}")
+    if cfg.layer_layout == "per_layer" and (cfg.method != "lisa" or cfg.mesh or cfg.distributed):
+        raise TrainError("--layer-layout per_layer is for --method lisa on one device; drop it "
+                         "(or use --layer-layout stacked) with other methods or with --mesh")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise TrainError("--steps must be at least 1")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.steps is None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise TrainError(f"--epochs must be positive, got {cfg.epochs} (or give --steps N)")
+    if not cfg.model:
+        raise TrainError("no model given; pass --model DIR (an HF model directory) or --demo")
+    if not cfg.data:
+        raise TrainError("no data given; pass --data FILE (JSON/JSONL instructions) or --demo")
+    if not Path(cfg.model, "config.json").is_file():
+        raise TrainError(f"model directory {cfg.model!r} has no config.json; pass --model DIR "
+                         "of an HF model (config.json, *.safetensors, tokenizer files)")
+    if not Path(cfg.data).is_file():
+        raise TrainError(f"data file {cfg.data!r} not found; pass --data FILE (JSON or JSONL)")
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+# Settings a resumed run keeps: they decide what its checkpoint's state means and which
+# batches come next. The others (steps or epochs, the optimizer's hyperparameters, e.g. a
+# lower --lr after a divergence, evaluation, saving, logging, remat, layout, devices) may
+# change on --resume; each change is printed and saved in config.yaml.
+FIXED_ON_RESUME = (
+    "model", "data", "method", "lisa_layers", "lisa_interval", "lisa_probs", "lisa_reset",
+    "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lora_rank",
+    "lora_alpha", "lora_targets", "grad_accum", "batch_size", "max_seq_len", "truncate",
+    "seed", "dtype", "update_dtype", "eval_fraction")
+
+
+def resume_changes(cfg: TrainConfig, out: Path) -> dict[str, tuple]:
+    """``{setting: (saved, given)}`` where ``cfg`` differs from the run's saved config.yaml;
+    a setting of ``FIXED_ON_RESUME`` that differs is a one-line error (nothing is written)."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return {}
+    saved = with_default_remat(load_config(str(saved_path)))
+    changes = {}
+    for name in TrainConfig.fields():
+        old, new = getattr(saved, name), getattr(cfg, name)
+        if name in ("model", "data") and old and new:
+            same = Path(old).resolve() == Path(new).resolve()
+        else:
+            same = old == new
+        if same or name in ("resume", "overwrite"):
+            continue
+        if name in FIXED_ON_RESUME:
+            raise TrainError(f"{flag(name)} cannot change when resuming (the run in {out} has "
+                             f"{old!r}, given {new!r}); drop {flag(name)}, or start a new run "
+                             "in another --out")
+        changes[name] = (old, new)
+    return changes
