@@ -38,7 +38,7 @@ import numpy as np
 from lisa_jax import sampling
 
 __all__ = ["weight_change_norms", "tree_change_norm", "lora_delta_norms", "probs_from_norms",
-           "OnlineImportance", "save_probs", "load_probs"]
+           "OnlineImportance", "save_probs", "load_probs", "parse_probs"]
 
 
 # ----------------------------------------------------------------------------- weight norms
@@ -233,14 +233,38 @@ def save_probs(path, probs, meta: dict | None = None) -> None:
     Path(path).write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def parse_probs(text: str) -> tuple[list[float], dict]:
+    """``(probs, meta)`` as written in ``text``: :func:`save_probs`'s JSON object, a JSON list,
+    or numbers separated by whitespace or commas (as ``--lisa-probs`` takes them). Not checked
+    as probabilities (:func:`lisa_jax.sampling.check_probs` does that); ``ValueError`` for text
+    that is none of these.
+
+    >>> parse_probs("0.5, 0.25 1")
+    ([0.5, 0.25, 1.0], {})
+    >>> parse_probs('{"probs": [0.5, 0.5], "meta": {"gamma": 1}}')
+    ([0.5, 0.5], {'gamma': 1})
+    """
+    try:
+        if not text.strip().startswith(("[", "{")):
+            return [float(x) for x in text.replace(",", " ").split()], {}
+        data = json.loads(text)
+        if isinstance(data, dict):
+            if "probs" not in data:
+                raise ValueError("a JSON object needs a 'probs' list")
+            probs, meta = data["probs"], data.get("meta", {})
+        else:
+            probs, meta = data, {}
+        return [float(p) for p in probs], meta
+    except TypeError as e:  # e.g. a number where the list belongs
+        raise ValueError(f"not a list of probabilities ({e})")
+
+
 def load_probs(path) -> tuple[np.ndarray, dict]:
-    """``(probs float64 [L], meta)`` from :func:`save_probs`'s format or a plain JSON list."""
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict):
-        if "probs" not in data:
-            raise ValueError(f"{path}: a JSON object needs a 'probs' list")
-        probs, meta = data["probs"], data.get("meta", {})
-    else:
-        probs, meta = data, {}
+    """``(probs float64 [L], meta)`` from a file :func:`parse_probs` reads (:func:`save_probs`'s
+    format, a plain JSON list, or separated numbers), checked as probabilities."""
+    try:
+        probs, meta = parse_probs(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     sampling.check_probs(probs)
     return np.asarray(probs, np.float64), meta
