@@ -1,0 +1,346 @@
+"""The training methods, LISA, full fine-tuning and LoRA, behind one interface and picked by name
+from ``METHODS``. A method owns what differs between them: the optimizer it builds from a run's
+settings and learning-rate schedule, the optimizer state that optimizer keeps (created in its
+shardings on a mesh), the compiled step that advances parameters and state, a template of that
+state to restore a checkpoint into (no schedule or run needed), what its checkpoints record
+beside the state, and the parameters a run evaluates, samples from and exports (LoRA merges its
+adapters in). ``to_layout`` is the one place where parameters change between the layout a step
+trains on and the canonical stacked one.
+
+    >>> sorted(METHODS)
+    ['full', 'lisa', 'lora']
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lisa_jax import importance as imp_lib
+from lisa_jax import layer_list
+from lisa_jax import lora as lora_lib
+from lisa_jax import model as M
+from lisa_jax import step as step_lib
+from lisa_jax.config import TrainConfig, TrainError, with_default_remat
+from lisa_jax.lisa import active_layers, lisa
+from lisa_jax.precision import master_weights
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def per_layer_layout(cfg: TrainConfig) -> bool:
+    """Whether the run trains on per-layer arrays (``--layer-layout``; auto: LISA on one GPU,
+    where the stacked layout costs a copy of a layer's slice before each library call)."""
+    if cfg.layer_layout != "auto":
+        return cfg.layer_layout == "per_layer"
+    return (cfg.method == "lisa" and not cfg.mesh and not cfg.distributed
+            and jax.default_backend() == "gpu")
+
+
+def to_layout(params, cfg: TrainConfig, training: bool):
+    """``params`` in the layout this run's step trains on (``training``), or in the canonical
+    stacked one that checkpoints, sampling and export read. Converts leaf by leaf on the device,
+    freeing each converted leaf (the caller must not use ``params`` again)."""
+    if training and per_layer_layout(cfg):
+        return layer_list.unstack(params, donate=True)
+    return layer_list.stack(params, donate=True)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int):
+    """The learning rate of each step: linear warmup, then ``--schedule`` to the last step."""
+    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, end, max(total_steps - warm, 1))
+    else:
+        main = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warm, 1),
+                                           alpha=cfg.min_lr_ratio)
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
+
+
+# An optimizer's state has a step count where its learning rate is a schedule, whichever the
+# schedule: a state template takes this one instead of the run's.
+_ANY_SCHEDULE = optax.constant_schedule(0.0)
+
+
+def adamw(cfg: TrainConfig, schedule) -> optax.GradientTransformation:
+    """The run's AdamW (every method's inner optimizer), bfloat16 runs with float32-precision
+    updates unless ``--update-dtype bfloat16``."""
+    # bfloat16 runs keep Adam's first moment in bfloat16 (b1 = 0.9 moves it by a tenth a
+    # step, far above its rounding) and the second in float32 (b2 = 0.999 moves it by a
+    # thousandth, which bfloat16 rounds away): see experiments/results/precision_h200.
+    mu_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
+    inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, mu_dtype=mu_dtype,
+                        weight_decay=cfg.weight_decay, mask=M.weight_decay_mask)
+    if cfg.dtype == "bfloat16" and cfg.update_dtype == "float32":
+        inner = master_weights(inner)
+    return inner
+
+
+def _clipped(cfg: TrainConfig, inner: optax.GradientTransformation):
+    """``inner`` behind clipping by the global norm of the whole gradient tree."""
+    clip = cfg.clip_norm or None
+    return optax.chain(optax.clip_by_global_norm(clip), inner) if clip else inner
+
+
+def lisa_probs(spec: str, num_layers: int) -> list[float]:
+    """``--lisa-probs``: a file (JSON list, JSON ``{"probs": [...]}`` as written by
+    ``importance.save_probs``, or whitespace/comma separated) or ``"p0,p1,..."``."""
+    text = Path(spec).read_text() if Path(spec).is_file() else spec
+    try:
+        probs, _ = imp_lib.parse_probs(text)
+    except ValueError:
+        raise TrainError(f"--lisa-probs {spec!r} is neither a file nor a list of numbers")
+    if len(probs) != num_layers:
+        raise TrainError(f"--lisa-probs has {len(probs)} values but the model has {num_layers} "
+                         "layers; give one probability per layer")
+    return probs
+
+
+def _init_state(init, params, mcfg, mesh, traceable=True, lora=False):
+    """``(init(params), step shardings)``: on a mesh the state is created in its shardings
+    (``lisa_jax.sharding``), else as is with ``None``."""
+    if mesh is None:
+        return init(params), None
+    from lisa_jax import sharding as SH
+    if lora:
+        return SH.init_lora_sharded(init, params, mcfg, mesh)
+    return SH.init_sharded(init, params, mcfg, mesh, traceable)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class Method:
+    """A training method for a run's settings ``cfg`` and model ``mcfg``.
+
+    Given the parameters and a learning-rate ``schedule`` (and the device ``mesh``, if any), it
+    is ready to train: ``state`` holds the optimizer state and ``step_fn(params, state, batch)
+    -> (params, state, metrics)`` is the compiled step. Without them it serves a checkpoint:
+    ``state_template`` and ``export_params``.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: TrainConfig, mcfg: M.LlamaConfig, params=None, schedule=None,
+                 mesh=None):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.remat = with_default_remat(cfg).remat
+        self.importance: imp_lib.OnlineImportance | None = None
+        if params is not None:
+            self.state, self.step_fn = self._start(self.optimizer(schedule), params, mesh)
+            self._eval = jax.jit(lambda p, b: step_lib.plain_loss(mcfg, p, b))
+
+    # What each method defines.
+
+    def optimizer(self, schedule) -> optax.GradientTransformation:
+        """The method's optimizer with learning rate ``schedule``."""
+        raise NotImplementedError
+
+    def _start(self, tx, params, mesh):
+        """``(state, step_fn)`` for optimizer ``tx``."""
+        raise NotImplementedError
+
+    def state_template(self, params):
+        """A fresh optimizer state's structure (shapes, where they do not depend on a draw) for
+        ``Checkpoints.restore``; needs no schedule."""
+        return jax.eval_shape(self.optimizer(_ANY_SCHEDULE).init, params)
+
+    def export_params(self, params, state):
+        """The parameters to evaluate, sample from and export, of ``params`` and the optimizer
+        ``state`` (LoRA merges the adapters it holds)."""
+        return params
+
+    def description(self) -> str:
+        """What the run prints about the method after its name."""
+        return ""
+
+    # Hooks of the loop; by default nothing happens.
+
+    def before_step(self, params) -> dict:
+        """Host-side work before a step; returns fields to log with the step."""
+        return {}
+
+    def after_step(self, metrics) -> None:
+        """Host-side work once a step's metrics are known."""
+
+    def active(self) -> list[int] | None:
+        """The layers the next step trains, where the method trains some only."""
+        return None
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records beside the state (JSON)."""
+        return {"method": self.name, "active_layers": self.active(),
+                "importance": self.importance.state_dict() if self.importance else None}
+
+    def load_checkpoint_meta(self, meta: dict) -> None:
+        if self.importance is not None and meta.get("importance"):
+            self.importance.load_state_dict(meta["importance"])
+
+    # The same for every method.
+
+    def step(self, params, batch):
+        """One optimizer step: ``(params, metrics)``, the state advanced in place."""
+        params, self.state, metrics = self.step_fn(params, self.state, batch)
+        return params, metrics
+
+    def model_params(self, params):
+        """The parameters to evaluate, sample from and export (LoRA merged in)."""
+        return self.export_params(params, self.state)
+
+    def eval_loss(self, params, batches) -> float:
+        p = self.model_params(params)
+        total = n = 0.0
+        for b in batches:
+            loss, cnt = self._eval(p, {"input_ids": b["input_ids"], "loss_mask": b["loss_mask"]})
+            total += float(loss) * float(cnt)
+            n += float(cnt)
+        return total / max(n, 1.0)
+
+
+class Lisa(Method):
+    """LISA: a few sampled layers trained at a time (``lisa_jax.lisa``), uniformly, with
+    ``--lisa-probs`` or with online importance (Bernoulli sampling, drawn on the host)."""
+
+    name = "lisa"
+
+    def optimizer(self, schedule):
+        cfg, num_layers = self.cfg, self.mcfg.num_layers
+        # LISA clips by the norm of the trained gradients (the transform's clip_norm).
+        kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset,
+                  clip_norm=cfg.clip_norm or None)
+        if cfg.lisa_probs:
+            kw["probs"] = lisa_probs(cfg.lisa_probs, num_layers)
+        else:
+            if not 1 <= cfg.lisa_layers <= num_layers:
+                raise TrainError(f"--lisa-layers {cfg.lisa_layers} is out of range: the "
+                                 f"model has {num_layers} layers; use 1 to {num_layers}")
+            kw["n_active"] = cfg.lisa_layers
+        try:
+            if cfg.lisa_importance == "online":  # Bernoulli mode, from uniform γ/L
+                kw.setdefault("probs", [cfg.lisa_layers / num_layers] * num_layers)
+                kw.pop("n_active", None)
+                self.importance = imp_lib.OnlineImportance(
+                    num_layers, cfg.lisa_layers, cfg.lisa_importance_floor,
+                    cfg.lisa_importance_decay)
+            return lisa(adamw(cfg, schedule), **kw)
+        except ValueError as e:
+            raise TrainError(str(e))
+
+    def _start(self, tx, params, mesh):
+        self.tx = tx
+        state, shardings = _init_state(tx.init, params, self.mcfg, mesh,
+                                       traceable=self._draws_in_jit(tx))
+        return state, step_lib.make_lisa_step(self.mcfg, tx, self.remat, shardings=shardings)
+
+    @staticmethod
+    def _draws_in_jit(tx) -> bool:
+        """Uniform sampling draws inside ``jit``; Bernoulli (``probs``) on the host."""
+        return tx.config.probs is None
+
+    def state_template(self, params):
+        tx = self.optimizer(_ANY_SCHEDULE)
+        return jax.eval_shape(tx.init, params) if self._draws_in_jit(tx) else tx.init(params)
+
+    def description(self) -> str:
+        cfg, num_layers = self.cfg, self.mcfg.num_layers
+        return (f" (γ={cfg.lisa_layers if not cfg.lisa_probs else 'p_ℓ'} of {num_layers} "
+                f"layers, resample every {cfg.lisa_interval} steps)")
+
+    def before_step(self, params) -> dict:
+        """Bernoulli LISA resamples here (its shapes change), with the online importance
+        estimate's probabilities when there is one; they are logged as ``layer_probs``."""
+        if self._draws_in_jit(self.tx):
+            return {}
+        extra = {}
+        count, period = int(self.state.count), int(self.state.period)
+        starts = count // self.tx.config.interval != period
+        probs = self.importance.probs() if self.importance is not None and starts else None
+        if starts or count == 0:
+            used = probs if probs is not None else self.tx.config.probs
+            extra["layer_probs"] = [round(float(p), 6) for p in used]
+        self.state = self.tx.maybe_resample(self.state, layer_list.stacked_template(params),
+                                            probs)
+        return extra
+
+    def after_step(self, metrics) -> None:
+        if self.importance is not None:
+            self.importance.observe(self.active(), np.asarray(metrics["layer_grad_norms"]))
+
+    def active(self) -> list[int]:
+        return [int(i) for i in np.asarray(active_layers(self.state))]
+
+
+class Full(Method):
+    """Full fine-tuning: every parameter trained by the clipped AdamW."""
+
+    name = "full"
+
+    def optimizer(self, schedule):
+        return _clipped(self.cfg, adamw(self.cfg, schedule))
+
+    def _start(self, tx, params, mesh):
+        state, shardings = _init_state(tx.init, params, self.mcfg, mesh)
+        return state, step_lib.make_plain_step(self.mcfg, tx, self.remat, shardings=shardings)
+
+
+class LoRA(Method):
+    """LoRA: frozen parameters, trained low-rank adapters; the state is ``(adapters,
+    optimizer state)``, and the adapters are merged into what is exported."""
+
+    name = "lora"
+
+    def optimizer(self, schedule):
+        return _clipped(self.cfg, adamw(self.cfg, schedule))
+
+    def _init_fn(self, tx):
+        targets = tuple(t for t in self.cfg.lora_targets.split(",") if t)
+
+        def init(params):
+            adapters = lora_lib.init_lora(params["layers"], jax.random.key(self.cfg.seed),
+                                          self.cfg.lora_rank, targets=targets)
+            return adapters, tx.init(adapters)
+        return init
+
+    def _start(self, tx, params, mesh):
+        try:
+            state, shardings = _init_state(self._init_fn(tx), params, self.mcfg, mesh,
+                                           lora=True)
+        except ValueError as e:
+            raise TrainError(str(e))
+        return state, step_lib.make_lora_step(self.mcfg, tx, self.scale, self.remat,
+                                              shardings=shardings)
+
+    @property
+    def scale(self) -> float:
+        return lora_lib.lora_scale(self.cfg.lora_rank, self.cfg.lora_alpha)
+
+    def state_template(self, params):
+        try:
+            return jax.eval_shape(self._init_fn(self.optimizer(_ANY_SCHEDULE)), params)
+        except ValueError as e:
+            raise TrainError(str(e))
+
+    def export_params(self, params, state):
+        return lora_lib.merge_lora(params, state[0], self.scale)
+
+
+# Every value of --method (config.choices("method")) names one.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Lisa, Full, LoRA)}
+
+
+def method_for(cfg: TrainConfig, mcfg: M.LlamaConfig, params=None, schedule=None,
+               mesh=None) -> Method:
+    """The method ``cfg.method`` names (see ``Method`` for the arguments)."""
+    return METHODS[cfg.method](cfg, mcfg, params, schedule, mesh)
