@@ -5,8 +5,8 @@ The cache holds keys and values of every layer, ``[L, B, T, K, H]`` with ``T = S
 max_new_tokens``; step ``i`` writes its key/value at index ``S + i`` with
 ``lax.dynamic_update_slice``. Prompts of different lengths are left-padded, with
 ``attention_mask`` marking the real tokens: positions come from its cumulative sum (as in
-transformers' ``generate``) and padded keys are masked out. The layer math is model.py's
-(``rms_norm``, ``qkv``, ``attention``, ``mlp``); only the cache bookkeeping lives here.
+transformers' ``generate``) and padded keys are masked out. The layer is ``block``'s stages
+with a cache-aware attention stage; only the cache bookkeeping lives here.
 
 >>> import jax, jax.numpy as jnp
 >>> from lisa_jax.model import LlamaConfig, Model, init_params
@@ -26,56 +26,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lisa_jax.model import (LlamaConfig, Model, Params, attention, logits_from_hidden, mlp,
-                            qkv, rms_norm, rope_tables)
+from lisa_jax import layout
+from lisa_jax.block import decoder_block
+from lisa_jax.model import LlamaConfig, Model, Params, logits_from_hidden
+from lisa_jax.ops import attention, rope_tables
 
 
-def decoder_layer_cached(cfg: LlamaConfig, lp: Params, h_BxSxD, cos, sin, cache_k, cache_v,
-                         layer, index, key_valid_BxT):
-    """One block over ``S`` new tokens that sit at cache index ``index`` onwards.
+def _cached_attention(cache_k, cache_v, layer, index, key_valid_BxT):
+    """The attention stage over a KV cache: ``S`` new tokens at cache index ``index`` onwards.
 
     ``cache_k``/``cache_v`` are the whole ``[L, B, T, K, H]`` caches; this layer's new keys and
     values are written at ``[layer, :, index:index+S]`` and the queries attend to every earlier
-    valid cache entry (``key_valid_BxT``: False for left padding). Returns
-    ``(h, cache_k, cache_v)``.
+    valid cache entry (``key_valid_BxT``: False for left padding). Returns ``(o, (cache_k,
+    cache_v))``.
     """
-    B, S, D = h_BxSxD.shape
-    T = cache_k.shape[2]
-    x = rms_norm(h_BxSxD, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = qkv(cfg, lp, x, cos, sin)
-    start = (layer, 0, index, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-    k_all = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-    v_all = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
-    q_idx = index + jnp.arange(S)
-    kv_idx = jnp.arange(T)
-    causal = kv_idx[None, :] <= q_idx[:, None]
-    mask = causal[None] & key_valid_BxT[:, None, :]
-    # A padded query sees no valid key; let it see itself (its output is never used).
-    mask = mask | (kv_idx[None, :] == q_idx[:, None])[None]
-    o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-    h = h_BxSxD + o.reshape(B, S, -1) @ lp["wo"]
-    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    return h + mlp(lp, x), cache_k, cache_v
+    def attend(q, k, v):
+        S, T = q.shape[1], cache_k.shape[2]
+        start = (layer, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cv = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        k_all = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+        v_all = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        q_idx = index + jnp.arange(S)
+        kv_idx = jnp.arange(T)
+        mask = (kv_idx[None, :] <= q_idx[:, None])[None] & key_valid_BxT[:, None, :]
+        # A padded query sees no valid key; let it see itself (its output is never used).
+        mask = mask | (kv_idx[None, :] == q_idx[:, None])[None]
+        o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        return o, (ck, cv)
+    return attend
 
 
 def forward_cached(cfg: LlamaConfig, params: Params, ids_BxS, positions_BxS, cache_k, cache_v,
                    index, key_valid_BxT):
     """Run ``ids`` (at cache index ``index``) through every layer; float32 logits of the last
     position ``BxV`` and the updated caches."""
-    cos, sin = rope_tables(cfg, positions_BxS)
-    h = params["embed"][ids_BxS]
+    rope = rope_tables(cfg, positions_BxS)
 
-    def body(carry, xs):
+    def body(carry, lp_and_index):
         h, ck, cv = carry
-        lp, layer = xs
-        h, ck, cv = decoder_layer_cached(cfg, lp, h, cos, sin, ck, cv, layer, index,
-                                         key_valid_BxT)
+        lp, layer = lp_and_index
+        h, (ck, cv) = decoder_block(cfg, lp, h, rope,
+                                    _cached_attention(ck, cv, layer, index, key_valid_BxT))
         return (h, ck, cv), None
 
-    (h, cache_k, cache_v), _ = jax.lax.scan(
-        body, (h, cache_k, cache_v), (params["layers"], jnp.arange(cfg.num_layers)))
+    h = params["embed"][ids_BxS]
+    (h, cache_k, cache_v), _ = layout.of(params["layers"]).scan(
+        body, (h, cache_k, cache_v), params["layers"])
     return logits_from_hidden(cfg, params, h[:, -1:])[:, 0], cache_k, cache_v
 
 

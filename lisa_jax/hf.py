@@ -1,22 +1,10 @@
 """Hugging Face checkpoints: load an HF model directory into a :class:`~lisa_jax.model.Model`,
 and write a :class:`Model` back as a directory ``transformers`` loads.
 
-Name mapping (``i`` the layer index; Linear weights are stored ``[out, in]`` by HF and
-``[in, out]`` here, so they are transposed on the way in and out)::
-
-    model.embed_tokens.weight                     embed
-    model.layers.{i}.input_layernorm.weight       layers/attn_norm[i]
-    model.layers.{i}.self_attn.q_proj.weight      layers/wq[i]   (transposed)
-    model.layers.{i}.self_attn.k_proj.weight      layers/wk[i]   (transposed)
-    model.layers.{i}.self_attn.v_proj.weight      layers/wv[i]   (transposed)
-    model.layers.{i}.self_attn.{q,k,v}_proj.bias  layers/b{q,k,v}[i]   (attention_bias only)
-    model.layers.{i}.self_attn.o_proj.weight      layers/wo[i]   (transposed)
-    model.layers.{i}.post_attention_layernorm.weight  layers/mlp_norm[i]
-    model.layers.{i}.mlp.gate_proj.weight         layers/w_gate[i]  (transposed)
-    model.layers.{i}.mlp.up_proj.weight           layers/w_up[i]    (transposed)
-    model.layers.{i}.mlp.down_proj.weight         layers/w_down[i]  (transposed)
-    model.norm.weight                             final_norm
-    lm_head.weight                                lm_head  (transposed; absent when tied)
+The name of each tensor is its row's in ``lisa_jax.block``'s parameter table: a layer leaf
+``layers/wq[i]`` is ``model.layers.{i}.self_attn.q_proj.weight``, ``embed`` is
+``model.embed_tokens.weight``. Linear weights are stored ``[out, in]`` by HF and ``[in, out]``
+here (the table's ``transposed``), so they are transposed on the way in and out.
 
 Loading never holds two full copies of the weights on the host: the headers are checked
 first (names and shapes, before any data is read), then tensors are read one at a time, with
@@ -53,7 +41,8 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors' numpy backend)
 import numpy as np
 
-from lisa_jax.model import SUPPORTED_MODEL_TYPES, LlamaConfig, Model, layer_params_names
+from lisa_jax import block
+from lisa_jax.model import SUPPORTED_MODEL_TYPES, LlamaConfig, Model
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -64,26 +53,6 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
 
-# (our layer leaf, HF name suffix after "model.layers.{i}.", transposed?)
-_LAYER_MAP = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False),
-    "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
-_GLOBAL_MAP = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", True),
-}
 # Buffers some older checkpoints carry; they hold nothing we need.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -108,31 +77,18 @@ def _dtype_name(dtype) -> str:
 
 def _leaf_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Our shape of every leaf, keyed by its path in the parameter tree."""
-    V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
-    N, K, H, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-    per_layer = {"attn_norm": (D,), "wq": (D, N * H), "wk": (D, K * H), "wv": (D, K * H),
-                 "wo": (N * H, D), "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F),
-                 "w_down": (F, D), "bq": (N * H,), "bk": (K * H,), "bv": (K * H,)}
-    shapes = {("embed",): (V, D), ("final_norm",): (D,)}
-    if not cfg.tie_embeddings:
-        shapes[("lm_head",)] = (D, V)
-    for name in layer_params_names(cfg):
-        shapes[("layers", name)] = (L,) + per_layer[name]
+    shapes = {(p.name,): p.shape(cfg) for p in block.global_params(cfg)}
+    for p in block.layer_params(cfg):
+        shapes[("layers", p.name)] = (cfg.num_layers,) + p.shape(cfg)
     return shapes
 
 
 def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
     """HF tensor name -> (our leaf path, layer index or None, transposed?)."""
-    out = {}
-    for name in ("embed", "final_norm", "lm_head"):
-        if name == "lm_head" and cfg.tie_embeddings:
-            continue
-        hf, t = _GLOBAL_MAP[name]
-        out[hf] = ((name,), None, t)
-    for name in layer_params_names(cfg):
-        suffix, t = _LAYER_MAP[name]
+    out = {p.hf: ((p.name,), None, p.transposed) for p in block.global_params(cfg)}
+    for p in block.layer_params(cfg):
         for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{suffix}"] = (("layers", name), i, t)
+            out[f"model.layers.{i}.{p.hf}"] = (("layers", p.name), i, p.transposed)
     return out
 
 
@@ -628,11 +584,5 @@ def _hf_config(cfg: LlamaConfig, params) -> dict:
     dt = jnp.dtype(params["embed"].dtype).name
     hf["torch_dtype"] = dt
     hf["dtype"] = dt
-    if cfg.model_type == "mistral":
-        hf["sliding_window"] = None  # our attention is full; say so
-    if cfg.model_type == "qwen2":
-        hf["use_sliding_window"] = False
-        if cfg.head_dim * cfg.num_heads == cfg.hidden_size:
-            hf.pop("head_dim")  # Qwen2Config has no head_dim; it is hidden_size // heads
     hf["transformers_version"] = version
     return hf

@@ -17,7 +17,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+from lisa_jax import block
+
+DEFAULT_TARGETS = block.LORA_TARGETS
 
 
 @jax.tree_util.register_dataclass
@@ -32,8 +34,7 @@ class LoraWeight:
         return x @ self.w + self.scale * ((x @ self.a) @ self.b)
 
 
-def init_lora(layers, key, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
-              dtype=None):
+def init_lora(layers, key, rank: int, targets=DEFAULT_TARGETS, dtype=None):
     """Adapters ``{name: {"a": [L, in, r], "b": [L, r, out]}}`` for the target weights.
 
     ``a`` is Kaiming-uniform as in PEFT, ``b`` zero, so the adapted model starts equal to the

@@ -78,16 +78,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lisa_jax import block
 from lisa_jax import model as M
 
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")
 
-# TP dim of each 2-D per-layer weight (after the layer axis) and the head count its width
-# is made of ("q": num_heads, "kv": num_kv_heads, None: not heads).
-_COLUMN = {"wq": "q", "wk": "kv", "wv": "kv", "w_gate": None, "w_up": None}  # out on tp
-_ROW = {"wo": "q", "w_down": None}                                            # in on tp
-_BIAS = {"bq": "q", "bk": "kv", "bv": "kv"}
 LAYER_KEY = "layers"
 
 
@@ -228,29 +224,25 @@ def leaf_spec(cfg: M.LlamaConfig | None, names: tuple[str, ...], shape, mesh: Me
     spec: list[Any] = [None] * nd
     if nd == 0:
         return P()
-    lora = len(names) >= 2 and names[-1] in ("a", "b") and names[-2] in {**_COLUMN, **_ROW}
+    # A LoRA adapter ("a" or "b" under a weight's name) or a parameter: its row of the block's
+    # table says which dim of the weight tensor parallelism splits.
+    lora = (len(names) >= 2 and names[-1] in ("a", "b") and
+            getattr(block.PARAMS_BY_NAME.get(names[-2]), "lora", False))
     if layer_axis is None:
         layer_axis = LAYER_KEY in names or lora
     first = 1 if layer_axis else 0
-    name = names[-2] if lora else (names[-1] if names else "")
+    row = block.PARAMS_BY_NAME.get(names[-2] if lora else (names[-1] if names else ""))
 
-    # Tensor parallelism (Megatron): which dim goes on "tp".
+    # Tensor parallelism (Megatron): column-parallel weights split their output dim (a LoRA
+    # adapter's b), row-parallel ones their input dim (a LoRA adapter's a).
     tp_dim, kind = None, None
-    if lora:
-        if names[-1] == "b" and name in _COLUMN:
-            tp_dim, kind = nd - 1, _COLUMN[name]
-        elif names[-1] == "a" and name in _ROW:
-            tp_dim, kind = first, _ROW[name]
-    elif name == "embed" and nd == 2:
-        tp_dim = 0
-    elif name == "lm_head" and nd == 2:
-        tp_dim = 1
-    elif layer_axis and nd == first + 2 and name in _COLUMN:
-        tp_dim, kind = first + 1, _COLUMN[name]
-    elif layer_axis and nd == first + 2 and name in _ROW:
-        tp_dim, kind = first, _ROW[name]
-    elif layer_axis and nd == first + 1 and name in _BIAS:
-        tp_dim, kind = first, _BIAS[name]
+    if row is not None and row.tp_dim is not None:
+        column = row.tp_dim == row.rank - 1
+        if lora:
+            if (names[-1] == "b") == column:
+                tp_dim, kind = (nd - 1 if column else first), row.heads
+        elif nd == first + row.rank:
+            tp_dim, kind = first + row.tp_dim, row.heads
     if tp > 1 and tp_dim is not None and shape[tp_dim] % tp == 0 and _heads_ok(cfg, kind, tp):
         spec[tp_dim] = "tp"
 
@@ -404,11 +396,6 @@ class StepShardings:
         run.jitted = jitted
         run.shardings = self
         return run
-
-
-def constrain(x, sharding):
-    """``with_sharding_constraint`` when ``sharding`` is given."""
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def init_sharded(init_fn: Callable, params, cfg: M.LlamaConfig | None, mesh: Mesh,

@@ -9,19 +9,17 @@ The LISA step
 1. ``tx.prepare(state, params)`` resamples the active layers when a period starts (an executable
    of its own run before the step for a fixed ``n_active``; for ``probs`` the loop calls
    ``tx.maybe_resample`` first).
-2. The *trainable view* (``tx.view``): the always-trained leaves and the ``G`` sampled slices
-   of every layer leaf, gathered into ``[G, ...]`` arrays.
-3. The loss is differentiated with respect to the view only. The layer stack is
-   ``stack_vjp.lisa_stack``, whose backward computes weight gradients for the sampled layers
-   alone, so no ``L``-sized gradient tree is ever built.
-4. ``tx.update_view`` runs the inner optimizer on the view; ``tx.apply_view`` writes the
-   sampled slices back into the (donated) stacked parameters with one scatter per leaf.
+2. The loss is differentiated with respect to the *trainable view* only: the always-trained
+   leaves and the ``G`` sampled slices of every layer leaf as ``[G, ...]`` arrays. The layer
+   stack is ``stack_vjp.lisa_layers``, whose backward computes weight gradients for the sampled
+   layers alone, so no ``L``-sized gradient tree is ever built.
+3. The sampled layers' values are gathered once the gradients exist (so that they are not alive
+   through the backward); ``tx.update_view`` runs the inner optimizer on the view, and the
+   layout writes the sampled slices back into the (donated) parameters.
 
-The same step takes either parameter layout (decided when it is traced): the stacked
-``[L, ...]`` arrays above, or ``params["layers"]`` as a tuple of per-layer trees
-(``lisa_jax.layer_list``), where the view is gathered with ``lax.switch``, the stack is
-``stack_vjp.lisa_layer_list`` and the write-back is one ``lax.cond`` per layer. On a GPU the
-second is faster (no copies of stacked slices) and what the trainer uses there.
+The same step takes either layer layout (``lisa_jax.layout``, decided when it is traced); on a
+GPU one array per layer weight is faster (no copies of stacked slices) and what the trainer uses
+there.
 
 The executable depends only on the shapes, so each active-layer count compiles once; a new sample
 of the same size reuses it.
@@ -34,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lisa_jax import layer_list
+from lisa_jax import layout
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_layer_list, lisa_stack, slot_of_layer
+from lisa_jax import ops
+from lisa_jax.stack_vjp import REMAT_MODES, lisa_layers
 
-METHODS = ("lisa", "full", "lora")
 # Tokens per chunk of the LM loss: one chunk of float32 logits (4096 x vocab) is alive at a
 # time; the backward recomputes each chunk's logits, one extra head matmul in all.
 LOSS_CHUNK = 4096
@@ -54,7 +52,7 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
     ``(mean loss, number of target tokens)``.
     """
     B, S, D = h_BxSxD.shape
-    x = M.rms_norm(h_BxSxD[:, :-1], final_norm, cfg.rms_norm_eps).reshape(-1, D)
+    x = ops.rms_norm(h_BxSxD[:, :-1], final_norm, cfg.rms_norm_eps).reshape(-1, D)
     targets = input_ids_BxS[:, 1:].reshape(-1)
     if loss_mask_BxS is None:
         w = jnp.ones(targets.shape, jnp.float32)
@@ -64,7 +62,7 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
 
     def nll_sum(x_c, t_c, w_c):
         # Logits stay in the compute dtype; token_nll upcasts inside its fused reductions.
-        return jnp.sum(M.token_nll(x_c @ head_DxV, t_c) * w_c)
+        return jnp.sum(ops.token_nll(x_c @ head_DxV, t_c) * w_c)
 
     if chunk is None or T <= chunk:
         total = nll_sum(x, targets, w)
@@ -81,19 +79,19 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
 
 def _embed_and_rope(cfg, embed, ids, h_sharding=None):
     B, S = ids.shape
-    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    rope = ops.rope_tables(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
     h = embed[ids]
     if h_sharding is not None:  # several devices: keep the activations split along the batch
         h = jax.lax.with_sharding_constraint(h, h_sharding)
-    return h, cos, sin
+    return h, rope
 
 
 def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=LOSS_CHUNK,
                h_sharding=None):
     """The loss by plain autodiff-able code (full fine-tuning, LoRA, and the reference path)."""
     ids = batch["input_ids"]
-    h, cos, sin = _embed_and_rope(cfg, params["embed"], ids, h_sharding)
-    h = M.run_layers(cfg, params["layers"], h, cos, sin, None, remat)
+    h, rope = _embed_and_rope(cfg, params["embed"], ids, h_sharding)
+    h = M.run_layers(cfg, params["layers"], h, rope, None, remat)
     return lm_loss_from_hidden(cfg, params["final_norm"], M.head_weight(params), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
@@ -102,11 +100,10 @@ def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none",
               loss_chunk=LOSS_CHUNK,
               h_sharding=None):
     """The loss as a function of the trainable view; the frozen layers enter as a constant
-    (stacked, or a sequence of per-layer trees: ``lisa_jax.layer_list``)."""
+    (in either layout)."""
     ids = batch["input_ids"]
-    h, cos, sin = _embed_and_rope(cfg, view["embed"], ids, h_sharding)
-    stack_fn = lisa_layer_list if isinstance(layers, (list, tuple)) else lisa_stack
-    h = stack_fn(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
+    h, (cos, sin) = _embed_and_rope(cfg, view["embed"], ids, h_sharding)
+    h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
     return lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
@@ -168,25 +165,20 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
     hs = _h_sharding(shardings)
 
     def step(params, opt_state, batch):
-        per_layer = layer_list.is_per_layer(params)
-        if per_layer:
-            rest = {k: v for k, v in params.items() if k != "layers"}
-            # The stack's backward reads only the shapes of the sampled layers' view; their
-            # values are for the update, gathered below once the gradients exist, so that
-            # they are not alive through the backward pass.
-            view = {**rest, "layers": jax.tree.map(
-                lambda x: jnp.zeros(x.shape, x.dtype),
-                layer_list.gathered_shapes(params["layers"], opt_state.active.shape[0]))}
-        else:
-            view = tx.view(params, opt_state)
+        layers = params["layers"]
+        lay = layout.of(layers)
+        rest = {k: v for k, v in params.items() if k != "layers"}
         active = opt_state.active
-        slot_L = slot_of_layer(active, cfg.num_layers)
+        slot_L = layout.slot_of_layer(active, cfg.num_layers)
+        # The stack's backward reads only the shapes of the sampled layers' view.
+        view = {**rest, "layers": jax.tree.map(
+            lambda s: jnp.zeros((active.shape[0],) + s.shape[1:], s.dtype),
+            lay.template(layers))}
         (loss, n), grads = value_and_grad_accumulated(
-            lambda v, b: lisa_loss(cfg, v, params["layers"], slot_L, b, remat, loss_chunk, hs),
+            lambda v, b: lisa_loss(cfg, v, layers, slot_L, b, remat, loss_chunk, hs),
             view, batch)
-        if per_layer:
-            grads, active_after = jax.lax.optimization_barrier((grads, active))
-            view = {**rest, "layers": layer_list.gather(params["layers"], active_after)}
+        grads, active_after = jax.lax.optimization_barrier((grads, active))
+        view = {**rest, "layers": lay.gather(layers, active_after)}
         metrics = _metrics(loss, n, grads)
         # Per sampled layer gradient norm (slot order = sorted active layers): the online
         # importance estimate feeds on it.
@@ -194,11 +186,9 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
             jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
             for g in jax.tree.leaves(grads["layers"])))
         updates, opt_state = tx.update_view(grads, opt_state, view)
-        if per_layer:
-            view = optax.apply_updates(view, updates)
-            layers = layer_list.write_back(params["layers"], view["layers"], slot_L)
-            return {**view, "layers": layers}, opt_state, metrics
-        return tx.apply_view(params, updates, opt_state), opt_state, metrics
+        view = optax.apply_updates(view, updates)
+        return ({**view, "layers": lay.write_back(layers, view["layers"], active)},
+                opt_state, metrics)
 
     return _prepared_first(tx, _jit(step, (0, 1) if donate else (), shardings), donate,
                            shardings)
@@ -212,7 +202,7 @@ def _prepared_first(tx, step, donate: bool, shardings):
     moments through the backward pass. Apart, the step updates the state in place."""
     def prepare(opt_state, params):
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                layer_list.stacked_template(params))
+                                layout.stacked_template(params))
         return tx.prepare(opt_state, template)
 
     donate_state = (0,) if donate else ()

@@ -12,7 +12,8 @@ import pytest
 
 import lisa_jax
 from lisa_jax import hf as hf_mod
-from lisa_jax.model import causal_lm_loss, forward
+from lisa_jax.model import forward
+from lisa_jax.ops import causal_lm_loss
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

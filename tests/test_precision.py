@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import lisa_jax
-from lisa_jax import layer_list
+from lisa_jax import layout as layout_lib
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as S
@@ -225,7 +225,7 @@ def _run(method, dtype, update_dtype, steps, lr=1e-5, layout="stacked"):
         tx = lisa_jax.lisa(inner, n_active=2, interval=steps, key=0)
         step = S.make_lisa_step(cfg, tx, donate=False)
         state = tx.init(params)
-        p = layer_list.unstack(params) if layout == "per_layer" else params
+        p = layout_lib.convert(params, layout)
     elif method == "full":
         step = S.make_plain_step(cfg, inner, donate=False)
         state, p = inner.init(params), params
@@ -244,7 +244,7 @@ def _run(method, dtype, update_dtype, steps, lr=1e-5, layout="stacked"):
         trained, opt_state = state
         mixed = update_dtype == "float32" and dtype == "bfloat16"
         return trained, _masters(trained, opt_state) if mixed else None, start, None
-    p = layer_list.stack(p)
+    p = layout_lib.convert(p, "stacked")
     masters = _masters(p, state) if update_dtype == "float32" and dtype == "bfloat16" else None
     active = np.asarray(lisa_jax.active_layers(state)) if method == "lisa" else None
     return p, masters, start, active

@@ -6,17 +6,19 @@ import optax
 import pytest
 
 import lisa_jax
-from lisa_jax import layer_list
+from lisa_jax import layout as layout_lib
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
+from lisa_jax import ops
 from lisa_jax import step as S
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_layer_list, lisa_stack, slot_of_layer
+from lisa_jax.layout import slot_of_layer
+from lisa_jax.stack_vjp import REMAT_MODES, lisa_layers
 
 LAYOUTS = ["stacked", "per_layer"]
 
 
 def in_layout(params, layout):
-    return layer_list.unstack(params) if layout == "per_layer" else params
+    return layout_lib.convert(params, layout)
 
 L = 6
 
@@ -87,24 +89,23 @@ def test_stack_vjp_gradients_for_every_frozen_run_length(active, layout):
 def _check_stack_gradients(cfg, remat, active, layout="stacked"):
     p = perturbed_params(cfg)
     ids = batch_for(cfg)["input_ids"]
-    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    cos, sin = ops.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
     h0 = p["embed"][ids]
     active = jnp.array(active)
 
     def ref(layers, h):
-        return jnp.sum(jnp.sin(M.run_layers(cfg, layers, h, cos, sin)))
+        return jnp.sum(jnp.sin(M.run_layers(cfg, layers, h, (cos, sin))))
 
-    stack_fn, layers = ((lisa_layer_list, in_layout(p, layout)["layers"])
-                        if layout == "per_layer" else (lisa_stack, p["layers"]))
+    layers = in_layout(p, layout)["layers"]
 
     def fast(act, h):
-        out = stack_fn(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin)
+        out = lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin)
         return jnp.sum(jnp.sin(out))
 
     g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(p["layers"], h0)
     act = jax.tree.map(lambda x: x[active], p["layers"])
-    out_ref = jax.jit(lambda: M.run_layers(cfg, p["layers"], h0, cos, sin))()
-    out_fast = jax.jit(lambda: stack_fn(cfg, remat, act, layers, slot_of_layer(active, L),
+    out_ref = jax.jit(lambda: M.run_layers(cfg, p["layers"], h0, (cos, sin)))()
+    out_fast = jax.jit(lambda: lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L),
                                         h0, cos, sin))()
     assert rel_err(out_fast, out_ref) < 1e-6  # the forward is the model's own layer
     g_act, g_h2 = jax.jit(jax.grad(fast, argnums=(0, 1)))(act, h0)
@@ -119,14 +120,14 @@ def test_stack_vjp_with_no_sampled_layer_gives_only_activation_gradient():
     cfg = tiny_cfg()
     p = perturbed_params(cfg)
     ids = batch_for(cfg)["input_ids"]
-    cos, sin = M.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    cos, sin = ops.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
     h0 = p["embed"][ids]
     act = jax.tree.map(lambda x: x[:0], p["layers"])
     slots = slot_of_layer(jnp.zeros((0,), jnp.int32), L)
-    g_h = jax.jit(jax.grad(lambda h: jnp.sum(lisa_stack(cfg, "none", act, p["layers"], slots, h,
+    g_h = jax.jit(jax.grad(lambda h: jnp.sum(lisa_layers(cfg, "none", act, p["layers"], slots, h,
                                                         cos, sin) ** 2)))(h0)
-    g_ref = jax.jit(jax.grad(lambda h: jnp.sum(M.run_layers(cfg, p["layers"], h, cos,
-                                                            sin) ** 2)))(h0)
+    g_ref = jax.jit(jax.grad(lambda h: jnp.sum(M.run_layers(cfg, p["layers"], h,
+                                                            (cos, sin)) ** 2)))(h0)
     assert rel_err(g_h, g_ref) < 1e-5
 
 
@@ -151,8 +152,8 @@ def test_fast_step_updates_equal_plain_path_over_several_periods(inner, layout):
         seen.add(tuple(np.asarray(lisa_jax.active_layers(sa))))
         np.testing.assert_array_equal(lisa_jax.active_layers(sa), lisa_jax.active_layers(sb))
         assert abs(float(ma["loss"]) - float(mb["loss"])) < 1e-5
-        assert layer_list.is_per_layer(pa) == (layout == "per_layer")
-        for a, b in zip(jax.tree.leaves(layer_list.stack(pa)), jax.tree.leaves(pb)):
+        assert layout_lib.of(pa["layers"]).name == layout
+        for a, b in zip(jax.tree.leaves(layout_lib.convert(pa, "stacked")), jax.tree.leaves(pb)):
             assert rel_err(a, b) < 1e-5
     assert len(seen) > 1, "the test should cross resamples with different samples"
 
@@ -166,7 +167,7 @@ def test_frozen_layers_are_bit_identical_after_training(layout):
     p, s = in_layout(jax.tree.map(jnp.copy, p0), layout), tx.init(p0)
     for i in range(3):
         p, s, _ = step(p, s, batch_for(cfg, seed=i))
-    p = layer_list.stack(p)
+    p = layout_lib.convert(p, "stacked")
     active = set(np.asarray(lisa_jax.active_layers(s)).tolist())
     for name, w in p["layers"].items():
         for layer in range(L):
@@ -199,7 +200,7 @@ def test_one_compile_per_active_count(layout):
     p = in_layout(p, layout)
     counts = []
     for i in range(10):
-        s = tx.maybe_resample(s, layer_list.stacked_template(p))
+        s = tx.maybe_resample(s, layout_lib.stacked_template(p))
         counts.append(int(lisa_jax.active_layers(s).shape[0]))
         p, s, _ = step(p, s, batch_for(cfg, seed=i))
     assert step._cache_size() == len(set(counts)) < len(counts)
@@ -237,7 +238,7 @@ def test_chunked_loss_equals_unchunked():
     loss = jax.jit(S.plain_loss, static_argnums=(0, 3, 4))
     whole, n = loss(cfg, p, batch, "none", None)
     chunked, n2 = loss(cfg, p, batch, "none", 5)
-    ref = M.causal_lm_loss(M.Model(cfg, p)(batch["input_ids"]), batch["input_ids"],
+    ref = ops.causal_lm_loss(M.Model(cfg, p)(batch["input_ids"]), batch["input_ids"],
                            batch["loss_mask"])
     assert abs(float(whole) - float(ref)) < 1e-6 and abs(float(chunked) - float(ref)) < 1e-6
     assert float(n) == float(n2) == float(jnp.sum(batch["loss_mask"][:, 1:]))

@@ -1,0 +1,231 @@
+"""Where the layer weights live: stacked ``[L, ...]`` arrays, or one tree per layer.
+
+``params["layers"]`` is either a dict of stacked leaves (the canonical layout: checkpoints,
+the HF mapping, sharding rules and the LISA transform's full-tree ``update`` use it) or a tuple
+of ``L`` per-layer trees. On a GPU the stacked layout has a price in a train step: XLA copies
+a layer's slice out of the stack before every cuBLAS or cuDNN call that reads it; with one
+array per layer weight there is nothing to copy, and the layer loop is unrolled instead.
+
+Both layouts offer the same operations, so call sites never ask which one they hold:
+``of(layers)`` gives the layout, and ``scan``, ``gather``, ``write_back``, ``template`` and the
+LISA ``reverse`` pass work on either. ``convert`` is the one conversion between them.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"embed": jnp.zeros((5, 2)), "layers": {"w": jnp.arange(3.0)[:, None]}}
+    >>> per_layer = convert(params, "per_layer")
+    >>> [float(lp["w"][0]) for lp in per_layer["layers"]]
+    [0.0, 1.0, 2.0]
+    >>> of(per_layer["layers"]).gather(per_layer["layers"], jnp.array([0, 2]))["w"][:, 0].tolist()
+    [0.0, 2.0]
+    >>> bool((convert(per_layer, "stacked")["layers"]["w"] == params["layers"]["w"]).all())
+    True
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lisa_jax import block
+
+Params = Any
+LAYOUTS = ("stacked", "per_layer")
+
+
+def _num_slots(shapes) -> int:
+    leaves = jax.tree.leaves(shapes)
+    return leaves[0].shape[0] if leaves else 0
+
+
+class Stacked:
+    """Every layer weight one ``[L, ...]`` array; loops are ``lax.scan``/``fori_loop``."""
+
+    name = "stacked"
+
+    def num_layers(self, layers) -> int:
+        return jax.tree.leaves(layers)[0].shape[0]
+
+    def at(self, layers, index):
+        """Layer ``index`` (a traced number is fine) of ``layers`` or of per-layer outputs."""
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
+                            layers)
+
+    def scan(self, fn: Callable, carry, layers):
+        """``fn(carry, (layer_params, index)) -> (carry, y)`` over the layers in order;
+        ``(carry, ys)`` with ``ys`` stacked."""
+        return jax.lax.scan(fn, carry, (layers, jnp.arange(self.num_layers(layers))))
+
+    def template(self, layers):
+        """``jax.ShapeDtypeStruct`` of every stacked leaf ``[L, ...]``."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layers)
+
+    def gather(self, layers, active_G):
+        """The layers at the sorted indices ``active_G``, stacked into ``[G, ...]`` leaves."""
+        return jax.tree.map(lambda x: x[active_G], layers)
+
+    def write_back(self, layers, view_GxP, active_G):
+        """``layers`` with the rows ``active_G`` replaced by ``view_GxP``'s slots."""
+        return jax.tree.map(
+            lambda x, v: x.at[active_G].set(v.astype(x.dtype), indices_are_sorted=True,
+                                            unique_indices=True), layers, view_GxP)
+
+    def to(self, layers, donate: bool = False):
+        """``layers`` in this layout. ``donate``: free each source array once it is copied
+        (the caller must not use ``layers`` again), so the conversion needs one leaf's memory
+        more, not the layers' twice."""
+        if not isinstance(layers, (list, tuple)):
+            return layers
+        treedef = jax.tree.structure(layers[0])
+        stacked = []
+        for xs in zip(*(treedef.flatten_up_to(lp) for lp in layers)):
+            stacked.append(jnp.stack(xs))
+            if donate:
+                jax.block_until_ready(stacked[-1])
+                for x in xs:
+                    if isinstance(x, jax.Array):
+                        x.delete()
+        return treedef.unflatten(stacked)
+
+    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope):
+        """The LISA backward over all layers: ``(slot gradients [G, ...], dh)``.
+
+        ``G + 1`` activation-only ``fori_loop``s split at the sampled layers; each sampled
+        layer's backward, weight gradients included, runs once outside any loop with its slot
+        known statically, so nothing is carried or selected per layer. Slot ``j`` holds the
+        ``j``-th lowest sampled layer.
+        """
+        G, L = _num_slots(shapes), slot_L.shape[0]
+
+        def down(dh, hi, lo):  # layers hi-1 .. lo, activation gradient only
+            # One layer per iteration: two saved a millisecond of a 7B step but kept both
+            # layers' temporaries alive at the peak.
+            def body(i, dh):
+                layer = hi - 1 - i
+                return block.layer_backward(cfg, self.at(layers, layer), self.at(saved, layer),
+                                            rope, dh, remat)[0]
+            return jax.lax.fori_loop(0, hi - lo, body, dh)
+
+        dh, hi, per_slot = dy, jnp.int32(L), [None] * G
+        for j in reversed(range(G)):
+            layer = jnp.argmax(slot_L == j).astype(jnp.int32)
+            dh = down(dh, hi, layer + 1)
+            dh, per_slot[j] = block.layer_backward(cfg, self.at(layers, layer),
+                                                   self.at(saved, layer), rope, dh, remat,
+                                                   weight_grads=True)
+            hi = layer
+        dh = down(dh, hi, jnp.int32(0))
+        if not G:
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), dh
+        return jax.tree.map(lambda *gs: jnp.stack(gs), *per_slot), dh
+
+
+class PerLayer:
+    """``L`` per-layer trees; loops are unrolled, a traced layer index is reached through
+    ``lax.switch``/``lax.cond``."""
+
+    name = "per_layer"
+
+    def num_layers(self, layers) -> int:
+        return len(layers)
+
+    def scan(self, fn: Callable, carry, layers):
+        ys = []
+        for i, lp in enumerate(layers):
+            carry, y = fn(carry, (lp, i))
+            ys.append(y)
+        return carry, tuple(ys)
+
+    def template(self, layers):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(layers),) + x.shape, x.dtype),
+                            layers[0])
+
+    def gather(self, layers, active_G):
+        """One ``lax.switch`` over the layers per slot: each copies one layer, only that."""
+        branches = [lambda i=i: layers[i] for i in range(len(layers))]
+        rows = [jax.lax.switch(active_G[j], branches) for j in range(active_G.shape[0])]
+        if not rows:
+            return jax.tree.map(lambda x: jnp.zeros((0,) + x.shape, x.dtype), layers[0])
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+    def write_back(self, layers, view_GxP, active_G):
+        """Layer ``l`` replaced by its slot where it holds one (under ``lax.cond``: a frozen
+        layer is neither read nor written)."""
+        if not active_G.shape[0]:
+            return tuple(layers)
+        slot_L = slot_of_layer(active_G, len(layers))
+
+        def take(lp, view, slot):
+            return jax.tree.map(
+                lambda x, v: jax.lax.dynamic_index_in_dim(v, slot, 0, keepdims=False)
+                .astype(x.dtype), lp, view)
+
+        def keep(lp, view, slot):
+            return lp
+        return tuple(jax.lax.cond(slot_L[i] >= 0, take, keep, lp, view_GxP, slot_L[i])
+                     for i, lp in enumerate(layers))
+
+    def to(self, layers, donate: bool = False):
+        if isinstance(layers, (list, tuple)):
+            return tuple(layers)
+        num_layers = jax.tree.leaves(layers)[0].shape[0]
+        leaves, treedef = jax.tree.flatten(layers)
+        split = []
+        for x in leaves:
+            split.append([x[i] for i in range(num_layers)])
+            if donate and isinstance(x, jax.Array):
+                jax.block_until_ready(split[-1])
+                x.delete()
+        return tuple(treedef.unflatten([s[i] for s in split]) for i in range(num_layers))
+
+    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope):
+        """The LISA backward, unrolled: every layer's activation backward, and its weight
+        gradients under ``lax.cond`` on its slot, written into the ``G``-slot buffer."""
+        grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        has_slots = _num_slots(shapes) > 0
+
+        def write(grads, parts, lp, slot):
+            g = block.weight_grads_from_parts(cfg, lp, parts, rope)
+            return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
+                    for name in grads}
+
+        def skip(grads, parts, lp, slot):
+            return grads
+        for layer in reversed(range(len(layers))):
+            lp = layers[layer]
+            # The unrolled program lets XLA schedule any layer's recompute early, all of them
+            # alive at once; the barrier makes each layer wait for its output cotangent.
+            saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
+            dy, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat)
+            if has_slots:
+                grads = jax.lax.cond(slot_L[layer] >= 0, write, skip, grads, parts, lp,
+                                     slot_L[layer])
+        return grads, dy
+
+
+STACKED, PER_LAYER = Stacked(), PerLayer()
+_BY_NAME = {STACKED.name: STACKED, PER_LAYER.name: PER_LAYER}
+
+
+def of(layers):
+    """The layout ``layers`` (``params["layers"]``) is in."""
+    return PER_LAYER if isinstance(layers, (list, tuple)) else STACKED
+
+
+def convert(params: Params, name: str, donate: bool = False) -> Params:
+    """``params`` with its layers in layout ``name`` ("stacked" or "per_layer")."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown layer layout {name!r}; use one of {', '.join(LAYOUTS)}")
+    return {**params, "layers": _BY_NAME[name].to(params["layers"], donate)}
+
+
+def stacked_template(params: Params) -> Params:
+    """``params`` with its layers as ``jax.ShapeDtypeStruct``s ``[L, ...]``: the full-size
+    tree the LISA transform's ``prepare``/``maybe_resample`` take, in either layout."""
+    return {**params, "layers": of(params["layers"]).template(params["layers"])}
+
+
+def slot_of_layer(active_G, num_layers: int):
+    """``[L]`` int32: the slot holding each layer, -1 where the layer is frozen."""
+    slots = jnp.full((num_layers,), -1, jnp.int32)
+    return slots.at[active_G].set(jnp.arange(active_G.shape[0], dtype=jnp.int32))

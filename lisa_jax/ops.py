@@ -1,0 +1,201 @@
+"""The numerics every decoder block is made of: RMSNorm, RoPE, SwiGLU, attention and the LM loss.
+
+Plain functions of arrays (a config only where a model constant is read), shared by the
+forward, the LISA backward (which differentiates them with ``jax.vjp``) and cached decoding.
+RMSNorm and SwiGLU carry their own backward, computed in float32 from inputs of any float dtype:
+autodiff of their 16-bit forward would reduce the norm scale's gradient over every token in 16
+bits and take SiLU's derivative in 16 bits.
+
+Shapes: B batch, S sequence, D hidden, N query heads, K kv heads, H head dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+def _rms_stats(x, eps):
+    """The normalized input (float32) and 1/rms."""
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32 * r, r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, scale, eps: float):
+    """RMSNorm computed in float32, returned in ``x``'s dtype (as HF Llama does)."""
+    return scale * _rms_stats(x, eps)[0].astype(x.dtype)
+
+
+def _rms_norm_fwd(x, scale, eps):
+    return rms_norm(x, scale, eps), (x, scale)
+
+
+def _rms_norm_bwd(eps, res, dy):
+    x, scale = res
+    n32, r = _rms_stats(x, eps)
+    dy32 = dy.astype(jnp.float32)
+    dn = dy32 * scale.astype(jnp.float32)
+    dx = r * (dn - n32 * jnp.mean(dn * n32, axis=-1, keepdims=True))
+    lead = tuple(range(x.ndim - scale.ndim))
+    dscale = jnp.sum(dy32 * n32, axis=lead)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+
+
+@jax.custom_vjp
+def swiglu(a, b):
+    """``silu(a) * b`` (in the inputs' dtype, as HF computes it)."""
+    return jax.nn.silu(a) * b
+
+
+def _swiglu_fwd(a, b):
+    return swiglu(a, b), (a, b)
+
+
+def _swiglu_bwd(res, g):
+    a, b = res
+    a32, b32, g32 = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)
+    sig = jax.nn.sigmoid(a32)
+    da = g32 * b32 * sig * (1 + a32 * (1 - sig))
+    db = g32 * a32 * sig
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies of the rotary embedding, with Llama-3 / linear scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if cfg.rope_scaling is None:
+        return inv
+    if cfg.rope_scaling[0] == "linear":
+        return inv / cfg.rope_scaling[1]
+    _, factor, low_ff, high_ff, orig = cfg.rope_scaling
+    low_wavelen = orig / low_ff
+    high_wavelen = orig / high_ff
+    wavelen = 2 * math.pi / inv
+    smooth = (orig / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * inv / factor + smooth * inv
+    inv_scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, inv_scaled)
+
+
+def rope_tables(cfg, positions_BxS):
+    """cos/sin tables ``BxSxH`` (H = head dim, the halves repeated, as HF lays them out)."""
+    ang = positions_BxS.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x_BxSxNxH, cos_BxSxH, sin_BxSxH):
+    """Rotate-half RoPE (HF convention), in float32 and back to ``x``'s dtype."""
+    x = x_BxSxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BxSxH[:, :, None, :], sin_BxSxH[:, :, None, :]
+    return (x * cos + rot * sin).astype(x_BxSxNxH.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_impl(cfg) -> str | None:
+    """Which ``jax.nn.dot_product_attention`` implementation a causal, unmasked call uses."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and cfg.dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 \
+            and cfg.head_dim <= 256:
+        return "cudnn"
+    return "xla"
+
+
+def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla"):
+    """Causal grouped-query attention; ``mask_BxSxS`` (bool, True = attend) for padding.
+
+    Without a mask the causal flag alone is used: right padding needs no mask, since no real
+    token attends to a later (padding) one. That keeps the cuDNN flash path for training.
+    """
+    if mask_BxSxS is None:
+        return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
+                                            implementation=impl)
+    # Masked calls (padding on the left, KV-cache decoding) use XLA's implementation, which
+    # takes an arbitrary mask; they are not on the training hot path.
+    return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH,
+                                        mask=mask_BxSxS[:, None], implementation="xla")
+
+
+def positions_and_mask(attention_mask_BxS, seq_len: int, batch: int):
+    """Positions and the attention mask for an optional ``[B, S]`` 0/1 padding mask."""
+    if attention_mask_BxS is None:
+        return jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)), None
+    m = attention_mask_BxS.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+    mask = causal[None] & m[:, None, :]
+    # A fully padded query row would give NaN; let it see itself (its output is ignored).
+    mask = mask | jnp.eye(seq_len, dtype=bool)[None]
+    return positions, mask
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@jax.custom_vjp
+def token_nll(logits_BxSxV, labels_BxS):
+    """Per-token negative log-likelihood, computed in float32 from logits of any float dtype.
+
+    The backward is written out, ``(softmax - onehot) * g`` in one elementwise pass returning a
+    cotangent in the logits' dtype: autodiff of logsumexp and take_along_axis would materialize
+    float32 ``[tokens, vocab]`` buffers (the upcast logits and a scattered one-hot).
+    """
+    return _token_nll_fwd(logits_BxSxV, labels_BxS)[0]
+
+
+def _token_nll_fwd(logits, labels):
+    x32 = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(x32, axis=-1)
+    picked = jnp.take_along_axis(x32, labels[..., None], axis=-1)[..., 0]
+    return logz - picked, (logits, labels, logz)
+
+
+def _token_nll_bwd(res, g):
+    logits, labels, logz = res
+    probs = jnp.exp(logits.astype(jnp.float32) - logz[..., None])
+    onehot = jnp.arange(logits.shape[-1]) == labels[..., None]
+    d = (probs - onehot.astype(jnp.float32)) * g[..., None].astype(jnp.float32)
+    return d.astype(logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def causal_lm_loss(logits_BxSxV, input_ids_BxS, loss_mask_BxS=None):
+    """Mean next-token NLL over positions whose *target* has ``loss_mask`` 1.
+
+    ``loss_mask_BxS[b, t]`` marks whether token ``t`` is a target (so position ``t-1`` predicts
+    it); ``None`` trains on every token.
+    """
+    nll = token_nll(logits_BxSxV[:, :-1], input_ids_BxS[:, 1:])
+    if loss_mask_BxS is None:
+        return jnp.mean(nll)
+    w = loss_mask_BxS[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
