@@ -37,7 +37,7 @@ def per_layer_layout(cfg: TrainConfig) -> bool:
     where the stacked layout costs a copy of a layer's slice before each library call)."""
     if cfg.layer_layout != "auto":
         return cfg.layer_layout == "per_layer"
-    return (cfg.method == "lisa" and not cfg.mesh and not cfg.distributed
+    return (METHODS[cfg.method].trains_per_layer and not cfg.mesh and not cfg.distributed
             and jax.default_backend() == "gpu")
 
 
@@ -132,6 +132,7 @@ class Method:
     """
 
     name: ClassVar[str]
+    trains_per_layer: ClassVar[bool] = False  # whether its step takes the per-layer layout
 
     def __init__(self, cfg: TrainConfig, mcfg: M.LlamaConfig, params=None, schedule=None,
                  mesh=None):
@@ -214,6 +215,7 @@ class Lisa(Method):
     ``--lisa-probs`` or with online importance (Bernoulli sampling, drawn on the host)."""
 
     name = "lisa"
+    trains_per_layer = True
 
     def optimizer(self, schedule):
         cfg, num_layers = self.cfg, self.mcfg.num_layers
