@@ -13,42 +13,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from lisa_jax.train import TrainConfig, TrainError, load_config, main_train, setting_type
-
-_HELP = {
-    "model": "HF model directory (config.json, *.safetensors, tokenizer)",
-    "data": "instruction data: JSON or JSONL, Alpaca (instruction/input/output) or chat "
-            "(messages)",
-    "out": "run directory (checkpoints, metrics, exported model)",
-    "demo": "fine-tune the bundled tiny model on the bundled instruction set (CPU, ~1 min)",
-    "method": "lisa, full or lora",
-    "lisa_layers": "γ: layers trained at a time",
-    "lisa_interval": "K: steps between resamples of the trained layers",
-    "lisa_probs": "per-layer sampling probabilities (importance sampling): a file or "
-                  "'p0,p1,...'",
-    "lisa_reset": "sampled: a newly sampled layer starts with fresh moments; all: every "
-                  "period restarts all moments",
-    "lisa_importance": "none: uniform or --lisa-probs; online: probabilities from the "
-                       "sampled layers' gradient norms, redrawn every period",
-    "lisa_importance_floor": "online importance: the least probability of any layer",
-    "lisa_importance_decay": "online importance: moving-average decay of gradient norms",
-    "mesh": "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard over several devices",
-    "distributed": "several hosts: start one process per host with the same flags; they join "
-                   "with jax.distributed.initialize and --mesh spans all their devices",
-    "coordinator_address": "--distributed: host:port of process 0 (default: from the cluster)",
-    "num_processes": "--distributed: number of processes (default: from the cluster)",
-    "process_id": "--distributed: this process's index, 0 first (default: from the cluster)",
-    "remat": "rematerialization: LISA none|mlp|full (default none); full/lora "
-             "none|dots|full (default dots)",
-    "steps": "total optimizer steps (default: --epochs over the data)",
-    "grad_accum": "micro-batches per optimizer step",
-    "clip_norm": "clip the global norm of the trained gradients (0: off)",
-    "update_dtype": "float32: update the trained parameters with float32 precision (bfloat16 "
-                    "runs keep 2 bytes more per trained parameter); bfloat16: plain bfloat16 "
-                    "updates (steps under half a bfloat16 spacing are lost)",
-    "resume": "continue the run in --out from its latest checkpoint",
-    "overwrite": "replace the run in --out",
-}
+from lisa_jax.config import (TrainConfig, TrainError, choices, flag, help_text, load_config,
+                             setting_type)
+from lisa_jax.train import main_train
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -57,15 +24,18 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file of settings; flags override it")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         tp = setting_type(f.name)[0]
-        help_ = _HELP.get(f.name, "") + f" (default: {getattr(defaults, f.name)})"
+        help_ = help_text(f.name) + f" (default: {getattr(defaults, f.name)})"
         if tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_)
         else:
-            p.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_,
-                           metavar=f.name.upper())
+            # The allowed values are shown, not enforced by argparse: the settings' checks
+            # (config.check_config) name a wrong one in their own one-line error.
+            allowed = choices(f.name)
+            metavar = "{" + ",".join(allowed) + "}" if allowed else f.name.upper()
+            p.add_argument(flag(f.name), type=tp, default=argparse.SUPPRESS, help=help_,
+                           metavar=metavar)
     return p
 
 
@@ -88,8 +58,9 @@ def _load_for_inference(path: str, dtype: str):
     import jax
 
     from lisa_jax import model as M
+    from lisa_jax.checkpoints import Checkpoints
     from lisa_jax.hf import load_hf
-    from lisa_jax.train import Method, _Checkpoints, make_schedule
+    from lisa_jax.methods import method_for
     p = Path(path)
     if (p / "config.json").is_file():
         return load_hf(p, dtype=dtype), p
@@ -98,14 +69,14 @@ def _load_for_inference(path: str, dtype: str):
                          "directory (config.yaml); pass one of those")
     cfg = load_config(str(p / "config.yaml"), {"resume": True, "progress": False})
     base = load_hf(cfg.model, dtype=cfg.dtype)
-    ckpts = _Checkpoints(p / "checkpoints", cfg.keep_checkpoints)
+    ckpts = Checkpoints(p / "checkpoints", cfg.keep_checkpoints)
     step = ckpts.latest()
     if step is None:
         raise TrainError(f"run {path} has no checkpoint yet")
-    method = Method(cfg, base.cfg, base.params, make_schedule(cfg, cfg.steps or 1))
-    params, method.state, _ = ckpts.restore(step, base.params, method.state)
+    method = method_for(cfg, base.cfg)
+    params, state, _ = ckpts.restore(step, base.params, method.state_template(base.params))
     jax.block_until_ready(params)
-    return M.Model(base.cfg, method.model_params(params)), Path(cfg.model)
+    return M.Model(base.cfg, method.export_params(params, state)), Path(cfg.model)
 
 
 def cmd_generate(argv) -> int:
@@ -127,7 +98,7 @@ def cmd_generate(argv) -> int:
 
     from lisa_jax import data as data_lib
     from lisa_jax.generate import generate, stop_token_ids, truncate_at_stop
-    from lisa_jax.train import prompt_ids
+    from lisa_jax.prompts import prompt_ids
     try:
         model, tok_dir = _load_for_inference(a.model, a.dtype)
         tok = data_lib.load_tokenizer(tok_dir)
