@@ -212,7 +212,7 @@ def model_dir(tmp_path_factory):
 
     from lisa_jax import model as M
     from lisa_jax.hf import save_hf
-    from lisa_jax.train import DEMO_DIR
+    from lisa_jax.config import DEMO_DIR
     vocab = json.loads((DEMO_DIR / "model" / "tokenizer.json").read_text())
     V = len(vocab["model"]["vocab"]) + len(vocab.get("added_tokens", []))
     cfg = M.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=4,
@@ -227,7 +227,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory):
     """The first 200 bundled demo instructions (trainer tests)."""
-    from lisa_jax.train import DEMO_DIR
+    from lisa_jax.config import DEMO_DIR
     out = tmp_path_factory.mktemp("data") / "d.jsonl"
     lines = (DEMO_DIR / "instructions.jsonl").read_text().splitlines()[:200]
     out.write_text("\n".join(lines) + "\n")

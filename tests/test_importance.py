@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
-from lisa_jax.importance import (OnlineImportance, load_probs, lora_delta_norms,
+from lisa_jax.checkpoints import Checkpoints
+from lisa_jax.config import TrainConfig
+from lisa_jax.importance import (OnlineImportance, load_probs, lora_delta_norms, parse_probs,
                                  probs_from_norms, save_probs, tree_change_norm,
                                  weight_change_norms)
 from lisa_jax.lisa import lisa, maybe_resample
-from lisa_jax.train import TrainConfig, _Checkpoints, parse_probs, train
+from lisa_jax.train import train
 
 # ----------------------------------------------------------------------------- probs_from_norms
 
@@ -125,15 +127,26 @@ def test_lora_delta_norms_equal_the_norm_of_the_merged_delta():
                                rtol=1e-4)
 
 
-def test_save_and_load_probs_and_the_trainer_reads_the_file(tmp_path):
+def test_save_and_load_probs(tmp_path):
+    """(The trainer's reading of such a file: test_methods.py::
+    test_lisa_probs_reads_a_file_written_by_save_probs_and_inline_numbers.)"""
     p = probs_from_norms([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0], expected=2)
     save_probs(tmp_path / "p.json", p, {"gamma": 2, "source": "test"})
     q, meta = load_probs(tmp_path / "p.json")
     np.testing.assert_array_equal(p, q)
     assert meta == {"gamma": 2, "source": "test"}
-    assert parse_probs(str(tmp_path / "p.json"), 4) == [float(x) for x in p]
     (tmp_path / "plain.json").write_text(json.dumps([0.5, 0.5]))
     assert load_probs(tmp_path / "plain.json")[0].tolist() == [0.5, 0.5]
+    (tmp_path / "plain.txt").write_text("0.25 0.75\n")
+    assert load_probs(tmp_path / "plain.txt")[0].tolist() == [0.25, 0.75]
+    (tmp_path / "bad.json").write_text(json.dumps({"p": [0.5]}))
+    with pytest.raises(ValueError, match="bad.json: a JSON object needs a 'probs' list"):
+        load_probs(tmp_path / "bad.json")
+    (tmp_path / "big.json").write_text(json.dumps([1.5]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        load_probs(tmp_path / "big.json")
+    with pytest.raises(ValueError):
+        parse_probs("0.5, half")
 
 
 # ----------------------------------------------------------------------------- lisa override
@@ -190,10 +203,8 @@ def test_trainer_online_importance_logs_changing_probs_and_resumes_exactly(model
 
     assert train(_online(model_dir, data_file, b), halt_at=3)["status"] == "interrupted"
     assert train(_online(model_dir, data_file, b, resume=True))["steps"] == 6
-    ck_a, ck_b = (_Checkpoints(d / "checkpoints", 2) for d in (a, b))
-    ra, rb = (c.mngr.restore(6, args=c.ocp.args.Composite(
-        params=c.ocp.args.StandardRestore(), meta=c.ocp.args.JsonRestore()))
-        for c in (ck_a, ck_b))
+    ck_a, ck_b = (Checkpoints(d / "checkpoints", 2) for d in (a, b))
+    ra, rb = (c.read(6, "params", "meta") for c in (ck_a, ck_b))
     for x, y in zip(jax.tree.leaves(ra["params"]), jax.tree.leaves(rb["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert ra["meta"]["importance"] == rb["meta"]["importance"]

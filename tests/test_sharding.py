@@ -160,11 +160,11 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path):
     import jax
     import numpy as np
 
-    from lisa_jax import train as T
+    from lisa_jax.config import DEMO_DIR
     from lisa_jax.hf import load_hf
 
-    args = ["-m", "lisa_jax.cli", "train", "--model", str(T.DEMO_DIR / "model"),
-            "--data", str(T.DEMO_DIR / "instructions.jsonl"), "--method", "lisa",
+    args = ["-m", "lisa_jax.cli", "train", "--model", str(DEMO_DIR / "model"),
+            "--data", str(DEMO_DIR / "instructions.jsonl"), "--method", "lisa",
             "--lisa-layers", "2", "--lisa-interval", "2", "--steps", "4", "--batch-size", "8",
             "--max-seq-len", "48", "--eval-fraction", "0", "--no-progress",
             "--mesh", "fsdp=4,tp=2", "--lr", "3e-3"]
@@ -404,12 +404,14 @@ def _worker_load(path: str) -> dict:
 def _worker_trainer(out_dir: str) -> dict:
     import math
 
+    from lisa_jax import config as C
+    from lisa_jax import methods as MT
     from lisa_jax import sharding as SH
     from lisa_jax import train as T
 
     seen = {}
 
-    class Recording(T.Method):  # keeps what the trainer's step returned
+    class Recording(MT.Lisa):  # keeps what the trainer's step returned
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             inner = self.step_fn
@@ -420,16 +422,16 @@ def _worker_trainer(out_dir: str) -> dict:
                 return out
             self.step_fn = step
 
-    T.Method = Recording
-    base = dict(model=str(T.DEMO_DIR / "model"), data=str(T.DEMO_DIR / "instructions.jsonl"),
+    MT.METHODS["lisa"] = Recording
+    base = dict(model=str(C.DEMO_DIR / "model"), data=str(C.DEMO_DIR / "instructions.jsonl"),
                 method="lisa", lisa_layers=2, lisa_interval=2, steps=4, batch_size=8,
                 max_seq_len=48, eval_fraction=0.0, save_every=100,
                 progress=False, export=False, mesh="fsdp=4,tp=2")
-    summary = T.train(T.TrainConfig(out=out_dir, **base))
+    summary = T.train(C.TrainConfig(out=out_dir, **base))
     try:
-        T.train(T.TrainConfig(out=out_dir + "-bad", **{**base, "batch_size": 6}))
+        T.train(C.TrainConfig(out=out_dir + "-bad", **{**base, "batch_size": 6}))
         bad = ""
-    except T.TrainError as e:
+    except C.TrainError as e:
         bad = str(e)
     rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.jsonl"))]
     losses = [r["loss"] for r in rows if "loss" in r]

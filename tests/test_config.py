@@ -1,0 +1,81 @@
+"""The settings: YAML typing, default remat, resolved config.yaml, the flags built from the
+schema, the checks."""
+import argparse
+import dataclasses
+
+import pytest
+
+from lisa_jax import cli
+from lisa_jax.config import (TrainConfig, TrainError, check_config, choices, help_text,
+                             load_config)
+from lisa_jax.train import train
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_are_typed(tmp_path):
+    """PyYAML reads ``1e-5`` (no dot) and quoted numbers as strings; the config takes them as
+    the settings' types."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('lr: 1e-5\nbatch_size: "4"\nprogress: "no"\nlora_alpha: null\n')
+    c = load_config(str(cfg))
+    assert (c.lr, c.batch_size, c.progress, c.lora_alpha) == (1e-5, 4, False, None)
+    assert isinstance(c.lr, float) and isinstance(c.batch_size, int)
+
+
+def test_yaml_config_with_flag_overrides_is_saved_resolved(model_dir, data_file, tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"model: {model_dir}\ndata: {data_file}\nlr: 0.5\nsteps: 3\n")
+    cfg = load_config(str(cfg_file), {"lr": 0.25, "out": str(tmp_path / "o")})
+    assert cfg.lr == 0.25 and cfg.steps == 3 and cfg.model == model_dir
+    cfg.progress, cfg.export, cfg.batch_size, cfg.max_seq_len = False, False, 4, 128
+    train(cfg)
+    import yaml
+    saved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert saved["lr"] == 0.25 and saved["steps"] == 3
+    assert saved["remat"] == "none"  # the method's default, written out
+
+
+@pytest.mark.parametrize("method,expected", [("lisa", "none"), ("full", "dots"), ("lora", "dots")])
+def test_default_remat_keeps_matmul_outputs_for_every_method(method, expected):
+    """LISA's "none" and plain autodiff's "dots" both keep the matmul outputs and recompute
+    the elementwise ops; a remat given explicitly is left alone."""
+    from lisa_jax.config import TrainConfig, with_default_remat
+    assert with_default_remat(TrainConfig(method=method)).remat == expected
+    assert with_default_remat(TrainConfig(method=method, remat="full")).remat == "full"
+
+
+def test_every_flag_takes_its_help_and_choices_from_the_schema():
+    """Each setting declares its help text (and allowed values) once, beside its field; the
+    command line's flags show them."""
+    actions = {a.dest: a for a in cli.train_parser()._actions}
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        action = actions[f.name]
+        assert help_text(f.name), f.name
+        assert action.help == f"{help_text(f.name)} (default: {getattr(defaults, f.name)})"
+        if choices(f.name):
+            assert action.metavar == "{" + ",".join(choices(f.name)) + "}"
+    assert not hasattr(cli, "_HELP")
+    assert choices("method") == ("lisa", "full", "lora")
+    assert choices("lr") == ()
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)
+                                  if f.metadata["choices"] and f.name != "lisa_reset"])
+def test_a_value_outside_a_settings_choices_is_a_one_line_error(name, tmp_path):
+    """The checks reject what the schema does not list (``lisa_reset`` is checked by
+    ``lisa_jax.lisa``), in a one-line error naming the value."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text("")
+    good = TrainConfig(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), remat="none")
+    cfg = dataclasses.replace(good, **{name: "bogus"})
+    with pytest.raises(TrainError, match="'bogus'") as e:
+        check_config(cfg)
+    assert len(str(e.value).splitlines()) == 1
+    check_config(dataclasses.replace(good, **{name: choices(name)[0]}))  # the first: default
+
+
+def test_bool_flags_are_boolean_options():
+    actions = {a.dest: a for a in cli.train_parser()._actions}
+    assert isinstance(actions["resume"], argparse.BooleanOptionalAction)
+    assert load_config(None, {"resume": "yes"}).resume is True

@@ -1,0 +1,138 @@
+"""The training methods: one interface picked by name, LISA on every layer equals full
+fine-tuning, the per-layer layout, state templates for checkpoints, --lisa-probs files."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lisa_jax import methods
+from lisa_jax.checkpoints import Checkpoints
+from lisa_jax.config import TrainConfig, TrainError, choices
+from lisa_jax.hf import load_hf
+from lisa_jax.importance import probs_from_norms, save_probs
+from lisa_jax.train import train
+
+
+def small(model_dir, data_file, out, **kw):
+    base = dict(model=model_dir, data=data_file, out=str(out), steps=8, lr=3e-3,
+                batch_size=4, max_seq_len=128, lisa_layers=2, lisa_interval=3, save_every=4,
+                eval_every=4, eval_batches=2, progress=False, export=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def final_params(run_dir):
+    ck = Checkpoints(Path(run_dir) / "checkpoints", 2)
+    step = ck.latest()
+    restored = ck.read(step, "params", "meta")
+    return step, restored["params"], restored["meta"]
+
+
+def logged_layers(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
+
+
+def test_lisa_on_every_layer_equals_full_fine_tuning_with_decay_and_clipping(
+        model_dir, data_file, tmp_path):
+    """γ = L trains what full fine-tuning trains, with the same AdamW: weight decay spares the
+    norm scales of both (a stacked norm ``[L, D]`` is no matrix), and both clip by the norm of
+    every gradient."""
+    kw = dict(steps=4, lr=1e-3, weight_decay=0.5, clip_norm=0.05, lisa_interval=100,
+              remat="full", save_every=4)
+    train(small(model_dir, data_file, tmp_path / "full", method="full", **kw))
+    train(small(model_dir, data_file, tmp_path / "lisa", method="lisa", lisa_layers=4, **kw))
+    _, pf, _ = final_params(tmp_path / "full")
+    _, pl, _ = final_params(tmp_path / "lisa")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(pf)[0], jax.tree.leaves(pl)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_per_layer_layout_trains_as_the_stacked_one_and_shares_its_checkpoints(
+        model_dir, data_file, tmp_path):
+    """The per-layer layout (``--layer-layout per_layer``) is a layout, not another method: the
+    same run in both layouts ends at the same weights (to float rounding: the programs
+    differ), and a run interrupted in one layout resumes in the other."""
+    train(small(model_dir, data_file, tmp_path / "s", layer_layout="stacked"))
+    train(small(model_dir, data_file, tmp_path / "p", layer_layout="per_layer"))
+    train(small(model_dir, data_file, tmp_path / "m", layer_layout="per_layer"), halt_at=5)
+    resumed = train(small(model_dir, data_file, tmp_path / "m", layer_layout="stacked",
+                          resume=True))
+    assert resumed["status"] == "finished"
+    _, ps, _ = final_params(tmp_path / "s")
+    assert logged_layers(tmp_path / "s") == logged_layers(tmp_path / "p") == \
+        logged_layers(tmp_path / "m")
+    for run in ("p", "m"):
+        _, p, _ = final_params(tmp_path / run)
+        assert jax.tree.structure(p) == jax.tree.structure(ps)  # stacked on disk
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ps)):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)), run
+
+
+def test_every_method_of_the_settings_has_a_class_picked_by_name():
+    assert tuple(methods.METHODS) == choices("method")
+    for name, kind in methods.METHODS.items():
+        assert kind.name == name
+        assert isinstance(methods.method_for(TrainConfig(method=name), None), kind)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("lisa", {}), ("lisa", {"lisa_probs": "0.5,0.5,0.5,0.5"}), ("full", {}), ("lora", {}),
+    ("lisa", {"dtype": "bfloat16"})])
+def test_state_template_has_the_structure_of_a_trained_state_and_needs_no_schedule(
+        model_dir, data_file, tmp_path, method, kw):
+    """What ``lisa-jax export`` restores a checkpoint into: a template built without the run's
+    schedule, yet of the structure of the state the run saved."""
+    cfg = small(model_dir, data_file, tmp_path / "run", method=method, steps=2, save_every=2,
+                **kw)
+    train(cfg)
+    model = load_hf(model_dir, dtype=cfg.dtype)
+    template = methods.method_for(cfg, model.cfg).state_template(model.params)
+    trained = methods.method_for(cfg, model.cfg, model.params, methods.make_schedule(cfg, 2))
+    assert jax.tree.structure(template) == jax.tree.structure(trained.state)
+    ckpts = Checkpoints(tmp_path / "run" / "checkpoints", 2)
+    params, state, meta = ckpts.restore(2, model.params, template)
+    assert meta["step"] == 2 and meta["method"] == method
+    assert jax.tree.structure(state) == jax.tree.structure(trained.state)
+
+
+def test_lora_exports_its_adapters_merged_and_the_others_the_parameters(model_dir):
+    model = load_hf(model_dir)
+    lora = methods.method_for(TrainConfig(method="lora", lora_rank=2), model.cfg, model.params,
+                              methods.make_schedule(TrainConfig(), 1))
+    adapters = jax.tree.map(lambda x: x + 0.1, lora.state[0])  # b starts at zero: no delta
+    merged = lora.export_params(model.params, (adapters, lora.state[1]))
+    changed = [not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(merged["layers"]), jax.tree.leaves(model.params["layers"]))]
+    assert any(changed) and not all(changed)  # the targets, not the norms
+    full = methods.method_for(TrainConfig(method="full"), model.cfg)
+    assert full.export_params(model.params, None) is model.params
+
+
+def test_to_layout_converts_between_the_trained_and_the_stacked_layout(model_dir):
+    params = load_hf(model_dir).params
+    want = [np.asarray(x) for x in jax.tree.leaves(params)]
+    cfg = TrainConfig(layer_layout="per_layer")
+    per_layer = methods.to_layout(params, cfg, training=True)
+    assert jax.tree.structure(per_layer) != jax.tree.structure(params)
+    stacked = methods.to_layout(per_layer, cfg, training=False)
+    for a, b in zip(jax.tree.leaves(stacked), want):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    same = methods.to_layout(stacked, TrainConfig(layer_layout="stacked"), training=True)
+    assert jax.tree.structure(same) == jax.tree.structure(stacked)
+
+
+def test_lisa_probs_reads_a_file_written_by_save_probs_and_inline_numbers(tmp_path):
+    p = probs_from_norms([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0], expected=2)
+    save_probs(tmp_path / "p.json", p, {"gamma": 2, "source": "test"})
+    assert methods.lisa_probs(str(tmp_path / "p.json"), 4) == [float(x) for x in p]
+    assert methods.lisa_probs("0.1, 0.2 0.3,0.4", 4) == [0.1, 0.2, 0.3, 0.4]
+    (tmp_path / "list.json").write_text(json.dumps([0.5, 0.5]))
+    assert methods.lisa_probs(str(tmp_path / "list.json"), 2) == [0.5, 0.5]
+    with pytest.raises(TrainError, match="neither a file nor a list of numbers"):
+        methods.lisa_probs("0.5,half", 2)
+    with pytest.raises(TrainError, match="has 2 values but the model has 4 layers"):
+        methods.lisa_probs("0.5,0.5", 4)
