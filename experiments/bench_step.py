@@ -59,6 +59,7 @@ def run_one(a) -> dict:
     import optax
 
     import lisa_jax
+    from lisa_jax import block
     from lisa_jax import lora as lora_lib
     from lisa_jax import model as M
     from lisa_jax import step as S
@@ -108,9 +109,9 @@ def run_one(a) -> dict:
 
         def unstacked_loss(rest, layers, b):
             ids = b["input_ids"]
-            h, cos, sin = S._embed_and_rope(cfg, rest["embed"], ids)
+            h, rope = S._embed_and_rope(cfg, rest["embed"], ids)
             for lp in layers:
-                h = M.decoder_layer(cfg, lp, h, cos, sin)
+                h = block.decoder_layer(cfg, lp, h, rope)
             return S.lm_loss_from_hidden(cfg, rest["final_norm"], M.head_weight(rest), h, ids,
                                          None, chunk)[0]
         floor_u = jax.jit(lambda p, b: jax.grad(unstacked_loss)(rest_of(p), p["layers"], b))
@@ -127,7 +128,7 @@ def run_one(a) -> dict:
     elif a.method == "eh":
         # The paper's "E+H": embedding, final norm and head trained with AdamW, every layer
         # frozen. The LISA stack with no slot: activation gradients only, no layer weight grad.
-        from lisa_jax.stack_vjp import slot_of_layer
+        from lisa_jax.layout import slot_of_layer
         state = opt.init(rest_of(params))
         no_slot = jnp.zeros((0,), jnp.int32)
 
@@ -144,8 +145,8 @@ def run_one(a) -> dict:
         tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
         state = tx.init(params)
         if a.layout == "per_layer":
-            from lisa_jax import layer_list
-            params = layer_list.unstack(params, donate=True)
+            from lisa_jax import layout
+            params = layout.convert(params, "per_layer", donate=True)
         step = S.make_lisa_step(cfg, tx, remat=remat, loss_chunk=chunk)
     else:
         raise ValueError(a.method)
@@ -175,8 +176,6 @@ def run_one(a) -> dict:
                 peak_gib=round(peak / 2**30, 2) if peak else None, peak_bytes=peak,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
                 loss_chunk=chunk, inner=a.inner,
-                backward=os.environ.get("LISA_JAX_BACKWARD", "segments") if a.method == "lisa"
-                else None,
                 layout=a.layout if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
