@@ -79,8 +79,7 @@ import optax
 
 from lisa_jax import sampling
 
-__all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "resample",
-           "maybe_resample", "trainable_view", "update_view", "scatter_view", "apply_view"]
+__all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "maybe_resample"]
 
 RESET_MODES = ("sampled", "all")
 
@@ -459,8 +458,6 @@ class LisaTransformation(optax.GradientTransformation):
         ``probs`` overrides the configured probabilities for a draw made now)."""
         return maybe_resample(self, opt_state, params, probs)
 
-    prepare_host = maybe_resample
-
 
 def lisa(
     inner: optax.GradientTransformation,
@@ -575,11 +572,6 @@ def active_layers(state) -> jax.Array:
     return found[0].active
 
 
-def resample(tx: LisaTransformation, state: LisaState, params) -> LisaState:
-    """``tx.prepare``: resample if ``state`` starts a new period (in-graph for ``n_active``)."""
-    return tx.prepare(state, params)
-
-
 def maybe_resample(tx: LisaTransformation, opt_state, params, probs=None):
     """Host-side preparation before a (jitted) step; needed in Bernoulli (``probs``) mode.
 
@@ -602,23 +594,3 @@ def maybe_resample(tx: LisaTransformation, opt_state, params, probs=None):
                              "layers uniformly")
         cfg = dataclasses.replace(cfg, probs=sampling.check_probs(probs, cfg.probs.shape[0]))
     return _lisa_states_map(lambda s: _prepare(cfg, s, params), opt_state)
-
-
-def trainable_view(tree, state: LisaState, layers="layers"):
-    """``tree`` with every layer leaf gathered at ``state.active`` (leading dim ``g``)."""
-    return lisa(optax.identity(), layers=layers).view(tree, state)
-
-
-def update_view(tx: LisaTransformation, view_grads, state: LisaState, view_params=None):
-    """``tx.update_view``: ``(view_updates, new_state)`` on the ``[g, ...]`` views."""
-    return tx.update_view(view_grads, state, view_params)
-
-
-def scatter_view(view_updates, state: LisaState, like, layers="layers"):
-    """Full-size updates shaped like ``like``, 0 at frozen layers (see ``tx.scatter``)."""
-    return lisa(optax.identity(), layers=layers).scatter(view_updates, state, like)
-
-
-def apply_view(params, view_updates, state: LisaState, layers="layers"):
-    """Apply view updates to ``params``, writing only the active layer slices."""
-    return lisa(optax.identity(), layers=layers).apply_view(params, view_updates, state)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from lisa_jax import importance as imp_lib
-from lisa_jax import layer_list
+from lisa_jax import layout
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as step_lib
@@ -46,8 +46,8 @@ def to_layout(params, cfg: TrainConfig, training: bool):
     stacked one that checkpoints, sampling and export read. Converts leaf by leaf on the device,
     freeing each converted leaf (the caller must not use ``params`` again)."""
     if training and per_layer_layout(cfg):
-        return layer_list.unstack(params, donate=True)
-    return layer_list.stack(params, donate=True)
+        return layout.convert(params, "per_layer", donate=True)
+    return layout.convert(params, "stacked", donate=True)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -272,7 +272,7 @@ class Lisa(Method):
         if starts or count == 0:
             used = probs if probs is not None else self.tx.config.probs
             extra["layer_probs"] = [round(float(p), 6) for p in used]
-        self.state = self.tx.maybe_resample(self.state, layer_list.stacked_template(params),
+        self.state = self.tx.maybe_resample(self.state, layout.stacked_template(params),
                                             probs)
         return extra
 

@@ -201,11 +201,12 @@ def _start():
 def _masters(params, state):
     """The float32 masters of the leaves a run trained, from its bfloat16 parameters and its
     state: a MasterWeightsState, or a LisaState of one (the always-trained leaves and the
-    slots, which ``trainable_view`` gathers)."""
+    slots, which a LISA transform's ``view`` gathers)."""
     if isinstance(state, lisa_jax.LisaState):
         remainder = {**state.rest_state.remainder,
                      "layers": state.slot_state.remainder["layers"]}
-        return jax.tree.map(join_master, lisa_jax.trainable_view(params, state), remainder)
+        view = lisa_jax.lisa(optax.identity()).view(params, state)
+        return jax.tree.map(join_master, view, remainder)
     return jax.tree.map(join_master, params, state.remainder)
 
 
