@@ -48,8 +48,10 @@ class TrainConfig:
 
     model: str | None = _setting(None, "HF model directory (config.json, *.safetensors, "
                                        "tokenizer)")
-    data: str | None = _setting(None, "instruction data: JSON or JSONL, Alpaca "
-                                      "(instruction/input/output) or chat (messages)")
+    data: str | None = _setting(None, "instruction data: JSONL/JSON, parquet, CSV/TSV, Arrow "
+                                      "or a save_to_disk folder; Alpaca (instruction/input/"
+                                      "output), chat (messages) or ShareGPT (conversations); "
+                                      "several: a.jsonl,b.parquet")
     out: str = _setting("runs/run", "run directory (checkpoints, metrics, exported model)")
     demo: bool = _setting(False, "fine-tune the bundled tiny model on the bundled instruction "
                                  "set (CPU, ~1 min)")
@@ -296,8 +298,19 @@ def check_config(cfg: TrainConfig) -> None:
     if not Path(cfg.model, "config.json").is_file():
         raise TrainError(f"model directory {cfg.model!r} has no config.json; pass --model DIR "
                          "of an HF model (config.json, *.safetensors, tokenizer files)")
-    if not Path(cfg.data).is_file():
-        raise TrainError(f"data file {cfg.data!r} not found; pass --data FILE (JSON or JSONL)")
+    for path in data_paths(cfg):
+        if not Path(path).exists():
+            raise TrainError(f"data file {path!r} not found; pass --data FILE (JSONL, JSON, "
+                             "parquet, CSV) or a save_to_disk folder")
+
+
+def data_paths(cfg: TrainConfig) -> list[str]:
+    """The files ``--data`` names: one path, or several joined by commas (read in order)."""
+    if not cfg.data:
+        return []
+    if Path(cfg.data).exists() or "," not in cfg.data:
+        return [cfg.data]
+    return [p for p in cfg.data.split(",") if p]
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -8,7 +8,7 @@ import numpy as np
 
 from lisa_jax import data as data_lib
 from lisa_jax import model as M
-from lisa_jax.config import TrainConfig
+from lisa_jax.config import TrainConfig, data_paths
 
 
 def prompt_ids(tokenizer, record: dict | str) -> np.ndarray:
@@ -40,10 +40,11 @@ def sample_probes(cfg: TrainConfig) -> list[tuple[dict, str | None]]:
         return [({"instruction": cfg.sample_prompt}, None)]
     if not cfg.demo:
         return []
-    _, held_out = data_lib.train_eval_split(data_lib.load_records(cfg.data),
+    _, held_out = data_lib.train_eval_split(data_lib.load_records(data_paths(cfg)),
                                             cfg.eval_fraction or None, seed=cfg.seed)
+    alpaca = [r for r in held_out if "instruction" in r]  # the demo's records are Alpaca
     return [({"instruction": r["instruction"], "input": r.get("input", "")}, r["output"])
-            for r in held_out[:3]]
+            for r in alpaca[:3]]
 
 
 def shown(record: dict) -> str:

@@ -34,7 +34,7 @@ from lisa_jax import model as M
 from lisa_jax import prompts
 from lisa_jax import runlog
 from lisa_jax.checkpoints import Checkpoints
-from lisa_jax.config import (TrainConfig, TrainError, check_config, load_config,
+from lisa_jax.config import (TrainConfig, TrainError, check_config, data_paths, load_config,
                              resume_changes, with_default_remat)
 
 
@@ -68,7 +68,7 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     from lisa_jax.hf import load_hf
     try:
         tokenizer = data_lib.load_tokenizer(cfg.model)
-        splits = data_lib.prepare_data(cfg.data, tokenizer, cfg.max_seq_len,
+        splits = data_lib.prepare_data(data_paths(cfg), tokenizer, cfg.max_seq_len,
                                        eval_fraction=cfg.eval_fraction or None, seed=cfg.seed,
                                        truncate=cfg.truncate)
         mesh = shardings = None
@@ -78,6 +78,7 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
             SH.check_batch_size(cfg.batch_size, mesh)
             shardings = SH.hf_shardings(cfg.model, mesh)
         model = load_hf(cfg.model, dtype=cfg.dtype, shardings=shardings)
+        data_lib.check_vocab(tokenizer, model.cfg.vocab_size)
         loader = data_lib.DataLoader(splits.train, cfg.batch_size, seed=cfg.seed,
                                      pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
     except (ValueError, FileNotFoundError) as e:

@@ -3,6 +3,7 @@ configs; export writes a run's latest checkpoint; bad input and a mistyped comma
 errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -65,7 +66,7 @@ def run_cli(args, capsys):
     ("missing_model", r"no config.json; pass --model"),
     ("missing_data", r"data file .* not found; pass --data"),
     ("malformed_jsonl", r"line 2"),
-    ("missing_fields", r"record 1 .*output"),
+    ("missing_fields", r"line 2 of .*bad\.jsonl is missing 'output'"),
     ("all_too_long", r"longer than max length .*--max-seq-len"),
     ("gamma_too_large", r"--lisa-layers 9 is out of range: the model has 4 layers"),
     ("unknown_method", r"unknown method 'sft'; use --method lisa, full or lora"),
@@ -78,6 +79,9 @@ def run_cli(args, capsys):
     ("epochs_zero", r"--epochs must be positive, got 0.0"),
     ("out_is_a_file", r"--out .* is a file; pass --out a directory"),
     ("negative_lr", r"--lr must be a positive number, got -0.001"),  # reaches the check
+    ("tokenizer_larger_than_model",
+     r"the tokenizer of .* has \d+ tokens but the model's vocab_size is \d+"),
+    ("second_data_file_missing", r"data file .*nope\.jsonl' not found; pass --data"),
 ])
 def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, case, expect):
     out = tmp_path / "run"
@@ -122,6 +126,17 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, cas
         cfg = tmp_path / "c.yaml"
         cfg.write_text("bogus: 1\n")
         args += ["--config", str(cfg)]
+    elif case == "tokenizer_larger_than_model":
+        import jax
+
+        from lisa_jax.hf import load_hf, save_hf
+        from lisa_jax.model import Model, init_params
+        tokens = len(data_lib.load_tokenizer(model_dir))
+        cfg = dataclasses.replace(load_hf(model_dir).cfg, vocab_size=tokens - 1)
+        args[2] = save_hf(Model(cfg, init_params(cfg, jax.random.key(0))), tmp_path / "small",
+                          tokenizer_from=model_dir)
+    elif case == "second_data_file_missing":
+        args[4] = data_file + "," + str(tmp_path / "nope.jsonl")
     rc, err = run_cli(args, capsys)
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -135,10 +136,18 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(model_dir, data
     assert train(cfg)["steps"] == step + 2
 
 
-def test_nan_loss_stops_with_last_good_checkpoint_intact(model_dir, data_file, tmp_path):
+def test_nan_loss_stops_with_last_good_checkpoint_intact(model_dir, data_file, tmp_path,
+                                                        monkeypatch):
     out = tmp_path / "run"
     train(small(model_dir, data_file, out, steps=2, save_every=2))
     before = final_params(out)
+    # A run that diverges. Huge steps alone need not give NaN: RMSNorm's float32 square
+    # overflows to a zero output and zero gradients, a dead but finite model. So the loss of
+    # the resumed run's steps is made NaN outright.
+    from lisa_jax import ops
+    token_nll = ops.token_nll
+    monkeypatch.setattr(ops, "token_nll", lambda logits, labels: token_nll(logits, labels)
+                        * jnp.float32(jnp.nan))
     with pytest.raises(TrainError, match=r"loss is (nan|inf).*last good checkpoint: step 2"):
         train(small(model_dir, data_file, out, steps=40, save_every=1000, resume=True,
                     lr=1e9, clip_norm=0.0, schedule="constant"))
