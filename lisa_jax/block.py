@@ -186,7 +186,7 @@ STAGES = (
 )
 
 # What the LISA forward saves per layer, and so what its backward recomputes (the attention,
-# weight-free, always runs its forward once more there, a few percent of a layer):
+# weight-free, always runs its forward once more there):
 #   "none": the layer input and every matmul output; only elementwise stages are recomputed.
 #   "mlp":  the layer input, q, k, v and the mid-residual; the backward recomputes gate and up.
 #   "full": only the layer input; the backward recomputes the whole layer forward.

@@ -98,8 +98,8 @@ class Stacked:
         G, L = _num_slots(shapes), slot_L.shape[0]
 
         def down(dh, hi, lo):  # layers hi-1 .. lo, activation gradient only
-            # One layer per iteration: two saved a millisecond of a 7B step but kept both
-            # layers' temporaries alive at the peak.
+            # One layer per iteration: two per iteration keep both layers' temporaries alive
+            # at the peak for little time saved (experiments/results/).
             def body(i, dh):
                 layer = hi - 1 - i
                 return block.layer_backward(cfg, self.at(layers, layer), self.at(saved, layer),

@@ -48,7 +48,7 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
     """Next-token loss from the last hidden states, computing logits ``chunk`` tokens at a time.
 
     Only one chunk of float32 logits is alive at once (the backward recomputes them), which at
-    a 32k vocabulary saves gigabytes against materializing ``[B, S, V]``. Returns
+    a large vocabulary saves much memory against materializing ``[B, S, V]``. Returns
     ``(mean loss, number of target tokens)``.
     """
     B, S, D = h_BxSxD.shape
