@@ -18,6 +18,16 @@ style one with a small word-level tokenizer; ``tiny_llama_sharded_dir`` the same
 several safetensors shards; ``torch_reference(path)`` the transformers model of a directory
 (eager attention, eval mode, float32). A test with an ``hf_variant`` argument is run for
 every variant.
+
+Tiny models without Hugging Face (``TINY``, ``BLOCK_VARIANTS``): ``tiny_cfg(**overrides)`` a
+``LlamaConfig`` (vocab 64, hidden 32, MLP 48, 6 layers, 4 heads, 2 kv heads, head dim 8),
+``perturbed_params(cfg, seed=0)`` its random parameters with non-trivial norms and biases,
+``batch_for(cfg, B=2, S_=12, seed=3, masked=True)`` a batch, ``rel_err(a, b)`` the largest
+absolute difference relative to the largest ``|b|``. They are plain functions of this module
+(the subprocess ``test_sharding.py`` imports them) handed to tests as session fixtures, since
+pytest's importlib mode lets no test module import ``conftest``. A test with a
+``block_variant`` argument gets the ``BLOCK_VARIANTS`` overrides of each variant of the block:
+every one differs from the base in one detail.
 """
 from __future__ import annotations
 
@@ -148,9 +158,13 @@ def build_hf_checkpoint(variant: str, out_dir: str, sharded: bool = False,
 
 
 def pytest_generate_tests(metafunc):
-    """A test taking ``hf_variant`` runs once per entry of ``HF_VARIANTS``."""
+    """A test taking ``hf_variant`` runs once per entry of ``HF_VARIANTS``; one taking
+    ``block_variant`` once per entry of ``BLOCK_VARIANTS`` (with that entry's overrides)."""
     if "hf_variant" in metafunc.fixturenames:
         metafunc.parametrize("hf_variant", HF_VARIANTS)
+    if "block_variant" in metafunc.fixturenames:
+        metafunc.parametrize("block_variant", list(BLOCK_VARIANTS.values()),
+                             ids=list(BLOCK_VARIANTS))
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +213,81 @@ def torch_reference():
         return cache[path]
 
     return ref
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4,
+            num_kv_heads=2, head_dim=8)
+
+# Each variant of the block differs from the base (Llama with GQA) in one detail.
+BLOCK_VARIANTS = {
+    "gqa": {},
+    "mha": dict(num_kv_heads=4),                                # one kv head per query head
+    "bias": dict(attention_bias=True),                          # Qwen2's q/k/v biases
+    "rope_llama3": dict(rope_scaling=("llama3", 8.0, 1.0, 4.0, 8)),
+    "tied": dict(tie_embeddings=True),                          # no lm_head
+}
+
+
+def tiny_config(**overrides):
+    """The tiny ``LlamaConfig`` (``TINY``) with ``overrides``."""
+    from lisa_jax import model as M
+    return M.LlamaConfig(**{**TINY, **overrides})
+
+
+def perturbed_params(cfg, seed: int = 0):
+    """Random weights with non-trivial norms and biases (init makes them ones and zeros)."""
+    import jax
+
+    from lisa_jax import model as M
+    p = M.init_params(cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
+def batch_for(cfg, B: int = 2, S_: int = 12, seed: int = 3, masked: bool = True) -> dict:
+    """``input_ids [B, S_]`` and (``masked``) a ``loss_mask`` that is 1 from ``S_ // 3`` on."""
+    import jax
+    import jax.numpy as jnp
+    ids = jax.random.randint(jax.random.key(seed), (B, S_), 0, cfg.vocab_size)
+    out = {"input_ids": ids}
+    if masked:
+        out["loss_mask"] = (jnp.arange(S_)[None] >= S_ // 3).astype(jnp.int32).repeat(B, 0)
+    return out
+
+
+def relative_error(a, b) -> float:
+    """``max |a - b| / max |b|`` in float64."""
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(scope="session", name="tiny_cfg")
+def tiny_cfg_fixture():
+    """``tiny_cfg(**overrides) -> LlamaConfig``."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session", name="perturbed_params")
+def perturbed_params_fixture():
+    """``perturbed_params(cfg, seed=0) -> params``."""
+    return perturbed_params
+
+
+@pytest.fixture(scope="session", name="batch_for")
+def batch_for_fixture():
+    """``batch_for(cfg, B=2, S_=12, seed=3, masked=True) -> batch``."""
+    return batch_for
+
+
+@pytest.fixture(scope="session", name="rel_err")
+def rel_err_fixture():
+    """``rel_err(a, b) -> float``: ``max |a - b| / max |b|``."""
+    return relative_error
 
 
 # ----------------------------------------------------------------------------- trainer inputs
