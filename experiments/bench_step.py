@@ -1,6 +1,6 @@
 """Step time, tokens/s and peak device memory of every training method, against the PyTorch peer.
 
-    python3 experiments/bench_step.py --shape llama2-7b --batch 4 --seq 1024 \
+    python3 experiments/bench_step.py --shape llama2-7b --batch-size 4 --max-seq-len 1024 \
         --out experiments/results/bench_step_h200.json
 
 Each measurement runs in its own process so that its peak memory is its own
@@ -16,19 +16,21 @@ and memory do not depend on the values.
 The peer is ``experiments/torch_peers_strong.py``; ``--peer-impl`` picks how it runs: ``liger``
 (the default: Liger kernels for RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy; needs
 ``liger_kernel`` importable), ``compile`` (``torch.compile``) or ``eager`` (plain transformers,
-the peer of earlier results). ``--update-precision fp32`` gives every method's optimizer fp32
+the peer of earlier results). ``--update-dtype float32`` gives every method's optimizer fp32
 master weights when the parameters are 16-bit (``lisa_jax.master_weights(opt)``; for
-LISA inside: ``lisa(master_weights(opt), ...)``); ``bf16`` updates the bf16 weights in place.
+LISA inside: ``lisa(master_weights(opt), ...)``); ``bfloat16`` updates the bf16 weights in place
+(rows record it as ``update_precision`` ``fp32`` / ``bf16``).
 ``--label`` is copied into every row, so that the JSONs of several invocations (a package
 before and after a change, say: experiments/precision_h200.sh) can be merged. Each row records
 ``impl`` (``lisa_jax`` or ``torch``), ``ms`` (median step), ``tokens_per_s``, ``peak_gib`` and
 ``wall_s`` (its process, start to end).
 
-LISA rows run on one array per layer weight (``--layouts per_layer``, what the trainer uses on
-one GPU; ``lisa_jax.layer_list``) and/or on the stacked ``[L, ...]`` arrays (``stacked``). One
-row by hand: ``python3 experiments/bench_step.py --one lisa --gamma 2 --remat none --layout
-per_layer``; ``--one floor_unstacked`` is the gradient floor over one array per layer weight (the
-floor of the per-layer LISA rows). ``--profile DIR`` also writes each row's trace and optimized
+LISA rows run on one array per layer weight (``--layer-layouts per_layer``, what the trainer
+uses on one GPU; ``lisa_jax.layout``) and/or on the stacked ``[L, ...]`` arrays (``stacked``);
+``--lisa-layers`` lists the γ of the LISA rows. One row by hand: ``python3
+experiments/bench_step.py --one --method lisa --lisa-layers 2 --remat none --layer-layout
+per_layer``; ``--method floor_unstacked`` is the gradient floor over one array per layer weight
+(the floor of the per-layer LISA rows). ``--profile DIR`` also writes each row's trace and optimized
 HLO; ``experiments/trace_breakdown.py DIR`` sums the traces per kernel class.
 """
 from __future__ import annotations
@@ -38,18 +40,22 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shapes import SHAPES  # noqa: E402
+from common import (add_flags, command_line, model_config, random_batch, spawn_row,  # noqa: E402
+                    time_steps, write_json)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
 PEER_SCRIPT = os.path.join(HERE, "torch_peers_strong.py")
 # --peer-impl -> the peer script's flags (eager: torch_peers_strong.py without flags).
 PEER_IMPLS = {"eager": [], "liger": ["--liger"], "compile": ["--compile"]}
 TRAINING = ("full", "lora", "eh", "lisa")  # the methods with an optimizer
+METHODS = ("forward", "floor", "floor_unstacked", "eh", "full", "lora", "lisa")
+# --update-dtype -> the rows' update_precision (the field the result tables read)
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def run_one(a) -> dict:
@@ -59,20 +65,18 @@ def run_one(a) -> dict:
     import optax
 
     import lisa_jax
-    from lisa_jax import block
+    from lisa_jax import layout
     from lisa_jax import lora as lora_lib
     from lisa_jax import model as M
     from lisa_jax import step as S
 
-    dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
-    cfg = M.LlamaConfig(**SHAPES[a.shape], dtype=a.dtype or dtype)
+    cfg = model_config(a.shape, a.dtype)
     params = jax.jit(lambda k: M.init_params(cfg, k))(jax.random.key(0))
-    ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq), 0, cfg.vocab_size)
-    batch = {"input_ids": ids}
+    batch = random_batch(cfg, a.batch_size, a.max_seq_len)
     # sgd isolates the optimizer's share of a step (variant rows; the peer uses AdamW).
     mu_dtype = getattr(a, "mu_dtype", None)
     opt = optax.adamw(1e-5, mu_dtype=mu_dtype) if a.inner == "adamw" else optax.sgd(1e-5)
-    precision = getattr(a, "update_precision", "bf16")
+    precision = PRECISION[getattr(a, "update_dtype", "bfloat16")]
     sixteen_bit = jnp.dtype(cfg.dtype).itemsize < 4
     master = precision == "fp32" and sixteen_bit and a.method in TRAINING
     if master:
@@ -95,46 +99,34 @@ def run_one(a) -> dict:
     if a.method == "forward":
         fwd = S.make_forward(cfg, chunk)
         step = lambda p, s, b: (p, s, {"loss": fwd(p, b)})  # noqa: E731
-    elif a.method == "floor":
+    elif a.method in ("floor", "floor_unstacked"):
+        if a.method == "floor_unstacked":
+            # The floor with the peer's layout: one array per layer weight and the layer loop
+            # unrolled, so that no layer's slice of a stacked array is copied for a library call.
+            params = layout.convert(params, "per_layer")
+
         def floor(p, b):
             return jax.grad(lambda r: S.plain_loss(cfg, {**r, "layers": p["layers"]}, b,
                                                    loss_chunk=chunk)[0])(rest_of(p))
         floor = jax.jit(floor)
         step = lambda p, s, b: (p, s, {"loss": floor(p, b)})  # noqa: E731
-    elif a.method == "floor_unstacked":
-        # The floor with the peer's layout: one array per layer weight and the layer loop
-        # unrolled, so that no layer's slice of a stacked array is copied for a library call.
-        layers = [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
-        params = {**rest_of(params), "layers": layers}
-
-        def unstacked_loss(rest, layers, b):
-            ids = b["input_ids"]
-            h, rope = S._embed_and_rope(cfg, rest["embed"], ids)
-            for lp in layers:
-                h = block.decoder_layer(cfg, lp, h, rope)
-            return S.lm_loss_from_hidden(cfg, rest["final_norm"], M.head_weight(rest), h, ids,
-                                         None, chunk)[0]
-        floor_u = jax.jit(lambda p, b: jax.grad(unstacked_loss)(rest_of(p), p["layers"], b))
-        step = lambda p, s, b: (p, s, {"loss": floor_u(p, b)})  # noqa: E731
     elif a.method == "full":
         state = opt.init(params)
-        step = S.make_plain_step(cfg, opt, remat=plain_remat,
-                                 loss_chunk=chunk)
+        step = S.make_plain_step(cfg, opt, remat=plain_remat, loss_chunk=chunk)
     elif a.method == "lora":
-        lora = lora_lib.init_lora(params["layers"], jax.random.key(2), a.lora_r)
+        lora = lora_lib.init_lora(params["layers"], jax.random.key(2), a.lora_rank)
         state = (lora, opt.init(lora))
-        step = S.make_lora_step(cfg, opt, lora_lib.lora_scale(a.lora_r, None),
+        step = S.make_lora_step(cfg, opt, lora_lib.lora_scale(a.lora_rank, None),
                                 remat=plain_remat, loss_chunk=chunk)
     elif a.method == "eh":
         # The paper's "E+H": embedding, final norm and head trained with AdamW, every layer
         # frozen. The LISA stack with no slot: activation gradients only, no layer weight grad.
-        from lisa_jax.layout import slot_of_layer
         state = opt.init(rest_of(params))
         no_slot = jnp.zeros((0,), jnp.int32)
 
         def eh_step(p, s, b):
             empty = jax.tree.map(lambda x: jnp.zeros((0,) + x.shape[1:], x.dtype), p["layers"])
-            slot_L = slot_of_layer(no_slot, cfg.num_layers)
+            slot_L = layout.slot_of_layer(no_slot, cfg.num_layers)
             (loss, _), g = jax.value_and_grad(
                 lambda r: S.lisa_loss(cfg, {**r, "layers": empty}, p["layers"], slot_L, b,
                                       remat, chunk), has_aux=True)(rest_of(p))
@@ -142,41 +134,31 @@ def run_one(a) -> dict:
             return {**p, **optax.apply_updates(rest_of(p), updates)}, s, {"loss": loss}
         step = jax.jit(eh_step, donate_argnums=(0, 1))
     elif a.method == "lisa":
-        tx = lisa_jax.lisa(opt, n_active=a.gamma, interval=a.interval, key=0)
+        tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0)
         state = tx.init(params)
-        if a.layout == "per_layer":
-            from lisa_jax import layout
+        if a.layer_layout == "per_layer":
             params = layout.convert(params, "per_layer", donate=True)
         step = S.make_lisa_step(cfg, tx, remat=remat, loss_chunk=chunk)
     else:
         raise ValueError(a.method)
-    t0 = time.perf_counter()
-    params, state, m = step(params, state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        params, state, m = step(params, state, batch)
-        jax.block_until_ready((params, state, m))
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
+    params, state, _, (compile_s,) = time_steps(step, params, state, batch, 1)
+    params, state, _, times = time_steps(step, params, state, batch, a.steps, a.warmup)
     t = statistics.median(times)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     if a.profile:
         profile_step(a, step, params, state, batch)
     return dict(impl="lisa_jax", label=getattr(a, "label", None), shape=a.shape,
-                method=a.method, batch=a.batch, seq=a.seq,
-                gamma=(a.gamma if a.method == "lisa" else
+                method=a.method, batch=a.batch_size, seq=a.max_seq_len,
+                gamma=(a.lisa_layers if a.method == "lisa" else
                        0 if a.method == "eh" else None),
-                lora_r=a.lora_r if a.method == "lora" else None, remat=remat,
+                lora_r=a.lora_rank if a.method == "lora" else None, remat=remat,
                 step_s=round(t, 4), step_s_min=round(min(times), 4), ms=round(t * 1e3, 1),
-                tokens_per_s=round(a.batch * a.seq / t, 1),
+                tokens_per_s=round(a.batch_size * a.max_seq_len / t, 1),
                 peak_gib=round(peak / 2**30, 2) if peak else None, peak_bytes=peak,
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
                 loss_chunk=chunk, inner=a.inner,
-                layout=a.layout if a.method == "lisa" else None,
+                layout=a.layer_layout if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
                 master_weights=master, mu_dtype=mu_dtype,
@@ -189,9 +171,9 @@ def profile_step(a, step, params, state, batch, steps: int = 3):
     optimized HLO of the step under ``a.profile``, to see where a step's time goes."""
     import jax
 
-    name = f"{a.method}{a.gamma if a.method == 'lisa' else ''}_{a.remat}"
-    if a.method == "lisa" and a.layout != "stacked":
-        name += f"_{a.layout}"
+    name = f"{a.method}{a.lisa_layers if a.method == 'lisa' else ''}_{a.remat}"
+    if a.method == "lisa" and a.layer_layout != "stacked":
+        name += f"_{a.layer_layout}"
     os.makedirs(a.profile, exist_ok=True)
     if hasattr(step, "lower"):
         with open(os.path.join(a.profile, f"{name}.hlo.txt"), "w") as f:
@@ -203,41 +185,17 @@ def profile_step(a, step, params, state, batch, steps: int = 3):
             jax.block_until_ready((params, state, m))
 
 
-def spawn(args: list[str], timeout: float, keep_failure: bool = False) -> dict | None:
-    """Run one row in a fresh process; its last stdout line is the JSON row.
-
-    A failed row is None, or with ``keep_failure`` a row ``{"status": "oom"}`` when the
-    process ran out of device memory (other failures and time-outs stay None: worth a retry)."""
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print("  timed out:", " ".join(args), flush=True)
-        return None
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        text = (p.stderr or "") + (p.stdout or "")
-        tail = text.strip().splitlines()[-3:]
-        print("  failed:", " ".join(args), "|", " / ".join(tail)[:400], flush=True)
-        oom = any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
-                                      "OutOfMemoryError"))
-        return {"status": "oom"} if keep_failure and oom else None
-    row = json.loads(lines[-1])
-    row["wall_s"] = round(time.perf_counter() - t0, 1)
-    return row
-
-
 def plan(a) -> list[dict]:
     """Forward, floor, then every method without remat (LISA at every γ), then the remat
-    variants (LISA at ``--remat-gammas`` only: remat changes memory, not how it scales in γ)."""
+    variants (LISA at ``--remat-lisa-layers`` only: remat changes memory, not how it scales in
+    γ)."""
     # Full FT and LoRA without layer remat keep the matmul outputs ("dots"), as LISA's "none"
     # does, and as the trainer does by default.
     rows = [dict(method="forward", remat="none"), dict(method="floor", remat="none"),
             dict(method="eh", remat="none"),
             dict(method="full", remat="dots"), dict(method="lora", remat="dots")]
     rows += [dict(method="lisa", gamma=g, remat="none", layout=lay)
-             for lay in a.layouts for g in a.gammas]
+             for lay in a.layer_layouts for g in a.lisa_layers]
     for remat in a.remats:
         if remat == "none":
             continue
@@ -245,23 +203,24 @@ def plan(a) -> list[dict]:
         if remat == "full":
             variants += [dict(method="full", remat=remat), dict(method="lora", remat=remat)]
         variants += [dict(method="lisa", gamma=g, remat=remat, layout=lay)
-                     for lay in a.layouts for g in a.remat_gammas]
+                     for lay in a.layer_layouts for g in a.remat_lisa_layers]
         remat_methods = getattr(a, "remat_methods", None)
         rows += [r for r in variants if remat_methods is None or r["method"] in remat_methods]
     return rows
 
 
 def peer_plan(a) -> list[dict]:
-    """The peer's rows: each of ``--peer-methods`` without remat (LISA at ``--peer-gammas``),
-    then with ``--peer-remat`` those of ``--peer-remat-methods`` with remat (LISA at
-    ``--remat-gammas``); the forward has no remat row."""
+    """The peer's rows: each of ``--peer-methods`` without remat (LISA at
+    ``--peer-lisa-layers``), then with ``--peer-remat`` those of ``--peer-remat-methods`` with
+    remat (LISA at ``--remat-lisa-layers``); the forward has no remat row."""
     rows = []
     for remat in ([False, True] if a.peer_remat else [False]):
         for method in a.peer_methods:
             if remat and (method == "forward" or
                           (a.peer_remat_methods and method not in a.peer_remat_methods)):
                 continue
-            gammas = (a.remat_gammas if remat else a.peer_gammas) if method == "lisa" else [2]
+            gammas = ((a.remat_lisa_layers if remat else a.peer_lisa_layers)
+                      if method == "lisa" else [2])
             rows += [dict(method=method, gamma=g, remat=remat) for g in gammas]
     return rows
 
@@ -269,8 +228,9 @@ def peer_plan(a) -> list[dict]:
 def peer_args(a, r: dict) -> list[str]:
     """The peer script's command line for one row of ``peer_plan``."""
     return [PEER_SCRIPT, "--shape", a.shape, "--method", r["method"],
-            "--batch", str(a.batch), "--seq", str(a.seq), "--gamma", str(r["gamma"]),
-            "--lora-r", str(a.lora_r)] + (["--remat"] if r["remat"] else []) + \
+            "--batch-size", str(a.batch_size), "--max-seq-len", str(a.max_seq_len),
+            "--lisa-layers", str(r["gamma"]), "--lora-rank", str(a.lora_rank)] + \
+        (["--remat", "full"] if r["remat"] else []) + \
         (["--steps", str(a.peer_steps)] if a.peer_steps else []) + \
         (["--warmup", str(a.peer_warmup)] if a.peer_warmup is not None else []) + \
         PEER_IMPLS[a.peer_impl]
@@ -324,38 +284,34 @@ def table(rows: list[dict], peers: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--interval", type=int, default=5, help="LISA K: resamples happen in timing")
-    ap.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--remats", nargs="+", default=["none", "mlp", "full"],
-                    help="LISA: none mlp full; full FT and LoRA rows use per-layer remat")
-    ap.add_argument("--remat-gammas", type=int, nargs="+", default=[2])
+    add_flags(ap, shape="tiny", batch_size=4, max_seq_len=1024, steps=10)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    add_flags(ap, lisa_interval=5, lisa_layers=[1, 2, 4, 8], many=("lisa_layers",),
+              helps=dict(lisa_interval="LISA K: resamples happen in timing",
+                         lisa_layers="γ of the LISA rows (with --one: the one γ)"))
+    add_flags(ap, remat=["none", "mlp", "full"], many=("remat",),
+              helps=dict(remat="LISA: none mlp full; full FT and LoRA rows use per-layer remat"))
+    ap.add_argument("--remat-lisa-layers", type=int, nargs="+", default=[2],
+                    help="γ of the LISA rows with the --remats variants")
     ap.add_argument("--remat-methods", nargs="+", default=None,
                     help="only these methods get the --remats variants (default: full lora "
                          "lisa; full FT and LoRA have one, remat full)")
-    ap.add_argument("--layouts", nargs="+", default=["per_layer"],
-                    choices=["per_layer", "stacked"],
-                    help="LISA rows: layer weights as one array per layer (the trainer's on one "
-                         "device) and/or stacked [L, ...] arrays")
-    ap.add_argument("--lora-r", type=int, default=128)
+    add_flags(ap, layer_layout=["per_layer"], many=("layer_layout",),
+              helps=dict(layer_layout="LISA rows: layer weights as one array per layer (the "
+                                      "trainer's on one device) and/or stacked [L, ...] arrays"))
+    add_flags(ap, lora_rank=128)
     ap.add_argument("--inner", default="adamw", choices=["adamw", "sgd"],
                     help="optimizer of the training rows (sgd: to isolate AdamW's cost)")
     ap.add_argument("--loss-chunk", type=int, default=S_LOSS_CHUNK,
                     help="tokens per chunk of the LM loss (0: no chunking)")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator")
-    ap.add_argument("--update-precision", default="bf16", choices=["bf16", "fp32"],
-                    help="fp32: 16-bit parameters get fp32 master weights in the optimizer "
-                         "(lisa_jax.master_weights); bf16: updates applied to the bf16 weights")
+    add_flags(ap, dtype=None, update_dtype="bfloat16",
+              helps=dict(dtype="dtype of the parameters (default: bfloat16 on an accelerator)"))
     ap.add_argument("--mu-dtype", default=None, choices=["bfloat16", "float32"],
                     help="dtype of AdamW's first moment (default: that of what it updates)")
     ap.add_argument("--label", default=None,
                     help="free text copied into every row (e.g. before / after)")
-    ap.add_argument("--methods", nargs="+", default=None,
-                    help="restrict to these methods (forward floor eh full lora lisa)")
+    add_flags(ap, method=None, many=("method",), choices=dict(method=METHODS),
+              helps=dict(method="restrict to these methods"))
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
     ap.add_argument("--peer-only", action="store_true",
                     help="run only the peer's rows (implies --peer)")
@@ -365,28 +321,34 @@ def main():
     ap.add_argument("--peer-remat", action="store_true", help="peer rows with remat too")
     ap.add_argument("--peer-remat-methods", nargs="+", default=None,
                     help="with --peer-remat: only these methods (default: all but forward)")
-    ap.add_argument("--peer-gammas", type=int, nargs="+", default=[2])
+    ap.add_argument("--peer-lisa-layers", type=int, nargs="+", default=[2],
+                    help="γ of the peer's LISA rows")
     ap.add_argument("--peer-steps", type=int, default=None,
-                    help="timed steps of the peer (default: the peer script's, 12)")
+                    help="timed steps of the peer (default: the peer script's)")
     ap.add_argument("--peer-warmup", type=int, default=None,
-                    help="untimed steps of the peer (default: the peer script's, 3)")
+                    help="untimed steps of the peer (default: the peer script's)")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None,
                     help="folder: also write a trace and the optimized HLO of each row's step")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--gamma", type=int, default=2, help=argparse.SUPPRESS)
-    ap.add_argument("--remat", default="none", help=argparse.SUPPRESS)
-    ap.add_argument("--layout", default="per_layer", help=argparse.SUPPRESS)
+    ap.add_argument("--one", action="store_true",
+                    help="run one row in this process: --method, --lisa-layers, --remat, "
+                         "--layer-layout")
+    add_flags(ap, method="lisa", remat="none", layer_layout="per_layer",
+              helps=dict(method=argparse.SUPPRESS, remat=argparse.SUPPRESS,
+                         layer_layout=argparse.SUPPRESS))
     a = ap.parse_args()
     if a.one:
-        a.method = a.one
+        if len(a.lisa_layers) != 1:
+            ap.error("--one takes one --lisa-layers")
+        a.lisa_layers = a.lisa_layers[0]
         print(json.dumps(run_one(a)), flush=True)
         return
-    common = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq),
-              "--steps", str(a.steps), "--warmup", str(a.warmup), "--interval", str(a.interval),
-              "--lora-r", str(a.lora_r), "--loss-chunk", str(a.loss_chunk),
-              "--inner", a.inner, "--update-precision", a.update_precision] + \
+    common = ["--shape", a.shape, "--batch-size", str(a.batch_size),
+              "--max-seq-len", str(a.max_seq_len), "--steps", str(a.steps),
+              "--warmup", str(a.warmup), "--lisa-interval", str(a.lisa_interval),
+              "--lora-rank", str(a.lora_rank), "--loss-chunk", str(a.loss_chunk),
+              "--inner", a.inner, "--update-dtype", a.update_dtype] + \
         (["--mu-dtype", a.mu_dtype] if a.mu_dtype else []) + \
         (["--label", a.label] if a.label is not None else []) + \
         (["--dtype", a.dtype] if a.dtype else []) + \
@@ -399,27 +361,24 @@ def main():
 
     def save():  # after every row, so that a cut-off job keeps what it measured
         if a.out:
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w") as f:
-                json.dump(dict(command=" ".join(["python3", *sys.argv]),
-                               date=time.strftime("%Y-%m-%d"), label=a.label,
-                               update_precision=a.update_precision,
-                               peer_impl=a.peer_impl if a.peer else None,
-                               rows=rows, peer_rows=peers, failed=failed), f, indent=1)
+            write_json(a.out, dict(command=command_line(), date=time.strftime("%Y-%m-%d"),
+                                   label=a.label, update_precision=PRECISION[a.update_dtype],
+                                   peer_impl=a.peer_impl if a.peer else None,
+                                   rows=rows, peer_rows=peers, failed=failed))
 
-    def failure(spec: dict, impl: str, got: dict | None):  # an OOM or another failure, kept
+    def failure(spec: dict, impl: str, got: dict):  # an OOM or another failure, kept
         failed.append(dict(impl=impl, label=a.label, shape=a.shape, **spec,
-                           status=(got or {}).get("status", "failed")))
+                           status=got["status"]))
         save()
 
     for r in ([] if a.peer_only else plan(a)):
         if a.methods and r["method"] not in a.methods:
             continue
-        args = [__file__, "--one", r["method"], "--remat", r["remat"],
-                "--gamma", str(r.get("gamma", 2)), "--layout", r.get("layout", "stacked"),
-                *common]
-        row = spawn(args, a.timeout, keep_failure=True)
-        if row and "status" not in row:
+        args = [__file__, "--one", "--method", r["method"], "--remat", r["remat"],
+                "--lisa-layers", str(r.get("gamma", 2)),
+                "--layer-layout", r.get("layout", "stacked"), *common]
+        row = spawn_row(args, a.timeout)
+        if "status" not in row:
             print(json.dumps(row), flush=True)
             rows.append(row)
             save()
@@ -427,8 +386,8 @@ def main():
             failure(r, "lisa_jax", row)
     if a.peer:
         for r in peer_plan(a):
-            row = spawn(peer_args(a, r), a.timeout, keep_failure=True)
-            if row and "status" not in row:
+            row = spawn_row(peer_args(a, r), a.timeout)
+            if "status" not in row:
                 row = peer_row(a, row)
                 print(json.dumps(row), flush=True)
                 peers.append(row)

@@ -26,9 +26,10 @@ def bench():
 
 
 def _args(method, **kw):
-    a = dict(shape="tiny", batch=2, seq=16, steps=2, warmup=1, interval=2, lora_r=4,
-             inner="adamw", loss_chunk=4096, dtype=None, method=method, gamma=2, remat="none",
-             profile=None, layout="stacked", update_precision="bf16", label="t")
+    a = dict(shape="tiny", batch_size=2, max_seq_len=16, steps=2, warmup=1, lisa_interval=2,
+             lora_rank=4, inner="adamw", loss_chunk=4096, dtype=None, method=method,
+             lisa_layers=2, remat="none", profile=None, layer_layout="stacked",
+             update_dtype="bfloat16", label="t")
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -37,7 +38,7 @@ def _args(method, **kw):
     ("forward", None), ("floor", None), ("floor_unstacked", None), ("eh", None), ("full", None),
     ("lora", None), ("lisa", "stacked"), ("lisa", "per_layer")])
 def test_every_row_runs(bench, method, layout):
-    row = bench.run_one(_args(method, layout=layout or "stacked"))
+    row = bench.run_one(_args(method, layer_layout=layout or "stacked"))
     assert row["method"] == method and row["tokens_per_s"] > 0 and row["step_s"] > 0
     assert row["gamma"] == {"lisa": 2, "eh": 0}.get(method)
     assert row["layout"] == layout
@@ -49,8 +50,8 @@ def test_every_row_runs(bench, method, layout):
 
 
 def test_plan_runs_lisa_in_each_layout_asked_for(bench):
-    a = argparse.Namespace(gammas=[1, 2], remats=["none", "full"], remat_gammas=[2],
-                           layouts=["per_layer", "stacked"])
+    a = argparse.Namespace(lisa_layers=[1, 2], remats=["none", "full"], remat_lisa_layers=[2],
+                           layer_layouts=["per_layer", "stacked"])
     lisa_rows = [(r["gamma"], r["remat"], r["layout"]) for r in bench.plan(a)
                  if r["method"] == "lisa"]
     assert lisa_rows == [(1, "none", "per_layer"), (2, "none", "per_layer"),
@@ -66,8 +67,8 @@ def test_profile_writes_the_trace_and_the_optimized_hlo(bench, tmp_path):
 
 
 def test_plan_gives_remat_variants_only_to_remat_methods(bench):
-    a = argparse.Namespace(gammas=[2], remats=["none", "full"], remat_gammas=[2],
-                           layouts=["per_layer"], remat_methods=["lisa"])
+    a = argparse.Namespace(lisa_layers=[2], remats=["none", "full"], remat_lisa_layers=[2],
+                           layer_layouts=["per_layer"], remat_methods=["lisa"])
     rows = [(r["method"], r.get("gamma"), r["remat"]) for r in bench.plan(a)
             if r["method"] in ("full", "lora", "lisa")]
     assert rows == [("full", None, "dots"), ("lora", None, "dots"), ("lisa", 2, "none"),
@@ -75,8 +76,9 @@ def test_plan_gives_remat_variants_only_to_remat_methods(bench):
 
 
 def _peer_ns(**kw):
-    a = dict(shape="tiny", batch=2, seq=16, lora_r=4, peer_methods=["lisa", "lora", "full"],
-             peer_remat=True, peer_remat_methods=["lisa"], peer_gammas=[2], remat_gammas=[2],
+    a = dict(shape="tiny", batch_size=2, max_seq_len=16, lora_rank=4,
+             peer_methods=["lisa", "lora", "full"], peer_remat=True,
+             peer_remat_methods=["lisa"], peer_lisa_layers=[2], remat_lisa_layers=[2],
              peer_steps=None, peer_warmup=None, peer_impl="liger", label="after")
     a.update(kw)
     return argparse.Namespace(**a)
@@ -88,7 +90,10 @@ def test_peer_plan_and_command_line_per_impl(bench):
     assert [(r["method"], r["remat"]) for r in rows] == [
         ("lisa", False), ("lora", False), ("full", False), ("lisa", True)]
     args = bench.peer_args(a, rows[-1])
-    assert args[0].endswith("torch_peers_strong.py") and "--remat" in args and "--liger" in args
+    assert args[0].endswith("torch_peers_strong.py") and "--liger" in args
+    assert args[args.index("--remat") + 1] == "full"
+    assert [args[args.index(f) + 1] for f in ("--batch-size", "--max-seq-len", "--lisa-layers",
+                                              "--lora-rank")] == ["2", "16", "2", "4"]
     assert "--steps" not in args  # the peer script's own defaults unless asked
     args = bench.peer_args(_peer_ns(peer_impl="compile", peer_steps=5, peer_warmup=0), rows[0])
     assert "--compile" in args and "--liger" not in args and "--remat" not in args
@@ -114,7 +119,7 @@ def test_peer_rows_carry_the_common_fields_and_the_table_names_the_peer(bench):
 
 
 def test_fp32_updates_wrap_the_optimizer_inside_lisa(bench, monkeypatch):
-    """With 16-bit parameters, --update-precision fp32 hands lisa() the master_weights
+    """With 16-bit parameters, --update-dtype float32 hands lisa() the master_weights
     transform (a stand-in here: the package's own may not exist yet)."""
     import optax
 
@@ -131,10 +136,10 @@ def test_fp32_updates_wrap_the_optimizer_inside_lisa(bench, monkeypatch):
         return real_lisa(inner, **kw)
     monkeypatch.setattr(lisa_jax, "master_weights", master_weights, raising=False)
     monkeypatch.setattr(lisa_jax, "lisa", lisa)
-    row = bench.run_one(_args("lisa", dtype="bfloat16", update_precision="fp32", steps=1))
+    row = bench.run_one(_args("lisa", dtype="bfloat16", update_dtype="float32", steps=1))
     assert len(wrapped) == 1 and seen == wrapped
     assert row["master_weights"] is True and row["update_precision"] == "fp32"
-    row = bench.run_one(_args("full", dtype="bfloat16", update_precision="bf16", steps=1))
+    row = bench.run_one(_args("full", dtype="bfloat16", update_dtype="bfloat16", steps=1))
     assert len(wrapped) == 1 and row["master_weights"] is False
     assert row["update_precision"] == "bf16"
 
@@ -144,15 +149,16 @@ def test_fp32_updates_with_the_package_master_weights(bench):
     if not (hasattr(lisa_jax, "master_weights") or
             importlib.util.find_spec("lisa_jax.precision") is not None):
         pytest.skip("lisa_jax.master_weights is not in this copy of the package")
-    row = bench.run_one(_args("lisa", dtype="bfloat16", update_precision="fp32", steps=1,
-                              layout="per_layer"))
+    row = bench.run_one(_args("lisa", dtype="bfloat16", update_dtype="float32", steps=1,
+                              layer_layout="per_layer"))
     assert row["master_weights"] is True and row["tokens_per_s"] > 0
 
 
 def test_failed_rows_are_kept_in_the_json(tmp_path):
     out = tmp_path / "b.json"
-    p = _main("--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
-              "--methods", "lisa", "--gammas", "8", "--remats", "none", "--label", "x",
+    p = _main("--shape", "tiny", "--batch-size", "2", "--max-seq-len", "16", "--steps", "1",
+              "--warmup", "0", "--methods", "lisa", "--lisa-layers", "8", "--remats", "none",
+              "--label", "x",
               "--out", str(out))  # γ=8 > the 4 layers of tiny
     assert p.returncode == 0 and "failed: lisa_jax lisa γ=8 remat=none" in p.stdout
     d = json.loads(out.read_text())
@@ -177,8 +183,9 @@ def test_liger_peer_without_liger_fails_in_one_line():
 def test_driver_labels_our_rows_and_the_eager_peer(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "b.json"
-    p = _main("--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0",
-              "--methods", "lisa", "--gammas", "2", "--remats", "none", "--label", "before",
+    p = _main("--shape", "tiny", "--batch-size", "2", "--max-seq-len", "16", "--steps", "1",
+              "--warmup", "0", "--methods", "lisa", "--lisa-layers", "2", "--remats", "none",
+              "--label", "before",
               "--peer", "--peer-impl", "eager", "--peer-methods", "lisa", "--peer-steps", "1",
               "--peer-warmup", "0", "--out", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
