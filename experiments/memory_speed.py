@@ -1,16 +1,16 @@
 """The paper's memory table on our hardware: peak memory and tokens/s per method and shape.
 
     python3 experiments/memory_speed.py --shapes tinyllama-1.1b llama2-7b llama2-13b \
-        --batches 1 4 --peer --out experiments/results/memory_speed
+        --batch-size 1 4 --peer --out experiments/results/memory_speed
 
-Rows per shape and batch (sequence 1024, bf16, random weights): full fine-tuning, LoRA at
-ranks 128/256/512, LISA E+H (embedding, final norm and head only, every layer frozen: the
-step of ``bench_step.py --one eh``), E+H+2L and E+H+4L (γ = 2 and 4), and with ``--peer`` the
-PyTorch peer's full, LoRA r128 and LISA γ=2 on the same shapes in the same job. Each row runs in
-its own process through ``bench_step.py --one`` (so its peak is its own).
+Rows per shape and batch size (``--max-seq-len`` tokens, bf16 on a GPU, random weights): full
+fine-tuning, LoRA at each of ``--lora-rank``, LISA E+H (embedding, final norm and head only,
+every layer frozen: the step of ``bench_step.py --one --method eh``) and E+H+γL at each of
+``--lisa-layers``, and with ``--peer`` the PyTorch peer's full, LoRA and LISA at the first rank
+and γ on the same shapes in the same job. Each row runs in its own process through
+``bench_step.py --one`` (so its peak is its own).
 
-About 25 s a row on an H200 (process start, init, compile, 8 steps): one shape with both
-batches and the peer is 18 rows, about 8 minutes. The run resumes: rows already in
+The run resumes: rows already in
 ``--out``'s JSON (measured or out of memory) are skipped, so a job cut short by a time limit is
 finished by running the same command again, and shapes can be split over jobs or GPUs
 (``CUDA_VISIBLE_DEVICES``) writing the same folder one after another. A row that does not fit is
@@ -29,13 +29,26 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import spawn  # noqa: E402
-from shapes import SHAPES  # noqa: E402
+from common import SHAPES, add_flags, spawn_row, write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = [("full", {}), ("lora", {"lora_r": 128}), ("lora", {"lora_r": 256}),
-           ("lora", {"lora_r": 512}), ("eh", {}), ("lisa", {"gamma": 2}), ("lisa", {"gamma": 4})]
-PEER_METHODS = [("full", {}), ("lora", {"lora_r": 128}), ("lisa", {"gamma": 2})]
+
+
+def methods(a) -> list[tuple[str, dict]]:
+    """Our rows of one shape and batch size: full, LoRA at each rank, E+H, LISA at each γ."""
+    return [("full", {})] + [("lora", {"lora_r": r}) for r in a.lora_rank] + [("eh", {})] + \
+        [("lisa", {"gamma": g}) for g in a.lisa_layers]
+
+
+def peer_methods(a) -> list[tuple[str, dict]]:
+    return [("full", {}), ("lora", {"lora_r": a.lora_rank[0]}),
+            ("lisa", {"gamma": a.lisa_layers[0]})]
+
+
+def order(row: dict) -> tuple:
+    """Full FT, LoRA by rank, E+H, LISA by γ: the table's order of methods."""
+    kinds = ("full", "lora", "eh", "lisa")
+    return kinds.index(row["method"]), row.get("lora_r") or row.get("gamma") or 0
 
 
 def label(row: dict) -> str:
@@ -64,10 +77,9 @@ def render(result: dict, out_dir: str) -> str:
     rows = result["rows"]
     lines = ["| shape | batch | method | ours tok/s | ours peak GiB | peer tok/s | peer peak GiB |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    order = [label(dict(method=m, **kw)) for m, kw in METHODS]
     shapes = list(SHAPES)
     ours = sorted((r for r in rows if r.get("impl") == "lisa_jax"),
-                  key=lambda r: (shapes.index(r["shape"]), r["batch"], order.index(label(r))))
+                  key=lambda r: (shapes.index(r["shape"]), r["batch"], order(r)))
     for r in ours:
         peer = next((p for p in rows if p.get("peer") == "torch" and p["shape"] == r["shape"]
                      and p["batch"] == r["batch"] and label(p) == label(r)), None)
@@ -105,7 +117,8 @@ def render(result: dict, out_dir: str) -> str:
                             ax.bar(x + dx, row[metric] or 0, width, color=color)
                 ax.set_xticks(xs, [label(r) for r in sel], rotation=45, ha="right", fontsize=8)
                 ax.set_ylabel(ylabel)
-            axes[0][j].set_title(f"{shape}, batch {batch}×1024", fontsize=10)
+            seq = next((r["seq"] for r in sel if r.get("seq")), "?")
+            axes[0][j].set_title(f"{shape}, batch {batch}×{seq}", fontsize=10)
         axes[0][0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"),
                                    plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
                           labels=["lisa_jax", "PyTorch peer"], fontsize=8)
@@ -118,12 +131,10 @@ def render(result: dict, out_dir: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "llama2-7b", "llama2-13b"],
-                    choices=sorted(SHAPES))
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_flags(ap, shape=["tinyllama-1.1b", "llama2-7b", "llama2-13b"], batch_size=[1, 4],
+              max_seq_len=1024, steps=6, lora_rank=[128, 256, 512], lisa_layers=[2, 4],
+              many=("shape", "batch_size", "lora_rank", "lisa_layers"))
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch peer")
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--out", default="experiments/results/memory_speed")
@@ -143,40 +154,36 @@ def main(argv=None) -> int:
     result["dates"].append(time.strftime("%Y-%m-%d"))
     done = {key(r) for r in result["rows"]}
 
-    def record(row):
-        if row:
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(tmp, path)
-
     def run(args, base):
         if key(base) in done:
             return
-        row = spawn(args, a.timeout, keep_failure=True)
-        if row and "status" not in row:
-            row["status"] = "ok"
-        record({**base, **row} if row else None)
+        row = spawn_row(args, a.timeout)
+        if row.get("status") not in (None, "oom"):
+            return  # not kept: a failure other than memory is worth running again
+        row = {**base, **row, "status": "ok"} if "status" not in row else \
+            {**base, "status": "oom"}
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        write_json(path, result)
 
     bench = os.path.join(HERE, "bench_step.py")
     for shape in a.shapes:
-        for batch in a.batches:
-            common = ["--shape", shape, "--batch", str(batch), "--seq", str(a.seq),
-                      "--steps", str(a.steps), "--warmup", str(a.warmup)]
-            for method, kw in METHODS:
-                args = [bench, "--one", method, *common,
+        for batch in a.batch_size:
+            common = ["--shape", shape, "--batch-size", str(batch),
+                      "--max-seq-len", str(a.max_seq_len)]
+            for method, kw in methods(a):
+                args = [bench, "--one", "--method", method, *common, "--steps", str(a.steps),
+                        "--warmup", str(a.warmup),
                         "--remat", "none" if method in ("lisa", "eh") else "dots",
-                        "--gamma", str(kw.get("gamma", 2)), "--lora-r", str(kw.get("lora_r", 128))]
+                        "--lisa-layers", str(kw.get("gamma", 2)),
+                        "--lora-rank", str(kw.get("lora_r", 128))]
                 run(args, dict(impl="lisa_jax", shape=shape, batch=batch, method=method,
                                gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))
             if a.peer:
-                for method, kw in PEER_METHODS:
+                for method, kw in peer_methods(a):
                     args = [os.path.join(HERE, "torch_peers_strong.py"), "--method", method,
-                            "--shape", shape, "--batch", str(batch), "--seq", str(a.seq),
-                            "--gamma", str(kw.get("gamma", 2)),
-                            "--lora-r", str(kw.get("lora_r", 128))]
+                            *common, "--lisa-layers", str(kw.get("gamma", 2)),
+                            "--lora-rank", str(kw.get("lora_r", 128))]
                     run(args, dict(impl="torch", peer="torch", shape=shape, batch=batch,
                                    method=method, gamma=kw.get("gamma"), lora_r=kw.get("lora_r")))
     print(render(result, a.out), flush=True)
