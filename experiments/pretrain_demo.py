@@ -1,7 +1,6 @@
 """Pretrain the tiny demo Llama bundled in ``lisa_jax/demo/model/`` from scratch, on the CPU.
 
-Reproduce the bundled weights (Python 3.11 standard library; 1000 steps of 32x128 tokens, about
-8 minutes on 2 idle CPU cores, 20 on a busy machine; final batch loss about 2.2)::
+Reproduce the bundled weights (Python 3.11 standard library, the default flags)::
 
     python experiments/make_demo_data.py --out lisa_jax/demo/instructions.jsonl
     python experiments/pretrain_demo.py --out lisa_jax/demo/model
@@ -35,9 +34,11 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import add_flags  # noqa: E402
 from make_demo_data import pretraining_sentences  # noqa: E402
 
-from lisa_jax.model import LlamaConfig, causal_lm_loss, forward, init_params  # noqa: E402
+from lisa_jax import LlamaConfig, Model, forward, init_params, save_hf  # noqa: E402
+from lisa_jax.ops import causal_lm_loss  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages"}
@@ -126,44 +127,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
 # ----------------------------------------------------------------------------- saving
 
 
-def hf_state_dict(cfg: LlamaConfig, params) -> dict[str, np.ndarray]:
-    """Our parameter tree under HF Llama names; projections transposed to ``[out, in]``."""
-    f = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
-    lay = params["layers"]
-    sd = {"model.embed_tokens.weight": f(params["embed"]),
-          "model.norm.weight": f(params["final_norm"])}
-    if "lm_head" in params:
-        sd["lm_head.weight"] = f(np.asarray(params["lm_head"]).T)
-    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-             "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
-             "w_down": "mlp.down_proj"}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = f(lay["attn_norm"][i])
-        sd[p + "post_attention_layernorm.weight"] = f(lay["mlp_norm"][i])
-        for ours, theirs in names.items():
-            sd[p + theirs + ".weight"] = f(np.asarray(lay[ours][i]).T)
-    return sd
-
-
 def save_model(cfg: LlamaConfig, params, out_dir: Path):
-    try:
-        from lisa_jax.hf import save_hf
-        from lisa_jax.model import Model
-    except ImportError:
-        save_hf = None
-    if save_hf is not None:
-        save_hf(Model(cfg, params), str(out_dir), tokenizer_from=str(out_dir))
-        return "lisa_jax.hf.save_hf"
-    from safetensors.numpy import save_file
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    save_file(hf_state_dict(cfg, params), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "generation_config.json").write_text(json.dumps(dict(
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id), indent=2) + "\n")
-    return "built-in writer"
+    save_hf(Model(cfg, params), str(out_dir), tokenizer_from=str(out_dir))
+    return "lisa_jax.save_hf"
 
 
 def check_with_transformers(cfg: LlamaConfig, params, out_dir: Path, ids: np.ndarray):
@@ -205,12 +171,9 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    add_flags(ap, max_seq_len=128, batch_size=32, steps=1000, lr=3e-3, seed=0,
+              helps=dict(max_seq_len="tokens per pretraining window"))
     ap.add_argument("--task-sentences", type=int, default=40000)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = Path(args.out)
 
@@ -250,7 +213,7 @@ def main(argv=None):
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(args.seed)
-    S, B = args.seq_len, args.batch_size
+    S, B = args.max_seq_len, args.batch_size
     t1, ema = time.time(), None
     for i in range(args.steps):
         starts = rng.integers(0, len(stream) - S, size=B)

@@ -1,23 +1,24 @@
 """Per-layer weight-change norms of LoRA vs full fine-tuning (the LISA paper's Figure 1), and the
 importance-sampling probabilities derived from them.
 
-    python experiments/weight_norms.py                       # ~2-3 minutes on 2 CPU cores
-    python experiments/weight_norms.py --steps 200 --gamma 2 --out experiments/results
+    python experiments/weight_norms.py                       # on the CPU
+    python experiments/weight_norms.py --steps 200 --lisa-layers 2 --out experiments/results
     lisa-jax train --demo --out runs/static --lisa-probs experiments/results/weight_norms.json
 
 The bundled demo model (4 layers, pretrained on standard-library docstrings) is fine-tuned on
 the bundled instructions twice from the same start, on the same batches, for the same number
-of steps: once with LoRA (rank 8, alpha 16, all seven projection matrices; embedding and head
-frozen, as in PEFT) and once fully (AdamW). Per layer we take the Frobenius norm of the weight
+of steps: once with LoRA (``--lora-rank``, ``--lora-alpha``, all seven projection matrices;
+embedding and head frozen, as in PEFT) and once fully (AdamW). Per layer we take the Frobenius norm of the weight
 change (LoRA: the merged delta ``scale · A B``, via ``importance.lora_delta_norms``; full: the
 change of all the layer's weights), plus the embedding and the LM head as the first and last
-bars. The probabilities ``p_ℓ ∝ ‖ΔW_ℓ^LoRA‖ / ‖ΔW_ℓ^full‖`` normalized to γ expected layers
-(``importance.probs_from_norms``) are written with the norms to ``weight_norms.json`` (readable
+bars. The probabilities ``p_ℓ ∝ ‖ΔW_ℓ^LoRA‖ / ‖ΔW_ℓ^full‖`` normalized to γ (``--lisa-layers``)
+expected layers, each at least ``--lisa-importance-floor`` (``importance.probs_from_norms``) are written with the norms to ``weight_norms.json`` (readable
 by ``--lisa-probs``), the bar chart to ``weight_norms.png``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_flags  # noqa: E402
 
 from lisa_jax import data as data_lib  # noqa: E402
 from lisa_jax import lora as lora_lib  # noqa: E402
@@ -100,16 +103,14 @@ def plot(path, names, lora_bars, full_bars, probs, gamma):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-seq-len", type=int, default=128)
-    ap.add_argument("--lr-full", type=float, default=3e-4)
-    ap.add_argument("--lr-lora", type=float, default=2e-3)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16.0)
-    ap.add_argument("--gamma", type=float, default=2.0)
-    ap.add_argument("--floor", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
+    add_flags(ap, steps=100, batch_size=16, max_seq_len=128)
+    ap.add_argument("--lr-full", type=float, default=3e-4, help="learning rate of full FT")
+    ap.add_argument("--lr-lora", type=float, default=2e-3, help="learning rate of LoRA")
+    add_flags(ap, lora_rank=8, lora_alpha=16.0, lisa_layers=2,
+              helps=dict(lisa_layers="γ: expected layers of the derived probabilities"))
+    ap.add_argument("--lisa-importance-floor", type=float, default=0.05,
+                    help="the least probability of any layer")
+    add_flags(ap, seed=0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -120,7 +121,8 @@ def main(argv=None):
     data = batches(tokenizer, a.steps, a.batch_size, a.max_seq_len, a.seed)
 
     full, full_losses = run_full(mcfg, base, data, a.lr_full)
-    adapters, scale, lora_losses = run_lora(mcfg, base, data, a.lr_lora, a.rank, a.alpha, a.seed)
+    adapters, scale, lora_losses = run_lora(mcfg, base, data, a.lr_lora, a.lora_rank,
+                                            a.lora_alpha, a.seed)
 
     full_layers = weight_change_norms(base, full)
     lora_layers = lora_delta_norms(adapters, scale)
@@ -129,7 +131,8 @@ def main(argv=None):
     assert np.allclose(check, lora_layers, rtol=1e-3), (check, lora_layers)
     full_embed = tree_change_norm(base["embed"], full["embed"])
     full_head = tree_change_norm(base["lm_head"], full["lm_head"])
-    probs = probs_from_norms(lora_layers, full_layers, expected=a.gamma, floor=a.floor)
+    probs = probs_from_norms(lora_layers, full_layers, expected=a.lisa_layers,
+                             floor=a.lisa_importance_floor)
     elapsed = time.perf_counter() - t0
 
     L = mcfg.num_layers
@@ -139,7 +142,8 @@ def main(argv=None):
     print(f"{a.steps} steps of {a.batch_size} examples, demo model ({L} layers); "
           f"loss full {np.mean(full_losses[:5]):.3f} -> {np.mean(full_losses[-5:]):.3f}, "
           f"LoRA {np.mean(lora_losses[:5]):.3f} -> {np.mean(lora_losses[-5:]):.3f}")
-    print(f"{'':7s} {'LoRA ‖ΔW‖':>10s} {'full ‖ΔW‖':>10s} {'ratio':>8s} {'p (γ=' + f'{a.gamma:g})':>8s}")
+    print(f"{'':7s} {'LoRA ‖ΔW‖':>10s} {'full ‖ΔW‖':>10s} {'ratio':>8s} "
+          f"{'p (γ=' + f'{a.lisa_layers:g})':>8s}")
     for i, n in enumerate(names):
         ratio = lora_bars[i] / full_bars[i] if full_bars[i] else float("nan")
         p = f"{probs[i - 1]:8.3f}" if 0 < i <= L else f"{'-':>8s}"
@@ -150,7 +154,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": "lisa_jax/demo/model", "num_layers": L, "steps": a.steps,
             "batch_size": a.batch_size, "lr_full": a.lr_full, "lr_lora": a.lr_lora,
-            "lora_rank": a.rank, "lora_alpha": a.alpha, "gamma": a.gamma, "floor": a.floor,
+            "lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha, "gamma": a.lisa_layers,
+            "floor": a.lisa_importance_floor,
             "rule": "p ∝ lora_norm / full_norm (importance.probs_from_norms)",
             "lora_layer_norms": lora_layers.tolist(), "full_layer_norms": full_layers.tolist(),
             "full_embed_norm": full_embed, "full_head_norm": full_head,
@@ -158,7 +163,7 @@ def main(argv=None):
             "loss_full": [full_losses[0], full_losses[-1]],
             "loss_lora": [lora_losses[0], lora_losses[-1]], "elapsed_s": round(elapsed, 1)}
     save_probs(out / "weight_norms.json", probs, meta)
-    plot(out / "weight_norms.png", names, lora_bars, full_bars, probs, a.gamma)
+    plot(out / "weight_norms.png", names, lora_bars, full_bars, probs, a.lisa_layers)
     print(f"wrote {out / 'weight_norms.json'} and {out / 'weight_norms.png'}")
 
 
