@@ -37,6 +37,38 @@ class TrainError(Exception):
     """A problem with the user's input or run directory: printed as one line, no traceback."""
 
 
+class TrainInterrupted(TrainError):
+    """The run was stopped at once (a second Ctrl-C): printed as one line, exit status 130."""
+
+
+def os_error_line(e: OSError, doing: str) -> str:
+    """One line for an ``OSError`` met while ``doing`` (e.g. "writing the run directory"),
+    naming the path and the fix.
+
+    >>> import errno
+    >>> os_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl"),
+    ...               "writing the run")  # doctest: +NORMALIZE_WHITESPACE
+    "no space left on device writing the run ('runs/x/metrics.jsonl'); free space on that disk
+    (or lower --keep-checkpoints), then continue with --resume"
+    """
+    import errno
+    where = f" ({e.filename!r})" if e.filename else ""
+    what = (e.strerror or str(e) or type(e).__name__).rstrip(".")
+    what = what[0].lower() + what[1:] if what else what
+    fix = {errno.ENOSPC: "free space on that disk (or lower --keep-checkpoints), then continue "
+                         "with --resume",
+           errno.EDQUOT: "free space in your quota (or lower --keep-checkpoints), then continue "
+                         "with --resume",
+           errno.EROFS: "pass --out a directory on a writable file system",
+           errno.EACCES: "pass --out a directory you can write",
+           errno.EPERM: "pass --out a directory you can write",
+           errno.ENOTDIR: "a part of that path is a file; pass --out a path under directories",
+           errno.EEXIST: "a part of that path is a file; pass --out a path under directories",
+           errno.ENOENT: "check the path"}.get(e.errno, "check the path and the disk, then "
+                                                        "continue with --resume")
+    return f"{what} {doing}{where}; {fix}"
+
+
 def _setting(default, help: str, choices: tuple[str, ...] = ()):
     """A field of ``TrainConfig`` with its help text (and allowed values) beside it."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
@@ -135,7 +167,12 @@ class TrainConfig:
     sample_prompt: str | None = _setting(None, "an instruction to generate for before and after "
                                                "training")
     sample_tokens: int = _setting(48, "most tokens generated for a sample")
-    progress: bool = _setting(True, "show a progress bar")
+    progress: bool = _setting(True, "show a progress bar on a terminal (elsewhere, and with "
+                                    "--no-progress, a line of loss every --log-every steps)")
+    deterministic: bool = _setting(
+        False, "GPU: XLA's deterministic ops (--xla_gpu_deterministic_ops), so the same run on "
+               "the same GPU model and software repeats bit for bit (slower); CPU: a no-op, "
+               "CPU runs already repeat bit for bit")
     resume: bool = _setting(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = _setting(False, "replace the run in --out")
 
@@ -252,8 +289,9 @@ def _spoken(values: tuple[str, ...]) -> str:
     return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """``cfg`` (its remat already resolved by ``with_default_remat``) is usable."""
+def check_config(cfg: TrainConfig, paths: bool = True) -> None:
+    """``cfg`` (its remat already resolved by ``with_default_remat``) is usable; ``paths``:
+    its model and data paths exist too (not asked of a config file read on another machine)."""
     if cfg.method not in choices("method"):
         raise TrainError(f"unknown method {cfg.method!r}; use --method "
                          f"{_spoken(choices('method'))}")
@@ -295,6 +333,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("no model given; pass --model DIR (an HF model directory) or --demo")
     if not cfg.data:
         raise TrainError("no data given; pass --data FILE (JSON/JSONL instructions) or --demo")
+    if not paths:
+        return
     if not Path(cfg.model, "config.json").is_file():
         raise TrainError(f"model directory {cfg.model!r} has no config.json; pass --model DIR "
                          "of an HF model (config.json, *.safetensors, tokenizer files)")
