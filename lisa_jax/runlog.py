@@ -9,16 +9,18 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import resource
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
 import jax
 import yaml
 
-from lisa_jax.config import TrainConfig, TrainError
+from lisa_jax.config import TrainConfig, TrainError, os_error_line
 
 # ----------------------------------------------------------------------------- processes
 
@@ -48,26 +50,96 @@ def init_distributed(cfg: TrainConfig) -> None:
                          "start under a cluster launcher JAX detects (SLURM, Open MPI, ...)")
 
 
+# ----------------------------------------------------------------------------- determinism
+
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def _backends_started() -> bool:
+    from jax._src import xla_bridge
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started else bool(getattr(xla_bridge, "_backends", None))
+
+
+def set_deterministic(cfg: TrainConfig) -> None:
+    """``--deterministic``: put XLA's deterministic GPU ops into ``XLA_FLAGS``, which XLA reads
+    once, when JAX starts its backends; so this must run before the first JAX computation of
+    the process (``lisa-jax train`` calls it first). Where JAX has already started a GPU
+    backend without the flag, a one-line error says how to set it; on CPU nothing is needed."""
+    if not cfg.deterministic:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" in flags:
+        return  # the user's own setting stands
+    if _backends_started():
+        if jax.default_backend() == "gpu":
+            raise TrainError("--deterministic must be set before JAX starts, but this process "
+                             "already runs JAX on the GPU; pass it to `lisa-jax train`, or set "
+                             f"XLA_FLAGS={DETERMINISTIC_XLA_FLAG} before starting Python")
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_XLA_FLAG}".strip()
+
+
+def deterministic_note(cfg: TrainConfig) -> str | None:
+    """The header's line about ``--deterministic`` (``None`` when not asked for)."""
+    if not cfg.deterministic:
+        return None
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return (f"deterministic: XLA_FLAGS has {DETERMINISTIC_XLA_FLAG} (deterministic GPU "
+                "ops: the same run on the same GPU model and software repeats bit for bit)")
+    return (f"deterministic: a no-op on {backend.upper()} (its XLA ops already repeat bit for "
+            "bit on the same machine and software)")
+
+
 # ----------------------------------------------------------------------------- the directory
+
+
+def _check_out_path(out: Path) -> None:
+    """``--out`` names a directory, new or existing, and no part of it is a file."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; pass --out a directory (new or a run's)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainError(f"--out {out} is under a file ({parent}); pass --out a path "
+                                 "whose parents are directories")
+            break
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(os_error_line(e, f"creating the run directory {path}"))
+    if not os.access(path, os.W_OK):  # a read-only mount says so here even to root
+        raise TrainError(f"--out {path} cannot be written (read-only or not yours); pass --out "
+                         "a directory you can write")
+
+
+def has_run(out: Path) -> bool:
+    """Whether ``out`` holds a run (its settings or checkpoints)."""
+    return (out / "config.yaml").exists() or (out / "checkpoints").exists()
 
 
 def prepare_out_dir(cfg: TrainConfig) -> Path:
     """Check and create the run directory. Several processes: every one checks (so all raise
-    the same error), then process 0 alone clears and creates it while the others wait."""
+    the same error), then process 0 alone clears and creates it while the others wait.
+
+    A run directory, with checkpoints or none yet (a run stopped before its first save), is
+    continued by ``--resume``: a plain rerun into it says so."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file; pass --out a directory (new or a run's)")
-    has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
-    if has_run and not (cfg.resume or cfg.overwrite):
+    _check_out_path(out)
+    if has_run(out) and not (cfg.resume or cfg.overwrite):
         raise TrainError(f"{out} holds another run; pass --resume to continue it or "
                          "--overwrite to replace it")
-    if cfg.resume and not has_run:
+    if cfg.resume and not has_run(out):
         raise TrainError(f"nothing to resume in {out}; drop --resume to start a new run")
     barrier(cfg, "checked the run directory")
     if is_main(cfg):
         if cfg.overwrite and not cfg.resume and out.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        _make_dir(out)
     barrier(cfg, "created the run directory")
     return out
 
@@ -82,13 +154,13 @@ def run_lock(cfg: TrainConfig):
         yield
         return
     out = Path(cfg.out)
+    _check_out_path(out)
     path = out.parent / f".{out.name}.lock"
+    _make_dir(out.parent)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
     except OSError as e:
-        raise TrainError(f"cannot create the run directory's lock {path} ({e.strerror}); pass "
-                         "--out a directory you can write")
+        raise TrainError(os_error_line(e, f"creating the run directory's lock {path}"))
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,13 +193,21 @@ def write_summary(out: Path, summary: dict) -> None:
 
 
 def printer(main_process: bool) -> Callable[..., None]:
-    """``say(*parts)``: one line on the terminal (above the progress bar), process 0 only."""
+    """``say(*parts, file=None)``: one line on the terminal (above the progress bar), process 0
+    only; ``file=sys.stderr`` for warnings."""
     from tqdm.auto import tqdm
 
-    def say(*parts):
+    def say(*parts, file=None):
         if main_process:
-            tqdm.write(" ".join(str(x) for x in parts))
+            tqdm.write(" ".join(str(x) for x in parts), file=file)
     return say
+
+
+def shows_bar(cfg: TrainConfig, main_process: bool) -> bool:
+    """Whether the run draws a progress bar: ``--progress`` on a terminal, process 0. Into a
+    file or a pipe a bar's carriage returns pile up, so the run prints loss lines instead."""
+    stream = sys.stderr  # where tqdm draws
+    return bool(cfg.progress and main_process and hasattr(stream, "isatty") and stream.isatty())
 
 
 def progress_bar(total: int, initial: int, show: bool, desc: str):
@@ -136,29 +216,79 @@ def progress_bar(total: int, initial: int, show: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not show, dynamic_ncols=True, desc=desc)
 
 
+def loss_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float,
+              active: list[int] | None) -> str:
+    """The line a run without a progress bar prints every ``--log-every`` steps."""
+    return f"step {step}/{total}: " + step_line(loss, lr, tokens_per_s, active)
+
+
 def step_line(loss: float, lr: float, tokens_per_s: float, active: list[int] | None) -> str:
     """The progress bar's text after a step."""
     return (f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
             + (f" layers {active}" if active is not None else ""))
 
 
-class MetricsWriter:
-    """metrics.jsonl, plus TensorBoard scalars when tensorboardX is available."""
+def strict_json(value):
+    """``value`` with every non-finite float as ``None``: JSON has no NaN or Infinity, and
+    Python's ``json`` would write the non-standard ``NaN`` literal that strict readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
-    def __init__(self, out: Path):
-        self.f = open(out / "metrics.jsonl", "a")
+
+def keep_rows_through(path: Path, step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` after ``step`` (the checkpoint a run resumes from,
+    whose later steps run again) and any torn line a killed run left; returns how many rows
+    went. The file is replaced at once (a kill now leaves the old or the new one)."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += bool(line.strip())
+    if dropped or not path.read_text().endswith("\n"):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+class MetricsWriter:
+    """metrics.jsonl, plus TensorBoard scalars when tensorboardX is available: one strict JSON
+    row per step written (non-finite numbers as ``null``). ``resume_from``: the step a resumed
+    run restarts after; rows and TensorBoard events of later steps are dropped, so each step
+    has one row however often the run was killed and resumed."""
+
+    def __init__(self, out: Path, resume_from: int | None = None):
+        path = out / "metrics.jsonl"
+        if resume_from is not None:
+            keep_rows_through(path, resume_from)
+        self.f = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(out / "tb"))
+            purge = resume_from + 1 if resume_from is not None else None
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
         except ImportError:
             self.tb = None
 
     def write(self, step: int, row: dict) -> None:
-        self.f.write(json.dumps({"step": step, **row}) + "\n")
+        self.f.write(json.dumps(strict_json({"step": step, **row}), allow_nan=False) + "\n")
         self.f.flush()
         if self.tb is not None:
             for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if (isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v)):
                     self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
@@ -177,8 +307,9 @@ class NoWriter:
         pass
 
 
-def metrics_writer(out: Path, main_process: bool) -> MetricsWriter | NoWriter:
-    return MetricsWriter(out) if main_process else NoWriter()
+def metrics_writer(out: Path, main_process: bool,
+                   resume_from: int | None = None) -> MetricsWriter | NoWriter:
+    return MetricsWriter(out, resume_from) if main_process else NoWriter()
 
 
 def peak_memory_gib() -> tuple[float | None, str]:
