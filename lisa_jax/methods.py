@@ -167,6 +167,11 @@ class Method:
         """What the run prints about the method after its name."""
         return ""
 
+    def trainable(self, params) -> tuple[int, str]:
+        """``(count, what)``: how many parameters a step trains and which (the run's header
+        shows them); full fine-tuning: all."""
+        return _size(params), "all parameters"
+
     # Hooks of the loop; by default nothing happens.
 
     def before_step(self, params) -> dict:
@@ -260,6 +265,25 @@ class Lisa(Method):
         return (f" (γ={cfg.lisa_layers if not cfg.lisa_probs else 'p_ℓ'} of {num_layers} "
                 f"layers, resample every {cfg.lisa_interval} steps)")
 
+    def trainable(self, params) -> tuple[int, str]:
+        """The view LISA trains: every leaf outside the layers (embedding, head, final norm)
+        and γ of the L layers (their weights and norms); with ``--lisa-probs`` or online
+        importance γ varies by period, and the count is its mean."""
+        cfg, num_layers = self.cfg, self.mcfg.num_layers
+        per_layer = _size(params["layers"]) / num_layers
+        rest = {k: v for k, v in params.items() if k != "layers"}
+        if cfg.lisa_probs:
+            gamma = sum(lisa_probs(cfg.lisa_probs, num_layers))
+        else:
+            gamma = cfg.lisa_layers
+        names = {"embed": "embedding", "lm_head": "head", "final_norm": "final norm"}
+        parts = [names.get(k, k) for k in rest]
+        exact = not cfg.lisa_probs and cfg.lisa_importance == "none"
+        count = int(round(_size(rest) + gamma * per_layer))
+        layers = (f"{gamma:g}" if exact else f"on average {gamma:.3g}") + f" of {num_layers}"
+        return count, (f"{', '.join(parts)} and {layers} layers at a time (their weights and "
+                       "norms)")
+
     def before_step(self, params) -> dict:
         """Bernoulli LISA resamples here (its shapes change), with the online importance
         estimate's probabilities when there is one; they are logged as ``layer_probs``."""
@@ -324,6 +348,12 @@ class LoRA(Method):
         return state, step_lib.make_lora_step(self.mcfg, tx, self.scale, self.remat,
                                               shardings=shardings)
 
+    def trainable(self, params) -> tuple[int, str]:
+        adapters = self.state[0] if hasattr(self, "state") else self.state_template(params)[0]
+        targets = ", ".join(t for t in self.cfg.lora_targets.split(",") if t)
+        return _size(adapters), (f"LoRA adapters of rank {self.cfg.lora_rank} on {targets} "
+                                 "(the model frozen)")
+
     @property
     def scale(self) -> float:
         return lora_lib.lora_scale(self.cfg.lora_rank, self.cfg.lora_alpha)
@@ -336,6 +366,18 @@ class LoRA(Method):
 
     def export_params(self, params, state):
         return lora_lib.merge_lora(params, state[0], self.scale)
+
+
+def _size(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def count_text(n: float) -> str:
+    """A parameter count in a few digits: ``count_text(6_738_415_616) == '6.74B'``."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{int(n)}"
 
 
 # Every value of --method (config.choices("method")) names one.
