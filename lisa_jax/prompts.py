@@ -1,8 +1,12 @@
 """Instructions rendered as training renders them, and the greedy samples a run shows: the
-prompt tokens of an instruction up to its response (``lisa-jax generate`` uses them too), one
-greedy completion, and the instructions a run samples before and after training.
+prompt tokens of an instruction up to its response (``lisa-jax generate`` uses them too), of a
+conversation (a system prompt, several turns) up to its next reply, one greedy completion, and
+the instructions a run samples before and after training.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +22,65 @@ def prompt_ids(tokenizer, record: dict | str) -> np.ndarray:
     ex = data_lib.tokenize_record(tokenizer, {**record, "output": ""})
     first_target = int(np.argmax(ex.loss_mask)) if ex.loss_mask.any() else len(ex.input_ids)
     return ex.input_ids[:first_target]
+
+
+def conversation_ids(tokenizer, messages: list[dict], system: str | None = None) -> np.ndarray:
+    """The tokens of a conversation up to the assistant's next reply, rendered exactly as
+    training renders a chat record: through the tokenizer's chat template when it has one,
+    else the plain template (each user turn an instruction, each earlier reply followed by
+    eos). ``messages`` alternate user and assistant turns and end with the user's;
+    ``system``: a system prompt put first (where the messages have none)."""
+    msgs = [dict(m) for m in messages]
+    if system and not (msgs and msgs[0]["role"] == "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    check_conversation(msgs)
+    ex = data_lib.tokenize_record(tokenizer, {"messages": msgs + [{"role": "assistant",
+                                                                   "content": ""}]})
+    mask = np.asarray(ex.loss_mask, bool)
+    if not mask.size or not mask[-1]:  # the empty reply rendered to nothing: all is prompt
+        return ex.input_ids
+    starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
+    return ex.input_ids[:starts[-1]]
+
+
+def check_conversation(messages: list[dict], where: str = "the conversation") -> None:
+    """A ``ValueError`` naming the turn unless ``messages`` are an optional system turn, then
+    user and assistant turns alternating, the last the user's, every content a string."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of messages with 'role' and "
+                         "'content'")
+    body = messages[1:] if isinstance(messages[0], dict) and \
+        messages[0].get("role") == "system" else messages
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in data_lib.ROLES:
+            raise ValueError(f"{where}: message {i} must be an object with 'role' (system, "
+                             "user or assistant) and 'content' (a string)")
+    for i, m in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"{where}: turn {i + 1} after the system prompt is "
+                             f"{m['role']!r} but should be {want!r} (turns alternate user, "
+                             "assistant, ..., user)")
+    if not body or body[-1]["role"] != "user":
+        raise ValueError(f"{where} must end with a user turn (the reply is generated)")
+
+
+def load_conversation(path: str) -> list[dict]:
+    """``generate --messages FILE``: a JSON list of ``{"role", "content"}`` messages, or an
+    object with such a list under ``messages``, ending with the user's turn."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--messages file {path!r} not found; pass a JSON file of messages")
+    try:
+        value = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--messages file {path!r} is not valid JSON (line {e.lineno}: "
+                         f"{e.msg})")
+    if isinstance(value, dict):
+        value = value.get("messages")
+    check_conversation(value, f"--messages file {path!r}")
+    return value
 
 
 def sample(model: M.Model, tokenizer, record: dict | str, max_new_tokens: int,
