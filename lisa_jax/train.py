@@ -6,14 +6,18 @@ end exports; the pieces are the settings (``config``), the methods (``methods``)
 A run directory holds::
 
     config.yaml        the resolved configuration
-    metrics.jsonl      one line per logged step (and per evaluation)
+    metrics.jsonl      one strict JSON row per logged step (its evaluation included; non-finite
+                       numbers as null); a resumed run drops the rows after its checkpoint
     tb/                TensorBoard event files (when tensorboardX is installed)
     checkpoints/       orbax checkpoints: parameters, optimizer state (with the LISA sampler's
                        key and active layers), data position, step
     hf/                the fine-tuned model as an HF directory (at the end)
 
 Everything that decides the run's future is in the checkpoint, so ``--resume`` continues the
-same run: same batches, same sampled layers, bit-identical parameters.
+same run: same batches, same sampled layers, bit-identical parameters. Ctrl-C (or SIGTERM)
+finishes the step and saves; a second one stops at once, discarding a save in progress, and
+the run resumes from its last complete checkpoint (or from step 0 when it had none yet). A
+damaged latest checkpoint is moved aside with a warning and the one before it is used.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -34,8 +39,9 @@ from lisa_jax import model as M
 from lisa_jax import prompts
 from lisa_jax import runlog
 from lisa_jax.checkpoints import Checkpoints
-from lisa_jax.config import (TrainConfig, TrainError, check_config, data_paths, load_config,
-                             resume_changes, with_default_remat)
+from lisa_jax.config import (TrainConfig, TrainError, TrainInterrupted, check_config,
+                             data_paths, load_config, os_error_line, resume_changes,
+                             with_default_remat)
 
 
 def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
@@ -45,13 +51,29 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
     tests of resuming.
     """
     cfg = with_default_remat(cfg)
+    runlog.set_deterministic(cfg)  # before JAX starts its backends
     if cfg.mesh or cfg.distributed:
         from lisa_jax import sharding as SH
         SH.order_cpu_collectives()  # before JAX's backends start
     runlog.init_distributed(cfg)  # first: joining must come before JAX uses a device
     check_config(cfg)
     with runlog.run_lock(cfg):
-        return _run(cfg, halt_at)
+        try:
+            return _run(cfg, halt_at)
+        except OSError as e:  # a full disk, a file made unreadable during the run, ...
+            raise TrainError(_os_error(e, cfg)) from e
+
+
+def _os_error(e: OSError, cfg: TrainConfig) -> str:
+    """The one line of an ``OSError``: writing the run directory, or reading an input."""
+    from pathlib import Path
+    out = Path(cfg.out).absolute()
+    path = Path(e.filename).absolute() if e.filename else None
+    if path is not None and out not in path.parents and path != out:
+        what = (e.strerror or type(e).__name__).rstrip(".")
+        return (f"{what[0].lower() + what[1:]} reading {e.filename!r}; check that file "
+                "(--model, --data) and its permissions")
+    return os_error_line(e, "writing the run")
 
 
 @dataclasses.dataclass
@@ -64,7 +86,24 @@ class _Inputs:
     mesh: Any
 
 
-def _load_inputs(cfg: TrainConfig) -> _Inputs:
+def _load_inputs(cfg: TrainConfig, say: Callable) -> _Inputs:
+    """The data and model; the data's warnings (e.g. all responses empty) are said once, as a
+    line of the run, not as Python warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inputs = _read_inputs(cfg)
+    said = set()
+    for w in caught:
+        if os.path.abspath(w.filename) == os.path.abspath(data_lib.__file__):
+            if str(w.message) not in said:
+                said.add(str(w.message))
+                say(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return inputs
+
+
+def _read_inputs(cfg: TrainConfig) -> _Inputs:
     from lisa_jax.hf import load_hf
     try:
         tokenizer = data_lib.load_tokenizer(cfg.model)
@@ -100,6 +139,8 @@ class _Steps:
     writer: Any
     bar: Any
     say: Callable
+    show_bar: bool = False
+    saving: int | None = None  # the step being saved, while a save runs
 
 
 @dataclasses.dataclass
@@ -121,7 +162,7 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     for name, (old, new) in changes.items():
         say(f"resuming with --{name.replace('_', '-')} {new!r} (was {old!r})")
 
-    inputs = _load_inputs(cfg)
+    inputs = _load_inputs(cfg, say)
     mcfg, params, loader = inputs.model.cfg, inputs.model.params, inputs.loader
     # A seeded sample across all lengths (not the shortest examples) when the set is larger.
     eval_sets = data_lib.eval_batches(inputs.splits.eval, cfg.batch_size,
@@ -136,21 +177,29 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
 
     ckpts = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
-    if cfg.resume and ckpts.latest() is not None:
-        start = ckpts.latest()
-        params, method.state, meta = ckpts.restore(start, params, method.state)
-        loader.load_state_dict(meta["data"])
-        method.load_checkpoint_meta(meta)
-        say(f"resumed {out} at step {start}")
-    elif cfg.resume:
-        raise TrainError(f"no checkpoint in {out / 'checkpoints'} to resume; drop --resume")
+    if cfg.resume:
+        found = ckpts.restore_latest(params, method.state,
+                                     warn=lambda line: say(line, file=sys.stderr))
+        if found is not None:
+            start, params, method.state, meta = found
+            loader.load_state_dict(meta["data"])
+            method.load_checkpoint_meta(meta)
+            say(f"resumed {out} at step {start}")
+        else:  # stopped before its first checkpoint: its settings are all there is
+            say(f"no checkpoint yet in {out / 'checkpoints'}: the run starts again at step 0")
     if main_process:
         runlog.write_config(out, cfg)
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_trained, trained = method.trainable(params)
     say(f"model {cfg.model}: {mcfg.model_type}, {mcfg.num_layers} layers, "
         f"{n_params / 1e6:.1f}M parameters, {cfg.dtype}; method {cfg.method}"
         + method.description())
+    say(f"trainable: {methods.count_text(n_trained)} of {methods.count_text(n_params)} "
+        f"parameters ({100 * n_trained / max(n_params, 1):.3g}%): {trained}")
+    note = runlog.deterministic_note(cfg)
+    if note:
+        say(note)
     say(f"data {cfg.data}: {len(inputs.splits.train)} train / {len(inputs.splits.eval)} eval "
         f"examples ({inputs.splits.stats.dropped_too_long} dropped as longer than "
         f"{cfg.max_seq_len} tokens); {total} steps of {cfg.batch_size}×{cfg.grad_accum} "
@@ -164,20 +213,26 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
         del before
     progress = _Progress(methods.to_layout(params, cfg, training=True), start, start or None)
 
-    # Ctrl-C / SIGTERM: finish the step, checkpoint, exit. A second signal exits at once.
+    show_bar = runlog.shows_bar(cfg, main_process)
+    run = _Steps(cfg, method, loader, ckpts, schedule, total, inputs.mesh, eval_sets,
+                 writer=runlog.metrics_writer(out, main_process,
+                                              resume_from=start if cfg.resume else None),
+                 bar=runlog.progress_bar(total, start, show_bar, cfg.method),
+                 say=say, show_bar=show_bar)
+
+    # Ctrl-C / SIGTERM: finish the step, checkpoint, exit. A second signal exits at once; a
+    # save it cuts short is discarded (checkpoints.Checkpoints.save), the earlier ones stay.
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         if stop["signal"] is not None:
             raise KeyboardInterrupt
         stop["signal"] = signum
+        kept = (f"step {progress.last_saved}" if progress.last_saved else "none yet")
+        say(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (again "
+            f"to stop at once, keeping the last checkpoint: {kept})", file=sys.stderr)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    run = _Steps(cfg, method, loader, ckpts, schedule, total, inputs.mesh, eval_sets,
-                 writer=runlog.metrics_writer(out, main_process),
-                 bar=runlog.progress_bar(total, start, cfg.progress and main_process,
-                                         cfg.method),
-                 say=say)
     t_start = time.perf_counter()
     try:
         while progress.step < total:
@@ -187,6 +242,14 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
                     _save(run, progress)
                 progress.status = "interrupted"
                 break
+    except KeyboardInterrupt:
+        last = ckpts.latest()
+        cut = (f" during the save of step {run.saving}, which was discarded"
+               if run.saving is not None else "")
+        kept = (f"the last checkpoint, step {last}, is intact; continue from it with --resume"
+                if last is not None else "no checkpoint was saved yet; --resume starts the run "
+                "again at step 0")
+        raise TrainInterrupted(f"stopped at once at step {progress.step}{cut}: {kept}")
     finally:
         run.bar.close()
         run.writer.close()
@@ -245,20 +308,25 @@ def _step(run: _Steps, progress: _Progress) -> None:
     method.after_step(metrics)
     active = method.active()
     lr = float(run.schedule(step - 1))
-    if step % cfg.log_every == 0 or step == run.total:
+    logged = step % cfg.log_every == 0 or step == run.total
+    row: dict = {}  # the step's one row of metrics.jsonl
+    if logged:
         row = {"loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
                "tokens": n_tok, "tokens_per_s": n_tok / dt, "epoch": micro[-1]["epoch"]}
         if active is not None:
             row["active_layers"] = active
-        run.writer.write(step, {**row, **extra})
+        row.update(extra)
     elif extra:
-        run.writer.write(step, {**extra, "active_layers": active})
+        row = {**extra, "active_layers": active}
     run.bar.update(1)
     run.bar.set_postfix_str(runlog.step_line(loss, lr, n_tok / dt, active))
+    if logged and not run.show_bar:
+        run.say(runlog.loss_line(step, run.total, loss, lr, n_tok / dt, active))
     if run.eval_sets and (step % cfg.eval_every == 0 or step == run.total):
-        ev = method.eval_loss(progress.params, run.eval_sets)
-        run.writer.write(step, {"eval_loss": ev})
-        run.say(f"step {step}: eval loss {ev:.4f}")
+        row["eval_loss"] = method.eval_loss(progress.params, run.eval_sets)
+        run.say(f"step {step}: eval loss {row['eval_loss']:.4f}")
+    if row:
+        run.writer.write(step, row)
     if step % cfg.save_every == 0 or step == run.total:
         _save(run, progress)
 
@@ -270,9 +338,11 @@ def _save(run: _Steps, progress: _Progress) -> None:
     meta = {"step": progress.step, "data": run.loader.state_dict(),
             **run.method.checkpoint_meta()}
     progress.params = methods.to_layout(progress.params, run.cfg, training=False)
+    run.saving = progress.step
     try:
         run.ckpts.save(progress.step, progress.params, run.method.state, meta)
     finally:
+        run.saving = None
         progress.params = methods.to_layout(progress.params, run.cfg, training=True)
     progress.last_saved = progress.step
 
@@ -290,12 +360,21 @@ def _stack_micro(batches: list[dict]) -> dict:
     return {"input_ids": ids, "loss_mask": mask}
 
 
-def main_train(cfg: TrainConfig) -> int:
-    """``lisa-jax train``: run and print the summary; one-line errors for bad input."""
+def main_train(cfg: TrainConfig, debug: bool = False) -> int:
+    """``lisa-jax train``: run and print the summary; one-line errors for bad input (with
+    ``debug``, the exception itself)."""
     try:
         s = train(cfg)
+    except TrainInterrupted as e:
+        if debug:
+            raise
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
         return 2
     print(f"done: {s['steps']} steps in {s['time_s']} s, {s['tokens']:,} tokens, peak "
           f"{s['peak_memory_kind']} memory {s['peak_memory_gib']} GiB")
