@@ -82,11 +82,36 @@ def run_cli(args, capsys):
     ("tokenizer_larger_than_model",
      r"the tokenizer of .* has \d+ tokens but the model's vocab_size is \d+"),
     ("second_data_file_missing", r"data file .*nope\.jsonl' not found; pass --data"),
+    ("out_under_a_file", r"--out .*run/sub is under a file \(.*run\); pass --out a path whose "
+                         r"parents are directories"),
+    ("out_read_only", r"read-only file system creating the run directory .*; pass --out a "
+                      r"directory on a writable file system"),
+    ("out_not_writable", r"--out .* cannot be written \(read-only or not yours\); pass --out a "
+                         r"directory you can write"),
+    ("data_unreadable", r"permission denied reading .*d\.jsonl'; check that file \(--model, "
+                        r"--data\)"),
+    ("resume_nothing", r"nothing to resume in .*run; drop --resume to start a new run"),
+    ("generate_empty_raw_prompt", r"--prompt is empty; --raw continues the prompt's text"),
+    ("generate_nothing", r"nothing to generate for; pass --prompt TEXT or --messages FILE"),
+    ("generate_raw_with_system", r"--raw uses the prompt as is.*drop --raw, or drop --system"),
+    ("generate_zero_tokens", r"--max-new-tokens must be at least 1, got 0"),
+    ("generate_top_p", r"--top-p must be in \(0, 1\], got 1.5"),
+    ("generate_messages_missing", r"--messages file .*nope\.json' not found"),
+    ("generate_messages_not_json", r"--messages file .* is not valid JSON \(line 1"),
+    ("generate_messages_end_with_reply", r"must end with a user turn"),
+    ("generate_messages_not_alternating",
+     r"turn 2 after the system prompt is 'user' but should be 'assistant'"),
+    ("generate_not_a_model", r"is neither an HF model directory .* nor a run directory"),
+    ("export_out_is_a_file", r"--out .*hf\.txt is a file; pass --out a directory"),
+    ("export_out_under_a_file", r"--out .*hf\.txt/x is under a file"),
+    ("export_not_a_run", r"is not a run directory \(no config.yaml\); pass --run DIR"),
 ])
-def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, case, expect):
+def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, monkeypatch, case,
+                                     expect):
     out = tmp_path / "run"
     args = ["train", "--model", model_dir, "--data", data_file, "--out", str(out), "--steps",
             "2", "--no-progress"]
+    gen = ["generate", "--model", model_dir]
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"instruction": "a", "output": "b"})
     if case == "missing_model":
@@ -137,12 +162,77 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, cas
                           tokenizer_from=model_dir)
     elif case == "second_data_file_missing":
         args[4] = data_file + "," + str(tmp_path / "nope.jsonl")
+    elif case == "out_under_a_file":
+        out.write_text("x")
+        args[6] = str(out / "sub")
+    elif case == "out_read_only":  # what mkdir says on a read-only mount (root ignores modes)
+        import errno
+        import os
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *a, **k):
+            if str(path).startswith(str(tmp_path / "ro")):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_mkdir(path, *a, **k)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        args[6] = str(tmp_path / "ro" / "run")
+    elif case == "out_not_writable":
+        import os
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **k: False if str(path) == str(out)
+                            else real_access(path, mode, **k))
+    elif case == "data_unreadable":
+        import builtins
+        import errno
+        real_open = builtins.open
+
+        def open_(file, *a, **k):
+            if str(file) == data_file:
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, *a, **k)
+        monkeypatch.setattr(builtins, "open", open_)
+    elif case == "resume_nothing":
+        args += ["--resume"]
+    elif case == "generate_empty_raw_prompt":
+        args = gen + ["--prompt", "", "--raw"]
+    elif case == "generate_nothing":
+        args = gen
+    elif case == "generate_raw_with_system":
+        args = gen + ["--prompt", "w", "--raw", "--system", "be brief"]
+    elif case == "generate_zero_tokens":
+        args = gen + ["--prompt", "hi", "--max-new-tokens", "0"]
+    elif case == "generate_top_p":
+        args = gen + ["--prompt", "hi", "--temperature", "1", "--top-p", "1.5"]
+    elif case == "generate_messages_missing":
+        args = gen + ["--messages", str(tmp_path / "nope.json")]
+    elif case == "generate_messages_not_json":
+        (tmp_path / "m.json").write_text("[{role: user}]")
+        args = gen + ["--messages", str(tmp_path / "m.json")]
+    elif case == "generate_messages_end_with_reply":
+        (tmp_path / "m.json").write_text(json.dumps(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]))
+        args = gen + ["--messages", str(tmp_path / "m.json")]
+    elif case == "generate_messages_not_alternating":
+        (tmp_path / "m.json").write_text(json.dumps({"messages": [
+            {"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"}]}))
+        args = gen + ["--messages", str(tmp_path / "m.json")]
+    elif case == "generate_not_a_model":
+        args = ["generate", "--model", str(tmp_path), "--prompt", "hi"]
+    elif case == "export_out_is_a_file":
+        (tmp_path / "hf.txt").write_text("x")
+        args = ["export", "--run", str(tmp_path), "--out", str(tmp_path / "hf.txt")]
+    elif case == "export_out_under_a_file":
+        (tmp_path / "hf.txt").write_text("x")
+        args = ["export", "--run", str(tmp_path), "--out", str(tmp_path / "hf.txt" / "x")]
+    elif case == "export_not_a_run":
+        args = ["export", "--run", str(tmp_path), "--out", str(tmp_path / "hf")]
     rc, err = run_cli(args, capsys)
-    assert rc == 2
+    assert rc == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     import re
     assert re.search(expect, err), err
-
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("method", ["lisa", "lora"])
@@ -162,3 +252,75 @@ def test_export_writes_the_latest_checkpoint_as_the_run_exported_it(model_dir, d
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_debug_flag_or_env_shows_the_exception_and_a_fault_is_still_one_line(
+        tmp_path, capsys, monkeypatch):
+    """An input mistake is one line unless --debug (or LISA_JAX_DEBUG=1) asks for the
+    exception itself; a fault of lisa-jax (not the input's) is one line too, exit status 1,
+    naming --debug."""
+    from lisa_jax.config import TrainError
+    bad = ["train", "--model", str(tmp_path / "nope"), "--data", "x", "--out", str(tmp_path)]
+    assert cli.main(bad) == 2
+    with pytest.raises(TrainError, match="no config.json"):
+        cli.main(bad + ["--debug"])
+    monkeypatch.setenv("LISA_JAX_DEBUG", "1")
+    with pytest.raises(TrainError, match="no config.json"):
+        cli.main(bad)
+    monkeypatch.delenv("LISA_JAX_DEBUG")
+    assert "--debug" in cli.train_parser().format_help()
+    capsys.readouterr()
+
+    def broken(argv, debug=False):
+        raise RuntimeError("a bug\nwith a second line")
+    monkeypatch.setitem(cli.COMMANDS, "export", broken)
+    assert cli.main(["export", "--run", "r", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: unexpected RuntimeError: a bug; rerun with --debug (or "
+                   "LISA_JAX_DEBUG=1) for the traceback, and please report it")
+    with pytest.raises(RuntimeError):
+        cli.main(["export", "--run", "r", "--out", "o", "--debug"])
+
+
+def test_conversation_ids_render_as_training_renders_chat_records(model_dir):
+    """A system prompt and several turns: the tokens up to the reply are those training gives a
+    chat record before its last assistant turn; the plain template separates turns by eos."""
+    from lisa_jax.prompts import conversation_ids, prompt_ids
+    tok = data_lib.load_tokenizer(model_dir)
+    turns = [{"role": "user", "content": "What is 2 plus 2?"},
+             {"role": "assistant", "content": "4"},
+             {"role": "user", "content": "And 3 plus 3?"}]
+    ids = conversation_ids(tok, turns, system="Answer briefly.")
+    full = data_lib.tokenize_record(tok, {"messages": [{"role": "system",
+                                                        "content": "Answer briefly."},
+                                                       *turns,
+                                                       {"role": "assistant", "content": "6"}]})
+    assert full.input_ids[:len(ids)].tolist() == ids.tolist()
+    assert full.loss_mask[len(ids)] == 1 and full.loss_mask[len(ids) - 1] == 0
+    assert tok.eos_token_id in ids.tolist()  # ends the first reply, before the second turn
+    text = tok.decode(ids.tolist())
+    assert text.index("Answer briefly") < text.index("2 plus 2") < text.index("3 plus 3")
+    # One user turn and no system prompt: the same tokens as an instruction.
+    assert conversation_ids(tok, turns[:1]).tolist() == prompt_ids(tok, turns[0]["content"]
+                                                                   ).tolist()
+    # A chat template: the prompt ends with the template's generation prompt.
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ids = conversation_ids(tok, turns, system="Answer briefly.")
+    want = tok.apply_chat_template([{"role": "system", "content": "Answer briefly."}, *turns],
+                                   tokenize=False, add_generation_prompt=True)
+    bos = tok.bos_token if data_lib.tokenizer_adds_bos(tok) else ""  # as training adds it
+    assert tok.decode(ids.tolist()).replace(" ", "") == (bos + want).replace(" ", "")
+
+
+def test_generate_with_a_system_prompt_and_a_messages_file(model_dir, tmp_path, capsys):
+    msgs = tmp_path / "chat.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "hello"},
+                                {"role": "user", "content": "What is 7 plus 5?"}]))
+    rc = cli.main(["generate", "--model", model_dir, "--system", "Be brief.", "--prompt", "hi",
+                   "--messages", str(msgs), "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    shown = [line for line in out.out.splitlines() if line.startswith(">>> ")]
+    assert shown == [">>> hi", f">>> {msgs}: What is 7 plus 5?"]
