@@ -30,11 +30,11 @@ WORDS = ("apple river stone cloud window purple spider planet garden silver cand
          "glacier hammer island jacket kettle ladder magnet").split()
 
 
-def make_records(n: int, seed: int) -> list[dict]:
+def make_records(n: int, seed: int, min_words: int = 3, max_words: int = 6) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        words = rng.sample(WORDS, rng.randint(3, 6))
+        words = rng.sample(WORDS, rng.randint(min_words, max_words))
         out.append({"instruction": "Reverse the order of these words: " + " ".join(words),
                     "output": " ".join(reversed(words))})
     return out
@@ -51,13 +51,13 @@ def evaluate(model_dir: str, records: list[dict], max_new_tokens: int, batch: in
     import numpy as np
 
     from lisa_jax import data as data_lib
-    from lisa_jax import generate as gen
+    from lisa_jax.generate import generate, stop_token_ids, truncate_at_stop
     from lisa_jax.hf import load_hf
     from lisa_jax.prompts import prompt_ids
 
     tok = data_lib.load_tokenizer(model_dir)
     model = load_hf(model_dir)
-    stop = gen.stop_token_ids(model.cfg, tok, model_dir)
+    stop = stop_token_ids(model.cfg, tok, model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     replies = []
     for i in range(0, len(records), batch):
@@ -67,11 +67,11 @@ def evaluate(model_dir: str, records: list[dict], max_new_tokens: int, batch: in
         mask = np.zeros_like(ids)
         for j, p in enumerate(prompts):
             ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
-        out = np.asarray(gen.generate(model, ids, max_new_tokens=max_new_tokens,
+        out = np.asarray(generate(model, ids, max_new_tokens=max_new_tokens,
                                       attention_mask=mask, eos_token_id=stop, pad_token_id=pad))
         for j in range(len(prompts)):
             new = out[j, width:].tolist()
-            kept = gen.truncate_at_stop(new, stop)
+            kept = truncate_at_stop(new, stop)
             replies.append((tok.decode(kept, skip_special_tokens=True).strip(),
                             len(kept) < len(new)))
     rows = []
@@ -112,7 +112,10 @@ def main() -> None:
     ap.add_argument("--train-records", type=int, default=360)
     ap.add_argument("--eval-records", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the data's seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    ap.add_argument("--words", type=int, nargs=2, default=[3, 6], metavar=("MIN", "MAX"),
+                    help="words per prompt")
     ap.add_argument("--extra", nargs="*", default=[], help="KEY=VALUE trainer settings for "
                     "every run (e.g. lisa_reset=all)")
     a = ap.parse_args()
@@ -122,31 +125,32 @@ def main() -> None:
 
     os.makedirs(a.out, exist_ok=True)
     data = os.path.join(a.out, "train.jsonl")
-    write_jsonl(data, make_records(a.train_records, a.seed))
-    held_out = make_records(a.eval_records, a.seed + 1)
+    write_jsonl(data, make_records(a.train_records, a.seed, *a.words))
+    held_out = make_records(a.eval_records, a.seed + 1, *a.words)
     extra = dict(kv.partition("=")[::2] for kv in a.extra)  # typed by load_config
     results = os.path.join(a.out, "results.jsonl")
     if "base" in a.methods:
         scores, rows = evaluate(a.model, held_out, a.max_new_tokens)
         print("base", scores, flush=True)
         with open(results, "a") as f:
-            f.write(json.dumps(dict(method="base", **scores)) + "\n")
+            f.write(json.dumps(dict(method="base", words=a.words, **scores)) + "\n")
     for method in [m for m in a.methods if m != "base"]:
-        for lr in parse_lrs(a.lr).get(method, []):
-            name = f"{method}_lr{lr:g}"
+        for lr, seed in [(lr, s) for lr in parse_lrs(a.lr).get(method, []) for s in a.seeds]:
+            name = f"{method}_lr{lr:g}_seed{seed}"
             run = os.path.join(a.out, name)
             t0 = time.time()
             cfg = load_config(None, dict(
                 model=a.model, data=data, out=run, method=method, lr=lr, steps=a.steps,
                 batch_size=a.batch_size, max_seq_len=a.max_seq_len,
                 warmup_steps=a.warmup_steps, lisa_layers=a.lisa_layers,
-                lisa_interval=a.lisa_interval, lora_rank=a.lora_rank, seed=a.seed,
+                lisa_interval=a.lisa_interval, lora_rank=a.lora_rank, seed=seed,
                 eval_fraction=0.0, save_every=10**9, progress=False, overwrite=True, **extra))
             summary = train(cfg)
             train_s = time.time() - t0
             scores, rows = evaluate(os.path.join(run, "hf"), held_out, a.max_new_tokens)
             write_jsonl(os.path.join(run, "replies.jsonl"), rows)
-            row = dict(method=method, lr=lr, steps=a.steps, batch_size=a.batch_size,
+            row = dict(method=method, lr=lr, seed=seed, words=a.words, steps=a.steps,
+                       batch_size=a.batch_size,
                        train_s=round(train_s, 1), final_loss=summary.get("final_loss")
                        if isinstance(summary, dict) else None, **extra, **scores)
             print(name, row, flush=True)
