@@ -2,12 +2,13 @@
 schema, the checks."""
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from lisa_jax import cli
 from lisa_jax.config import (TrainConfig, TrainError, check_config, choices, help_text,
-                             load_config)
+                             load_config, with_default_remat)
 from lisa_jax.train import train
 
 
@@ -79,3 +80,35 @@ def test_bool_flags_are_boolean_options():
     actions = {a.dest: a for a in cli.train_parser()._actions}
     assert isinstance(actions["resume"], argparse.BooleanOptionalAction)
     assert load_config(None, {"resume": "yes"}).resume is True
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_example_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "llama2-7b-lisa.yaml", "llama2-7b-lora.yaml",
+            "llama2-7b-full.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_example_config_loads_validates_and_names_its_command(path):
+    """Each file of configs/ reads with the trainer's loader and passes its checks (model and
+    data paths aside: they are placeholders), and its first line is the command that runs it."""
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# lisa-jax train --config configs/{path.name} --out runs/"), first
+    cfg = with_default_remat(load_config(str(path)))
+    check_config(cfg, paths=False)
+    if cfg.demo:  # the bundled demo: the same run as --demo, and it needs no placeholder
+        assert cfg == with_default_remat(load_config(None, {"demo": True}))
+        check_config(cfg)
+    else:
+        assert cfg.model and cfg.data and cfg.dtype == "bfloat16"
+
+
+def test_check_config_without_paths_still_checks_the_settings():
+    with pytest.raises(TrainError, match="--lr must be a positive number"):
+        check_config(with_default_remat(TrainConfig(model="m", data="d", lr=-1.0)), paths=False)
+    check_config(with_default_remat(TrainConfig(model="m", data="d")), paths=False)
+    with pytest.raises(TrainError, match="has no config.json"):
+        check_config(with_default_remat(TrainConfig(model="m", data="d")))
