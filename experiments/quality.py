@@ -1,10 +1,10 @@
 """Quality of LISA vs LoRA vs full fine-tuning on real text, at equal steps, several seeds.
 
-GPU run (one H200, about 6-7 minutes in all, compilation included; ``--budget-s`` time-boxes it)::
+GPU run (one GPU; ``--budget-s`` time-boxes it)::
 
     python experiments/quality.py --out experiments/results/quality
 
-CPU smoke run (about a minute on 2 cores)::
+CPU smoke run::
 
     python experiments/quality.py --tiny --out /tmp/quality_tiny
 
@@ -13,52 +13,48 @@ What it does
 1. Corpus: the ``*.py`` files of Python's standard library (PSF license; tests excluded). Each
    module goes by a hash of its name to PRETRAIN (75 %), PRETRAIN-EVAL (5 %, held-out text of
    the pretraining distribution) or FINETUNE (20 %); the three sets share no module.
-2. Tokenizer: byte-level BPE (vocab 4096; ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2) trained on the
+2. Tokenizer: byte-level BPE (``--vocab``; ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2) trained on the
    first ``--tok-train-chars`` characters of PRETRAIN.
-3. Pretraining: a Llama from scratch (default hidden 512, 8 layers, 8 heads, MLP 2048, vocab
-   4096: ~38M parameters) on random 256-token windows of PRETRAIN, AdamW 1e-3, warmup + cosine,
-   batch 32; ``--pretrain-steps`` (default 1500), cut short after ``--pretrain-budget-s``
-   (default 150 s; the steps actually done are recorded).
+3. Pretraining: a Llama from scratch (``--hidden``, ``--layers``, ``--heads``,
+   ``--intermediate``, ``--vocab``) on random ``--max-seq-len``-token windows of PRETRAIN, AdamW
+   ``--pretrain-lr``, warmup + cosine, batch ``--pretrain-batch-size``; ``--pretrain-steps``,
+   cut short after ``--pretrain-budget-s`` (the steps actually done are recorded).
 4. Task (another distribution): for each function with a docstring in the FINETUNE modules,
    instruction ``Write the function `name(args)`: <first docstring line>``, output = the body
    (docstring removed), in ``lisa_jax.data``'s plain template, loss on the output tokens only,
-   truncated to 256 tokens. ``--ft-test`` pairs are held out.
-5. Fine-tuning from the same pretrained weights, ``--ft-steps`` (150) steps of batch
-   ``--ft-batch`` (32) for every method, seeds 0..``--seeds``-1 (the seed sets the data order,
-   the LoRA init and the LISA sampling key); AdamW with 10 warmup steps then cosine, clip 1.0,
-   no weight decay:
+   truncated to ``--max-seq-len`` tokens. ``--ft-test`` pairs are held out.
+5. Fine-tuning from the same pretrained weights, ``--steps`` steps of batch ``--batch-size``
+   for every method of ``--methods``, seeds 0..``--seeds``-1 (the seed sets the data order,
+   the LoRA init and the LISA sampling key); AdamW with a short linear warmup then cosine,
+   clip 1.0, no weight decay:
 
-   * ``full``: every parameter, lr ``--lr-full`` 1e-4;
-   * ``lora``: rank 16, alpha 32, all seven projections (embedding/head frozen), lr 1e-3;
-   * ``lisa``: γ=2 of 8 layers drawn uniformly every ``--lisa-interval`` (10) steps, embedding,
-     head and final norm always trained, lr ``--lr-lisa`` 2e-4;
-   * ``lisa_imp``: LISA with per-layer probabilities (Bernoulli, γ=2 expected) from the static
+   * ``full``: every parameter, lr ``--lr-full``;
+   * ``lora``: rank ``--lora-rank``, alpha 2 * rank, all seven projections (embedding/head
+     frozen), lr ``--lr-lora``;
+   * ``lisa``: ``--lisa-layers`` (γ) layers drawn uniformly every ``--lisa-interval`` steps,
+     embedding, head and final norm always trained, lr ``--lr-lisa``;
+   * ``lisa_imp``: LISA with per-layer probabilities (Bernoulli, γ expected) from the static
      weight-norm rule ``p_ℓ ∝ ‖ΔW_ℓ^LoRA‖ / ‖ΔW_ℓ^full‖`` (``importance.probs_from_norms``,
-     floor 0.05), measured on a short probe (``--probe-steps`` 40 steps of LoRA and of full
+     floor 0.05), measured on a short probe (``--probe-steps`` steps of LoRA and of full
      fine-tuning, own data order, not reused below); same lr as ``lisa``.
 6. Reported per method (mean ± sample std over seeds): loss on the held-out task pairs
    (response tokens) and on held-out PRETRAIN-EVAL windows (forgetting), against the base model.
    Files in ``--out``: ``quality.json`` (every number, setting and wall time),
    ``quality.md`` (table), ``quality_curves.png`` (train loss vs step, mean over seeds).
 
-Cost of the default configuration on one H200 (estimate): ~20 s corpus + tokenizer, ~150 s
-pretraining (1500 steps of 32x256 tokens at roughly 10-20 steps/s, or the time box), ~60-100 s
-of compilation (pretrain, full, LoRA, LISA step; the Bernoulli LISA step once per distinct
-active-layer count; two eval shapes), 4 methods x 3 seeds x 150 steps + 80 probe steps ~ 60-120
-s. ``--budget-s`` (400) caps the whole: a seed round that would not fit is skipped and listed
-in ``quality.json`` under ``skipped``.
+``--budget-s`` caps the whole run: a seed round that would not fit is skipped and listed in
+``quality.json`` under ``skipped``.
 
-Parameters are float32 by default also on the GPU (``--dtype bfloat16`` is there): the repo
-keeps no float32 master copy, and in pure bfloat16 an AdamW step of 1e-4 is below half an ulp of
-most weights, which would turn full fine-tuning (and LISA) into a near no-op while LoRA's
-zero-initialised ``B`` is unaffected -- a confound, not a finding.
+Parameters are float32 by default also on the GPU (``--dtype bfloat16`` is there, with plain
+bfloat16 updates): in pure bfloat16 an AdamW step of 1e-4 is below half an ulp of most weights,
+which would turn full fine-tuning (and LISA) into a near no-op while LoRA's zero-initialised
+``B`` is unaffected -- a confound, not a finding.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import hashlib
-import json
 import math
 import os
 import platform
@@ -75,12 +71,15 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_flags, write_json  # noqa: E402
+
 from lisa_jax import data as data_lib  # noqa: E402
 from lisa_jax import importance as imp_lib  # noqa: E402
 from lisa_jax import lora as lora_lib  # noqa: E402
 from lisa_jax import model as M  # noqa: E402
 from lisa_jax import step as step_lib  # noqa: E402
-from lisa_jax.lisa import lisa  # noqa: E402
+from lisa_jax import lisa  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages",
@@ -236,9 +235,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--out", default="experiments/results/quality")
-    a("--tiny", action="store_true", help="shrink everything: a CPU smoke run of ~1 minute")
+    a("--tiny", action="store_true", help="shrink everything: a CPU smoke run")
     a("--budget-s", type=float, default=400.0, help="wall-clock cap of the whole run")
-    a("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_flags(p, dtype="float32")
     a("--max-pretrain-chars", type=int, default=24_000_000)
     a("--tok-train-chars", type=int, default=4_000_000)
     a("--vocab", type=int, default=4096)
@@ -246,34 +245,33 @@ def parse_args(argv=None):
     a("--layers", type=int, default=8)
     a("--heads", type=int, default=8)
     a("--intermediate", type=int, default=2048)
-    a("--seq", type=int, default=256)
+    add_flags(p, max_seq_len=256, helps=dict(max_seq_len="tokens per window and per example"))
     a("--pretrain-steps", type=int, default=1500)
-    a("--pretrain-batch", type=int, default=32)
+    a("--pretrain-batch-size", type=int, default=32)
     a("--pretrain-lr", type=float, default=1e-3)
     a("--pretrain-budget-s", type=float, default=150.0)
     a("--pretrain-eval-windows", type=int, default=256)
     a("--max-ft-records", type=int, default=20000)
     a("--ft-test", type=int, default=256)
-    a("--ft-steps", type=int, default=150)
-    a("--ft-batch", type=int, default=32)
-    a("--eval-batch", type=int, default=64)
-    a("--seeds", type=int, default=3)
-    a("--methods", default=",".join(METHODS))
+    add_flags(p, steps=150, batch_size=32, method=list(METHODS), many=("method",),
+              choices=dict(method=METHODS),
+              helps=dict(steps="fine-tuning steps of every method",
+                         batch_size="fine-tuning examples per step"))
+    a("--eval-batch-size", type=int, default=64)
+    a("--seeds", type=int, default=3, help="fine-tuning runs per method, seeds 0, 1, ...")
     a("--lr-full", type=float, default=1e-4)
     a("--lr-lora", type=float, default=1e-3)
     a("--lr-lisa", type=float, default=2e-4)
-    a("--lora-rank", type=int, default=16)
-    a("--lisa-gamma", type=int, default=2)
-    a("--lisa-interval", type=int, default=10)
+    add_flags(p, lora_rank=16, lisa_layers=2, lisa_interval=10)
     a("--probe-steps", type=int, default=40)
     a("--log-every", type=int, default=50)
     args = p.parse_args(argv)
     if args.tiny:  # smaller defaults; flags given explicitly still win
         p.set_defaults(
             max_pretrain_chars=400_000, tok_train_chars=200_000, vocab=512, hidden=64, layers=4,
-            heads=4, intermediate=128, seq=128, pretrain_steps=60, pretrain_batch=8,
+            heads=4, intermediate=128, max_seq_len=128, pretrain_steps=60, pretrain_batch_size=8,
             pretrain_budget_s=20.0, pretrain_lr=3e-3, pretrain_eval_windows=32,
-            max_ft_records=400, ft_test=32, ft_steps=12, ft_batch=8, eval_batch=16,
+            max_ft_records=400, ft_test=32, steps=12, batch_size=8, eval_batch_size=16,
             probe_steps=6, lisa_interval=4, log_every=20, budget_s=90.0)
         args = p.parse_args(argv)
     return args
@@ -283,13 +281,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    methods = list(dict.fromkeys(args.methods))
     log(f"devices: {jax.devices()}  jax {jax.__version__}  python {platform.python_version()}")
     wall = {}
     skipped = []
+
+    S = args.max_seq_len
 
     # -- corpus and tokenizer
     t = time.perf_counter()
@@ -313,14 +310,13 @@ def main(argv=None) -> dict:
     records = function_records([mods[n] for n in by_split["finetune"]])
     records = records[:args.max_ft_records]
     tr_recs, te_recs = data_lib.train_eval_split(records, eval_size=args.ft_test, seed=0)
-    ft_train, ft_stats = data_lib.build_examples(tr_recs, hf_tok, args.seq, truncate=True)
-    ft_test, _ = data_lib.build_examples(te_recs, hf_tok, args.seq, truncate=True)
+    ft_train, ft_stats = data_lib.build_examples(tr_recs, hf_tok, S, truncate=True)
+    ft_test, _ = data_lib.build_examples(te_recs, hf_tok, S, truncate=True)
     log(f"task: {len(records)} function records -> train {len(ft_train)} examples (mean "
         f"{ft_stats.mean_len:.0f} tokens, {ft_stats.truncated} truncated), test {len(ft_test)}")
     wall["data_s"] = time.perf_counter() - t
 
-    S = args.seq
-    EB = args.eval_batch
+    EB = args.eval_batch_size
 
     # -- model
     cfg = M.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
@@ -357,7 +353,7 @@ def main(argv=None) -> dict:
     pstep = step_lib.make_plain_step(cfg, tx)
     opt = tx.init(params)
     rng = np.random.default_rng(0)
-    B = args.pretrain_batch
+    B = args.pretrain_batch_size
     pre_curve = []
     done = 0
     pending = []
@@ -389,7 +385,7 @@ def main(argv=None) -> dict:
     base = params
 
     # -- fine-tuning machinery (one jitted step per method, shared across seeds)
-    T = args.ft_steps
+    T = args.steps
     warm = min(10, max(1, T // 10))
     lr = {"full": args.lr_full, "lora": args.lr_lora, "lisa": args.lr_lisa,
           "lisa_imp": args.lr_lisa}
@@ -399,12 +395,12 @@ def main(argv=None) -> dict:
     scale = lora_lib.lora_scale(args.lora_rank, None)
     steps = {"full": step_lib.make_plain_step(cfg, inner["full"]),
              "lora": step_lib.make_lora_step(cfg, inner["lora"], scale)}
-    K, G = args.lisa_interval, args.lisa_gamma
+    K, G = args.lisa_interval, args.lisa_layers
     lisa_kw = dict(interval=K, clip_norm=1.0)
     steps["lisa"] = step_lib.make_lisa_step(cfg, lisa(inner["lisa"], n_active=G, **lisa_kw))
 
     def loader(seed):
-        return data_lib.DataLoader(ft_train, args.ft_batch, seed=seed, pad_id=pad_id,
+        return data_lib.DataLoader(ft_train, args.batch_size, seed=seed, pad_id=pad_id,
                                    buckets=(S,))
 
     def batch_of(b):
@@ -532,7 +528,7 @@ def main(argv=None) -> dict:
     sentence = (f"LISA uniform held-out loss {val('lisa')} vs LoRA {val('lora')} vs full "
                 f"{val('full')} (LISA importance {val('lisa_imp')}; pretrained {base_ft:.4f}): "
                 f"best is {names[ranked[0]] if ranked else 'n/a'} after {T} steps of batch "
-                f"{args.ft_batch}, mean over {min(len(v) for v in results.values() if v) if ranked else 0} "
+                f"{args.batch_size}, mean over {min(len(v) for v in results.values() if v) if ranked else 0} "
                 f"seed(s).")
     if ranked and len(ranked) > 1:
         a, b = summary[ranked[0]], summary[ranked[1]]
@@ -569,8 +565,6 @@ def main(argv=None) -> dict:
     wall["total_s"] = elapsed()
     report = {
         "settings": {k: v for k, v in vars(args).items()},
-        "environment": {"jax": jax.__version__, "python": platform.python_version(),
-                        "devices": [str(d) for d in jax.devices()]},
         "corpus": {"modules": {k: len(v) for k, v in by_split.items()},
                    "pretrain_chars": sum(map(len, pre_texts)),
                    "pretrain_tokens": int(stream.size), "pretrain_eval_tokens": int(eval_stream.size),
@@ -586,7 +580,7 @@ def main(argv=None) -> dict:
         "summary": summary, "runs": results, "skipped": skipped, "wall_s": wall,
         "table": table, "sentence": sentence,
     }
-    (out_dir / "quality.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_json(str(out_dir / "quality.json"), report, device=True)
     (out_dir / "quality.md").write_text(
         f"# LISA vs LoRA vs full fine-tuning (stdlib functions task)\n\n{table}\n\n{sentence}\n\n"
         f"Skipped: {skipped or 'nothing'}. Wall: "

@@ -1,7 +1,7 @@
 """Where a step's device time goes, from the traces of ``bench_step.py --profile DIR``.
 
-    python3 experiments/bench_step.py --shape llama2-7b --batch 4 --seq 1024 --methods eh lisa \
-        --gammas 2 --remats none --profile /tmp/prof
+    python3 experiments/bench_step.py --shape llama2-7b --batch-size 4 --max-seq-len 1024 \
+        --methods eh lisa --lisa-layers 2 --remats none --profile /tmp/prof
     python3 experiments/trace_breakdown.py /tmp/prof --out experiments/results/step_breakdown_h200
 
 Each row's trace (perfetto JSON, three steps) is summed per kernel class, per step: cuBLAS
@@ -19,6 +19,10 @@ import glob
 import gzip
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_json  # noqa: E402
 
 CLASSES = ("cublas_matmul", "triton_matmul", "cudnn_attention", "slice_copies", "in_place_updates",
            "other_fusions", "memset")
@@ -113,9 +117,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print("ms per step\n" + table)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.out + ".json", rows)
         with open(a.out + ".md", "w") as f:
             f.write("Device time per step (ms) by kernel class, from `bench_step.py --profile`.\n\n"
                     + table + "\n")

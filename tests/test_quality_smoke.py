@@ -13,13 +13,15 @@ def test_quality_tiny(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     report = mod.main(["--tiny", "--out", str(tmp_path), "--seeds", "1", "--layers", "2",
-                       "--pretrain-steps", "8", "--ft-steps", "4", "--probe-steps", "2",
-                       "--lisa-interval", "2", "--lisa-gamma", "1", "--max-ft-records", "120",
-                       "--ft-test", "16"])
+                       "--pretrain-steps", "8", "--steps", "4", "--probe-steps", "2",
+                       "--lisa-interval", "2", "--lisa-layers", "1", "--max-ft-records", "120",
+                       "--ft-test", "16", "--methods", "full", "lora", "lisa", "lisa_imp"])
     for name in ("quality.json", "quality.md", "quality_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert set(saved["summary"]) == {"full", "lora", "lisa", "lisa_imp"}
+    assert saved["settings"]["steps"] == 4 and saved["settings"]["lisa_layers"] == 1
+    assert saved["environment"]["jax"] and saved["environment"]["devices"] >= 1
     for m, s in report["summary"].items():
         assert s["seeds"] == 1 and 0 < s["test_loss"] < 20, (m, s)
         assert len(report["runs"][m][0]["train_losses"]) == 4
