@@ -1,0 +1,78 @@
+"""lisa_jax.lora: the default targets are the table's LoRA rows; adapters start at the base
+model, merge into it exactly as applied, and refuse bad targets and ranks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lisa_jax import block
+from lisa_jax import lora as lora_lib
+from lisa_jax import model as M
+
+
+def test_default_targets_are_the_tables_lora_rows():
+    assert lora_lib.DEFAULT_TARGETS == tuple(p.name for p in block.LAYER_PARAMS if p.lora)
+    # Every projection of the layer: the transposed (HF Linear) rows.
+    assert set(lora_lib.DEFAULT_TARGETS) == {p.name for p in block.LAYER_PARAMS
+                                             if p.transposed}
+
+
+def test_init_lora_shapes_and_start(tiny_cfg):
+    cfg = tiny_cfg(num_layers=2)
+    layers = M.init_params(cfg, jax.random.key(0))["layers"]
+    lora = lora_lib.init_lora(layers, jax.random.key(1), rank=3)
+    assert tuple(lora) == lora_lib.DEFAULT_TARGETS
+    for name, ab in lora.items():
+        L, d_in, d_out = layers[name].shape
+        assert ab["a"].shape == (L, d_in, 3) and ab["b"].shape == (L, 3, d_out), name
+        assert (np.asarray(ab["b"]) == 0).all()
+        assert 0 < float(jnp.abs(ab["a"]).max()) <= 1 / np.sqrt(d_in)
+    bf = lora_lib.init_lora(layers, jax.random.key(1), rank=2, targets=("wq",),
+                            dtype=jnp.bfloat16)
+    assert set(bf) == {"wq"} and bf["wq"]["a"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"unknown LoRA targets \['attn_norm2'\]"):
+        lora_lib.init_lora(layers, jax.random.key(1), 2, targets=("wq", "attn_norm2"))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        lora_lib.init_lora(layers, jax.random.key(1), 0)
+    assert lora_lib.lora_scale(4, None) == 2.0 and lora_lib.lora_scale(4, 8.0) == 2.0
+    assert lora_lib.lora_scale(8, 4.0) == 0.5
+
+
+def _trained_adapters(layers, rank, seed=2):
+    lora = lora_lib.init_lora(layers, jax.random.key(1), rank)
+    return {name: {"a": ab["a"], "b": 0.05 * jax.random.normal(jax.random.fold_in(
+        jax.random.key(seed), i), ab["b"].shape)} for i, (name, ab) in enumerate(lora.items())}
+
+
+def test_lora_weight_computes_the_adapted_product(rel_err):
+    w = jax.random.normal(jax.random.key(0), (6, 5))
+    a = jax.random.normal(jax.random.key(1), (6, 2))
+    b = jax.random.normal(jax.random.key(2), (2, 5))
+    x = jax.random.normal(jax.random.key(3), (3, 4, 6))
+    got = x @ lora_lib.LoraWeight(w, a, b, 1.5)
+    assert rel_err(got, x @ (w + 1.5 * a @ b)) < 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(attention_bias=True)], ids=["llama", "bias"])
+def test_merge_lora_equals_applying_the_adapters(overrides, tiny_cfg, perturbed_params,
+                                                 batch_for, rel_err):
+    cfg = tiny_cfg(**overrides)
+    p = perturbed_params(cfg)
+    lora = _trained_adapters(p["layers"], rank=4)
+    scale = lora_lib.lora_scale(4, 16.0)
+    ids = batch_for(cfg)["input_ids"]
+    merged = lora_lib.merge_lora(p, lora, scale)
+    applied = {**p, "layers": lora_lib.apply_lora(p["layers"], lora, scale)}
+    forward = jax.jit(M.forward, static_argnums=0)
+    ours, ref = forward(cfg, merged, ids), forward(cfg, applied, ids)
+    assert rel_err(ours, ref) < 1e-5
+    assert rel_err(ref, forward(cfg, p, ids)) > 1e-3  # the adapters do change the model
+    for name, w in merged["layers"].items():
+        assert w.dtype == p["layers"][name].dtype
+        if name not in lora:  # norms and biases untouched
+            np.testing.assert_array_equal(w, p["layers"][name])
+        else:
+            delta = jnp.einsum("lir,lro->lio", lora[name]["a"], lora[name]["b"]) * scale
+            assert rel_err(w, p["layers"][name] + delta) < 1e-6, name
+    for name in ("embed", "final_norm", "lm_head"):
+        assert merged[name] is p[name]
