@@ -277,7 +277,7 @@ class Lisa(Method):
         else:
             gamma = cfg.lisa_layers
         names = {"embed": "embedding", "lm_head": "head", "final_norm": "final norm"}
-        parts = [names.get(k, k) for k in rest]
+        parts = [names[k] for k in names if k in rest] + [k for k in rest if k not in names]
         exact = not cfg.lisa_probs and cfg.lisa_importance == "none"
         count = int(round(_size(rest) + gamma * per_layer))
         layers = (f"{gamma:g}" if exact else f"on average {gamma:.3g}") + f" of {num_layers}"

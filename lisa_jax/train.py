@@ -87,19 +87,39 @@ class _Inputs:
 
 
 def _load_inputs(cfg: TrainConfig, say: Callable) -> _Inputs:
-    """The data and model; the data's warnings (e.g. all responses empty) are said once, as a
-    line of the run, not as Python warnings."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        inputs = _read_inputs(cfg)
-    said = set()
+    """The data and model. What the data module warns about (e.g. all responses empty, as a
+    Python warning and again as a count in its log) is said once, as a line of the run."""
+    import logging
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    data_log = logging.getLogger(data_lib.__name__)
+    keep, propagate = Keep(logging.WARNING), data_log.propagate
+    data_log.addHandler(keep)
+    data_log.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inputs = _read_inputs(cfg)
+    finally:
+        data_log.removeHandler(keep)
+        data_log.propagate = propagate
+    ours = {os.path.abspath(m.__file__) for m in (data_lib, sys.modules[__name__])}
+    lines: list[str] = []
     for w in caught:
-        if os.path.abspath(w.filename) == os.path.abspath(data_lib.__file__):
-            if str(w.message) not in said:
-                said.add(str(w.message))
-                say(f"warning: {w.message}", file=sys.stderr)
+        if os.path.abspath(w.filename) in ours and issubclass(w.category, UserWarning):
+            lines.append(str(w.message))
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for r in records:
+        line = r.getMessage()
+        # "N of N records have an empty response" repeats the all-empty warning.
+        if not ("empty response" in line and any("empty response" in x for x in lines)):
+            lines.append(line)
+    for line in dict.fromkeys(lines):
+        say(f"warning: {line}", file=sys.stderr)
     return inputs
 
 

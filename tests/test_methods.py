@@ -136,3 +136,28 @@ def test_lisa_probs_reads_a_file_written_by_save_probs_and_inline_numbers(tmp_pa
         methods.lisa_probs("0.5,half", 2)
     with pytest.raises(TrainError, match="has 2 values but the model has 4 layers"):
         methods.lisa_probs("0.5,0.5", 4)
+
+
+def test_trainable_counts_the_view_the_adapters_or_everything(model_dir):
+    """The header's trainable count: LISA the view (every leaf outside the layers and γ of the
+    layers), LoRA its adapters (and rank), full fine-tuning all."""
+    from lisa_jax import lora as lora_lib
+    model = load_hf(model_dir)
+    p, L = model.params, model.cfg.num_layers
+    size = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+    total, layers = size(p), size(p["layers"])
+    n, what = methods.method_for(TrainConfig(method="full"), model.cfg).trainable(p)
+    assert (n, what) == (total, "all parameters")
+    n, what = methods.method_for(TrainConfig(method="lisa", lisa_layers=2), model.cfg
+                                 ).trainable(p)
+    assert n == total - layers + 2 * layers // L
+    assert what.startswith("embedding, final norm, head and 2 of 4 layers") or \
+        "and 2 of 4 layers at a time" in what, what
+    n, what = methods.method_for(TrainConfig(method="lisa", lisa_probs="0.5,0.5,0.5,0.5"),
+                                 model.cfg).trainable(p)
+    assert n == total - layers + 2 * layers // L and "on average 2 of 4 layers" in what
+    n, what = methods.method_for(TrainConfig(method="lora", lora_rank=4), model.cfg
+                                 ).trainable(p)
+    adapters = lora_lib.init_lora(p["layers"], jax.random.key(0), 4)
+    assert n == size(adapters) and "rank 4" in what
+    assert methods.count_text(6_738_415_616) == "6.74B" and methods.count_text(999) == "999"
