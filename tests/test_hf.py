@@ -11,17 +11,12 @@ import numpy as np
 import pytest
 
 import lisa_jax
-from lisa_jax import hf as hf_mod
+from lisa_jax import block
 from lisa_jax.model import forward
 from lisa_jax.ops import causal_lm_loss
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def left_padded(vocab: int, seed: int = 0):
@@ -46,7 +41,7 @@ def torch_logits(ref, ids, mask=None):
 # ----------------------------------------------------------------------------- logits
 
 
-def test_logits_match_transformers(hf_variant, make_tiny_hf, torch_reference):
+def test_logits_match_transformers(hf_variant, make_tiny_hf, torch_reference, rel_err):
     path = make_tiny_hf(hf_variant)
     model = lisa_jax.load_hf(path)
     ids = np.random.RandomState(1).randint(0, model.cfg.vocab_size, size=(2, 12))
@@ -55,7 +50,7 @@ def test_logits_match_transformers(hf_variant, make_tiny_hf, torch_reference):
     assert err < 1e-4
 
 
-def test_logits_match_transformers_left_padded(hf_variant, make_tiny_hf, torch_reference):
+def test_logits_match_transformers_left_padded(hf_variant, make_tiny_hf, torch_reference, rel_err):
     path = make_tiny_hf(hf_variant)
     model = lisa_jax.load_hf(path)
     ids, mask = left_padded(model.cfg.vocab_size)
@@ -115,7 +110,7 @@ def test_shardings_hook(tiny_llama_dir):
 # ----------------------------------------------------------------------------- gradients
 
 
-def test_grads_match_torch(hf_variant, make_tiny_hf):
+def test_grads_match_torch(hf_variant, make_tiny_hf, rel_err):
     path = make_tiny_hf(hf_variant)
     model = lisa_jax.load_hf(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -271,7 +266,7 @@ def test_save_hf_directory_has_the_mode_mkdir_gives(tiny_llama_dir, tmp_path):
 # ----------------------------------------------------------------------------- dtypes
 
 
-def test_bf16_load(tiny_llama_dir, torch_reference):
+def test_bf16_load(tiny_llama_dir, torch_reference, rel_err):
     model = lisa_jax.load_hf(tiny_llama_dir, dtype=jnp.bfloat16)
     assert model.cfg.dtype == "bfloat16"
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
@@ -450,7 +445,68 @@ def test_error_bad_dtype_and_shard_size(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_parse_size():
-    assert hf_mod._parse_size("2GB") == 2 * 10**9
-    assert hf_mod._parse_size("500MiB") == 500 * 2**20
-    assert hf_mod._parse_size(1234) == 1234
+def _shard_map(model, out, max_shard_size):
+    """``{tensor: shard file}`` and ``{shard file: bytes of its tensors}`` of a save."""
+    from safetensors.numpy import load_file
+
+    lisa_jax.save_hf(model, out, max_shard_size=max_shard_size)
+    index = out / "model.safetensors.index.json"
+    if not index.exists():
+        return {name: "model.safetensors" for name in load_file(out / "model.safetensors")}, \
+            {"model.safetensors": None}
+    weight_map = json.loads(index.read_text())["weight_map"]
+    sizes = {fn: sum(a.nbytes for a in load_file(out / fn).values())
+             for fn in set(weight_map.values())}
+    return weight_map, sizes
+
+
+def test_max_shard_size_units_and_greedy_shards(tiny_llama_dir, tmp_path):
+    """``max_shard_size`` is bytes (an int) or a number with a decimal (KB, MB, GB) or binary
+    (KiB, MiB, GiB) unit; the tensors fill each shard up to it, in order."""
+    model = lisa_jax.load_hf(tiny_llama_dir)
+    maps = {}
+    for i, size in enumerate([32000, 32768, 40000, "32KB", "32KiB", "0.032768MB", "40 kb",
+                              "2GB", "500MiB"]):
+        maps[size] = _shard_map(model, tmp_path / str(i), size)
+    for limit in (32000, 32768, 40000):
+        weight_map, sizes = maps[limit]
+        shards = sorted(sizes)
+        assert len(shards) > 2
+        for fn in shards:  # full up to the limit, or one tensor larger than it
+            assert sizes[fn] <= limit or list(weight_map.values()).count(fn) == 1, (limit, fn)
+        for a, b in zip(shards, shards[1:]):  # the next shard's tensors did not fit
+            assert sizes[a] + sizes[b] > limit, (limit, a, b)
+    assert maps["32KB"][0] == maps[32000][0] != maps["32KiB"][0] == maps[32768][0]
+    assert maps["0.032768MB"][0] == maps[32768][0] and maps["40 kb"][0] == maps[40000][0]
+    assert set(maps["2GB"][1]) == set(maps["500MiB"][1]) == {"model.safetensors"}
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(attention_bias=True), dict(tie_embeddings=True)],
+                         ids=["llama", "bias", "tied"])
+def test_saved_tensor_names_and_orientation_come_from_the_block_table(
+        overrides, tiny_cfg, tmp_path):
+    """save_hf writes exactly one tensor per present row of ``block``'s table (a layer row once
+    per layer, under ``model.layers.{i}.``), HF-oriented: ``transposed`` rows reversed."""
+    from safetensors.numpy import load_file
+
+    from lisa_jax.model import Model, init_params
+    cfg = tiny_cfg(num_layers=2, **overrides)
+    lisa_jax.save_hf(Model(cfg, init_params(cfg, jax.random.key(0))), tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    want = {p.hf: p for p in block.global_params(cfg)}
+    want.update({f"model.layers.{i}.{p.hf}": p for p in block.layer_params(cfg)
+                 for i in range(cfg.num_layers)})
+    assert set(tensors) == set(want)
+    for name, row in want.items():
+        shape = row.shape(cfg)
+        assert tensors[name].shape == (shape[::-1] if row.transposed else shape), name
+    assert ("lm_head.weight" in tensors) != cfg.tie_embeddings
+    assert ("model.layers.0.self_attn.q_proj.bias" in tensors) == cfg.attention_bias
+
+
+def test_hf_names_in_the_block_table_are_unique():
+    names = [p.name for p in block.LAYER_PARAMS + block.GLOBAL_PARAMS]
+    hf_names = [p.hf for p in block.LAYER_PARAMS] + [p.hf for p in block.GLOBAL_PARAMS]
+    assert len(set(names)) == len(names)
+    assert len(set(hf_names)) == len(hf_names)
+    assert not any(p.hf.startswith("model.layers") for p in block.LAYER_PARAMS)

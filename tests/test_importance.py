@@ -93,13 +93,8 @@ def test_online_importance_state_round_trips_through_json():
 # ----------------------------------------------------------------------------- weight norms
 
 
-def _tiny_cfg(num_layers=3):
-    return M.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                         num_layers=num_layers, num_heads=2, num_kv_heads=1, head_dim=8)
-
-
-def test_weight_change_norms_equal_a_manual_computation():
-    cfg = _tiny_cfg()
+def test_weight_change_norms_equal_a_manual_computation(tiny_cfg):
+    cfg = tiny_cfg(num_layers=3)
     before = M.init_params(cfg, jax.random.key(0))
     after = jax.tree.map(lambda x, n: x + 0.01 * n, before,
                          M.init_params(cfg, jax.random.key(1)))
@@ -114,8 +109,8 @@ def test_weight_change_norms_equal_a_manual_computation():
     np.testing.assert_array_equal(weight_change_norms(before, before), np.zeros(3))
 
 
-def test_lora_delta_norms_equal_the_norm_of_the_merged_delta():
-    cfg = _tiny_cfg()
+def test_lora_delta_norms_equal_the_norm_of_the_merged_delta(tiny_cfg):
+    cfg = tiny_cfg(num_layers=3)
     params = M.init_params(cfg, jax.random.key(0))
     lora = lora_lib.init_lora(params["layers"], jax.random.key(1), rank=4,
                               targets=("wq", "wv", "w_down"))

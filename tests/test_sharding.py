@@ -267,24 +267,47 @@ def test_mesh_config_parses_and_rules_skip_what_does_not_divide():
     assert SH.leaf_spec(cfg, ("layers", "attn_norm"), (4, 12), FakeMesh)[0] is None
 
 
-# ----------------------------------------------------------------------------- the subprocess
-
-
-def _tiny_cfg():
-    from lisa_jax import model as M
-    return M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=6,
-                         num_heads=4, num_kv_heads=2, head_dim=8)
-
-
-def _params(cfg):
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_dims_come_from_the_block_table(tp, tiny_cfg):
+    """Every row of ``block``'s table is split on "tp" at its ``tp_dim`` (after the layer axis
+    for a layer leaf) when heads and sizes divide, and nowhere else; a LoRA adapter of a
+    column-parallel weight splits its ``b``'s output dim, of a row-parallel one its ``a``'s
+    input dim."""
     import jax
 
-    from lisa_jax import model as M
-    p = M.init_params(cfg, jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+    from lisa_jax import block
+    from lisa_jax import sharding as SH
+
+    class FakeMesh:  # only the sizes matter to the rules
+        axis_names = ("dp", "fsdp", "tp")
+
+        class devices:
+            shape = (1, 1, tp)
+    cfg = tiny_cfg(num_heads=8, num_kv_heads=4, attention_bias=True)
+    for row in block.LAYER_PARAMS + block.GLOBAL_PARAMS:
+        layer = row in block.LAYER_PARAMS
+        shape = ((cfg.num_layers,) if layer else ()) + row.shape(cfg)
+        spec = SH.leaf_spec(cfg, ("layers", row.name) if layer else (row.name,), shape,
+                            FakeMesh)
+        want = [None] * len(shape)
+        if row.tp_dim is not None:
+            want[row.tp_dim + layer] = "tp"
+        assert spec == jax.sharding.PartitionSpec(*want), row.name
+        if row.lora:
+            a = SH.leaf_spec(cfg, (row.name, "a"), (cfg.num_layers, shape[1], 4), FakeMesh)
+            b = SH.leaf_spec(cfg, (row.name, "b"), (cfg.num_layers, 4, shape[2]), FakeMesh)
+            column = row.tp_dim == 1
+            assert a == jax.sharding.PartitionSpec(None, None if column else "tp", None)
+            assert b == jax.sharding.PartitionSpec(None, None, "tp" if column else None)
+    # Heads that do not divide tp: the kv projections stay whole, the query ones split.
+    few_kv = tiny_cfg(num_heads=8, num_kv_heads=1)
+    kv = block.PARAMS_BY_NAME["wk"]
+    assert SH.leaf_spec(few_kv, ("layers", "wk"), (6,) + kv.shape(few_kv), FakeMesh) == \
+        jax.sharding.PartitionSpec(None, None, None)
+    assert SH.leaf_spec(few_kv, ("layers", "wq"), (6, 32, 64), FakeMesh)[2] == "tp"
+
+
+# ----------------------------------------------------------------------------- the subprocess
 
 
 def _batches(cfg, n, B=8, S=16):
@@ -304,7 +327,10 @@ def _worker_train(method: str) -> dict:
     from lisa_jax import sharding as SH
     from lisa_jax import step as S
 
-    cfg = _tiny_cfg()
+    # The shared tiny model of conftest.py (this file, run as a script, has tests/ on its
+    # path), with the MLP width the expected specs were written for.
+    from conftest import perturbed_params, tiny_config
+    cfg = tiny_config(intermediate_size=64)
     # LISA interval 2: samples at steps 0, 2, 4, 6 (3 resamples); full fine-tuning: 3 steps
     # on the mixed mesh only (its rules are the same as LISA's).
     steps = 7 if method == "lisa" else 3
@@ -326,7 +352,7 @@ def _worker_train(method: str) -> dict:
 
     def run(mesh):
         tx, mk = make()
-        params = _params(cfg)
+        params = perturbed_params(cfg)
         if mesh is None:
             state, sh = tx.init(params), None
         else:
@@ -361,23 +387,48 @@ def _worker_train(method: str) -> dict:
 @contextlib.contextmanager
 def recording_reads():
     """``{tensor name: [size of each block read, as a fraction of the tensor]}`` of the
-    safetensors reads made inside the block."""
+    safetensors reads made inside the block.
+
+    ``load_hf`` with shardings reads each device's block through a ``numpy.memmap`` of the
+    tensor; the tensor is named from the file's header (8-byte length, then JSON with each
+    tensor's byte range), which the memmap's offset points into.
+    """
     import numpy as np
 
-    from lisa_jax import hf as hf_lib
     fractions: dict[str, list[float]] = {}
-    block = hf_lib._SafetensorsFile.block
+    names: dict[tuple[str, int], tuple[str, int]] = {}
 
-    def recording_block(self, name, index):
-        out = block(self, name, index)
-        fractions.setdefault(name, []).append(out.size / np.prod(self.header[name]["shape"]))
-        return out
+    def tensor_at(fn, offset):
+        if (fn, offset) not in names:
+            with open(fn, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    names[(fn, 8 + n + info["data_offsets"][0])] = (name,
+                                                                    int(np.prod(info["shape"])))
+        return names[(fn, offset)]
 
-    hf_lib._SafetensorsFile.block = recording_block
+    memmap = np.memmap
+
+    class RecordingMemmap(memmap):
+        def __new__(cls, filename, *args, offset=0, **kwargs):
+            out = memmap.__new__(cls, filename, *args, offset=offset, **kwargs)
+            out.tensor = tensor_at(os.fspath(filename), offset)
+            return out
+
+        def __getitem__(self, index):
+            out = super().__getitem__(index)
+            name, size = getattr(self, "tensor", (None, 0))
+            if name is not None:
+                fractions.setdefault(name, []).append(np.size(out) / size)
+            return np.asarray(out)
+
+    np.memmap = RecordingMemmap
     try:
         yield fractions
     finally:
-        hf_lib._SafetensorsFile.block = block
+        np.memmap = memmap
 
 
 def _worker_load(path: str) -> dict:

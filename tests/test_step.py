@@ -1,4 +1,5 @@
-"""The fast LISA step against the plain path (full gradient tree -> LISA transform)."""
+"""lisa_jax.step: the fast LISA step against the plain path (full gradient tree -> LISA
+transform), the LoRA step, the chunked loss, accumulation and clipping."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from lisa_jax import model as M
 from lisa_jax import ops
 from lisa_jax import step as S
 from lisa_jax.layout import slot_of_layer
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_layers
+from lisa_jax.stack_vjp import REMAT_MODES
 
 LAYOUTS = ["stacked", "per_layer"]
 
@@ -20,39 +21,12 @@ LAYOUTS = ["stacked", "per_layer"]
 def in_layout(params, layout):
     return layout_lib.convert(params, layout)
 
-L = 6
-
-
-def tiny_cfg(**kw):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=L, num_heads=4,
-                num_kv_heads=2, head_dim=8)
-    return M.LlamaConfig(**{**base, **kw})
-
-
-def perturbed_params(cfg, seed=0):
-    """Random weights with non-trivial norms and biases (init makes them ones and zeros)."""
-    p = M.init_params(cfg, jax.random.key(seed))
-    leaves, treedef = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
-
-
-def batch_for(cfg, B=2, S_=12, seed=3, masked=True):
-    ids = jax.random.randint(jax.random.key(seed), (B, S_), 0, cfg.vocab_size)
-    out = {"input_ids": ids}
-    if masked:
-        out["loss_mask"] = (jnp.arange(S_)[None] >= S_ // 3).astype(jnp.int32).repeat(B, 0)
-    return out
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+L = 6  # the tiny config's layer count
 
 
 @pytest.mark.parametrize("remat", REMAT_MODES)
-def test_stack_with_no_sampled_layer_gives_embedding_and_head_gradients_of_autodiff(remat):
+def test_stack_with_no_sampled_layer_gives_embedding_and_head_gradients_of_autodiff(
+        remat, tiny_cfg, perturbed_params, batch_for, rel_err):
     """The paper's E+H (every layer frozen; ``bench_step.py --one eh``): the stack with no slot
     propagates activation gradients only, and the embedding, norm and head gradients equal
     plain autodiff's with the layers held constant."""
@@ -71,69 +45,9 @@ def test_stack_with_no_sampled_layer_gives_embedding_and_head_gradients_of_autod
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("remat", REMAT_MODES)
-@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2-bias"])
-def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias, layout):
-    _check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4], layout)
-
-
-# The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5:
-# the stacked backward walks each run in a loop whose trip count is the run's length; the
-# per-layer backward decides each layer's weight gradients under lax.cond.
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("active", [[0, 5], [2, 3], [5], [0, 1, 2]])
-def test_stack_vjp_gradients_for_every_frozen_run_length(active, layout):
-    _check_stack_gradients(tiny_cfg(), "none", active, layout)
-
-
-def _check_stack_gradients(cfg, remat, active, layout="stacked"):
-    p = perturbed_params(cfg)
-    ids = batch_for(cfg)["input_ids"]
-    cos, sin = ops.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
-    h0 = p["embed"][ids]
-    active = jnp.array(active)
-
-    def ref(layers, h):
-        return jnp.sum(jnp.sin(M.run_layers(cfg, layers, h, (cos, sin))))
-
-    layers = in_layout(p, layout)["layers"]
-
-    def fast(act, h):
-        out = lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin)
-        return jnp.sum(jnp.sin(out))
-
-    g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(p["layers"], h0)
-    act = jax.tree.map(lambda x: x[active], p["layers"])
-    out_ref = jax.jit(lambda: M.run_layers(cfg, p["layers"], h0, (cos, sin)))()
-    out_fast = jax.jit(lambda: lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L),
-                                        h0, cos, sin))()
-    assert rel_err(out_fast, out_ref) < 1e-6  # the forward is the model's own layer
-    g_act, g_h2 = jax.jit(jax.grad(fast, argnums=(0, 1)))(act, h0)
-    assert set(g_act) == set(p["layers"])
-    for name in g_act:
-        assert g_act[name].shape == act[name].shape
-        assert rel_err(g_act[name], g_layers[name][active]) < 1e-5, name
-    assert rel_err(g_h2, g_h) < 1e-5
-
-
-def test_stack_vjp_with_no_sampled_layer_gives_only_activation_gradient():
-    cfg = tiny_cfg()
-    p = perturbed_params(cfg)
-    ids = batch_for(cfg)["input_ids"]
-    cos, sin = ops.rope_tables(cfg, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
-    h0 = p["embed"][ids]
-    act = jax.tree.map(lambda x: x[:0], p["layers"])
-    slots = slot_of_layer(jnp.zeros((0,), jnp.int32), L)
-    g_h = jax.jit(jax.grad(lambda h: jnp.sum(lisa_layers(cfg, "none", act, p["layers"], slots, h,
-                                                        cos, sin) ** 2)))(h0)
-    g_ref = jax.jit(jax.grad(lambda h: jnp.sum(M.run_layers(cfg, p["layers"], h,
-                                                            (cos, sin)) ** 2)))(h0)
-    assert rel_err(g_h, g_ref) < 1e-5
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("inner", ["sgd_momentum", "adamw"])
-def test_fast_step_updates_equal_plain_path_over_several_periods(inner, layout):
+def test_fast_step_updates_equal_plain_path_over_several_periods(
+        inner, layout, tiny_cfg, perturbed_params, batch_for, rel_err):
     cfg = tiny_cfg(tie_embeddings=True)
     p0 = perturbed_params(cfg)
     # A larger eps keeps Adam's g / sqrt(v) from amplifying rounding in near-zero gradients.
@@ -159,7 +73,8 @@ def test_fast_step_updates_equal_plain_path_over_several_periods(inner, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_frozen_layers_are_bit_identical_after_training(layout):
+def test_frozen_layers_are_bit_identical_after_training(
+        layout, tiny_cfg, perturbed_params, batch_for):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     tx = lisa_jax.lisa(optax.adamw(1e-2), n_active=2, interval=100, key=1)
@@ -178,7 +93,7 @@ def test_frozen_layers_are_bit_identical_after_training(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_one_compile_per_active_count(layout):
+def test_one_compile_per_active_count(layout, tiny_cfg, perturbed_params, batch_for):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=2, interval=2, key=0)
@@ -206,7 +121,8 @@ def test_one_compile_per_active_count(layout):
     assert step._cache_size() == len(set(counts)) < len(counts)
 
 
-def test_lora_step_trains_only_adapters_and_starts_at_base_model():
+def test_lora_step_trains_only_adapters_and_starts_at_base_model(
+        tiny_cfg, perturbed_params, batch_for, rel_err):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     lora = lora_lib.init_lora(p0["layers"], jax.random.key(0), rank=4)
@@ -231,7 +147,7 @@ def test_lora_step_trains_only_adapters_and_starts_at_base_model():
                    M.forward(cfg, with_adapters, batch["input_ids"])) < 1e-5
 
 
-def test_chunked_loss_equals_unchunked():
+def test_chunked_loss_equals_unchunked(tiny_cfg, perturbed_params, batch_for, rel_err):
     cfg = tiny_cfg()
     p = perturbed_params(cfg)
     batch = batch_for(cfg, B=3, S_=17)
@@ -248,7 +164,7 @@ def test_chunked_loss_equals_unchunked():
         assert rel_err(a, b) < 1e-5
 
 
-def test_bad_remat_is_a_one_line_error():
+def test_bad_remat_is_a_one_line_error(tiny_cfg):
     cfg = tiny_cfg()
     tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=1)
     with pytest.raises(ValueError, match="unknown remat 'dots'.*none, mlp, full"):
@@ -256,7 +172,8 @@ def test_bad_remat_is_a_one_line_error():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradient_accumulation_equals_the_whole_batch(layout):
+def test_gradient_accumulation_equals_the_whole_batch(
+        layout, tiny_cfg, perturbed_params, batch_for, rel_err):
     cfg = tiny_cfg()
     p0 = perturbed_params(cfg)
     whole = batch_for(cfg, B=4)
@@ -273,7 +190,8 @@ def test_gradient_accumulation_equals_the_whole_batch(layout):
         assert rel_err(a, b) < 1e-5
 
 
-def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
+def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients(
+        tiny_cfg, perturbed_params, batch_for, rel_err):
     """Clipping sees the gradients of what trains (as in PyTorch, where frozen layers have no
     .grad), not those of frozen layers, which the fast step never computes."""
     cfg = tiny_cfg()
@@ -296,7 +214,8 @@ def test_clipping_in_the_fast_step_uses_the_norm_of_the_trainable_gradients():
         assert rel_err(a, b) < 1e-5
 
 
-def test_lisa_clip_norm_gives_the_fast_steps_result_from_a_full_gradient_tree():
+def test_lisa_clip_norm_gives_the_fast_steps_result_from_a_full_gradient_tree(
+        tiny_cfg, perturbed_params, batch_for, rel_err):
     """``lisa(..., clip_norm=c)`` fed the whole plain-autodiff gradient tree (frozen layers'
     gradients included) clips by the trained gradients' norm, exactly as the fast step does;
     ``optax.chain(clip_by_global_norm(c), lisa(...))`` clips by the whole tree's norm."""
