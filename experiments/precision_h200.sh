@@ -21,17 +21,17 @@ set -u -o pipefail
 export PYTHONUNBUFFERED=1
 
 ROOT=$(pwd)
-SHAPE=(--shape llama2-7b --batch 4 --seq 1024 --steps 10 --warmup 3 --timeout 240)
-OURS=(--methods lisa lora full --gammas 2 --remats none full --remat-gammas 2
-      --remat-methods lisa --layouts per_layer --lora-r 128)
+SHAPE=(--shape llama2-7b --batch-size 4 --max-seq-len 1024 --steps 10 --warmup 3 --timeout 240)
+OURS=(--methods lisa lora full --lisa-layers 2 --remats none full --remat-lisa-layers 2
+      --remat-methods lisa --layer-layouts per_layer --lora-rank 128)
 PEER_IMPL=${PEER_IMPL:-liger}  # eager or compile: the peer without Liger (no wheel needed)
-PEER=(--peer-only --peer-impl "$PEER_IMPL" --peer-methods lisa lora full --peer-gammas 2
-      --peer-remat --peer-remat-methods lisa --remat-gammas 2 --lora-r 128
+PEER=(--peer-only --peer-impl "$PEER_IMPL" --peer-methods lisa lora full --peer-lisa-layers 2
+      --peer-remat --peer-remat-methods lisa --remat-lisa-layers 2 --lora-rank 128
       --peer-steps 10 --peer-warmup 3)
 # SHAPE_ARGS replaces the shape and step flags (a toy run on a CPU, say).
 [ -n "${SHAPE_ARGS:-}" ] && read -r -a SHAPE <<<"$SHAPE_ARGS"
-# Full FT with fp32 updates holds fp32 Adam moments and int16 master remainders, ~40 GiB more
-# than the 61 GiB of bf16: XLA's pool may take 94% of the card, not 75% (before and after).
+# Full FT with fp32 updates holds fp32 Adam moments and int16 master remainders beside the bf16
+# weights: XLA's pool may take nearly all of the card, not its default share (before and after).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
 PP=${PYTHONPATH:-}
 
@@ -137,7 +137,7 @@ main() {
     [[ $info == "$ROOT/.before/lisa_jax "* ]] ||
       { echo "lisa_jax does not come from .before"; return 1; }
     PYTHONPATH=$pp_before python3 experiments/bench_step.py "${SHAPE[@]}" "${OURS[@]}" \
-      --label before --update-precision bf16 --out "$OUT/before.json"
+      --label before --update-dtype bfloat16 --out "$OUT/before.json"
     echo "== before: $((SECONDS - t0)) s"
   fi
   if has after; then
@@ -147,13 +147,13 @@ main() {
     [[ $info == "$ROOT/lisa_jax master_weights: True" ]] ||
       { echo "the working tree's lisa_jax has no master_weights"; return 1; }
     PYTHONPATH=$pp_after python3 experiments/bench_step.py "${SHAPE[@]}" "${OURS[@]}" \
-      --label after --update-precision fp32 --out "$OUT/after.json"
+      --label after --update-dtype float32 --out "$OUT/after.json"
     echo "== after: $((SECONDS - t0)) s"
   fi
   if has mu16; then  # the LISA rows again, with AdamW's first moment in bfloat16
     t0=$SECONDS
     PYTHONPATH=$pp_after python3 experiments/bench_step.py "${SHAPE[@]}" "${OURS[@]}" \
-      --methods lisa --label after-mu16 --update-precision fp32 --mu-dtype bfloat16 \
+      --methods lisa --label after-mu16 --update-dtype float32 --mu-dtype bfloat16 \
       --out "$OUT/after_mu16.json"
     echo "== mu16: $((SECONDS - t0)) s"
   fi
