@@ -358,12 +358,12 @@ def _save(run: _Steps, progress: _Progress) -> None:
     meta = {"step": progress.step, "data": run.loader.state_dict(),
             **run.method.checkpoint_meta()}
     progress.params = methods.to_layout(progress.params, run.cfg, training=False)
-    run.saving = progress.step
+    run.saving = progress.step  # until the save is complete (an interruption reads it)
     try:
         run.ckpts.save(progress.step, progress.params, run.method.state, meta)
     finally:
-        run.saving = None
         progress.params = methods.to_layout(progress.params, run.cfg, training=True)
+    run.saving = None
     progress.last_saved = progress.step
 
 

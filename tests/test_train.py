@@ -177,3 +177,47 @@ def test_demo_trains_exports_and_transformers_loads_it(tmp_path, capsys):
     ours = np.asarray(load_hf(tmp_path / "demo" / "hf")(ids.numpy()))
     assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
 
+
+
+@pytest.mark.parametrize("cut", [2, 4])  # the first save (no checkpoint yet), the second
+def test_a_second_ctrl_c_during_a_save_stops_at_once_and_the_run_resumes(
+        model_dir, data_file, tmp_path, capsys, monkeypatch, cut):
+    """Ctrl-C twice while step ``cut`` is being saved (its temporary directory half written):
+    the run stops at once, exit status 130, one line naming the last complete checkpoint; the
+    half-written step is gone and the earlier one kept (--keep-checkpoints 1). A plain rerun
+    and --resume agree: the directory holds the run, --resume continues it (from step 0 when
+    it had no checkpoint yet), and metrics.jsonl ends with one row per step."""
+    import orbax.checkpoint as ocp
+    out = tmp_path / "run"
+    real = ocp.CheckpointManager.save
+
+    def interrupted(self, step, *a, **k):
+        if step == cut:
+            tmp = Path(str(self.directory)) / f"{step}.orbax-checkpoint-tmp-1"
+            tmp.mkdir()
+            (tmp / "params").write_text("partial")
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(self, step, *a, **k)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted)
+    args = ["train", "--model", model_dir, "--data", data_file, "--out", str(out), "--steps",
+            "6", "--save-every", "2", "--keep-checkpoints", "1", "--batch-size", "4",
+            "--max-seq-len", "128", "--no-progress", "--no-export"]
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("SIGINT: stopping after this step with a checkpoint"), err
+    kept = ("the last checkpoint, step 2, is intact; continue from it with --resume" if cut == 4
+            else "no checkpoint was saved yet; --resume starts the run again at step 0")
+    assert err[1:] == [f"stopped: stopped at once at step {cut} during the save of step {cut}, "
+                       f"which was discarded: {kept}"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        (["2"] if cut == 4 else [])
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+    assert cli.main(args) == 2
+    assert "holds another run; pass --resume to continue it" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert (f"resumed {out} at step 2" if cut == 4 else "the run starts again at step 0") in said
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert Checkpoints(out / "checkpoints", 1).all_steps() == [6]
