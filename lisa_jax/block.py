@@ -79,6 +79,11 @@ LAYER_PARAMS = (
           init="zeros", tp_dim=0, heads="kv", decay=False, present=lambda c: c.attention_bias),
     Param("bv", lambda c: (c.num_kv_heads * c.head_dim,), "self_attn.v_proj.bias",
           init="zeros", tp_dim=0, heads="kv", decay=False, present=lambda c: c.attention_bias),
+    # Qwen3: RMSNorm of each query and key head before RoPE.
+    Param("q_norm", lambda c: (c.head_dim,), "self_attn.q_norm.weight", init="ones",
+          decay=False, present=lambda c: c.qk_norm),
+    Param("k_norm", lambda c: (c.head_dim,), "self_attn.k_norm.weight", init="ones",
+          decay=False, present=lambda c: c.qk_norm),
 )
 
 GLOBAL_PARAMS = (
@@ -112,6 +117,7 @@ class Family:
 
     architecture: str
     attention_bias: bool = False
+    qk_norm: bool = False
     hf_extra: Callable[[Any], dict] = lambda cfg: {}
     hf_drop: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
 
@@ -127,6 +133,9 @@ FAMILIES = {
                     hf_extra=lambda cfg: {"use_sliding_window": False},
                     hf_drop=lambda cfg: ("head_dim",) if
                     cfg.head_dim * cfg.num_heads == cfg.hidden_size else ()),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True,
+                    hf_extra=lambda cfg: {"attention_bias": cfg.attention_bias,
+                                          "use_sliding_window": False}),
 }
 
 
@@ -152,9 +161,13 @@ def _qkv(cfg, lp, rope, x_BxSxD):
     q, k, v = x_BxSxD @ lp["wq"], x_BxSxD @ lp["wk"], x_BxSxD @ lp["wv"]
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(B, S, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = ops.rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = ops.rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     cos, sin = rope
-    q = ops.apply_rope(q.reshape(B, S, cfg.num_heads, cfg.head_dim), cos, sin)
-    k = ops.apply_rope(k.reshape(B, S, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
     return q, k, v.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
 
 

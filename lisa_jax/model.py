@@ -56,6 +56,7 @@ class LlamaConfig:
     rope_scaling: tuple | None = None
     tie_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head
     max_position_embeddings: int = 4096
     model_type: str = "llama"
     bos_token_id: int | None = 1
@@ -107,6 +108,7 @@ class LlamaConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias",
                                        block.FAMILIES[model_type].attention_bias)),
+            qk_norm=block.FAMILIES[model_type].qk_norm,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             model_type=model_type, bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"), dtype=dtype)
