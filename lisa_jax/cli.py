@@ -196,8 +196,8 @@ def cmd_export(argv, debug: bool = False) -> int:
     from lisa_jax.hf import save_hf
     out = Path(a.out)
     if out.exists() and not out.is_dir():
-        print(f"error: --out {a.out} is a file; pass --out a directory (new, empty, or with "
-              "--overwrite one to replace)", file=sys.stderr)
+        print(f"error: --out {a.out} is a file; pass --out a directory (new or empty; "
+              "--overwrite replaces one with files)", file=sys.stderr)
         return 2
     under = next((d for d in out.parents if d.exists()), None)
     if under is not None and not under.is_dir():

@@ -52,7 +52,7 @@ def os_error_line(e: OSError, doing: str) -> str:
     (or lower --keep-checkpoints), then continue with --resume"
     """
     import errno
-    where = f" ({e.filename!r})" if e.filename else ""
+    where = f" ({e.filename!r})" if e.filename and str(e.filename) not in doing else ""
     what = (e.strerror or str(e) or type(e).__name__).rstrip(".")
     what = what[0].lower() + what[1:] if what else what
     fix = {errno.ENOSPC: "free space on that disk (or lower --keep-checkpoints), then continue "
