@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -117,13 +118,22 @@ def apply_rope(x_BxSxNxH, cos_BxSxH, sin_BxSxH):
 # ----------------------------------------------------------------------------- attention
 
 
+def deterministic_gpu_ops() -> bool:
+    """Whether XLA runs with its deterministic GPU ops (``lisa-jax train --deterministic``)."""
+    return "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
+
+
 def attention_impl(cfg) -> str | None:
-    """Which ``jax.nn.dot_product_attention`` implementation a causal, unmasked call uses."""
+    """Which ``jax.nn.dot_product_attention`` implementation a causal, unmasked call uses.
+
+    "auto" takes cuDNN's fused attention on a GPU with 16-bit compute, except under XLA's
+    deterministic GPU ops: there the LISA backward's cuDNN attention fails to compile, and
+    XLA's own attention repeats bit for bit."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and cfg.dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 \
-            and cfg.head_dim <= 256:
+            and cfg.head_dim <= 256 and not deterministic_gpu_ops():
         return "cudnn"
     return "xla"
 
