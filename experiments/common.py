@@ -19,6 +19,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import SHAPES  # noqa: E402
 
+
+def _find_lisa_jax() -> None:
+    """Let a script run from a checkout without an install: the repository joins the path
+    last, when no lisa_jax is importable otherwise (PYTHONPATH and an install come first)."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("lisa_jax") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+_find_lisa_jax()
+
 # The trainer's settings the scripts take, under its names (lisa_jax/config.py's TrainConfig;
 # a flag is the field's name with dashes): (type, help, choices).
 FLAGS = {
