@@ -513,6 +513,8 @@ def render_plain(record: dict) -> list[tuple[str, bool]]:
     segs: list[tuple[str, bool]] = []
     pending = ""
     for m in record["messages"]:
+        if segs and not pending:  # a turn after a reply (and its eos) starts a new paragraph
+            pending = "\n\n"
         if m["role"] == "system":
             pending += m["content"] + "\n\n"
         elif m["role"] == "user":

@@ -768,3 +768,14 @@ def test_all_empty_responses_warn_and_count(tmp_path):
         warnings.simplefilter("error")
         _, stats = data.build_examples(empty + ALPACA, tok, 64)
     assert stats.empty_responses == 3
+
+
+def test_plain_template_separates_a_later_turn_from_the_reply_before_it():
+    """In the plain template a second user turn starts a new paragraph: the decoded
+    conversation never glues an instruction to the previous reply's last word."""
+    segs = data.render_plain({"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})
+    assert [t for t, target in segs if target] == ["b", "d"]
+    assert segs[2][0].startswith("\n\n### Instruction:\nc")
+    assert not segs[0][0].startswith("\n")  # the first turn has nothing to be separated from
