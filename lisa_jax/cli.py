@@ -28,6 +28,13 @@ DEBUG_HELP = (f"show the traceback of an error instead of its one line (also: {D
               "in the environment)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its own mistakes on one line too (a wrong type, an unknown flag)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def _debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
@@ -37,7 +44,7 @@ def debug_from_env() -> bool:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lisa-jax train", description="Fine-tune with LISA, full "
+    p = _Parser(prog="lisa-jax train", description="Fine-tune with LISA, full "
                                 "fine-tuning or LoRA.")
     p.add_argument("--config", help="a YAML file of settings (examples: configs/); flags "
                    "override it")
@@ -101,7 +108,7 @@ def _load_for_inference(path: str, dtype: str):
 
 
 def cmd_generate(argv, debug: bool = False) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lisa-jax generate",
         description="Generate from an HF directory or a run directory. Prompts are rendered as "
                     "training renders them: through the tokenizer's chat template when it has "
@@ -186,7 +193,7 @@ def _check_generate_args(a) -> None:
 
 
 def cmd_export(argv, debug: bool = False) -> int:
-    p = argparse.ArgumentParser(prog="lisa-jax export",
+    p = _Parser(prog="lisa-jax export",
                                 description="Write a run's latest checkpoint as an HF directory.")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--out", required=True, help="HF directory to write")

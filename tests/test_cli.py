@@ -57,7 +57,10 @@ def test_a_mistyped_command_is_named_in_a_one_line_error(capsys):
 
 
 def run_cli(args, capsys):
-    rc = cli.main(args)
+    try:
+        rc = cli.main(args)
+    except SystemExit as e:  # argparse's own errors exit from inside it
+        rc = e.code
     captured = capsys.readouterr()
     return rc, captured.err.strip()
 
@@ -79,6 +82,9 @@ def run_cli(args, capsys):
     ("epochs_zero", r"--epochs must be positive, got 0.0"),
     ("out_is_a_file", r"--out .* is a file; pass --out a directory"),
     ("negative_lr", r"--lr must be a positive number, got -0.001"),  # reaches the check
+    ("steps_not_a_number",
+     r"argument --steps: invalid int value: 'abc'; see `lisa-jax train --help`"),
+    ("unknown_flag", r"unrecognized arguments: --lisa-layer 2; see `lisa-jax train --help`"),
     ("tokenizer_larger_than_model",
      r"the tokenizer of .* has \d+ tokens but the model's vocab_size is \d+"),
     ("second_data_file_missing", r"data file .*nope\.jsonl' not found; pass --data"),
@@ -138,6 +144,10 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, mon
         cfg = tmp_path / "c.yaml"
         cfg.write_text("batch_size: four\n")
         args += ["--config", str(cfg)]
+    elif case == "steps_not_a_number":
+        args[8] = "abc"
+    elif case == "unknown_flag":
+        args += ["--lisa-layer", "2"]
     elif case == "negative_lr":
         args += ["--lr", "-1e-3"]
     elif case == "out_is_a_file":
