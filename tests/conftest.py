@@ -6,7 +6,8 @@ Variants (``HF_VARIANTS``), all float32, 2-3 layers, hidden 32-64, vocab 128-256
 * ``llama3``  -- Llama 3.2 style: ``rope_scaling`` llama3, tied embeddings, GQA;
 * ``gqa``     -- TinyLlama style grouped-query attention (8 heads, 2 kv heads);
 * ``qwen2``   -- ``Qwen2ForCausalLM`` (q/k/v biases);
-* ``mistral`` -- ``MistralForCausalLM`` without a sliding window.
+* ``mistral`` -- ``MistralForCausalLM`` without a sliding window;
+* ``qwen3``   -- ``Qwen3ForCausalLM`` (RMSNorm of each query and key head, head_dim given).
 
 Weights are drawn with a fixed torch seed at a scale that gives peaked next-token
 distributions (so greedy decoding has no near-ties); norm weights and biases get nonzero
@@ -54,7 +55,7 @@ hypothesis_settings.register_profile("derandomized", derandomize=True)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("LISA_JAX_HYPOTHESIS_PROFILE", "derandomized"))
 
-HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral")
+HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral", "qwen3")
 
 _COMMON = dict(bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 
@@ -90,6 +91,12 @@ def _hf_config(variant: str):
             vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
             sliding_window=None, **_COMMON)
+    if variant == "qwen3":
+        return transformers.Qwen3Config(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=256, rope_theta=1000000.0, use_sliding_window=False,
+            tie_word_embeddings=False, **_COMMON)
     raise KeyError(variant)
 
 
@@ -119,7 +126,8 @@ def build_hf_model(variant: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = _hf_config(variant)
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "mistral": transformers.MistralForCausalLM}[cfg.model_type]
+           "mistral": transformers.MistralForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM}[cfg.model_type]
     model = cls(cfg).eval()
     _randomize(model, seed)
     return model
@@ -227,6 +235,7 @@ BLOCK_VARIANTS = {
     "bias": dict(attention_bias=True),                          # Qwen2's q/k/v biases
     "rope_llama3": dict(rope_scaling=("llama3", 8.0, 1.0, 4.0, 8)),
     "tied": dict(tie_embeddings=True),                          # no lm_head
+    "qk_norm": dict(qk_norm=True),                              # Qwen3's per-head q/k norms
 }
 
 

@@ -58,10 +58,12 @@ def test_init_params_has_one_leaf_per_present_row_with_its_shape_and_init(block_
         else:
             assert row.init == "normal"
             assert abs(x.std() - 0.02) < 0.004 and abs(x.mean()) < 0.004, row.name
-    # Absent rows are exactly the variant's: biases without attention_bias, lm_head when tied.
+    # Absent rows are exactly the variant's: biases without attention_bias, q/k norms without
+    # qk_norm, lm_head when tied.
     absent = {r.name for r in block.LAYER_PARAMS + block.GLOBAL_PARAMS} - \
         {r.name for r in layer_rows + global_rows}
     assert absent == ({"bq", "bk", "bv"} if not cfg.attention_bias else set()) | \
+        ({"q_norm", "k_norm"} if not cfg.qk_norm else set()) | \
         ({"lm_head"} if cfg.tie_embeddings else set())
 
 

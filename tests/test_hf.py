@@ -481,8 +481,9 @@ def test_max_shard_size_units_and_greedy_shards(tiny_llama_dir, tmp_path):
     assert set(maps["2GB"][1]) == set(maps["500MiB"][1]) == {"model.safetensors"}
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(attention_bias=True), dict(tie_embeddings=True)],
-                         ids=["llama", "bias", "tied"])
+@pytest.mark.parametrize("overrides", [{}, dict(attention_bias=True), dict(tie_embeddings=True),
+                                       dict(model_type="qwen3", qk_norm=True)],
+                         ids=["llama", "bias", "tied", "qk_norm"])
 def test_saved_tensor_names_and_orientation_come_from_the_block_table(
         overrides, tiny_cfg, tmp_path):
     """save_hf writes exactly one tensor per present row of ``block``'s table (a layer row once

@@ -78,6 +78,7 @@ def test_run_layers_remat_and_layout_change_nothing_but_memory(tiny_cfg, perturb
 def test_config_survives_to_hf_and_from_hf(model_type, rope_scaling, tiny_cfg):
     cfg = tiny_cfg(model_type=model_type, rope_scaling=rope_scaling,
                    attention_bias=block.FAMILIES[model_type].attention_bias,
+                   qk_norm=block.FAMILIES[model_type].qk_norm,
                    eos_token_id=(2, 7), tie_embeddings=model_type == "llama")
     hf = cfg.to_hf()
     assert hf["architectures"] == [block.FAMILIES[model_type].architecture]
@@ -107,8 +108,8 @@ def test_from_hf_defaults_and_errors():
 # ----------------------------------------------------------------------------- weight decay
 
 
-@pytest.mark.parametrize("overrides", [dict(attention_bias=True), dict(tie_embeddings=True)],
-                         ids=["bias", "tied"])
+@pytest.mark.parametrize("overrides", [dict(attention_bias=True), dict(tie_embeddings=True),
+                                       dict(qk_norm=True)], ids=["bias", "tied", "qk_norm"])
 def test_weight_decay_mask_is_false_exactly_at_the_tables_no_decay_rows(overrides, tiny_cfg):
     cfg = tiny_cfg(**overrides)
     params = M.init_params(cfg, jax.random.key(0))
