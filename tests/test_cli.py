@@ -84,7 +84,7 @@ def run_cli(args, capsys):
     ("negative_lr", r"--lr must be a positive number, got -0.001"),  # reaches the check
     ("steps_not_a_number",
      r"argument --steps: invalid int value: 'abc'; see `lisa-jax train --help`"),
-    ("unknown_flag", r"unrecognized arguments: --lisa-layer 2; see `lisa-jax train --help`"),
+    ("unknown_flag", r"unrecognized arguments: --lisa-gamma 2; see `lisa-jax train --help`"),
     ("tokenizer_larger_than_model",
      r"the tokenizer of .* has \d+ tokens but the model's vocab_size is \d+"),
     ("second_data_file_missing", r"data file .*nope\.jsonl' not found; pass --data"),
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, mon
     elif case == "steps_not_a_number":
         args[8] = "abc"
     elif case == "unknown_flag":
-        args += ["--lisa-layer", "2"]
+        args += ["--lisa-gamma", "2"]
     elif case == "negative_lr":
         args += ["--lr", "-1e-3"]
     elif case == "out_is_a_file":
