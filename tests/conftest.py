@@ -330,3 +330,45 @@ def data_file(tmp_path_factory):
     lines = (DEMO_DIR / "instructions.jsonl").read_text().splitlines()[:200]
     out.write_text("\n".join(lines) + "\n")
     return str(out)
+
+
+# ----------------------------------------------------------------------------- trainer runs
+
+@pytest.fixture(scope="session")
+def small():
+    """``small(model_dir, data_file, out, **settings)``: the TrainConfig of a short run."""
+    from lisa_jax.config import TrainConfig
+
+    def make(model_dir, data_file, out, **kw):
+        base = dict(model=model_dir, data=data_file, out=str(out), steps=8, lr=3e-3,
+                    batch_size=4, max_seq_len=128, lisa_layers=2, lisa_interval=3,
+                    save_every=4, eval_every=4, eval_batches=2, progress=False, export=False)
+        return TrainConfig(**{**base, **kw})
+    return make
+
+
+@pytest.fixture(scope="session")
+def final_params():
+    """``final_params(run_dir) -> (step, params, meta)`` of a run's latest checkpoint."""
+    from pathlib import Path
+
+    from lisa_jax.checkpoints import Checkpoints
+
+    def read(run_dir):
+        ck = Checkpoints(Path(run_dir) / "checkpoints", 2)
+        step = ck.latest()
+        restored = ck.read(step, "params", "meta")
+        return step, restored["params"], restored["meta"]
+    return read
+
+
+@pytest.fixture(scope="session")
+def logged_layers():
+    """``logged_layers(run_dir) -> {step: active layers}`` from a run's metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    def read(run_dir):
+        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
+    return read

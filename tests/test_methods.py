@@ -15,27 +15,8 @@ from lisa_jax.importance import probs_from_norms, save_probs
 from lisa_jax.train import train
 
 
-def small(model_dir, data_file, out, **kw):
-    base = dict(model=model_dir, data=data_file, out=str(out), steps=8, lr=3e-3,
-                batch_size=4, max_seq_len=128, lisa_layers=2, lisa_interval=3, save_every=4,
-                eval_every=4, eval_batches=2, progress=False, export=False)
-    return TrainConfig(**{**base, **kw})
-
-
-def final_params(run_dir):
-    ck = Checkpoints(Path(run_dir) / "checkpoints", 2)
-    step = ck.latest()
-    restored = ck.read(step, "params", "meta")
-    return step, restored["params"], restored["meta"]
-
-
-def logged_layers(run_dir):
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
-
-
 def test_lisa_on_every_layer_equals_full_fine_tuning_with_decay_and_clipping(
-        model_dir, data_file, tmp_path):
+        model_dir, data_file, tmp_path, small, final_params):
     """γ = L trains what full fine-tuning trains, with the same AdamW: weight decay spares the
     norm scales of both (a stacked norm ``[L, D]`` is no matrix), and both clip by the norm of
     every gradient."""
@@ -51,7 +32,7 @@ def test_lisa_on_every_layer_equals_full_fine_tuning_with_decay_and_clipping(
 
 
 def test_per_layer_layout_trains_as_the_stacked_one_and_shares_its_checkpoints(
-        model_dir, data_file, tmp_path):
+        model_dir, data_file, tmp_path, small, final_params, logged_layers):
     """The per-layer layout (``--layer-layout per_layer``) is a layout, not another method: the
     same run in both layouts ends at the same weights (to float rounding: the programs
     differ), and a run interrupted in one layout resumes in the other."""
@@ -83,7 +64,7 @@ def test_every_method_of_the_settings_has_a_class_picked_by_name():
     ("lisa", {}), ("lisa", {"lisa_probs": "0.5,0.5,0.5,0.5"}), ("full", {}), ("lora", {}),
     ("lisa", {"dtype": "bfloat16"})])
 def test_state_template_has_the_structure_of_a_trained_state_and_needs_no_schedule(
-        model_dir, data_file, tmp_path, method, kw):
+        model_dir, data_file, tmp_path, method, kw, small):
     """What ``lisa-jax export`` restores a checkpoint into: a template built without the run's
     schedule, yet of the structure of the state the run saved."""
     cfg = small(model_dir, data_file, tmp_path / "run", method=method, steps=2, save_every=2,

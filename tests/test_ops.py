@@ -227,3 +227,14 @@ def test_attention_impl_is_the_configs_unless_auto():
     cfg.attention_impl = "auto"
     want = "cudnn" if jax.default_backend() == "gpu" else "xla"
     assert ops.attention_impl(cfg) == want
+
+
+def test_auto_attention_is_xla_under_deterministic_gpu_ops(monkeypatch):
+    """XLA's deterministic GPU ops leave "auto" no cuDNN attention (it fails to compile in the
+    LISA backward there), whatever the backend; without them a GPU in 16 bits takes cuDNN."""
+    cfg = type("C", (), {"attention_impl": "auto", "dtype": "bfloat16", "head_dim": 64})()
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+    assert not ops.deterministic_gpu_ops() and ops.attention_impl(cfg) == "cudnn"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_gpu_deterministic_ops=true")
+    assert ops.deterministic_gpu_ops() and ops.attention_impl(cfg) == "xla"

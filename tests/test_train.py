@@ -17,30 +17,12 @@ from lisa_jax.config import TrainConfig, TrainError, load_config
 from lisa_jax.train import train
 
 
-def small(model_dir, data_file, out, **kw):
-    base = dict(model=model_dir, data=data_file, out=str(out), steps=8, lr=3e-3,
-                batch_size=4, max_seq_len=128, lisa_layers=2, lisa_interval=3, save_every=4,
-                eval_every=4, eval_batches=2, progress=False, export=False)
-    return TrainConfig(**{**base, **kw})
-
-
-def final_params(run_dir):
-    ck = Checkpoints(Path(run_dir) / "checkpoints", 2)
-    step = ck.latest()
-    restored = ck.read(step, "params", "meta")
-    return step, restored["params"], restored["meta"]
-
-
-def logged_layers(run_dir):
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["active_layers"] for r in rows if "active_layers" in r}
-
-
 @pytest.mark.parametrize("method,layout,dtype", [
     ("lisa", "stacked", "float32"), ("lisa", "per_layer", "float32"), ("lora", "auto", "float32"),
     ("lisa", "per_layer", "bfloat16")])  # bfloat16: the masters' remainders resume too
 def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method,
-                                                    layout, dtype):
+                                                    layout, dtype, small, final_params,
+                                                    logged_layers):
     kw = dict(method=method, layer_layout=layout, dtype=dtype)
     straight = train(small(model_dir, data_file, tmp_path / "a", **kw))
     assert straight["status"] == "finished"
@@ -70,7 +52,7 @@ def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_pa
 
 
 def test_resume_from_the_run_directory_alone_and_with_a_changed_step_count(
-        model_dir, data_file, tmp_path, capsys):
+        model_dir, data_file, tmp_path, capsys, small):
     """``--out DIR --resume`` continues from the run's saved settings; a setting that may
     change (the step count) is applied, printed and saved in config.yaml."""
     out = tmp_path / "run"
@@ -84,7 +66,7 @@ def test_resume_from_the_run_directory_alone_and_with_a_changed_step_count(
 
 
 def test_resume_refuses_a_fixed_setting_and_changes_nothing(model_dir, data_file, tmp_path,
-                                                             capsys):
+                                                             capsys, small):
     out = tmp_path / "run"
     train(small(model_dir, data_file, out), halt_at=4)
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -97,7 +79,8 @@ def test_resume_refuses_a_fixed_setting_and_changes_nothing(model_dir, data_file
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 
-def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path):
+def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path, small,
+                                                      final_params, logged_layers):
     """Bernoulli LISA can sample no layer for a period; its state then holds zero-size arrays,
     which must checkpoint and resume like any other (orbax alone refuses them). Per-layer
     layout: it also has no sampled layer to gather or write back then."""
@@ -115,7 +98,7 @@ def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(model_dir, data_file,
-                                                                  tmp_path):
+                                                                  tmp_path, final_params):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lisa_jax.cli", "train", "--model", model_dir, "--data",
            data_file, "--out", str(out), "--steps", "100000", "--save-every", "100000",
@@ -137,7 +120,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(model_dir, data
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(model_dir, data_file, tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch, small, final_params):
     out = tmp_path / "run"
     train(small(model_dir, data_file, out, steps=2, save_every=2))
     before = final_params(out)
