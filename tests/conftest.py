@@ -48,6 +48,15 @@ if (os.environ.get("LISA_JAX_TEST_XLA_OPT", "0") != "1" and not glob.glob("/dev/
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
 
+# Many tests compile the same programs (the trainer's steps for one tiny model, the same step
+# under several checks): JAX's persistent compilation cache, fresh for each session and shared
+# with the subprocesses tests start (through the environment), compiles each program once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lisa_jax_test_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 # Hypothesis draws the same examples on every run, so a test's outcome never depends on luck
 # (a failure seen once is seen every time). LISA_JAX_HYPOTHESIS_PROFILE=explore draws fresh
 # random examples, for hunting new counterexamples locally.

@@ -180,6 +180,7 @@ def test_liger_peer_without_liger_fails_in_one_line():
     assert p.stderr.strip().count("\n") == 0 and "liger_kernel is not importable" in p.stderr
 
 
+@pytest.mark.slow
 def test_driver_labels_our_rows_and_the_eager_peer(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "b.json"

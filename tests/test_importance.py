@@ -184,6 +184,7 @@ def _rows(run_dir):
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_trainer_online_importance_logs_changing_probs_and_resumes_exactly(model_dir, data_file,
                                                                           tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"

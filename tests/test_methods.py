@@ -31,6 +31,7 @@ def test_lisa_on_every_layer_equals_full_fine_tuning_with_decay_and_clipping(
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # test_step checks the per-layer step against the stacked one
 def test_per_layer_layout_trains_as_the_stacked_one_and_shares_its_checkpoints(
         model_dir, data_file, tmp_path, small, final_params, logged_layers):
     """The per-layer layout (``--layer-layout per_layer``) is a layout, not another method: the

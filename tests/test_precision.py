@@ -263,8 +263,10 @@ def _trained(tree, active):
     return {**tree, "layers": jax.tree.map(lambda x: x[active], tree["layers"])}
 
 
-@pytest.mark.parametrize("method,layout", [("lisa", "stacked"), ("lisa", "per_layer"),
-                                           ("full", "stacked"), ("lora", "stacked")])
+@pytest.mark.parametrize("method,layout", [
+    ("lisa", "stacked"), ("lisa", "per_layer"),
+    pytest.param("full", "stacked", marks=pytest.mark.slow),
+    pytest.param("lora", "stacked", marks=pytest.mark.slow)])
 def test_bfloat16_run_tracks_the_float32_run(method, layout):
     """150 steps at lr 1e-5 from the same weights: for every trained matrix the bfloat16 run's
     weights end close to the float32 run's, relative to how far the float32 run moved them

@@ -5,9 +5,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 QUALITY = Path(__file__).resolve().parents[1] / "experiments" / "quality.py"
 
 
+@pytest.mark.slow
 def test_quality_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("quality_exp", QUALITY)
     mod = importlib.util.module_from_spec(spec)

@@ -85,7 +85,7 @@ def _spec_str(spec) -> str:
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("method", ["lisa", "full"])
+@pytest.mark.parametrize("method", ["lisa", pytest.param("full", marks=pytest.mark.slow)])
 def test_sharded_training_equals_one_device_and_leaves_carry_their_shardings(method):
     out = run_worker("train", method)
     for mesh, res in out.items():
@@ -125,6 +125,7 @@ def test_load_hf_places_each_leaf_in_its_sharding(make_tiny_hf):
     assert len(out["largest_block"]) == 3 + 3 * 9  # embed, norm, head; 9 tensors per layer
 
 
+@pytest.mark.slow  # two processes; test_trainer_with_mesh_runs_sharded is the quick check
 def test_two_processes_load_their_halves_train_and_export_like_one(make_tiny_hf, tmp_path):
     """Several hosts, simulated by two processes of 4 CPU devices joined by
     ``jax.distributed``: each reads only the blocks of its own devices, the sharded LISA steps
@@ -153,6 +154,7 @@ def test_two_processes_load_their_halves_train_and_export_like_one(make_tiny_hf,
     assert any(not np.array_equal(ref[name], before[name]) for name in ref)  # the steps did train
 
 
+@pytest.mark.slow
 def test_trainer_on_two_processes_matches_one_process(tmp_path):
     """``lisa-jax train --distributed`` as two processes of 4 CPU devices against the same run
     on one process of 8: same losses and layers, one set of files (process 0's), an export that

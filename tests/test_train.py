@@ -18,7 +18,9 @@ from lisa_jax.train import train
 
 
 @pytest.mark.parametrize("method,layout,dtype", [
-    ("lisa", "stacked", "float32"), ("lisa", "per_layer", "float32"), ("lora", "auto", "float32"),
+    ("lisa", "stacked", "float32"),
+    pytest.param("lisa", "per_layer", "float32", marks=pytest.mark.slow),
+    ("lora", "auto", "float32"),
     ("lisa", "per_layer", "bfloat16")])  # bfloat16: the masters' remainders resume too
 def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method,
                                                     layout, dtype, small, final_params,
@@ -79,6 +81,7 @@ def test_resume_refuses_a_fixed_setting_and_changes_nothing(model_dir, data_file
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 
+@pytest.mark.slow
 def test_resume_across_a_period_with_no_sampled_layer(model_dir, data_file, tmp_path, small,
                                                       final_params, logged_layers):
     """Bernoulli LISA can sample no layer for a period; its state then holds zero-size arrays,
