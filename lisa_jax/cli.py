@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from lisa_jax.config import (TrainConfig, TrainError, choices, flag, help_text, load_config,
-                             os_error_line, setting_type)
+from lisa_jax.config import (TrainConfig, TrainError, TrainInterrupted, choices, flag,
+                             help_text, load_config, os_error_line, setting_type)
 from lisa_jax.train import main_train
 
 DEBUG_ENV = "LISA_JAX_DEBUG"
@@ -78,7 +78,7 @@ def cmd_train(argv, debug: bool = False) -> int:
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return main_train(cfg, debug=debug)
+    return main_train(cfg)
 
 
 def _load_for_inference(path: str, dtype: str):
@@ -273,10 +273,15 @@ def main(argv=None) -> int:
             if argv[0] == "train" else ""
         print(f"stopped: interrupted{resume}", file=sys.stderr)
         return 130
+    except TrainInterrupted as e:  # stopped at once: what was kept and how to go on
+        if debug:
+            raise
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     except TrainError as e:
         if debug:
             raise
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {_first_line(e, limit=None)}", file=sys.stderr)
         return 2
     except OSError as e:
         if debug:
@@ -291,9 +296,9 @@ def main(argv=None) -> int:
         return 1
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int | None = 300) -> str:
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

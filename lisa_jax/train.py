@@ -40,8 +40,7 @@ from lisa_jax import prompts
 from lisa_jax import runlog
 from lisa_jax.checkpoints import Checkpoints
 from lisa_jax.config import (TrainConfig, TrainError, TrainInterrupted, check_config,
-                             data_paths, load_config, os_error_line, resume_changes,
-                             with_default_remat)
+                             data_paths, os_error_line, resume_changes, with_default_remat)
 
 
 def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
@@ -380,22 +379,9 @@ def _stack_micro(batches: list[dict]) -> dict:
     return {"input_ids": ids, "loss_mask": mask}
 
 
-def main_train(cfg: TrainConfig, debug: bool = False) -> int:
-    """``lisa-jax train``: run and print the summary; one-line errors for bad input (with
-    ``debug``, the exception itself)."""
-    try:
-        s = train(cfg)
-    except TrainInterrupted as e:
-        if debug:
-            raise
-        print(f"stopped: {e}", file=sys.stderr)
-        return 130
-    except TrainError as e:
-        if debug:
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
-        return 2
+def main_train(cfg: TrainConfig) -> int:
+    """``lisa-jax train``: run and print the summary (errors are ``lisa_jax.cli.main``'s)."""
+    s = train(cfg)
     print(f"done: {s['steps']} steps in {s['time_s']} s, {s['tokens']:,} tokens, peak "
           f"{s['peak_memory_kind']} memory {s['peak_memory_gib']} GiB")
     if "hf_dir" in s:
@@ -405,7 +391,3 @@ def main_train(cfg: TrainConfig, debug: bool = False) -> int:
         print(f"after:  {smp['prompt']} -> {smp['output']!r}{expected}")
     return 130 if s["status"] == "interrupted" else 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    demo = load_config(None, {"demo": True, "out": os.environ.get("OUT", "runs/demo")})
-    sys.exit(main_train(demo))
