@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/common.p
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, uninstalled
 
 import common  # noqa: E402
-
-DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+from lisa_jax.ops import DETERMINISTIC_XLA_FLAG  # noqa: E402  (jax starts no backend yet)
 
 
 def run_twice(method: str, cfg, steps: int, batch_size: int, seq_len: int, lr: float):
@@ -74,12 +73,12 @@ def main() -> None:
     common.add_flags(ap, many=("method",), shape="tinyllama-1.1b", method=["lisa", "full",
                      "lora"], steps=12, batch_size=4, max_seq_len=1024, lr=1e-4)
     ap.add_argument("--deterministic", action="store_true",
-                    help=f"run with XLA_FLAGS {DETERMINISTIC_FLAG}")
+                    help=f"run with XLA_FLAGS {DETERMINISTIC_XLA_FLAG}")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.deterministic:  # before jax starts its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                                   DETERMINISTIC_FLAG).strip()
+                                   DETERMINISTIC_XLA_FLAG).strip()
     cfg = common.model_config(a.shape)
     rows = []
     for method in a.methods:

@@ -118,9 +118,12 @@ def apply_rope(x_BxSxNxH, cos_BxSxH, sin_BxSxH):
 # ----------------------------------------------------------------------------- attention
 
 
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
 def deterministic_gpu_ops() -> bool:
     """Whether XLA runs with its deterministic GPU ops (``lisa-jax train --deterministic``)."""
-    return "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
+    return DETERMINISTIC_XLA_FLAG in os.environ.get("XLA_FLAGS", "")
 
 
 def attention_impl(cfg) -> str | None:

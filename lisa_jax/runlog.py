@@ -21,6 +21,7 @@ import jax
 import yaml
 
 from lisa_jax.config import TrainConfig, TrainError, os_error_line
+from lisa_jax.ops import DETERMINISTIC_XLA_FLAG
 
 # ----------------------------------------------------------------------------- processes
 
@@ -51,8 +52,6 @@ def init_distributed(cfg: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- determinism
-
-DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def _backends_started() -> bool:
