@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
+from lisa_jax.block import REMAT_MODES as LISA_REMAT_MODES
 from lisa_jax.lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 from lisa_jax.model import REMAT_POLICIES
-from lisa_jax.stack_vjp import REMAT_MODES as LISA_REMAT_MODES
 
 DEMO_DIR = Path(__file__).parent / "demo"
 

@@ -22,8 +22,6 @@ import jax
 
 from lisa_jax import block, layout
 
-REMAT_MODES = block.REMAT_MODES
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def lisa_layers(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin):

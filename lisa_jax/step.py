@@ -36,7 +36,8 @@ from lisa_jax import layout
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import ops
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_layers
+from lisa_jax.block import REMAT_MODES
+from lisa_jax.stack_vjp import lisa_layers
 
 # Tokens per chunk of the LM loss: one chunk of float32 logits (4096 x vocab) is alive at a
 # time; the backward recomputes each chunk's logits, one extra head matmul in all.

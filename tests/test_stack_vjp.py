@@ -7,8 +7,9 @@ import pytest
 from lisa_jax import layout as layout_lib
 from lisa_jax import model as M
 from lisa_jax import ops
+from lisa_jax.block import REMAT_MODES
 from lisa_jax.layout import slot_of_layer
-from lisa_jax.stack_vjp import REMAT_MODES, lisa_layers
+from lisa_jax.stack_vjp import lisa_layers
 
 LAYOUTS = ["stacked", "per_layer"]
 L = 6  # the tiny config's layer count

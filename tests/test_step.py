@@ -13,7 +13,7 @@ from lisa_jax import model as M
 from lisa_jax import ops
 from lisa_jax import step as S
 from lisa_jax.layout import slot_of_layer
-from lisa_jax.stack_vjp import REMAT_MODES
+from lisa_jax.block import REMAT_MODES
 
 LAYOUTS = ["stacked", "per_layer"]
 
