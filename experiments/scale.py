@@ -42,10 +42,10 @@ def random_params(cfg, mesh):
     import jax
     import jax.numpy as jnp
 
-    from lisa_jax import model as M
+    import lisa_jax
     from lisa_jax import sharding as SH
 
-    shapes = jax.eval_shape(lambda k: M.init_params(cfg, k), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: lisa_jax.init_params(cfg, k), jax.random.key(0))
     shardings = SH.param_shardings(cfg, shapes, mesh)
 
     def init(key):
@@ -69,7 +69,6 @@ def run_one(a) -> dict:
 
     import lisa_jax
     from lisa_jax import lora as lora_lib
-    from lisa_jax import model as M
     from lisa_jax import sharding as SH
     from lisa_jax import step as S
 

@@ -1,7 +1,6 @@
 """The training methods: one interface picked by name, LISA on every layer equals full
 fine-tuning, the per-layer layout, state templates for checkpoints, --lisa-probs files."""
 import json
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -13,7 +13,7 @@ import pytest
 
 from lisa_jax import cli
 from lisa_jax.checkpoints import Checkpoints
-from lisa_jax.config import TrainConfig, TrainError, load_config
+from lisa_jax.config import TrainError, load_config
 from lisa_jax.train import train
 
 
