@@ -141,19 +141,27 @@ def attention_impl(cfg) -> str | None:
     return "xla"
 
 
-def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla"):
+def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla",
+              window: int | None = None):
     """Causal grouped-query attention; ``mask_BxSxS`` (bool, True = attend) for padding.
 
     Without a mask the causal flag alone is used: right padding needs no mask, since no real
     token attends to a later (padding) one. That keeps the cuDNN flash path for training.
+
+    ``window`` (Mistral's, Qwen2's and Gemma's sliding window): each query sees only the
+    ``window`` latest keys, itself included, as ``local_window_size`` (which keeps cuDNN's
+    fused kernel); it counts indices, so queries and keys must share them (not a KV cache's).
     """
+    local = None if window is None else (window - 1, 0)
     if mask_BxSxS is None:
         return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
-                                            implementation=impl)
+                                            implementation=impl,
+                                            local_window_size=local)
     # Masked calls (padding on the left, KV-cache decoding) use XLA's implementation, which
     # takes an arbitrary mask; they are not on the training hot path.
     return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH,
-                                        mask=mask_BxSxS[:, None], implementation="xla")
+                                        mask=mask_BxSxS[:, None], implementation="xla",
+                                        local_window_size=local)
 
 
 def positions_and_mask(attention_mask_BxS, seq_len: int, batch: int):
