@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,12 +142,35 @@ def attention_impl(cfg) -> str | None:
     return "xla"
 
 
+class Segments(NamedTuple):
+    """Packed rows (``--packing``): ``ids_BxS[b, t]`` numbers the example token ``t`` belongs to
+    (1, 2, ... within a row; 0 for padding). Passed where a mask goes, it makes attention causal
+    within each example and never across two."""
+
+    ids_BxS: Any
+
+
+def segment_positions(segment_ids_BxS):
+    """Each token's position within its example: 0 at the first token of every segment.
+
+    >>> segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+    """
+    ids = segment_ids_BxS
+    idx = jnp.arange(ids.shape[-1])
+    starts = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
 def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla",
               window: int | None = None):
-    """Causal grouped-query attention; ``mask_BxSxS`` (bool, True = attend) for padding.
+    """Causal grouped-query attention; ``mask_BxSxS`` (bool, True = attend) for padding, or
+    ``Segments`` for packed rows.
 
     Without a mask the causal flag alone is used: right padding needs no mask, since no real
     token attends to a later (padding) one. That keeps the cuDNN flash path for training.
+    Packed rows keep ``impl`` too: the same-segment mask goes with the causal flag to
+    ``jax.nn.dot_product_attention``, which hands it to cuDNN's fused kernel as a bias.
 
     ``window`` (Mistral's, Qwen2's and Gemma's sliding window): each query sees only the
     ``window`` latest keys, itself included, as ``local_window_size`` (which keeps cuDNN's
@@ -157,6 +181,12 @@ def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla
         return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
                                             implementation=impl,
                                             local_window_size=local)
+    if isinstance(mask_BxSxS, Segments):
+        ids = mask_BxSxS.ids_BxS
+        same = ids[:, None, :, None] == ids[:, None, None, :]
+        return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask=same,
+                                            is_causal=True, implementation=impl,
+                                            local_window_size=local)
     # Masked calls (padding on the left, KV-cache decoding) use XLA's implementation, which
     # takes an arbitrary mask; they are not on the training hot path.
     return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH,
@@ -164,8 +194,11 @@ def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla
                                         local_window_size=local)
 
 
-def positions_and_mask(attention_mask_BxS, seq_len: int, batch: int):
-    """Positions and the attention mask for an optional ``[B, S]`` 0/1 padding mask."""
+def positions_and_mask(attention_mask_BxS, seq_len: int, batch: int, segment_ids_BxS=None):
+    """Positions and the attention mask for an optional ``[B, S]`` 0/1 padding mask, or for
+    packed rows' ``segment_ids_BxS`` (positions restart at each example; ``Segments``)."""
+    if segment_ids_BxS is not None:
+        return segment_positions(segment_ids_BxS), Segments(segment_ids_BxS)
     if attention_mask_BxS is None:
         return jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)), None
     m = attention_mask_BxS.astype(bool)
