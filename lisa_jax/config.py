@@ -160,6 +160,23 @@ class TrainConfig:
                                           "none)")
     eval_every: int = _setting(50, "steps between evaluations")
     eval_batches: int = _setting(8, "most batches of an evaluation")
+    eval_data: str | None = _setting(None, "records with reference answers (the --data formats: "
+                                           "instruction/input/output, or messages ending with "
+                                           "the assistant's reference reply), answered greedily "
+                                           "every --eval-every steps and scored by "
+                                           "--eval-scorer")
+    eval_scorer: str = _setting("exact", "how a reply to --eval-data is scored against its "
+                                         "reference, logged as eval_<name>: exact, contains, "
+                                         "first_line, or module:function (reply, reference) -> "
+                                         "number; several: exact,contains")
+    eval_max_examples: int = _setting(100, "--eval-data: most records answered per evaluation "
+                                           "(the first ones)")
+    eval_max_new_tokens: int = _setting(64, "--eval-data: most tokens generated per reply")
+    keep_best: str | None = _setting(None, "keep the export of the best evaluation in best/ "
+                                           "by this metric: eval_loss (lower is better) or "
+                                           "eval_<scorer>, e.g. eval_exact (higher is better)")
+    early_stop_patience: int = _setting(0, "stop after this many evaluations without an "
+                                           "improvement of --keep-best's metric (0: never)")
     log_every: int = _setting(1, "steps between rows of metrics.jsonl")
     save_every: int = _setting(100, "steps between checkpoints")
     keep_checkpoints: int = _setting(2, "checkpoints kept (the latest ones)")
@@ -314,7 +331,8 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
         raise TrainError(f"--remat {cfg.remat} is not a mode of --method {cfg.method}; use one "
                          f"of {', '.join(modes)}")
     for name in ("batch_size", "grad_accum", "max_seq_len", "lisa_interval", "log_every",
-                 "eval_every", "save_every", "eval_batches"):
+                 "eval_every", "save_every", "eval_batches", "eval_max_examples",
+                 "eval_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise TrainError(f"{flag(name)} must be at least 1")
     if cfg.layer_layout not in choices("layer_layout"):
@@ -325,6 +343,8 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
                          "(or use --layer-layout stacked) with other methods or with --mesh")
     if cfg.steps is not None and cfg.steps < 1:
         raise TrainError("--steps must be at least 1")
+    from lisa_jax.evaluate import check_eval_settings
+    check_eval_settings(cfg, paths)
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.steps is None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
