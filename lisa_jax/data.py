@@ -32,17 +32,34 @@ and each response are tokenized separately and concatenated, so the boundary bet
 trained tokens is exact. ``loss_mask[t] = 1`` marks token ``t`` as a target (the convention of
 ``lisa_jax.model.causal_lm_loss``): response tokens only, and for chat only assistant turns.
 
+``train_on_inputs`` makes every token after the first a target (prompts and user turns too).
+The template is chosen with ``chat_template`` (``--chat-template``): ``auto`` (the tokenizer's
+when it has one, else plain), ``tokenizer``, ``plain`` or the path of a Jinja file.
+
 Batches are right padded (causal attention needs no mask for that: no real token attends to a
 later pad) and their length ``S`` is rounded up to one of a few bucket lengths, so a jitted
-step compiles only a few shapes. Sequence packing is deliberately not offered: the attention
-path has no segment ids, so packed examples would attend across their boundaries.
+step compiles only a few shapes.
+
+Packing (``DataLoader(..., packing=True)``, ``--packing``) puts several examples in a row of up
+to ``max_seq_len`` tokens (best fit, longest first, over each epoch's shuffled examples). The
+batch then carries ``segment_ids`` (1, 2, ... per example in a row, 0 for padding): attention
+stays within an example and positions restart at each (``lisa_jax.ops.Segments``), and each
+example's first token is no target, so a packed row gives every example the loss and
+gradient it has alone.
+
+Mixing (``--data a.jsonl:0.7,b.parquet:0.3``, ``parse_data_spec``): each epoch draws as many
+examples as the files hold together, from each file in proportion to its weight; a file
+smaller than its share repeats, a larger one gives a different random subset each epoch. The
+draw is seeded by the seed and the epoch, so a resumed run sees the same mixture.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -71,6 +88,57 @@ _RECORD_FORMS = ("Alpaca records need 'instruction' and 'output' (and optionally
                  "records 'messages', ShareGPT records 'conversations'")
 _TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv",
                    ".arrow": "arrow"}
+
+
+_WEIGHTED = re.compile(r"(.+):([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+
+
+def parse_data_spec(spec: str) -> tuple[list[str], list[float] | None]:
+    """``--data``'s paths and mixing weights: ``"a.jsonl"``, ``"a.jsonl,b.parquet"`` (read in
+    order) or ``"a.jsonl:0.7,b.parquet:0.3"`` (mixed by weight; ``None`` when not weighted).
+
+    A path that exists is taken whole, so a file whose name holds a comma or ends in
+    ``:<number>`` still reads as that file; a weight is a plain number after the last colon.
+
+    >>> parse_data_spec("a.jsonl:0.7,b.parquet:0.3")
+    (['a.jsonl', 'b.parquet'], [0.7, 0.3])
+    >>> parse_data_spec("a.jsonl,b.parquet")
+    (['a.jsonl', 'b.parquet'], None)
+    >>> parse_data_spec("C:\\data\\a.jsonl")
+    (['C:\\data\\a.jsonl'], None)
+    """
+    if not spec:
+        return [], None
+    items = [spec] if Path(spec).exists() or "," not in spec else \
+        [p for p in spec.split(",") if p]
+    paths: list[str] = []
+    weights: list[float | None] = []
+    for item in items:
+        m = None if Path(item).exists() else _WEIGHTED.fullmatch(item)
+        paths.append(m.group(1) if m else item)
+        weights.append(float(m.group(2)) if m else None)
+    if all(w is None for w in weights):
+        return paths, None
+    if any(w is None for w in weights):
+        bare = paths[weights.index(None)]
+        raise DataError(f"--data gives weights to some files but not to {bare}; give every file "
+                        "a weight (a.jsonl:0.7,b.jsonl:0.3) or none")
+    for path, w in zip(paths, weights):
+        if not w > 0:
+            raise DataError(f"--data weight of {path} is {w:g}; weights must be positive (drop "
+                            "the file to leave it out)")
+    return paths, weights  # type: ignore[return-value]
+
+
+def load_sources(paths: Sequence[str | Path]) -> tuple[list[dict], list[int]]:
+    """The records of several files in order, and the index of the file each came from."""
+    records: list[dict] = []
+    sources: list[int] = []
+    for i, p in enumerate(paths):
+        recs = load_records(p)
+        records += recs
+        sources += [i] * len(recs)
+    return records, sources
 
 
 def load_records(path: str | Path | Sequence[str | Path]) -> list[dict]:
@@ -556,6 +624,48 @@ def render_chat_template(tokenizer, record: dict) -> list[tuple[str, bool]]:
     return [(t, tgt) for t, tgt in segs if t]
 
 
+CHAT_TEMPLATES = ("auto", "tokenizer", "plain")
+
+
+def use_chat_template(tokenizer, choice: str | None = "auto") -> bool:
+    """Apply ``--chat-template`` to ``tokenizer`` and say whether rendering uses a chat template.
+
+    ``auto`` (or None): the tokenizer's when it has one, else the plain template; ``tokenizer``:
+    the tokenizer's, which it must have; ``plain``: the plain template (the tokenizer's
+    template is removed, so samples and ``generate`` render alike); otherwise the path of a
+    Jinja file, which becomes the tokenizer's template (and so is exported with it).
+    """
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if choice in (None, "auto"):
+        return has
+    if choice == "tokenizer":
+        if not has:
+            src = getattr(tokenizer, "name_or_path", "") or "the --model directory"
+            raise DataError(f"the tokenizer of {src} has no chat template; pass --chat-template "
+                            "plain or --chat-template FILE.jinja")
+        return True
+    if choice == "plain":
+        if has:
+            tokenizer.chat_template = None
+        return False
+    p = Path(choice)
+    if not p.is_file():
+        raise DataError(f"--chat-template {choice!r} is neither auto, tokenizer, plain nor a "
+                        "Jinja file; pass one of those")
+    text = _read_text(p)
+    if not text.strip():
+        raise DataError(f"--chat-template file {p} is empty; pass a Jinja chat template")
+    tokenizer.chat_template = text
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant",
+                                       "content": "b"}], tokenize=False)
+    except Exception as e:  # jinja2's TemplateError and whatever the template raises
+        raise DataError(f"--chat-template file {p} does not render a conversation "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "fix the template") from None
+    return True
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether ``tokenizer(text)`` itself puts the BOS token first (``add_bos_token`` or its
     post-processor); Llama-3 and ChatML tokenizers, for instance, do not."""
@@ -571,12 +681,14 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 
 def tokenize_record(tokenizer, record: dict, use_chat_template: bool | None = None,
-                    add_bos: bool | None = None) -> Example:
+                    add_bos: bool | None = None, train_on_inputs: bool = False) -> Example:
     """Render and tokenize one record, each segment on its own, and build its loss mask.
 
     BOS comes first when the tokenizer would add it to a plain ``tokenizer(text)`` call
     (``add_bos``: that answer, if already known), so training and generation from the same
     text agree; a chat template that writes the BOS itself is not given a second one.
+    ``train_on_inputs``: every token is a target, prompts too (the first token is never one:
+    nothing before it predicts it).
     """
     if "conversations" in record and "messages" not in record:
         record = normalize_record(record, "the record")
@@ -598,7 +710,9 @@ def tokenize_record(tokenizer, record: dict, use_chat_template: bool | None = No
         if is_target and not use_chat_template:
             piece = piece + [eos]
         ids += piece
-        mask += [int(is_target)] * len(piece)
+        mask += [int(is_target or train_on_inputs)] * len(piece)
+    if train_on_inputs and mask:
+        mask[0] = 0
     return Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
 
 
@@ -614,12 +728,15 @@ class DataStats:
     empty_responses: int = 0  # records whose responses are all empty (only eos is a target)
     max_len: int = 0
     mean_len: float = 0.0
+    # The index (in the records given) of each example kept, in order.
+    kept: list = dataclasses.field(default_factory=list, repr=False)
 
 
 def build_examples(records: Sequence[dict], tokenizer, max_seq_len: int,
                    truncate: bool = False,
                    use_chat_template: bool | None = None,
-                   warn_empty: bool = True) -> tuple[list[Example], DataStats]:
+                   warn_empty: bool = True,
+                   train_on_inputs: bool = False) -> tuple[list[Example], DataStats]:
     """Tokenized examples of ``records``; longer than ``max_seq_len`` ones are dropped (default)
     or cut to it (``truncate=True``; kept only if a target token survives).
 
@@ -632,7 +749,7 @@ def build_examples(records: Sequence[dict], tokenizer, max_seq_len: int,
     for i, r in enumerate(records):
         r = normalize_record(r, i)
         stats.empty_responses += response_is_empty(r)
-        ex = tokenize_record(tokenizer, r, use_chat_template, add_bos)
+        ex = tokenize_record(tokenizer, r, use_chat_template, add_bos, train_on_inputs)
         if len(ex) > max_seq_len:
             if not truncate:
                 stats.dropped_too_long += 1
@@ -643,6 +760,7 @@ def build_examples(records: Sequence[dict], tokenizer, max_seq_len: int,
             stats.dropped_no_target += 1
             continue
         out.append(ex)
+        stats.kept.append(i)
     if records and not out:
         if stats.dropped_too_long:
             raise DataError(f"all {len(records)} examples are longer than max length "
@@ -700,23 +818,33 @@ class Splits:
     train: list[Example]
     eval: list[Example]
     stats: DataStats
+    # The --data file each training example came from (its index), when there are several.
+    train_sources: list[int] | None = None
 
 
 def prepare_data(path: str | Path | Sequence[str | Path], tokenizer, max_seq_len: int,
                  eval_fraction: float | None = None, eval_size: int | None = None,
                  seed: int = 0, truncate: bool = False,
-                 use_chat_template: bool | None = None) -> Splits:
+                 use_chat_template: bool | None = None,
+                 train_on_inputs: bool = False) -> Splits:
     """Load (one data file or folder, or a list of them: ``load_records``), split (on records,
-    so the split does not depend on ``max_seq_len``) and tokenize."""
-    records = load_records(path)
+    so the split does not depend on ``max_seq_len``) and tokenize; ``train_sources`` tells
+    which file each training example came from (for mixing weights)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise DataError(f"no data files given; pass --data a {DATA_FORMATS}")
+    records, sources = load_sources(paths)
     if all(response_is_empty(r) for r in records):
         _warn_all_empty(len(records))
-    tr, ev = train_eval_split(records, eval_fraction, eval_size, seed)
+    tr_idx, ev_idx = train_eval_split(list(range(len(records))), eval_fraction, eval_size, seed)
+    tr, ev = [records[i] for i in tr_idx], [records[i] for i in ev_idx]
     train, stats = build_examples(tr, tokenizer, max_seq_len, truncate, use_chat_template,
-                                  warn_empty=False)
+                                  warn_empty=False, train_on_inputs=train_on_inputs)
     evals, _ = (build_examples(ev, tokenizer, max_seq_len, truncate, use_chat_template,
-                               warn_empty=False) if ev else ([], None))
-    return Splits(train, evals, stats)
+                               warn_empty=False, train_on_inputs=train_on_inputs)
+                if ev else ([], None))
+    train_sources = [sources[tr_idx[k]] for k in stats.kept]
+    return Splits(train, evals, stats, train_sources if len(paths) > 1 else None)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -742,6 +870,58 @@ def pad_batch(examples: Sequence[Example], batch_size: int, seq_len: int,
             "num_examples": len(examples)}
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of item indices whose lengths sum to at most ``capacity`` each: best fit, longest
+    first (ties in the given order), each row's items in the order they were placed.
+
+    >>> pack_rows([5, 3, 6, 2, 4], 8)
+    [[2, 3], [0, 1], [4]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in order:
+        n = int(lengths[i])
+        if n > capacity:
+            raise DataError(f"an example has {n} tokens, more than --max-seq-len {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def pack_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], batch_size: int,
+               seq_len: int, pad_id: int) -> dict[str, Any]:
+    """Packed int32 arrays ``[batch_size, seq_len]``: row ``r`` holds ``examples[i]`` for ``i``
+    in ``rows[r]`` one after another, ``segment_ids`` numbering them 1, 2, ... (0: padding;
+    missing rows are all padding). Each example's first token is no target: in a row, the
+    token before it belongs to another example."""
+    ids = np.full((batch_size, seq_len), pad_id, np.int32)
+    mask = np.zeros((batch_size, seq_len), np.int32)
+    seg = np.zeros((batch_size, seq_len), np.int32)
+    n_tok = n_ex = 0
+    for r, row in enumerate(rows):
+        t = 0
+        for k, i in enumerate(row, 1):
+            ex = examples[i]
+            n = len(ex)
+            ids[r, t:t + n] = ex.input_ids
+            mask[r, t:t + n] = ex.loss_mask
+            mask[r, t] = 0
+            seg[r, t:t + n] = k
+            t += n
+        n_tok += t
+        n_ex += len(row)
+    return {"input_ids": ids, "loss_mask": mask, "segment_ids": seg, "num_tokens": n_tok,
+            "num_target_tokens": int(mask.sum()), "num_examples": n_ex}
+
+
 class DataLoader:
     """Deterministic, resumable stream of fixed-shape batches, epoch after epoch.
 
@@ -755,6 +935,15 @@ class DataLoader:
     random with the epoch's shuffle (so a different few each epoch); otherwise the final
     partial batch is filled with all-pad rows (loss mask 0), keeping the batch shape fixed.
 
+    ``packing``: the epoch's shuffled examples are packed into rows of up to the largest
+    bucket (``pack_rows``), the rows shuffled and batched ``batch_size`` at a time; batches
+    carry ``segment_ids`` (``pack_batch``). The number of batches then varies a little from
+    epoch to epoch; ``len()`` is epoch 0's.
+
+    ``sources`` (the file of each example) and ``weights`` (one per file): each epoch draws
+    ``len(examples)`` examples, from file ``i`` in proportion to ``weights[i]`` (whole passes
+    over a file, then a random subset of it), deterministic in ``(seed, epoch)``.
+
     ``state_dict()`` after ``k`` batches, loaded into a fresh loader over the same examples and
     settings, makes it yield exactly batch ``k + 1`` onwards.
     """
@@ -762,7 +951,9 @@ class DataLoader:
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int = 0,
                  pad_id: int = 0, max_seq_len: int | None = None,
                  buckets: Sequence[int] | None = None, chunk_batches: int = 16,
-                 drop_last: bool = True, shuffle: bool = True, num_epochs: int | None = None):
+                 drop_last: bool = True, shuffle: bool = True, num_epochs: int | None = None,
+                 packing: bool = False, sources: Sequence[int] | None = None,
+                 weights: Sequence[float] | None = None):
         if not examples:
             raise DataError("no examples to batch; pass --data a file of instruction records")
         if batch_size < 1:
@@ -771,7 +962,8 @@ class DataLoader:
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = int(pad_id)
-        longest = max(len(e) for e in self.examples)
+        self.lengths = np.asarray([len(e) for e in self.examples])
+        longest = int(self.lengths.max())
         if buckets is None:
             top = max_seq_len or -(-longest // BUCKET_MULTIPLE) * BUCKET_MULTIPLE
             buckets = bucket_lengths(top)
@@ -783,49 +975,110 @@ class DataLoader:
         self.drop_last = drop_last
         self.shuffle = shuffle
         self.num_epochs = num_epochs
-        n = len(self.examples)
-        self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{n} training examples make no full batch of {batch_size}; lower "
-                            f"--batch-size to {n} or add examples to --data (the eval split "
-                            "and examples over --max-seq-len are not among them)")
+        self.packing = bool(packing)
+        self._quotas = self._mixture_quotas(sources, weights)
         self.epoch = 0
         self.position = 0  # batches already yielded in this epoch
         self._plan_epoch: int | None = None
-        self._plan: list[np.ndarray] = []
+        self._plan: list = []
+        n = len(self.epoch_pool(0))
+        if not self.packing and (n // batch_size if drop_last else -(-n // batch_size)) == 0:
+            raise DataError(f"{n} training examples make no full batch of {batch_size}; lower "
+                            f"--batch-size to {n} or add examples to --data (the eval split "
+                            "and examples over --max-seq-len are not among them)")
+        self.batches_per_epoch = len(self._plan_for(0))
+        if self.batches_per_epoch == 0:
+            rows = len(pack_rows(self.lengths.tolist(), self.buckets[-1]))
+            raise DataError(f"{n} training examples pack into {rows} rows of --max-seq-len "
+                            f"{self.buckets[-1]}, no full batch of {batch_size}; lower "
+                            f"--batch-size to {rows} or add examples to --data (the eval split "
+                            "and examples over --max-seq-len are not among them)")
+
+    def _mixture_quotas(self, sources, weights):
+        """Per file: its example indices and how many of them an epoch draws."""
+        if weights is None:
+            return None
+        if sources is None or len(sources) != len(self.examples):
+            raise ValueError("mixing weights need the source of every example")
+        src = np.asarray(sources)
+        total = float(sum(weights))
+        quotas = []
+        for i, w in enumerate(weights):
+            members = np.flatnonzero(src == i)
+            if not len(members):
+                raise DataError(f"--data file {i + 1} (weight {w:g}) has no training example "
+                                "left; drop it or give it records within --max-seq-len")
+            quotas.append((members, max(1, int(round(w / total * len(self.examples))))))
+        return quotas
 
     # -- planning
 
-    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """The example indices of each batch of ``epoch``, in order."""
-        n, B = len(self.examples), self.batch_size
-        lens = np.asarray([len(e) for e in self.examples])
+    def epoch_pool(self, epoch: int) -> np.ndarray:
+        """The example indices of ``epoch`` before shuffling (repeats where a file is drawn more
+        than once): every example once, or the mixture's draw."""
+        if self._quotas is None:
+            return np.arange(len(self.examples))
+        rng = np.random.default_rng([self.seed, epoch, 0x313])
+        parts = []
+        for members, quota in self._quotas:
+            reps, rest = divmod(quota, len(members))
+            parts += [members] * reps
+            parts.append(np.sort(rng.choice(members, rest, replace=False)))
+        return np.concatenate(parts)
+
+    def epoch_plan(self, epoch: int) -> list:
+        """The example indices of each batch of ``epoch``, in order (with ``packing``: each
+        batch a list of rows, each row a list of example indices)."""
+        pool, B = self.epoch_pool(epoch), self.batch_size
+        n = len(pool)
+        lens = self.lengths[pool]
         if not self.shuffle:
-            order = np.arange(n)
-            batches = [order[i:i + B] for i in range(0, n, B)]
-        else:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(n)
-            if self.drop_last:
-                # Leave out the remainder before sorting by length: cut after the sort, it
-                # would be the longest examples of the last chunk in every epoch.
-                order = order[: n - n % B]
-            chunk = B * self.chunk_batches
-            sorted_order = np.concatenate([
-                c[np.argsort(lens[c], kind="stable")]
-                for c in (order[i:i + chunk] for i in range(0, len(order), chunk))])
-            batches = [sorted_order[i:i + B] for i in range(0, len(sorted_order), B)]
+            if self.packing:
+                rows = [[int(pool[i]) for i in row]
+                        for row in pack_rows(lens.tolist(), self.buckets[-1])]
+                batches = [rows[i:i + B] for i in range(0, len(rows), B)]
+            else:
+                batches = [pool[i:i + B] for i in range(0, n, B)]
+            if self.drop_last and batches and len(batches[-1]) < B:
+                batches = batches[:-1]
+            return batches
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n)
+        if self.packing:
+            rows = pack_rows(lens[order].tolist(), self.buckets[-1])
+            rows = [[int(pool[order[i]]) for i in row] for row in rows]
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+            batches = [rows[i:i + B] for i in range(0, len(rows), B)]
+            if self.drop_last and batches and len(batches[-1]) < B:
+                batches = batches[:-1]
+            return batches
+        if self.drop_last:
+            # Leave out the remainder before sorting by length: cut after the sort, it
+            # would be the longest examples of the last chunk in every epoch.
+            order = order[: n - n % B]
+        chunk = B * self.chunk_batches
+        sorted_order = np.concatenate([
+            c[np.argsort(lens[c], kind="stable")]
+            for c in (order[i:i + chunk] for i in range(0, len(order), chunk))])
+        batches = [sorted_order[i:i + B] for i in range(0, len(sorted_order), B)]
         if self.drop_last and len(batches[-1]) < B:
             batches = batches[:-1]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches = [pool[batches[i]] for i in rng.permutation(len(batches))]
         return batches
+
+    def _plan_for(self, epoch: int) -> list:
+        if self._plan_epoch != epoch:
+            self._plan, self._plan_epoch = self.epoch_plan(epoch), epoch
+        return self._plan
 
     def bucket_for(self, length: int) -> int:
         i = int(np.searchsorted(self.buckets, length))
         return self.buckets[i]
 
-    def make_batch(self, idx: np.ndarray) -> dict[str, Any]:
+    def make_batch(self, idx) -> dict[str, Any]:
+        if self.packing:
+            S = self.bucket_for(max(int(sum(self.lengths[i] for i in row)) for row in idx))
+            return pack_batch(self.examples, idx, self.batch_size, S, self.pad_id)
         exs = [self.examples[i] for i in idx]
         S = self.bucket_for(max(len(e) for e in exs))
         return pad_batch(exs, self.batch_size, S, self.pad_id)
@@ -836,14 +1089,13 @@ class DataLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self.position >= self.batches_per_epoch:
+        if self.position >= len(self._plan_for(self.epoch)):
             self.epoch += 1
             self.position = 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        if self._plan_epoch != self.epoch:
-            self._plan, self._plan_epoch = self.epoch_plan(self.epoch), self.epoch
-        batch = self.make_batch(self._plan[self.position])
+        plan = self._plan_for(self.epoch)
+        batch = self.make_batch(plan[self.position])
         batch["epoch"], batch["step_in_epoch"] = self.epoch, self.position
         self.position += 1
         return batch
@@ -859,7 +1111,8 @@ class DataLoader:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_examples": len(self.examples), "batch_size": self.batch_size}
+                "num_examples": len(self.examples), "batch_size": self.batch_size,
+                "packing": int(self.packing)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, what, mine, fix in (
@@ -870,6 +1123,10 @@ class DataLoader:
             if key in state and int(state[key]) != mine:
                 raise DataError(f"the checkpoint's data position is for {what.format(state[key])}"
                                 f" but this run has {what.format(mine)}; resume with {fix}")
+        if bool(state.get("packing", 0)) != self.packing:
+            was, now = ("packed", "unpacked") if state.get("packing") else ("unpacked", "packed")
+            raise DataError(f"the checkpoint's data position is for {was} batches but this run's "
+                            f"are {now}; resume with{'' if was == 'packed' else 'out'} --packing")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
