@@ -104,8 +104,8 @@ def parse_data_spec(spec: str) -> tuple[list[str], list[float] | None]:
     (['a.jsonl', 'b.parquet'], [0.7, 0.3])
     >>> parse_data_spec("a.jsonl,b.parquet")
     (['a.jsonl', 'b.parquet'], None)
-    >>> parse_data_spec("C:\\data\\a.jsonl")
-    (['C:\\data\\a.jsonl'], None)
+    >>> parse_data_spec("C:/data/a.jsonl")  # a drive letter is no weight
+    (['C:/data/a.jsonl'], None)
     """
     if not spec:
         return [], None
