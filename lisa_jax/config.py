@@ -125,6 +125,15 @@ class TrainConfig:
     batch_size: int = _setting(8, "examples per micro-batch")
     max_seq_len: int = _setting(512, "longest example in tokens")
     truncate: bool = _setting(False, "cut over-long examples instead of dropping them")
+    packing: bool = _setting(False, "pack several examples into each row of up to "
+                                    "--max-seq-len tokens (attention and positions stay per "
+                                    "example); fewer pad tokens, more examples a step")
+    chat_template: str = _setting("auto", "how records are rendered: auto (the tokenizer's chat "
+                                          "template when it has one, else plain), tokenizer, "
+                                          "plain (the Alpaca template) or a Jinja file's path")
+    train_on_inputs: bool = _setting(False, "loss on the prompt tokens too (instructions, "
+                                            "inputs, system and user turns), not only on "
+                                            "the responses")
     steps: int | None = _setting(None, "total optimizer steps (default: --epochs over the data)")
     epochs: float = _setting(1.0, "passes over the training data when --steps is not given")
     seed: int = _setting(0, "seed of the data order, the evaluation split, LISA's sampler and "
@@ -362,15 +371,29 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
         if not Path(path).exists():
             raise TrainError(f"data file {path!r} not found; pass --data FILE (JSONL, JSON, "
                              "parquet, CSV) or a save_to_disk folder")
+    if cfg.chat_template not in ("auto", "tokenizer", "plain") and \
+            not Path(cfg.chat_template).is_file():
+        raise TrainError(f"--chat-template {cfg.chat_template!r} is neither auto, tokenizer, "
+                         "plain nor a Jinja file; pass one of those")
 
 
 def data_paths(cfg: TrainConfig) -> list[str]:
-    """The files ``--data`` names: one path, or several joined by commas (read in order)."""
-    if not cfg.data:
-        return []
-    if Path(cfg.data).exists() or "," not in cfg.data:
-        return [cfg.data]
-    return [p for p in cfg.data.split(",") if p]
+    """The files ``--data`` names: one path, or several joined by commas (read in order),
+    each optionally weighted (``a.jsonl:0.7,b.jsonl:0.3``; ``data_weights``)."""
+    return data_spec(cfg)[0]
+
+
+def data_weights(cfg: TrainConfig) -> list[float] | None:
+    """The mixing weights ``--data`` gives its files, or None."""
+    return data_spec(cfg)[1]
+
+
+def data_spec(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
+    from lisa_jax.data import DataError, parse_data_spec
+    try:
+        return parse_data_spec(cfg.data or "")
+    except DataError as e:
+        raise TrainError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -384,7 +407,8 @@ FIXED_ON_RESUME = (
     "model", "data", "method", "lisa_layers", "lisa_interval", "lisa_probs", "lisa_reset",
     "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lora_rank",
     "lora_alpha", "lora_targets", "grad_accum", "batch_size", "max_seq_len", "truncate",
-    "seed", "dtype", "update_dtype", "eval_fraction")
+    "seed", "dtype", "update_dtype", "eval_fraction", "packing", "chat_template",
+    "train_on_inputs")
 
 
 def resume_changes(cfg: TrainConfig, out: Path) -> dict[str, tuple]:
