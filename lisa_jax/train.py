@@ -40,7 +40,8 @@ from lisa_jax import prompts
 from lisa_jax import runlog
 from lisa_jax.checkpoints import Checkpoints
 from lisa_jax.config import (TrainConfig, TrainError, TrainInterrupted, check_config,
-                             data_paths, os_error_line, resume_changes, with_default_remat)
+                             data_paths, data_weights, os_error_line, resume_changes,
+                             with_default_remat)
 
 
 def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
@@ -126,9 +127,12 @@ def _read_inputs(cfg: TrainConfig) -> _Inputs:
     from lisa_jax.hf import load_hf
     try:
         tokenizer = data_lib.load_tokenizer(cfg.model)
+        chat = data_lib.use_chat_template(tokenizer, cfg.chat_template)
         splits = data_lib.prepare_data(data_paths(cfg), tokenizer, cfg.max_seq_len,
                                        eval_fraction=cfg.eval_fraction or None, seed=cfg.seed,
-                                       truncate=cfg.truncate)
+                                       truncate=cfg.truncate, use_chat_template=chat,
+                                       train_on_inputs=cfg.train_on_inputs)
+        weights = data_weights(cfg)
         mesh = shardings = None
         if cfg.mesh:
             from lisa_jax import sharding as SH
@@ -138,7 +142,9 @@ def _read_inputs(cfg: TrainConfig) -> _Inputs:
         model = load_hf(cfg.model, dtype=cfg.dtype, shardings=shardings)
         data_lib.check_vocab(tokenizer, model.cfg.vocab_size)
         loader = data_lib.DataLoader(splits.train, cfg.batch_size, seed=cfg.seed,
-                                     pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len)
+                                     pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len,
+                                     packing=cfg.packing, weights=weights,
+                                     sources=splits.train_sources if weights else None)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e).splitlines()[0])
     return _Inputs(tokenizer, splits, model, loader, mesh)
@@ -367,16 +373,16 @@ def _save(run: _Steps, progress: _Progress) -> None:
 
 
 def _stack_micro(batches: list[dict]) -> dict:
-    """``A`` loader batches as one ``[A, B, S]`` batch (padded to the longest ``S``)."""
+    """``A`` loader batches as one ``[A, B, S]`` batch (padded to the longest ``S``); packed
+    batches keep their ``segment_ids`` (padding is segment 0)."""
+    keys = [k for k in ("input_ids", "loss_mask", "segment_ids") if k in batches[0]]
     if len(batches) == 1:
-        return {"input_ids": batches[0]["input_ids"], "loss_mask": batches[0]["loss_mask"]}
+        return {k: batches[0][k] for k in keys}
     S = max(b["input_ids"].shape[1] for b in batches)
 
     def pad(x):  # right padding: under causal attention no real token sees it
         return np.pad(x, ((0, 0), (0, S - x.shape[1])))
-    ids = np.stack([pad(b["input_ids"]) for b in batches])
-    mask = np.stack([pad(b["loss_mask"]) for b in batches])
-    return {"input_ids": ids, "loss_mask": mask}
+    return {k: np.stack([pad(b[k]) for b in batches]) for k in keys}
 
 
 def main_train(cfg: TrainConfig) -> int:
