@@ -163,6 +163,12 @@ class Method:
         ``state`` (LoRA merges the adapters it holds)."""
         return params
 
+    def save_adapter(self, out_dir, state) -> str | None:
+        """Write what the method trains beside the base model, in the format of its usual
+        tools (LoRA: a PEFT adapter directory), into ``out_dir``; ``None`` where the method
+        trains the model itself (its export is the whole model)."""
+        return None
+
     def description(self) -> str:
         """What the run prints about the method after its name."""
         return ""
@@ -366,6 +372,13 @@ class LoRA(Method):
 
     def export_params(self, params, state):
         return lora_lib.merge_lora(params, state[0], self.scale)
+
+    def save_adapter(self, out_dir, state) -> str:
+        """The adapters in PEFT's format, for ``peft.PeftModel.from_pretrained`` on the base
+        model ``--model`` (named by its absolute path)."""
+        base = str(Path(self.cfg.model).absolute()) if self.cfg.model else None
+        return lora_lib.save_peft_adapter(state[0], out_dir, self.cfg.lora_rank,
+                                          self.cfg.lora_alpha, base)
 
 
 def _size(tree) -> int:

@@ -76,3 +76,62 @@ def test_merge_lora_equals_applying_the_adapters(overrides, tiny_cfg, perturbed_
             assert rel_err(w, p["layers"][name] + delta) < 1e-6, name
     for name in ("embed", "final_norm", "lm_head"):
         assert merged[name] is p[name]
+
+
+@pytest.mark.parametrize("variant", ["qwen2"])  # biases beside the adapted weights
+def test_peft_adapter_loads_onto_the_hf_base_and_gives_the_merged_logits(
+        variant, make_tiny_hf, tmp_path, rel_err):
+    """``save_peft_adapter`` writes what ``peft.PeftModel.from_pretrained`` loads onto the HF
+    base model: HF module names, ``r``, ``lora_alpha`` (PEFT scales by alpha / r) and the base
+    model's path; the adapted torch model's logits are lisa_jax's merged model's."""
+    import json
+
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from lisa_jax.hf import load_hf
+    base_dir = make_tiny_hf(variant)
+    model = load_hf(base_dir)
+    lora = _trained_adapters(model.params["layers"], rank=4)
+    scale = lora_lib.lora_scale(4, 12.0)
+    ids = np.array([[1, 5, 9, 17, 33, 64, 100, 7]])
+    ours = np.asarray(M.forward(model.cfg, lora_lib.merge_lora(model.params, lora, scale), ids))
+    out = lora_lib.save_peft_adapter(lora, tmp_path / "adapter", 4, 12.0, base_dir)
+    config = json.loads((tmp_path / "adapter" / lora_lib.PEFT_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == \
+        (4, 12, base_dir)
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        config["base_model_name_or_path"], dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        plain = base(torch.tensor(ids)).logits.numpy()
+        adapted = PeftModel.from_pretrained(base, out).eval()(torch.tensor(ids)).logits.numpy()
+    assert rel_err(adapted, ours) < 1e-4
+    assert rel_err(plain, ours) > 1e-2  # the adapters were loaded, not left at zero
+
+
+def test_a_lora_run_exports_its_adapters_beside_the_merged_model(model_dir, data_file,
+                                                                 tmp_path, small, rel_err):
+    """The end of a LoRA run: hf/ (merged) and adapter/ (PEFT's format, on --model), which
+    give the same logits."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from lisa_jax.hf import load_hf
+    from lisa_jax.train import train
+    out = tmp_path / "run"
+    summary = train(small(model_dir, data_file, out, method="lora", lora_rank=2,
+                          lora_alpha=3.0, steps=2, save_every=2, export=True))
+    assert summary["adapter_dir"] == str(out / "adapter")
+    ids = np.array([[1, 5, 9, 17, 33, 60, 7]])
+    merged = load_hf(out / "hf")
+    ours = np.asarray(merged(ids))
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(torch.tensor(ids)).logits.numpy()
+        peft = PeftModel.from_pretrained(base, summary["adapter_dir"]).eval()
+        adapted = peft(torch.tensor(ids)).logits.numpy()
+    assert rel_err(adapted, ours) < 1e-4 and rel_err(plain, ours) > 1e-4
