@@ -10,8 +10,12 @@ A run directory holds::
                        numbers as null); a resumed run drops the rows after its checkpoint
     tb/                TensorBoard event files (when tensorboardX is installed)
     checkpoints/       orbax checkpoints: parameters, optimizer state (with the LISA sampler's
-                       key and active layers), data position, step
+                       key and active layers), data position, step, best evaluation so far
+    eval_replies.jsonl the last evaluation's replies to --eval-data, scored, one per record
+    best/              with --keep-best: the best evaluation's export, hf/ (and LoRA's
+                       adapter/), and best.json (metric, value, step)
     hf/                the fine-tuned model as an HF directory (at the end)
+    adapter/           LoRA: the adapters alone in PEFT's format (at the end)
 
 Everything that decides the run's future is in the checkpoint, so ``--resume`` continues the
 same run: same batches, same sampled layers, bit-identical parameters. Ctrl-C (or SIGTERM)
@@ -34,6 +38,7 @@ import jax
 import numpy as np
 
 from lisa_jax import data as data_lib
+from lisa_jax import evaluate as eval_lib
 from lisa_jax import methods
 from lisa_jax import model as M
 from lisa_jax import prompts
@@ -161,6 +166,9 @@ class _Steps:
     total: int
     mesh: Any
     eval_sets: list
+    answers: eval_lib.AnswerEval | None
+    best: eval_lib.BestTracker | None
+    out: Any
     writer: Any
     bar: Any
     say: Callable
@@ -195,6 +203,20 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
                                       max_batches=cfg.eval_batches, seed=cfg.seed)
     # Greedy sampling runs on one device's copy of the model: skipped across processes.
     probes = [] if cfg.distributed and jax.process_count() > 1 else prompts.sample_probes(cfg)
+    answers = None
+    if cfg.eval_data:
+        from lisa_jax.generate import stop_token_ids
+        try:
+            stop = stop_token_ids(mcfg, inputs.tokenizer, cfg.model)
+        except ValueError as e:
+            raise TrainError(str(e).splitlines()[0])
+        answers = eval_lib.AnswerEval(cfg, inputs.tokenizer, stop)
+    if cfg.keep_best == "eval_loss" and not eval_sets:
+        raise TrainError("--keep-best eval_loss needs held-out examples, and --eval-fraction "
+                         f"{cfg.eval_fraction} of {len(inputs.splits.train)} leaves none; raise "
+                         "--eval-fraction or keep another metric")
+    best = eval_lib.BestTracker(cfg.keep_best, cfg.early_stop_patience) \
+        if cfg.keep_best else None
     steps_per_epoch = max(len(loader) // cfg.grad_accum, 1)
     total = cfg.steps or max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
     schedule = methods.make_schedule(cfg, total)
@@ -210,6 +232,10 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
             loader.load_state_dict(meta["data"])
             method.load_checkpoint_meta(meta)
             say(f"resumed {out} at step {start}")
+            if best is not None and not best.load_state_dict(meta.get("best")) \
+                    and meta.get("best"):
+                say(f"the checkpoint kept the best {meta['best']['metric']}; this run keeps "
+                    f"the best {best.metric} from here on")
         else:  # stopped before its first checkpoint: its settings are all there is
             say(f"no checkpoint yet in {out / 'checkpoints'}: the run starts again at step 0")
     if main_process:
@@ -240,6 +266,7 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
 
     show_bar = runlog.shows_bar(cfg, main_process)
     run = _Steps(cfg, method, loader, ckpts, schedule, total, inputs.mesh, eval_sets,
+                 answers=answers, best=best, out=out,
                  writer=runlog.metrics_writer(out, main_process,
                                               resume_from=start if cfg.resume else None),
                  bar=runlog.progress_bar(total, start, show_bar, cfg.method),
@@ -259,9 +286,18 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     t_start = time.perf_counter()
+    if best is not None and best.should_stop and progress.step < total:
+        progress.status = "early_stopped"  # resumed after it stopped: nothing more to do
+        say(f"the run stopped early at step {progress.step} ({best.stop_line()}); raise "
+            "--early-stop-patience to go on")
     try:
-        while progress.step < total:
+        while progress.step < total and progress.status != "early_stopped":
             _step(run, progress)
+            if progress.status == "early_stopped":
+                say(f"early stop at step {progress.step}: {best.stop_line()}")
+                if progress.last_saved != progress.step:
+                    _save(run, progress)
+                break
             if stop["signal"] is not None or (halt_at is not None and progress.step >= halt_at):
                 if progress.last_saved != progress.step:
                     _save(run, progress)
@@ -287,6 +323,9 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
                "tokens": progress.tokens_seen,
                "peak_memory_gib": round(peak, 2) if peak else None,
                "peak_memory_kind": peak_kind, "out": str(out)}
+    if best is not None and best.best_step is not None:
+        summary["best"] = {"metric": best.metric, "value": best.best, "step": best.best_step,
+                           "dir": str(out / BEST_DIR)}
     if progress.status == "interrupted":
         say(f"interrupted at step {progress.step}: checkpoint saved in {out / 'checkpoints'}; "
             "continue with --resume")
@@ -296,6 +335,9 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     if cfg.export:
         from lisa_jax.hf import save_hf
         summary["hf_dir"] = save_hf(final, out / "hf", tokenizer_from=cfg.model)
+        adapter = method.save_adapter(out / "adapter", method.state)
+        if adapter:
+            summary["adapter_dir"] = adapter
     if probes:
         summary["samples"] = [
             {"prompt": prompts.shown(record), "expected": expected,
@@ -347,13 +389,78 @@ def _step(run: _Steps, progress: _Progress) -> None:
     run.bar.set_postfix_str(runlog.step_line(loss, lr, n_tok / dt, active))
     if logged and not run.show_bar:
         run.say(runlog.loss_line(step, run.total, loss, lr, n_tok / dt, active))
-    if run.eval_sets and (step % cfg.eval_every == 0 or step == run.total):
-        row["eval_loss"] = method.eval_loss(progress.params, run.eval_sets)
-        run.say(f"step {step}: eval loss {row['eval_loss']:.4f}")
+    if (run.eval_sets or run.answers) and (step % cfg.eval_every == 0 or step == run.total):
+        _evaluate(run, progress, row)
     if row:
         run.writer.write(step, row)
     if step % cfg.save_every == 0 or step == run.total:
         _save(run, progress)
+
+
+def _evaluate(run: _Steps, progress: _Progress, row: dict) -> None:
+    """The step's evaluation into ``row``: the held-out loss, the answers to --eval-data (their
+    replies into eval_replies.jsonl), and --keep-best's export when it is the best yet."""
+    cfg, method, step = run.cfg, run.method, progress.step
+    if run.eval_sets:
+        row["eval_loss"] = method.eval_loss(progress.params, run.eval_sets)
+    if run.answers is not None:
+        model = M.Model(method.mcfg, method.model_params(progress.params))
+        scores, replies = run.answers(model)
+        del model
+        row.update(scores)
+        if runlog.is_main(cfg):
+            run.answers.write_replies(run.out, step, replies)
+    run.say(eval_lib.summary_line(step, row, run.answers.scorers if run.answers else None))
+    if run.best is None:
+        return
+    if run.best.update(step, row):
+        _export_best(run, progress)
+        run.say(f"step {step}: best {run.best.metric} so far ({run.best.best:.6g}), exported "
+                f"to {run.out / BEST_DIR}")
+    elif run.best.should_stop:
+        progress.status = "early_stopped"
+
+
+BEST_DIR = "best"
+
+
+def _export_best(run: _Steps, progress: _Progress) -> None:
+    """``best/``: the model of this step as an HF directory (``hf/``, LoRA merged), LoRA's
+    adapters (``adapter/``) and ``best.json``, built beside it and renamed into place, so
+    ``best/`` is always one whole export."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lisa_jax.hf import _fresh_dir, save_hf
+    cfg, method, out = run.cfg, run.method, Path(run.out)
+    main = runlog.is_main(cfg)
+    # A directory of the umask's mode (mkdtemp's is owner-only, which best/ would keep).
+    tmp = Path(_fresh_dir(str(out), f".{BEST_DIR}.tmp-")) if main else out / f".{BEST_DIR}.tmp"
+    params = methods.to_layout(progress.params, cfg, training=False)
+    try:
+        save_hf(M.Model(method.mcfg, method.model_params(params)), tmp / "hf",
+                tokenizer_from=cfg.model)
+        method.save_adapter(tmp / "adapter", method.state)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        progress.params = methods.to_layout(params, cfg, training=True)
+    if not main:
+        return
+    (tmp / "best.json").write_text(json.dumps(
+        {"metric": run.best.metric, "value": run.best.best, "step": progress.step}, indent=1))
+    target = out / BEST_DIR
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{BEST_DIR}.old-", dir=out))
+        target.rename(old / "d")
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
 
 
 def _save(run: _Steps, progress: _Progress) -> None:
@@ -361,7 +468,8 @@ def _save(run: _Steps, progress: _Progress) -> None:
     run restacks on the device leaf by leaf (one leaf of extra memory, a copy at memory
     bandwidth), saves, and splits again."""
     meta = {"step": progress.step, "data": run.loader.state_dict(),
-            **run.method.checkpoint_meta()}
+            **run.method.checkpoint_meta(),
+            "best": run.best.state_dict() if run.best is not None else None}
     progress.params = methods.to_layout(progress.params, run.cfg, training=False)
     run.saving = progress.step  # until the save is complete (an interruption reads it)
     try:
@@ -391,7 +499,13 @@ def main_train(cfg: TrainConfig) -> int:
     print(f"done: {s['steps']} steps in {s['time_s']} s, {s['tokens']:,} tokens, peak "
           f"{s['peak_memory_kind']} memory {s['peak_memory_gib']} GiB")
     if "hf_dir" in s:
-        print(f"exported: {s['hf_dir']}")
+        print(f"exported: {s['hf_dir']}" + (f" (adapters alone, PEFT's format: "
+                                            f"{s['adapter_dir']})" if "adapter_dir" in s
+                                            else ""))
+    if "best" in s:
+        b = s["best"]
+        print(f"best: {b['metric']} {b['value']:.6g} at step {b['step']}, exported to "
+              f"{b['dir']}")
     for smp in s.get("samples", []):
         expected = f"  (reference: {smp['expected']!r})" if smp["expected"] else ""
         print(f"after:  {smp['prompt']} -> {smp['output']!r}{expected}")

@@ -47,43 +47,24 @@ def write_jsonl(path: str, rows) -> None:
 
 
 def evaluate(model_dir: str, records: list[dict], max_new_tokens: int, batch: int = 50):
-    """Greedy replies to ``records`` (left-padded batches) and their scores."""
-    import numpy as np
-
+    """Greedy replies to ``records`` (left-padded batches, ``lisa_jax.evaluate``) and their
+    scores: exact, first_line and stopped."""
     from lisa_jax import data as data_lib
-    from lisa_jax.generate import generate, stop_token_ids, truncate_at_stop
+    from lisa_jax import evaluate as ev
     from lisa_jax.hf import load_hf
-    from lisa_jax.prompts import prompt_ids
 
     tok = data_lib.load_tokenizer(model_dir)
     model = load_hf(model_dir)
-    stop = stop_token_ids(model.cfg, tok, model_dir)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    replies = []
-    for i in range(0, len(records), batch):
-        prompts = [prompt_ids(tok, {"instruction": r["instruction"]}) for r in records[i:i + batch]]
-        width = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), width), pad, np.int32)
-        mask = np.zeros_like(ids)
-        for j, p in enumerate(prompts):
-            ids[j, width - len(p):], mask[j, width - len(p):] = p, 1
-        out = np.asarray(generate(model, ids, max_new_tokens=max_new_tokens,
-                                      attention_mask=mask, eos_token_id=stop, pad_token_id=pad))
-        for j in range(len(prompts)):
-            new = out[j, width:].tolist()
-            kept = truncate_at_stop(new, stop)
-            replies.append((tok.decode(kept, skip_special_tokens=True).strip(),
-                            len(kept) < len(new)))
-    rows = []
-    for r, (reply, stopped) in zip(records, replies):
-        first = reply.split("\n")[0].strip()
-        rows.append(dict(prompt=r["instruction"], answer=r["output"], reply=reply,
-                         exact=reply == r["output"], first_line=first == r["output"],
-                         stopped=stopped))
-    n = len(rows)
-    scores = dict(exact=sum(x["exact"] for x in rows) / n,
-                  first_line=sum(x["first_line"] for x in rows) / n,
-                  stopped=sum(x["stopped"] for x in rows) / n)
+    items = [ev.item_of(tok, {"instruction": r["instruction"], "output": r["output"]})
+             for r in records]
+    replies = ev.greedy_replies(model, tok, [it.prompt for it in items], max_new_tokens,
+                                min(batch, len(items)), model_dir=model_dir)
+    means, scored = ev.score(items, replies, ev.scorers("exact,first_line"))
+    rows = [dict(prompt=r["instruction"], answer=r["output"], reply=x["reply"],
+                 exact=bool(x["exact"]), first_line=bool(x["first_line"]),
+                 stopped=x["stopped"]) for r, x in zip(records, scored)]
+    scores = dict(exact=means["eval_exact"], first_line=means["eval_first_line"],
+                  stopped=means["eval_stopped"])
     return scores, rows
 
 
