@@ -240,16 +240,17 @@ def decoder_layer(cfg, lp: Params, h_BxSxD, rope, mask_BxSxS=None):
     return decoder_block(cfg, lp, h_BxSxD, rope, causal_attention(cfg, mask_BxSxS))[0]
 
 
-def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str):
-    """``(out, saved)``: the block's output and the activations ``SAVED[remat]`` keeps."""
-    env = _run(cfg, lp, rope, {"h": h_BxSxD}, causal_attention(cfg))
+def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str, mask_BxSxS=None):
+    """``(out, saved)``: the block's output and the activations ``SAVED[remat]`` keeps;
+    ``mask_BxSxS``: None (causal) or ``ops.Segments`` (packed rows)."""
+    env = _run(cfg, lp, rope, {"h": h_BxSxD}, causal_attention(cfg, mask_BxSxS))
     return env["out"], tuple(env[name] for name in SAVED[remat])
 
 
-def _attention_with_pullback(cfg):
+def _attention_with_pullback(cfg, mask_BxSxS=None):
     impl = ops.attention_impl(cfg)
-    return lambda q, k, v: jax.vjp(lambda q_, k_, v_: ops.attention(q_, k_, v_, None, impl),
-                                   q, k, v)
+    return lambda q, k, v: jax.vjp(
+        lambda q_, k_, v_: ops.attention(q_, k_, v_, mask_BxSxS, impl), q, k, v)
 
 
 def _add(tree_a, tree_b):
@@ -257,17 +258,18 @@ def _add(tree_a, tree_b):
 
 
 def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
-                   weight_grads: bool = False):
+                   weight_grads: bool = False, mask_BxSxS=None):
     """``(dh, grads_or_parts)`` of one layer for the output cotangent ``dy``.
 
     With ``weight_grads``: ``grads`` holds the layer's weight gradients (``lp``'s structure).
     Without: only the activation gradient is computed, and ``parts`` (per weighted stage, its
     inputs and output cotangents: tensors the backward holds anyway) is what
     ``weight_grads_from_parts`` turns into the weight gradients, so that a caller deciding
-    per layer under ``lax.cond`` pays nothing for a frozen one.
+    per layer under ``lax.cond`` pays nothing for a frozen one. ``mask_BxSxS``: the forward's
+    (``ops.Segments`` for packed rows).
     """
-    env = _run(cfg, lp, rope, dict(zip(SAVED[remat], saved)), _attention_with_pullback(cfg),
-               stop=len(STAGES) - 1)
+    env = _run(cfg, lp, rope, dict(zip(SAVED[remat], saved)),
+               _attention_with_pullback(cfg, mask_BxSxS), stop=len(STAGES) - 1)
     cot = {"out": dy_BxSxD}
     grads, parts = None, []
     for stage in reversed(STAGES):

@@ -87,7 +87,7 @@ class Stacked:
                         x.delete()
         return treedef.unflatten(stacked)
 
-    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope):
+    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask=None):
         """The LISA backward over all layers: ``(slot gradients [G, ...], dh)``.
 
         ``G + 1`` activation-only ``fori_loop``s split at the sampled layers; each sampled
@@ -103,7 +103,7 @@ class Stacked:
             def body(i, dh):
                 layer = hi - 1 - i
                 return block.layer_backward(cfg, self.at(layers, layer), self.at(saved, layer),
-                                            rope, dh, remat)[0]
+                                            rope, dh, remat, mask_BxSxS=mask)[0]
             return jax.lax.fori_loop(0, hi - lo, body, dh)
 
         dh, hi, per_slot = dy, jnp.int32(L), [None] * G
@@ -112,7 +112,7 @@ class Stacked:
             dh = down(dh, hi, layer + 1)
             dh, per_slot[j] = block.layer_backward(cfg, self.at(layers, layer),
                                                    self.at(saved, layer), rope, dh, remat,
-                                                   weight_grads=True)
+                                                   weight_grads=True, mask_BxSxS=mask)
             hi = layer
         dh = down(dh, hi, jnp.int32(0))
         if not G:
@@ -178,7 +178,7 @@ class PerLayer:
                 x.delete()
         return tuple(treedef.unflatten([s[i] for s in split]) for i in range(num_layers))
 
-    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope):
+    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask=None):
         """The LISA backward, unrolled: every layer's activation backward, and its weight
         gradients under ``lax.cond`` on its slot, written into the ``G``-slot buffer."""
         grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -196,7 +196,8 @@ class PerLayer:
             # The unrolled program lets XLA schedule any layer's recompute early, all of them
             # alive at once; the barrier makes each layer wait for its output cotangent.
             saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
-            dy, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat)
+            dy, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat,
+                                             mask_BxSxS=mask)
             if has_slots:
                 grads = jax.lax.cond(slot_L[layer] >= 0, write, skip, grads, parts, lp,
                                      slot_L[layer])

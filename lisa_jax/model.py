@@ -196,10 +196,10 @@ def logits_from_hidden(cfg: LlamaConfig, params: Params, h_BxSxD):
 
 
 def forward(cfg: LlamaConfig, params: Params, input_ids_BxS, attention_mask_BxS=None,
-            remat: bool = False):
-    """Logits ``BxSxV`` in float32."""
+            remat: bool = False, segment_ids_BxS=None):
+    """Logits ``BxSxV`` in float32; ``segment_ids_BxS`` for packed rows (``ops.Segments``)."""
     B, S = input_ids_BxS.shape
-    positions, mask = ops.positions_and_mask(attention_mask_BxS, S, B)
+    positions, mask = ops.positions_and_mask(attention_mask_BxS, S, B, segment_ids_BxS)
     rope = ops.rope_tables(cfg, positions)
     h = params["embed"][input_ids_BxS]
     h = run_layers(cfg, params["layers"], h, rope, mask, remat)

@@ -24,34 +24,35 @@ from lisa_jax import block, layout
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def lisa_layers(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin):
+def lisa_layers(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin, mask=None):
     """Run all ``L`` layers; differentiable in ``h`` and in the ``G`` sampled slices only.
 
     ``active_GxP``: the sampled layers' parameters (each leaf ``[G, ...]``); only its shapes
     are read, the values come from ``layers`` (either layout). ``slot_L[l]`` is the slot of
     layer ``l`` or -1 when it is frozen. The cotangent of ``active_GxP`` holds the sampled
-    layers' weight gradients; ``layers`` gets none.
+    layers' weight gradients; ``layers`` gets none. ``mask``: None (causal) or
+    ``ops.Segments`` (packed rows).
     """
-    return _forward(cfg, remat, layers, h_BxSxD, (cos, sin))[0]
+    return _forward(cfg, remat, layers, h_BxSxD, (cos, sin), mask)[0]
 
 
-def _forward(cfg, remat, layers, h, rope):
+def _forward(cfg, remat, layers, h, rope, mask=None):
     def body(h, lp_and_index):
-        return block.layer_forward(cfg, lp_and_index[0], h, rope, remat)
+        return block.layer_forward(cfg, lp_and_index[0], h, rope, remat, mask_BxSxS=mask)
     return layout.of(layers).scan(body, h, layers)
 
 
-def _lisa_layers_fwd(cfg, remat, active_GxP, layers, slot_L, h, cos, sin):
-    out, saved = _forward(cfg, remat, layers, h, (cos, sin))
+def _lisa_layers_fwd(cfg, remat, active_GxP, layers, slot_L, h, cos, sin, mask=None):
+    out, saved = _forward(cfg, remat, layers, h, (cos, sin), mask)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), active_GxP)
-    return out, (layers, slot_L, saved, cos, sin, shapes)
+    return out, (layers, slot_L, saved, cos, sin, shapes, mask)
 
 
 def _lisa_layers_bwd(cfg, remat, res, dy):
-    layers, slot_L, saved, cos, sin, shapes = res
+    layers, slot_L, saved, cos, sin, shapes, mask = res
     grads, dh = layout.of(layers).reverse(cfg, remat, layers, saved, slot_L, shapes, dy,
-                                          (cos, sin))
-    return grads, None, None, dh, None, None
+                                          (cos, sin), mask)
+    return grads, None, None, dh, None, None, None
 
 
 lisa_layers.defvjp(_lisa_layers_fwd, _lisa_layers_bwd)

@@ -2,7 +2,9 @@
 
 Every step is ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted with the
 parameters and optimizer state donated, so the update happens in place. ``batch`` is a dict with
-``input_ids [B, S]`` and optionally ``loss_mask [B, S]`` (1 where the token is a target).
+``input_ids [B, S]`` and optionally ``loss_mask [B, S]`` (1 where the token is a target) and
+``segment_ids [B, S]`` (packed rows: 1, 2, ... per example, 0 for padding; attention stays
+within an example and positions restart at each).
 
 The LISA step
 -------------
@@ -78,21 +80,25 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
     return total / jnp.maximum(n, 1.0), n
 
 
-def _embed_and_rope(cfg, embed, ids, h_sharding=None):
+def _embed_and_rope(cfg, embed, batch, h_sharding=None):
+    """Embeddings, RoPE tables and the attention mask (None, or ``ops.Segments`` when the
+    batch is packed: ``segment_ids`` numbers each row's examples)."""
+    ids = batch["input_ids"]
     B, S = ids.shape
-    rope = ops.rope_tables(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    positions, mask = ops.positions_and_mask(None, S, B, batch.get("segment_ids"))
+    rope = ops.rope_tables(cfg, positions)
     h = embed[ids]
     if h_sharding is not None:  # several devices: keep the activations split along the batch
         h = jax.lax.with_sharding_constraint(h, h_sharding)
-    return h, rope
+    return h, rope, mask
 
 
 def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=LOSS_CHUNK,
                h_sharding=None):
     """The loss by plain autodiff-able code (full fine-tuning, LoRA, and the reference path)."""
     ids = batch["input_ids"]
-    h, rope = _embed_and_rope(cfg, params["embed"], ids, h_sharding)
-    h = M.run_layers(cfg, params["layers"], h, rope, None, remat)
+    h, rope, mask = _embed_and_rope(cfg, params["embed"], batch, h_sharding)
+    h = M.run_layers(cfg, params["layers"], h, rope, mask, remat)
     return lm_loss_from_hidden(cfg, params["final_norm"], M.head_weight(params), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
@@ -103,8 +109,8 @@ def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none",
     """The loss as a function of the trainable view; the frozen layers enter as a constant
     (in either layout)."""
     ids = batch["input_ids"]
-    h, (cos, sin) = _embed_and_rope(cfg, view["embed"], ids, h_sharding)
-    h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin)
+    h, (cos, sin), mask = _embed_and_rope(cfg, view["embed"], batch, h_sharding)
+    h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin, mask)
     return lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
