@@ -189,6 +189,11 @@ class TrainConfig:
                                            "eval_<scorer>, e.g. eval_exact (higher is better)")
     early_stop_patience: int = _setting(0, "stop after this many evaluations without an "
                                            "improvement of --keep-best's metric (0: never)")
+    report_to: str = _setting("none", "also log the metrics to wandb (Weights & Biases: pip "
+                                      "install 'lisa_jax[wandb]'; WANDB_MODE=offline logs "
+                                      "with no network)", ("none", "wandb"))
+    wandb_project: str = _setting("lisa-jax", "--report-to wandb: the project (the run is "
+                                              "named after --out)")
     log_every: int = _setting(1, "steps between rows of metrics.jsonl")
     save_every: int = _setting(100, "steps between checkpoints")
     keep_checkpoints: int = _setting(2, "checkpoints kept (the latest ones)")
@@ -346,6 +351,9 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
                          f"{', '.join(choices('schedule'))}")
     if cfg.dtype not in choices("dtype"):
         raise TrainError(f"unknown dtype {cfg.dtype!r}; use --dtype {_spoken(choices('dtype'))}")
+    if cfg.report_to not in choices("report_to"):
+        raise TrainError(f"unknown --report-to {cfg.report_to!r}; use "
+                         f"{_spoken(choices('report_to'))}")
     if cfg.update_dtype not in choices("update_dtype"):
         raise TrainError(f"unknown --update-dtype {cfg.update_dtype!r}; use "
                          f"{_spoken(choices('update_dtype'))}")
