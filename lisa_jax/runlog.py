@@ -263,13 +263,53 @@ def keep_rows_through(path: Path, step: int) -> int:
     return dropped
 
 
-class MetricsWriter:
-    """metrics.jsonl, plus TensorBoard scalars when tensorboardX is available: one strict JSON
-    row per step written (non-finite numbers as ``null``). ``resume_from``: the step a resumed
-    run restarts after; rows and TensorBoard events of later steps are dropped, so each step
-    has one row however often the run was killed and resumed."""
+WANDB_ID = "wandb_id"  # the run directory's file holding its wandb run id
 
-    def __init__(self, out: Path, resume_from: int | None = None):
+
+def check_reporting(cfg: TrainConfig) -> None:
+    """``--report-to wandb`` needs the ``wandb`` package: a one-line error before the run
+    starts when it is missing."""
+    if cfg.report_to != "wandb":
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise TrainError("--report-to wandb needs the wandb package; pip install "
+                         "'lisa_jax[wandb]' (or wandb), or drop --report-to") from None
+
+
+def _wandb_run(out: Path, cfg: TrainConfig, resumed: bool):
+    """The run's wandb run, named after ``--out``: its id is kept in ``<out>/wandb_id`` so a
+    resumed run continues the same wandb run; files go to ``<out>/wandb/`` (where
+    ``WANDB_MODE=offline`` leaves them for ``wandb sync``)."""
+    import secrets
+
+    import wandb
+    id_file = out / WANDB_ID
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(8)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=cfg.wandb_project, name=out.absolute().name, id=run_id,
+                      resume="allow", dir=str(out), config=dataclasses.asdict(cfg))
+
+
+def _scalars(row: dict) -> dict:
+    """The finite numbers of a row (what TensorBoard and wandb plot)."""
+    return {k: v for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class MetricsWriter:
+    """metrics.jsonl, plus TensorBoard scalars when tensorboardX is available (and wandb with
+    ``--report-to wandb``): one strict JSON row per step written (non-finite numbers as
+    ``null``). ``resume_from``: the step a resumed run restarts after; rows and TensorBoard
+    events of later steps are dropped, so each step has one row however often the run was
+    killed and resumed (wandb keeps the rows it has and takes the repeated steps' again only
+    past its last)."""
+
+    def __init__(self, out: Path, resume_from: int | None = None,
+                 cfg: TrainConfig | None = None):
         path = out / "metrics.jsonl"
         if resume_from is not None:
             keep_rows_through(path, resume_from)
@@ -280,20 +320,26 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
         except ImportError:
             self.tb = None
+        self.wandb = None
+        if cfg is not None and cfg.report_to == "wandb":
+            self.wandb = _wandb_run(out, cfg, resumed=resume_from is not None)
 
     def write(self, step: int, row: dict) -> None:
         self.f.write(json.dumps(strict_json({"step": step, **row}), allow_nan=False) + "\n")
         self.f.flush()
+        scalars = _scalars(row)
         if self.tb is not None:
-            for k, v in row.items():
-                if (isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and math.isfinite(v)):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None and scalars and step >= (self.wandb.step or 0):
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class NoWriter:
@@ -306,9 +352,9 @@ class NoWriter:
         pass
 
 
-def metrics_writer(out: Path, main_process: bool,
-                   resume_from: int | None = None) -> MetricsWriter | NoWriter:
-    return MetricsWriter(out, resume_from) if main_process else NoWriter()
+def metrics_writer(out: Path, main_process: bool, resume_from: int | None = None,
+                   cfg: TrainConfig | None = None) -> MetricsWriter | NoWriter:
+    return MetricsWriter(out, resume_from, cfg) if main_process else NoWriter()
 
 
 def peak_memory_gib() -> tuple[float | None, str]:

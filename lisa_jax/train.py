@@ -62,6 +62,7 @@ def train(cfg: TrainConfig, halt_at: int | None = None) -> dict:
         SH.order_cpu_collectives()  # before JAX's backends start
     runlog.init_distributed(cfg)  # first: joining must come before JAX uses a device
     check_config(cfg)
+    runlog.check_reporting(cfg)
     with runlog.run_lock(cfg):
         try:
             return _run(cfg, halt_at)
@@ -204,6 +205,9 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     # Greedy sampling runs on one device's copy of the model: skipped across processes.
     probes = [] if cfg.distributed and jax.process_count() > 1 else prompts.sample_probes(cfg)
     answers = None
+    if cfg.eval_data and jax.process_count() > 1:
+        raise TrainError("--eval-data generates on one process; drop it with --distributed "
+                         "over several processes (the held-out loss still runs)")
     if cfg.eval_data:
         from lisa_jax.generate import stop_token_ids
         try:
@@ -268,7 +272,8 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     run = _Steps(cfg, method, loader, ckpts, schedule, total, inputs.mesh, eval_sets,
                  answers=answers, best=best, out=out,
                  writer=runlog.metrics_writer(out, main_process,
-                                              resume_from=start if cfg.resume else None),
+                                              resume_from=start if cfg.resume else None,
+                                              cfg=cfg),
                  bar=runlog.progress_bar(total, start, show_bar, cfg.method),
                  say=say, show_bar=show_bar)
 
