@@ -29,21 +29,24 @@ def _rms_stats(x, eps):
     return x32 * r, r
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_norm(x, scale, eps: float):
-    """RMSNorm computed in float32, returned in ``x``'s dtype (as HF Llama does)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x, scale, eps: float, plus_one: bool = False):
+    """RMSNorm computed in float32, returned in ``x``'s dtype (as HF Llama does). ``plus_one``
+    (Gemma): the scale is ``1 + scale``, applied in float32 before the cast."""
+    if plus_one:
+        return (_rms_stats(x, eps)[0] * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     return scale * _rms_stats(x, eps)[0].astype(x.dtype)
 
 
-def _rms_norm_fwd(x, scale, eps):
-    return rms_norm(x, scale, eps), (x, scale)
+def _rms_norm_fwd(x, scale, eps, plus_one):
+    return rms_norm(x, scale, eps, plus_one), (x, scale)
 
 
-def _rms_norm_bwd(eps, res, dy):
+def _rms_norm_bwd(eps, plus_one, res, dy):
     x, scale = res
     n32, r = _rms_stats(x, eps)
     dy32 = dy.astype(jnp.float32)
-    dn = dy32 * scale.astype(jnp.float32)
+    dn = dy32 * (scale.astype(jnp.float32) + (1.0 if plus_one else 0.0))
     dx = r * (dn - n32 * jnp.mean(dn * n32, axis=-1, keepdims=True))
     lead = tuple(range(x.ndim - scale.ndim))
     dscale = jnp.sum(dy32 * n32, axis=lead)
@@ -78,6 +81,31 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def _gelu_tanh(a):
+    return jax.nn.gelu(a, approximate=True)
+
+
+@jax.custom_vjp
+def geglu(a, b):
+    """``gelu_tanh(a) * b`` (Gemma's ``gelu_pytorch_tanh`` gate), like ``swiglu``: in the
+    inputs' dtype, with a float32 backward."""
+    return _gelu_tanh(a) * b
+
+
+def _geglu_fwd(a, b):
+    return geglu(a, b), (a, b)
+
+
+def _geglu_bwd(res, g):
+    a, b = res
+    a32, b32, g32 = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)
+    act, pullback = jax.vjp(_gelu_tanh, a32)
+    return pullback(g32 * b32)[0].astype(a.dtype), (g32 * act).astype(b.dtype)
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 
@@ -101,10 +129,20 @@ def rope_inv_freq(cfg):
 
 
 def rope_tables(cfg, positions_BxS):
-    """cos/sin tables ``BxSxH`` (H = head dim, the halves repeated, as HF lays them out)."""
-    ang = positions_BxS.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
+    """cos/sin tables ``BxSxH`` (H = head dim, the halves repeated, as HF lays them out).
+
+    With ``cfg.rope_local_theta`` (Gemma 3: sliding-window layers rotate with their own θ,
+    unscaled) each table is ``2xBxSxH``: the full layers' first, the sliding layers' second."""
+    def tables(inv):
+        ang = positions_BxS.astype(jnp.float32)[..., None] * inv
+        ang = jnp.concatenate([ang, ang], axis=-1)
+        return jnp.cos(ang), jnp.sin(ang)
+    if getattr(cfg, "rope_local_theta", None) is None:
+        return tables(rope_inv_freq(cfg))
+    hd = cfg.head_dim
+    local = 1.0 / (cfg.rope_local_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    (cos, sin), (cos_l, sin_l) = tables(rope_inv_freq(cfg)), tables(local)
+    return jnp.stack([cos, cos_l]), jnp.stack([sin, sin_l])
 
 
 def apply_rope(x_BxSxNxH, cos_BxSxH, sin_BxSxH):
@@ -163,7 +201,7 @@ def segment_positions(segment_ids_BxS):
 
 
 def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla",
-              window: int | None = None):
+              window: int | None = None, scale: float | None = None):
     """Causal grouped-query attention; ``mask_BxSxS`` (bool, True = attend) for padding, or
     ``Segments`` for packed rows.
 
@@ -175,23 +213,24 @@ def attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxSxS=None, impl: str = "xla
     ``window`` (Mistral's, Qwen2's and Gemma's sliding window): each query sees only the
     ``window`` latest keys, itself included, as ``local_window_size`` (which keeps cuDNN's
     fused kernel); it counts indices, so queries and keys must share them (not a KV cache's).
+    ``scale``: of the scores, 1/sqrt(head dim) when None (Gemma's ``query_pre_attn_scalar``).
     """
     local = None if window is None else (window - 1, 0)
     if mask_BxSxS is None:
         return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
                                             implementation=impl,
-                                            local_window_size=local)
+                                            local_window_size=local, scale=scale)
     if isinstance(mask_BxSxS, Segments):
         ids = mask_BxSxS.ids_BxS
         same = ids[:, None, :, None] == ids[:, None, None, :]
         return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH, mask=same,
                                             is_causal=True, implementation=impl,
-                                            local_window_size=local)
+                                            local_window_size=local, scale=scale)
     # Masked calls (padding on the left, KV-cache decoding) use XLA's implementation, which
     # takes an arbitrary mask; they are not on the training hot path.
     return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxKxH, v_BxSxKxH,
                                         mask=mask_BxSxS[:, None], implementation="xla",
-                                        local_window_size=local)
+                                        local_window_size=local, scale=scale)
 
 
 def positions_and_mask(attention_mask_BxS, seq_len: int, batch: int, segment_ids_BxS=None):
