@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from lisa_jax import ops
 
@@ -113,29 +114,77 @@ def global_params(cfg) -> tuple[Param, ...]:
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What an HF ``model_type`` adds to the table: its class name, defaults and the keys
-    its ``config.json`` carries beyond the common ones."""
+    its ``config.json`` carries beyond the common ones. ``window(hf)`` reads the sliding
+    window: ``(window, layer_types)`` as in transformers (``None, None``: full attention)."""
 
     architecture: str
     attention_bias: bool = False
     qk_norm: bool = False
     hf_extra: Callable[[Any], dict] = lambda cfg: {}
     hf_drop: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    window: Callable[[dict], tuple] = lambda hf: (None, None)
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def sliding_layers(cfg) -> tuple[bool, ...]:
+    """Per layer, whether it attends through the sliding window (``cfg.sliding_window``
+    tokens, itself included): every layer when ``cfg.layer_types`` is None, else those typed
+    ``sliding_attention``."""
+    if cfg.sliding_window is None:
+        return (False,) * cfg.num_layers
+    if cfg.layer_types is None:
+        return (True,) * cfg.num_layers
+    return tuple(t == SLIDING for t in cfg.layer_types)
+
+
+def _mistral_window(hf):
+    """Mistral: every layer slides when ``sliding_window`` is set."""
+    return hf.get("sliding_window"), None
+
+
+def _qwen_window(hf):
+    """Qwen2/Qwen3: only with ``use_sliding_window``, on the layers ``layer_types`` marks, or
+    by default those from ``max_window_layers`` on (transformers' ``Qwen2Config``)."""
+    if not hf.get("use_sliding_window", False) or hf.get("sliding_window") is None:
+        return None, None
+    types = hf.get("layer_types") or [
+        SLIDING if i >= hf.get("max_window_layers", 28) else FULL
+        for i in range(hf["num_hidden_layers"])]
+    return hf["sliding_window"], types
+
+
+def _mistral_extra(cfg):
+    if cfg.layer_types is not None:
+        raise ValueError("Mistral slides on every layer or none; layer_types cannot be "
+                         "exported as MistralForCausalLM (use qwen2)")
+    return {"sliding_window": cfg.sliding_window}
+
+
+def _qwen_window_extra(cfg):
+    if cfg.sliding_window is None:
+        return {"use_sliding_window": False}
+    flags = sliding_layers(cfg)
+    return {"use_sliding_window": True, "sliding_window": cfg.sliding_window,
+            "max_window_layers": flags.index(True),
+            "layer_types": [SLIDING if f else FULL for f in flags]}
 
 
 FAMILIES = {
     "llama": Family("LlamaForCausalLM",
                     hf_extra=lambda cfg: {"attention_bias": cfg.attention_bias,
                                           "mlp_bias": False}),
-    # Our attention is full; say so.
-    "mistral": Family("MistralForCausalLM", hf_extra=lambda cfg: {"sliding_window": None}),
+    "mistral": Family("MistralForCausalLM", hf_extra=_mistral_extra, window=_mistral_window),
     # Qwen2Config has no head_dim: it is hidden // heads.
-    "qwen2": Family("Qwen2ForCausalLM", attention_bias=True,
-                    hf_extra=lambda cfg: {"use_sliding_window": False},
+    "qwen2": Family("Qwen2ForCausalLM", attention_bias=True, hf_extra=_qwen_window_extra,
                     hf_drop=lambda cfg: ("head_dim",) if
-                    cfg.head_dim * cfg.num_heads == cfg.hidden_size else ()),
+                    cfg.head_dim * cfg.num_heads == cfg.hidden_size else (),
+                    window=_qwen_window),
     "qwen3": Family("Qwen3ForCausalLM", qk_norm=True,
                     hf_extra=lambda cfg: {"attention_bias": cfg.attention_bias,
-                                          "use_sliding_window": False}),
+                                          **_qwen_window_extra(cfg)},
+                    window=_qwen_window),
 }
 
 
@@ -208,10 +257,31 @@ SAVED = {"none": ("h", "q", "k", "v", "hm", "a", "b"), "mlp": ("h", "q", "k", "v
 REMAT_MODES = tuple(SAVED)
 
 
-def causal_attention(cfg, mask_BxSxS=None):
-    """The attention stage of training and plain forwards: ``(q, k, v) -> (o, None)``."""
+def per_layer(cfg, layer, fn):
+    """``fn(sliding)`` for layer ``layer`` (``sliding``: a Python bool, so ``fn`` may pick
+    static arguments): called once when every layer is alike or ``layer`` is a Python int, else
+    under ``lax.cond`` on the traced index (a stacked scan's)."""
+    flags = sliding_layers(cfg)
+    if all(flags) or not any(flags):
+        return fn(flags[0])
+    if layer is None:
+        raise ValueError("the layers differ in their attention (layer_types): pass the layer "
+                         "index")
+    if isinstance(layer, int):
+        return fn(flags[layer])
+    return jax.lax.cond(jnp.asarray(flags)[layer], lambda: fn(True), lambda: fn(False))
+
+
+def _attend(cfg, q, k, v, mask_BxSxS, impl, layer):
+    return per_layer(cfg, layer, lambda sliding: ops.attention(
+        q, k, v, mask_BxSxS, impl, window=cfg.sliding_window if sliding else None))
+
+
+def causal_attention(cfg, mask_BxSxS=None, layer=None):
+    """The attention stage of training and plain forwards: ``(q, k, v) -> (o, None)``;
+    ``layer`` (an int or a traced index) picks its sliding window where layers differ."""
     impl = ops.attention_impl(cfg)
-    return lambda q, k, v: (ops.attention(q, k, v, mask_BxSxS, impl), None)
+    return lambda q, k, v: (_attend(cfg, q, k, v, mask_BxSxS, impl, layer), None)
 
 
 def _run(cfg, lp, rope, env: dict, attend, stop: int = len(STAGES)) -> dict:
@@ -235,22 +305,23 @@ def decoder_block(cfg, lp: Params, h_BxSxD, rope, attend):
     return env["out"], env["attend"]
 
 
-def decoder_layer(cfg, lp: Params, h_BxSxD, rope, mask_BxSxS=None):
-    """One pre-norm block on one layer's parameters ``lp`` (no layer axis)."""
-    return decoder_block(cfg, lp, h_BxSxD, rope, causal_attention(cfg, mask_BxSxS))[0]
+def decoder_layer(cfg, lp: Params, h_BxSxD, rope, mask_BxSxS=None, layer=None):
+    """One pre-norm block on one layer's parameters ``lp`` (no layer axis); ``layer``, its
+    index, is needed where the layers differ (``per_layer``)."""
+    return decoder_block(cfg, lp, h_BxSxD, rope, causal_attention(cfg, mask_BxSxS, layer))[0]
 
 
-def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str, mask_BxSxS=None):
+def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str, layer=None, mask_BxSxS=None):
     """``(out, saved)``: the block's output and the activations ``SAVED[remat]`` keeps;
     ``mask_BxSxS``: None (causal) or ``ops.Segments`` (packed rows)."""
-    env = _run(cfg, lp, rope, {"h": h_BxSxD}, causal_attention(cfg, mask_BxSxS))
+    env = _run(cfg, lp, rope, {"h": h_BxSxD}, causal_attention(cfg, mask_BxSxS, layer))
     return env["out"], tuple(env[name] for name in SAVED[remat])
 
 
-def _attention_with_pullback(cfg, mask_BxSxS=None):
+def _attention_with_pullback(cfg, layer, mask_BxSxS=None):
     impl = ops.attention_impl(cfg)
-    return lambda q, k, v: jax.vjp(
-        lambda q_, k_, v_: ops.attention(q_, k_, v_, mask_BxSxS, impl), q, k, v)
+    return lambda q, k, v: jax.vjp(lambda q_, k_, v_: _attend(cfg, q_, k_, v_, mask_BxSxS,
+                                                              impl, layer), q, k, v)
 
 
 def _add(tree_a, tree_b):
@@ -258,7 +329,7 @@ def _add(tree_a, tree_b):
 
 
 def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
-                   weight_grads: bool = False, mask_BxSxS=None):
+                   weight_grads: bool = False, layer=None, mask_BxSxS=None):
     """``(dh, grads_or_parts)`` of one layer for the output cotangent ``dy``.
 
     With ``weight_grads``: ``grads`` holds the layer's weight gradients (``lp``'s structure).
@@ -269,7 +340,7 @@ def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
     (``ops.Segments`` for packed rows).
     """
     env = _run(cfg, lp, rope, dict(zip(SAVED[remat], saved)),
-               _attention_with_pullback(cfg, mask_BxSxS), stop=len(STAGES) - 1)
+               _attention_with_pullback(cfg, layer, mask_BxSxS), stop=len(STAGES) - 1)
     cot = {"out": dy_BxSxD}
     grads, parts = None, []
     for stage in reversed(STAGES):
@@ -290,8 +361,9 @@ def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
     return cot["h"], (grads if weight_grads else tuple(parts))
 
 
-def weight_grads_from_parts(cfg, lp: Params, parts, rope) -> Params:
-    """One layer's weight gradients from ``layer_backward``'s ``parts``."""
+def weight_grads_from_parts(cfg, lp: Params, parts, rope, layer=None) -> Params:
+    """One layer's weight gradients from ``layer_backward``'s ``parts`` (``layer``: its index,
+    as for ``layer_backward``)."""
     weighted = [stage for stage in reversed(STAGES) if stage.fn is not None]
     grads = None
     for stage, (args, g_out) in zip(weighted, parts):

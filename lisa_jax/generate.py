@@ -27,18 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from lisa_jax import layout
-from lisa_jax.block import decoder_block
+from lisa_jax.block import decoder_block, sliding_layers
 from lisa_jax.model import LlamaConfig, Model, Params, logits_from_hidden
 from lisa_jax.ops import attention, rope_tables
 
 
-def _cached_attention(cache_k, cache_v, layer, index, key_valid_BxT):
+def _cached_attention(cfg, cache_k, cache_v, layer, index, key_valid_BxT):
     """The attention stage over a KV cache: ``S`` new tokens at cache index ``index`` onwards.
 
     ``cache_k``/``cache_v`` are the whole ``[L, B, T, K, H]`` caches; this layer's new keys and
     values are written at ``[layer, :, index:index+S]`` and the queries attend to every earlier
-    valid cache entry (``key_valid_BxT``: False for left padding). Returns ``(o, (cache_k,
-    cache_v))``.
+    valid cache entry (``key_valid_BxT``: False for left padding), on a sliding-window layer
+    only to the ``cfg.sliding_window`` latest. Returns ``(o, (cache_k, cache_v))``.
     """
     def attend(q, k, v):
         S, T = q.shape[1], cache_k.shape[2]
@@ -49,7 +49,11 @@ def _cached_attention(cache_k, cache_v, layer, index, key_valid_BxT):
         v_all = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
         q_idx = index + jnp.arange(S)
         kv_idx = jnp.arange(T)
-        mask = (kv_idx[None, :] <= q_idx[:, None])[None] & key_valid_BxT[:, None, :]
+        seen = kv_idx[None, :] <= q_idx[:, None]
+        if cfg.sliding_window is not None:  # cache indices count as transformers' mask does
+            in_window = kv_idx[None, :] > q_idx[:, None] - cfg.sliding_window
+            seen &= in_window | ~jnp.asarray(sliding_layers(cfg))[layer]
+        mask = seen[None] & key_valid_BxT[:, None, :]
         # A padded query sees no valid key; let it see itself (its output is never used).
         mask = mask | (kv_idx[None, :] == q_idx[:, None])[None]
         o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
@@ -67,7 +71,8 @@ def forward_cached(cfg: LlamaConfig, params: Params, ids_BxS, positions_BxS, cac
         h, ck, cv = carry
         lp, layer = lp_and_index
         h, (ck, cv) = decoder_block(cfg, lp, h, rope,
-                                    _cached_attention(ck, cv, layer, index, key_valid_BxT))
+                                    _cached_attention(cfg, ck, cv, layer, index,
+                                                      key_valid_BxT))
         return (h, ck, cv), None
 
     h = params["embed"][ids_BxS]

@@ -32,7 +32,6 @@ import re
 import secrets
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -237,7 +236,7 @@ def read_hf_config(path: str) -> dict:
 
 
 def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Model:
-    """Load an HF Llama / Mistral / Qwen2 model directory (safetensors) as a :class:`Model`.
+    """Load an HF model directory of a supported family (safetensors) as a :class:`Model`.
 
     ``dtype``: the parameter (and activation) dtype, a jnp dtype or its name ("float32",
     "bfloat16", "float16"). ``shardings``: optional ``(leaf_path, shape, dtype) -> Sharding or
@@ -250,12 +249,6 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     hf = read_hf_config(path)
     dtype_name = _dtype_name(dtype)
     cfg = LlamaConfig.from_hf(hf, dtype=dtype_name)
-    window = hf.get("sliding_window")
-    uses_window = (hf.get("use_sliding_window", True) if cfg.model_type == "qwen2" else True)
-    if uses_window and window is not None and window < cfg.max_position_embeddings:
-        warnings.warn(f"{path}: sliding_window={window} is not implemented (attention is full); "
-                      f"results match transformers only for sequences of at most {window} "
-                      "tokens", stacklevel=2)
 
     files = _weight_files(path)
     expected = _hf_names(cfg)

@@ -22,6 +22,7 @@ LISA ``reverse`` pass work on either. ``convert`` is the one conversion between 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -103,7 +104,8 @@ class Stacked:
             def body(i, dh):
                 layer = hi - 1 - i
                 return block.layer_backward(cfg, self.at(layers, layer), self.at(saved, layer),
-                                            rope, dh, remat, mask_BxSxS=mask)[0]
+                                            rope, dh, remat, layer=layer,
+                                            mask_BxSxS=mask)[0]
             return jax.lax.fori_loop(0, hi - lo, body, dh)
 
         dh, hi, per_slot = dy, jnp.int32(L), [None] * G
@@ -112,7 +114,8 @@ class Stacked:
             dh = down(dh, hi, layer + 1)
             dh, per_slot[j] = block.layer_backward(cfg, self.at(layers, layer),
                                                    self.at(saved, layer), rope, dh, remat,
-                                                   weight_grads=True, mask_BxSxS=mask)
+                                                   weight_grads=True, layer=layer,
+                                                   mask_BxSxS=mask)
             hi = layer
         dh = down(dh, hi, jnp.int32(0))
         if not G:
@@ -184,22 +187,23 @@ class PerLayer:
         grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         has_slots = _num_slots(shapes) > 0
 
-        def write(grads, parts, lp, slot):
-            g = block.weight_grads_from_parts(cfg, lp, parts, rope)
+        def write(grads, parts, lp, slot, layer):
+            g = block.weight_grads_from_parts(cfg, lp, parts, rope, layer)
             return {name: jax.lax.dynamic_update_index_in_dim(grads[name], g[name], slot, 0)
                     for name in grads}
 
-        def skip(grads, parts, lp, slot):
+        def skip(grads, parts, lp, slot, layer):
             return grads
         for layer in reversed(range(len(layers))):
             lp = layers[layer]
             # The unrolled program lets XLA schedule any layer's recompute early, all of them
             # alive at once; the barrier makes each layer wait for its output cotangent.
             saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
-            dy, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat,
+            dy, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat, layer=layer,
                                              mask_BxSxS=mask)
             if has_slots:
-                grads = jax.lax.cond(slot_L[layer] >= 0, write, skip, grads, parts, lp,
+                grads = jax.lax.cond(slot_L[layer] >= 0, functools.partial(write, layer=layer),
+                                     functools.partial(skip, layer=layer), grads, parts, lp,
                                      slot_L[layer])
         return grads, dy
 

@@ -57,6 +57,11 @@ class LlamaConfig:
     tie_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head
+    # Sliding-window attention: a query sees the ``sliding_window`` latest tokens, itself
+    # included, on every layer (``layer_types`` None) or on those ``layer_types`` (one
+    # "sliding_attention" or "full_attention" per layer) marks. None: full attention.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     max_position_embeddings: int = 4096
     model_type: str = "llama"
     bos_token_id: int | None = 1
@@ -99,6 +104,8 @@ class LlamaConfig:
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
+        window, layer_types = _window(*block.FAMILIES[model_type].window(hf),
+                                      hf["num_hidden_layers"])
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -109,6 +116,7 @@ class LlamaConfig:
             attention_bias=bool(hf.get("attention_bias",
                                        block.FAMILIES[model_type].attention_bias)),
             qk_norm=block.FAMILIES[model_type].qk_norm,
+            sliding_window=window, layer_types=layer_types,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             model_type=model_type, bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"), dtype=dtype)
@@ -144,6 +152,24 @@ class LlamaConfig:
         return out
 
 
+def _window(window, layer_types, num_layers: int):
+    """``(sliding_window, layer_types)`` in one spelling: ``(None, None)`` when no layer
+    slides, ``layer_types`` None when every layer does."""
+    if window is None:
+        return None, None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sliding_window must be a positive integer or null, got {window!r}")
+    if layer_types is None:
+        return window, None
+    kinds = (block.SLIDING, block.FULL)
+    if len(layer_types) != num_layers or not set(layer_types) <= set(kinds):
+        raise ValueError(f"layer_types must name {num_layers} layers, each one of "
+                         f"{', '.join(kinds)}; got {list(layer_types)}")
+    if block.SLIDING not in layer_types:
+        return None, None
+    return window, (None if block.FULL not in layer_types else tuple(layer_types))
+
+
 def weight_decay_mask(params: Params):
     """``True`` at every leaf weight decay applies to (``block.Param.decay``): the embedding,
     the head, every projection and LoRA factor; ``False`` at norm scales and biases. The same
@@ -176,7 +202,8 @@ def run_layers(cfg: LlamaConfig, layers: Params, h_BxSxD, rope, mask_BxSxS=None,
     ``remat``: False/"none", True/"full" (recompute each layer in the backward) or "dots".
     """
     def body(h, lp_and_index):
-        return block.decoder_layer(cfg, lp_and_index[0], h, rope, mask_BxSxS), None
+        lp, layer = lp_and_index
+        return block.decoder_layer(cfg, lp, h, rope, mask_BxSxS, layer), None
     mode = {False: "none", True: "full"}.get(remat, remat)
     if mode not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
@@ -223,9 +250,9 @@ class DecoderLayer(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, h, cos, sin, mask):
+    def __call__(self, h, cos, sin, mask, layer):
         lp = _declare(self, self.cfg, block.layer_params(self.cfg))
-        return block.decoder_layer(self.cfg, lp, h, (cos, sin), mask), None
+        return block.decoder_layer(self.cfg, lp, h, (cos, sin), mask, layer), None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -242,9 +269,9 @@ class LlamaForCausalLM(nn.Module):
         positions, mask = ops.positions_and_mask(attention_mask_BxS, S, B)
         cos, sin = ops.rope_tables(cfg, positions)
         stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                         length=cfg.num_layers)(cfg, name="layers")
-        h, _ = stack(embed[input_ids_BxS], cos, sin, mask)
+        h, _ = stack(embed[input_ids_BxS], cos, sin, mask, jnp.arange(cfg.num_layers))
         head = _declare(self, cfg, [r for n, r in rows.items() if n != "embed"])
         x = ops.rms_norm(h, head["final_norm"], cfg.rms_norm_eps)
         w = head["lm_head"] if "lm_head" in head else embed.T

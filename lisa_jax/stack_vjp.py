@@ -38,7 +38,8 @@ def lisa_layers(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin, mask=
 
 def _forward(cfg, remat, layers, h, rope, mask=None):
     def body(h, lp_and_index):
-        return block.layer_forward(cfg, lp_and_index[0], h, rope, remat, mask_BxSxS=mask)
+        lp, layer = lp_and_index
+        return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask)
     return layout.of(layers).scan(body, h, layers)
 
 

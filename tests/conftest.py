@@ -7,7 +7,9 @@ Variants (``HF_VARIANTS``), all float32, 2-3 layers, hidden 32-64, vocab 128-256
 * ``gqa``     -- TinyLlama style grouped-query attention (8 heads, 2 kv heads);
 * ``qwen2``   -- ``Qwen2ForCausalLM`` (q/k/v biases);
 * ``mistral`` -- ``MistralForCausalLM`` without a sliding window;
-* ``qwen3``   -- ``Qwen3ForCausalLM`` (RMSNorm of each query and key head, head_dim given).
+* ``qwen3``   -- ``Qwen3ForCausalLM`` (RMSNorm of each query and key head, head_dim given);
+* ``mistral_window`` -- ``mistral`` with a sliding window of 4 tokens on every layer;
+* ``qwen2_window``   -- ``qwen2`` with a window of 4 from layer 1 on (``max_window_layers``).
 
 Weights are drawn with a fixed torch seed at a scale that gives peaked next-token
 distributions (so greedy decoding has no near-ties); norm weights and biases get nonzero
@@ -64,7 +66,8 @@ hypothesis_settings.register_profile("derandomized", derandomize=True)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("LISA_JAX_HYPOTHESIS_PROFILE", "derandomized"))
 
-HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral", "qwen3")
+HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral", "qwen3", "mistral_window",
+               "qwen2_window")
 
 _COMMON = dict(bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 
@@ -90,16 +93,18 @@ def _hf_config(variant: str):
             vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
             **_COMMON)
-    if variant == "qwen2":
+    if variant in ("qwen2", "qwen2_window"):
+        window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1) \
+            if variant == "qwen2_window" else {}
         return transformers.Qwen2Config(
             vocab_size=192, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            rope_theta=1000000.0, **_COMMON)
-    if variant == "mistral":
+            rope_theta=1000000.0, **window, **_COMMON)
+    if variant in ("mistral", "mistral_window"):
         return transformers.MistralConfig(
             vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
-            sliding_window=None, **_COMMON)
+            sliding_window=4 if variant == "mistral_window" else None, **_COMMON)
     if variant == "qwen3":
         return transformers.Qwen3Config(
             vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -245,6 +250,9 @@ BLOCK_VARIANTS = {
     "rope_llama3": dict(rope_scaling=("llama3", 8.0, 1.0, 4.0, 8)),
     "tied": dict(tie_embeddings=True),                          # no lm_head
     "qk_norm": dict(qk_norm=True),                              # Qwen3's per-head q/k norms
+    "window": dict(sliding_window=3),                           # Mistral's, on every layer
+    "window_mixed": dict(sliding_window=3,                      # Qwen2's, on some layers
+                         layer_types=("full_attention", "sliding_attention") * 3),
 }
 
 

@@ -72,7 +72,7 @@ def test_the_stages_read_every_present_layer_row_and_no_other(block_variant, tin
     p = M.init_params(cfg, jax.random.key(0))
     lp, h, _, rope = layer_inputs(cfg, p)
     recording = ReadRecording(lp)
-    out = block.decoder_layer(cfg, recording, h, rope)
+    out = block.decoder_layer(cfg, recording, h, rope, layer=1)
     assert out.shape == h.shape
     assert recording.read == {r.name for r in block.layer_params(cfg)}
 
@@ -111,12 +111,16 @@ def test_table_names_are_unique_and_lora_and_decay_roles_are_consistent():
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _backward_both_ways(cfg, remat, lp, h, dy, rope):
-    out, saved = block.layer_forward(cfg, lp, h, rope, remat)
-    dh_w, grads = block.layer_backward(cfg, lp, saved, rope, dy, remat, weight_grads=True)
-    dh_p, parts = block.layer_backward(cfg, lp, saved, rope, dy, remat)
-    from_parts = block.weight_grads_from_parts(cfg, lp, parts, rope)
-    ref_out, pullback = jax.vjp(lambda p_, h_: block.decoder_layer(cfg, p_, h_, rope), lp, h)
+def _backward_both_ways(cfg, remat, lp, h, dy, rope, layer):
+    """The LISA pieces at a traced layer index (a stacked scan's), the reference at layer 1
+    (``lp`` is layer 1's slice) given as a Python int."""
+    out, saved = block.layer_forward(cfg, lp, h, rope, remat, layer)
+    dh_w, grads = block.layer_backward(cfg, lp, saved, rope, dy, remat, weight_grads=True,
+                                       layer=layer)
+    dh_p, parts = block.layer_backward(cfg, lp, saved, rope, dy, remat, layer=layer)
+    from_parts = block.weight_grads_from_parts(cfg, lp, parts, rope, layer)
+    ref_out, pullback = jax.vjp(lambda p_, h_: block.decoder_layer(cfg, p_, h_, rope, layer=1),
+                                lp, h)
     ref_grads, ref_dh = pullback(dy)
     return dict(out=out, saved=saved, dh_w=dh_w, grads=grads, dh_p=dh_p, parts=parts,
                 from_parts=from_parts, ref_out=ref_out, ref_grads=ref_grads, ref_dh=ref_dh)
@@ -131,7 +135,7 @@ def test_layer_backward_equals_autodiff_of_decoder_layer(remat, block_variant, t
     gives the same weight gradients."""
     cfg = tiny_cfg(**block_variant)
     lp, h, dy, rope = layer_inputs(cfg, perturbed_params(cfg))
-    r = _backward_both_ways(cfg, remat, lp, h, dy, rope)
+    r = _backward_both_ways(cfg, remat, lp, h, dy, rope, jnp.int32(1))
     np.testing.assert_array_equal(r["out"], r["ref_out"])
     assert len(r["saved"]) == len(block.SAVED[remat])
     np.testing.assert_array_equal(r["saved"][0], h)
@@ -168,3 +172,22 @@ def test_decoder_block_takes_the_attention_stage_from_the_caller(tiny_cfg, pertu
     x2 = ops.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp = ops.swiglu(x2 @ lp["w_gate"], x2 @ lp["w_up"]) @ lp["w_down"]
     np.testing.assert_allclose(out, h + mlp, rtol=1e-6, atol=1e-6)
+
+
+def test_a_sliding_layer_sees_only_its_window_and_a_full_layer_everything(tiny_cfg,
+                                                                         perturbed_params):
+    """With a window of W, a sliding layer's output at position t does not depend on the
+    inputs before t - W + 1; a full layer's does. The layer index picks the kind, a Python
+    int or a traced one alike, and is required where the layers differ."""
+    W = 3
+    cfg = tiny_cfg(sliding_window=W, layer_types=("full_attention", "sliding_attention") * 3)
+    lp, h, _, rope = layer_inputs(cfg, perturbed_params(cfg))
+    h2 = h.at[:, 0].add(1.0)
+    for layer, sliding in ((0, False), (1, True)):
+        for index in (layer, jnp.int32(layer)):
+            f = jax.jit(lambda x, i: block.decoder_layer(cfg, lp, x, rope, layer=i))
+            changed = np.abs(np.asarray(f(h2, index) - f(h, index))).max(axis=(0, 2)) > 0
+            assert changed[:W].all()
+            assert changed[W:].any() != sliding, (layer, index)
+    with pytest.raises(ValueError, match="pass the layer index"):
+        block.decoder_layer(cfg, lp, h, rope)

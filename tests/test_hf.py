@@ -169,7 +169,8 @@ def test_save_hf_roundtrip_bit_exact(hf_variant, make_tiny_hf, tmp_path):
     assert type(again) is type(orig)
     assert_state_dicts_identical(orig, again)
     for key in ("tie_word_embeddings", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                "rope_parameters", "vocab_size"):
+                "rope_parameters", "vocab_size", "sliding_window", "use_sliding_window",
+                "max_window_layers", "layer_types"):
         assert getattr(again.config, key, None) == getattr(orig.config, key, None), key
     # and back: the config survives a second load
     assert lisa_jax.load_hf(out).cfg == lisa_jax.load_hf(path).cfg
@@ -375,11 +376,50 @@ def test_error_corrupt_weights(tiny_llama_dir, tmp_path):
     assert "not a readable safetensors file" in msg and "model.safetensors" in msg
 
 
-def test_sliding_window_warns(make_tiny_hf, tmp_path):
-    d = _copy(make_tiny_hf("mistral"), tmp_path / "ckpt")
-    _edit_config(d, sliding_window=16)
-    with pytest.warns(UserWarning, match="sliding_window=16 is not implemented"):
+def _hf_sliding_layers(path):
+    """Per layer, whether transformers' model of ``path`` attends through a window."""
+    c = transformers.AutoConfig.from_pretrained(path)
+    if c.sliding_window is None:
+        return (False,) * c.num_hidden_layers
+    types = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers
+    return tuple(t == "sliding_attention" for t in types)
+
+
+def test_sliding_window_is_read_as_transformers_reads_it(make_tiny_hf, tmp_path):
+    """Mistral's window is on every layer; Qwen2's only with ``use_sliding_window``, on the
+    layers ``layer_types`` marks or else from ``max_window_layers`` on; a bad one is an error."""
+    cases = [("mistral_window", {}), ("mistral", {}), ("qwen2_window", {}),
+             ("qwen2_window", dict(use_sliding_window=False)),
+             ("qwen2_window", dict(layer_types=None, max_window_layers=0)),
+             ("qwen2_window", dict(layer_types=None, max_window_layers=2)),
+             ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1))]
+    seen = set()
+    for i, (variant, edits) in enumerate(cases):
+        d = _copy(make_tiny_hf(variant), tmp_path / str(i))
+        _edit_config(d, **edits)
+        if edits.get("layer_types", 0) is None:
+            with open(d / "config.json") as f:
+                values = json.load(f)
+            values.pop("layer_types")
+            with open(d / "config.json", "w") as f:
+                json.dump(values, f)
+        cfg = lisa_jax.load_hf(d).cfg
+        want = _hf_sliding_layers(d)
+        assert block.sliding_layers(cfg) == want, (variant, edits)
+        if any(want):
+            assert cfg.sliding_window == transformers.AutoConfig.from_pretrained(d).sliding_window
+        seen.add(want)
+    assert {(True, True), (False, False), (False, True)} <= seen
+    d = _copy(make_tiny_hf("mistral_window"), tmp_path / "bad")
+    _edit_config(d, sliding_window=0)
+    with pytest.raises(ValueError) as e:
         lisa_jax.load_hf(d)
+    assert "sliding_window must be a positive integer" in _one_line(e)
+    d = _copy(make_tiny_hf("qwen2_window"), tmp_path / "bad_types")
+    _edit_config(d, layer_types=["sliding_attention"])
+    with pytest.raises(ValueError) as e:
+        lisa_jax.load_hf(d)
+    assert "layer_types must name 2 layers" in _one_line(e)
 
 
 def test_error_unsupported_model_type(tiny_llama_dir, tmp_path):

@@ -59,6 +59,14 @@ def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias, layo
     check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4], layout)
 
 
+@pytest.mark.parametrize("remat,layout", [("none", "stacked"), ("mlp", "per_layer")])
+def test_stack_vjp_with_sliding_window_layers(remat, layout, tiny_cfg, check_stack_gradients):
+    """Layers of two kinds (window 3 on layers 1, 3, 5; batches of 12 tokens): each layer's
+    backward takes its own kind, from the traced index of a stacked loop or an unrolled one."""
+    cfg = tiny_cfg(sliding_window=3, layer_types=("full_attention", "sliding_attention") * 3)
+    check_stack_gradients(cfg, remat, [1, 2, 5], layout)
+
+
 # The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5:
 # the stacked backward walks each run in a loop whose trip count is the run's length; the
 # per-layer backward decides each layer's weight gradients under lax.cond.
