@@ -22,7 +22,14 @@ uses ``p_ℓ = γ / L`` for every layer. This module supplies two non-uniform ru
   The probabilities are logged as ``layer_probs`` in ``metrics.jsonl`` at each resample, and
   the estimator's state is stored in every checkpoint, so ``--resume`` stays exact.
 
-In both cases the probabilities are normalized by :func:`lisa_jax.sampling.normalize_probs`:
+* **Static, from outlier ratios** (OwLore: Li et al., "OwLore: Outlier-weighed Layerwise
+  Sampled Low-Rank Projection for Memory-Efficient LLM Fine-tuning", 2024): layers with more
+  weight outliers are sampled more (:func:`owl_outlier_ratios`, :func:`owl_weights`); the
+  trainer's ``--lisa-sampler owl`` computes them from the loaded weights and draws ``γ``
+  layers without replacement by them each period (``--lisa-owl-threshold M``). OwLore's
+  fixed ``decrease``/``increase`` weights are ``--lisa-sampler decrease|increase``.
+
+In the first two cases the probabilities are normalized by :func:`lisa_jax.sampling.normalize_probs`:
 they sum to ``γ`` (``--lisa-layers``, the expected number of trained layers per period), each
 lies in ``[floor, 1]``. The floor is capped at the uniform value ``γ / L``.
 """
@@ -33,12 +40,14 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lisa_jax import sampling
 
 __all__ = ["weight_change_norms", "tree_change_norm", "lora_delta_norms", "probs_from_norms",
-           "OnlineImportance", "save_probs", "load_probs", "parse_probs"]
+           "OnlineImportance", "save_probs", "load_probs", "parse_probs", "owl_outlier_ratios",
+           "owl_weights", "OWL_THRESHOLD", "OWL_MODES"]
 
 
 # ----------------------------------------------------------------------------- weight norms
@@ -134,6 +143,79 @@ def probs_from_norms(lora_norms, full_norms=None, expected: float = 2.0,
             raise ValueError("full_norms must be finite and non-negative")
         s = np.where(f > 0, s / np.where(f > 0, f, 1.0), 0.0)
     return sampling.normalize_probs(s, expected, _floor_for(floor, expected, s.size))
+
+
+# ----------------------------------------------------------------------------- outliers
+
+# OwLore's released layer scores for LLaMA-2 (metric_cache/llama2_7b_ratio_13.txt in
+# pixeli99/OwLore) are outlier ratios at M = 13; OWL (Yin et al., 2023) tried M in 3..10.
+OWL_THRESHOLD = 13.0
+OWL_MODES = ("owl", "decrease", "increase")
+
+
+def owl_outlier_ratios(layers, threshold: float = OWL_THRESHOLD) -> np.ndarray:
+    """``[L]`` float64: each layer's outlier ratio, the weight-only variant of OWL's metric.
+
+    OWL (and OwLore after it) scores the entries of a layer's weight matrices by
+    ``A_ij = |W_ij| · ‖X_j‖₂`` (``X`` the matrix's input activations on calibration data) and
+    calls the layer's outlier ratio the fraction of entries of all its matrices, taken
+    together, with ``A_ij > M · mean(A)``, the mean over those same entries. Without
+    activations the score is ``|W_ij|`` alone, which is what this computes: for layer ``ℓ``
+    with matrices ``W¹ … Wᵏ`` (the layer's leaves with two or more dimensions per layer: its
+    projections, not its norm scales or biases),
+
+        ratio_ℓ = #{(m, i, j): |Wᵐ_ij| > M · mean_{m,i,j} |Wᵐ_ij|} / Σ_m size(Wᵐ).
+
+    ``layers``: the stacked layer leaves (each ``[L, ...]``; a dict such as
+    ``params["layers"]``); reduced on the device one leaf at a time, in float32.
+    """
+    threshold = float(threshold)
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"the outlier threshold M={threshold} must be a positive number")
+    mats = [x for x in jax.tree.leaves(layers) if np.ndim(x) >= 3]
+    if not mats:
+        raise ValueError("no weight matrices among the layer leaves (each [L, rows, cols])")
+    per_layer = lambda f: jax.jit(lambda x: f(x).reshape(x.shape[0], -1).sum(1))  # noqa: E731
+    abs_sum = per_layer(lambda x: jnp.abs(x.astype(jnp.float32)))
+    total = sum(np.asarray(abs_sum(x), np.float64) for x in mats)
+    size = sum(int(np.prod(np.shape(x)[1:])) for x in mats)
+    cut = jnp.asarray(threshold * total / size, jnp.float32)
+    over = jax.jit(lambda x, c: (jnp.abs(x.astype(jnp.float32))
+                                 > c.reshape((-1,) + (1,) * (x.ndim - 1)))
+                   .reshape(x.shape[0], -1).sum(1, dtype=jnp.int32))
+    count = sum(np.asarray(over(x, cut), np.float64) for x in mats)
+    return count / size
+
+
+def owl_weights(num_layers: int, mode: str = "owl", ratios=None) -> np.ndarray:
+    """``[L]`` float64 selection weights summing to 1, as OwLore's ``lisa_prob_mode`` makes them.
+
+    ``owl``: ``ratios / sum(ratios)`` (``ratios`` from :func:`owl_outlier_ratios`);
+    ``decrease``: ``∝ L, L-1, …, 1`` (the first layers most); ``increase``: ``∝ 1, …, L``.
+    OwLore draws ``γ`` layers without replacement by them
+    (``lisa_jax.sampling.Weighted``).
+
+    >>> owl_weights(3, "decrease").round(3).tolist()
+    [0.5, 0.333, 0.167]
+    >>> owl_weights(3, "owl", [0.0, 0.01, 0.03]).tolist()
+    [0.0, 0.25, 0.75]
+    """
+    if mode == "decrease":
+        w = np.arange(num_layers, 0, -1, dtype=np.float64)
+    elif mode == "increase":
+        w = np.arange(1, num_layers + 1, dtype=np.float64)
+    elif mode == "owl":
+        if ratios is None:
+            raise ValueError("owl weights need the outlier ratios (owl_outlier_ratios)")
+        w = np.asarray(ratios, np.float64)
+        if w.shape != (num_layers,):
+            raise ValueError(f"{w.size} outlier ratios for {num_layers} layers")
+        if not np.any(w > 0):
+            raise ValueError("no layer has weights above M times its mean magnitude, so the "
+                             "outlier ratios are all zero; lower the threshold M")
+    else:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(OWL_MODES)}")
+    return w / w.sum()
 
 
 # ----------------------------------------------------------------------------- online

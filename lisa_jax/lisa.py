@@ -1,7 +1,7 @@
 """LISA as an optax transformation: train every non-layer leaf, and a sampled subset of layers.
 
-``lisa(inner, ...)`` wraps an *elementwise* optax transformation ``inner`` (typically
-``optax.adamw(schedule)``). Leaves whose path contains ``layers`` (default: the key
+``lisa(inner, ...)`` wraps a *per-leaf* optax transformation ``inner`` (typically
+``optax.adamw(schedule)``; any whose update of a leaf depends on that leaf alone). Leaves whose path contains ``layers`` (default: the key
 ``"layers"``) are stacked along a leading layer axis ``L``; in each period of ``interval``
 steps only the sampled layers of that axis are trained, all other leaves every step.
 
@@ -9,14 +9,20 @@ State layout (:class:`LisaState`)
 ---------------------------------
 * ``count``  int32 ``[]``: global step (number of updates applied so far).
 * ``key``    uint32 raw key data of the sampler key (``jax.random.key_data``), so checkpoints
-  need no special handling; split once per resample.
+  need no special handling; split once per resample (an ordered schedule keeps it: its
+  windows are a function of the key and the period).
 * ``period`` int32 ``[]``: the period ``count // interval`` that ``active`` was drawn for.
 * ``active`` int32 ``[g]``: the sampled layer indices, sorted.
 * ``slot_state``: ``jax.vmap(inner.init)`` of the *slot view* (layer leaves gathered at
   ``active``, leading axis ``g``). Each slot has its own count, so a newly sampled layer starts
   with zero moments and fresh bias correction, as if AdamW had just been created for it.
   Memory scales with ``g``, not ``L``.
-* ``rest_state``: ``inner.init`` of the always-trained leaves (layer leaves replaced by ``None``).
+* ``rest_state``: ``inner.init`` of the always-trained leaves (layer leaves, and the leaves
+  ``frozen=`` names, replaced by ``None``: a frozen leaf has no state).
+
+Samplers (``lisa_jax.sampling``): ``n_active=γ`` is ``sampler=Uniform(γ)``; ``Weighted(γ, w)``
+(OwLore) and ``Ordered(γ, order)`` (BAdam-style) draw a fixed count inside ``jit`` too;
+``probs=p`` is ``Bernoulli(p)``, drawn on the host (below).
 
 Resampling and resets
 ---------------------
@@ -29,8 +35,14 @@ always-trained leaves keep theirs. With ``reset="all"`` all moments restart ever
 ``InjectHyperparamsState.count``/``hyperparams``) is kept, so learning-rate schedules follow
 the global step and never restart.
 
-``inner`` must be elementwise: it is run separately on the always-trained leaves and, under
-``jax.vmap``, on each slot. Whole-tree statistics belong outside it.
+``inner`` must be per-leaf: it is run separately on the always-trained leaves and, under
+``jax.vmap``, on each slot, so a statistic over several leaves would be taken per part.
+Elementwise optimizers (AdamW, Lion), factored ones (Adafactor: per-matrix row and column
+moments) and per-matrix ones (``optax.contrib.muon``) qualify; with ``n_active = L`` and no
+resample ``lisa(inner)`` is ``inner`` on the model with one tree per layer
+(``tests/test_lisa.py``). ``lisa`` refuses an ``inner`` holding a known cross-leaf optax
+transformation (``CROSS_LEAF``: ``clip_by_global_norm``, line searches, L-BFGS, Prodigy,
+D-Adaptation, ...): clip with ``clip_norm=`` or chain outside.
 
 Clipping: ``lisa(..., clip_norm=c)`` clips by the global norm of the *trained* gradients (the
 always-trained leaves and the sampled slices), which is what the fast step computes and what
@@ -70,6 +82,7 @@ with ``p`` instead of the configured probabilities (adaptive importance sampling
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -79,7 +92,8 @@ import optax
 
 from lisa_jax import sampling
 
-__all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "maybe_resample"]
+__all__ = ["LisaState", "LisaTransformation", "lisa", "active_layers", "maybe_resample",
+           "check_per_leaf", "CROSS_LEAF"]
 
 RESET_MODES = ("sampled", "all")
 
@@ -107,6 +121,9 @@ class _Config:
     key_impl: Any  # PRNG implementation of the sampler key (None: the default)
     reset: str
     clip_norm: float | None = None
+    sampler: Any = None  # a lisa_jax.sampling.Sampler
+    frozen: Callable[[Any, Any], bool] | None = None
+    frozen_desc: str = ""
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -122,9 +139,12 @@ def _key_name_pred(name: str):
 
 
 def _split(cfg: _Config, tree):
-    """(leaves, is_layer mask, treedef) of a params-like tree."""
+    """(leaves, mask, treedef) of a params-like tree; the mask is True at a layer leaf, False
+    at an always-trained one and None at a frozen one (``frozen=``)."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    mask = [bool(cfg.pred(p, x)) for p, x in with_path]
+    mask = [True if cfg.pred(p, x) else
+            None if cfg.frozen is not None and cfg.frozen(p, x) else False
+            for p, x in with_path]
     return [x for _, x in with_path], mask, treedef
 
 
@@ -189,6 +209,81 @@ def _first_key(cfg: _Config):
     return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32), impl=cfg.key_impl)
 
 
+# ----------------------------------------------------------------------------- per-leaf inner
+
+# optax transformations whose update takes a statistic over several leaves (a global norm, dot
+# products over the tree, a line search or a scalar step size estimated from all of them).
+# Inside ``lisa`` the always-trained leaves and each slot are updated apart, so such a
+# statistic would be taken per part: ``lisa`` refuses them as ``inner``.
+CROSS_LEAF = frozenset({
+    "clip_by_global_norm", "per_example_global_norm_clip", "normalize_by_update_norm",
+    "scale_by_lbfgs", "lbfgs", "scale_by_polyak", "polyak_sgd", "scale_by_zoom_linesearch",
+    "scale_by_backtracking_linesearch", "differentially_private_aggregate", "dpsgd", "prodigy",
+    "dadapt_adamw", "mechanize", "scale_by_dog", "scale_by_dowg",
+    "sam", "normalize", "momo", "momo_adam", "hutchinson_estimator_diag_hessian"})
+
+
+def _cross_leaf_parts(obj, seen, depth=0):
+    """Names of ``CROSS_LEAF`` optax functions reachable from ``obj`` through closures,
+    containers and partials (how optax combinators hold the transformations they wrap)."""
+    if depth > 40 or id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    found = []
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        head = obj.__qualname__.split(".")[0]
+        if head in CROSS_LEAF and str(getattr(obj, "__module__", "")).startswith("optax"):
+            found.append(head)
+    children = []
+    if isinstance(obj, (tuple, list)):
+        children = list(obj)
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, functools.partial):
+        children = [obj.func, *obj.args, *obj.keywords.values()]
+    elif callable(obj):
+        children = [c.cell_contents for c in (getattr(obj, "__closure__", None) or ())
+                    if _has_contents(c)] + [getattr(obj, "__wrapped__", None)]
+    for child in children:
+        if child is not None and (callable(child) or isinstance(child, (tuple, list, dict))):
+            found += _cross_leaf_parts(child, seen, depth + 1)
+    return found
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def check_per_leaf(inner) -> None:
+    """Raise a one-line ``ValueError`` if ``inner`` holds a known cross-leaf optax
+    transformation (``CROSS_LEAF``, e.g. ``optax.clip_by_global_norm``).
+
+    ``lisa`` runs ``inner`` on the always-trained leaves and on each slot apart, so it takes any
+    transformation whose update of a leaf depends on that leaf's gradient, parameter and state
+    alone (AdamW, Lion, Adafactor's factored moments, Muon's per-matrix orthogonalization);
+    a statistic over several leaves would be taken per part. The check finds the known ones
+    through optax's combinators (chain, masked, inject_hyperparams, ...); a transformation of
+    your own that takes one must stay outside ``lisa`` likewise.
+    """
+    found = sorted(set(_cross_leaf_parts(inner, set())))
+    if not found:
+        return
+    name = found[0]
+    if name in ("clip_by_global_norm", "per_example_global_norm_clip"):
+        fix = ("clip with lisa(..., clip_norm=c) (the norm of the trained gradients; the "
+               "trainer's --clip-norm) or outside: optax.chain(optax.clip_by_global_norm(c), "
+               "lisa(...))")
+    else:
+        fix = "chain it outside lisa, or use a per-leaf transformation as inner"
+    raise ValueError(f"inner holds optax.{name}, which takes a statistic over several leaves; "
+                     f"lisa updates the always-trained leaves and each sampled layer apart, so "
+                     f"it would be taken per part: {fix}")
+
+
 # ----------------------------------------------------------------------------- core
 
 def _num_layers(cfg: _Config, leaves, mask) -> int:
@@ -211,19 +306,15 @@ def _num_layers(cfg: _Config, leaves, mask) -> int:
     return int(next(iter(sizes)))
 
 
-def _draw(cfg: _Config, draw_key, num_layers: int):
-    if cfg.probs is None:
-        return sampling.sample_uniform(draw_key, num_layers, cfg.n_active)
-    return jnp.asarray(sampling.sample_bernoulli(draw_key, cfg.probs), jnp.int32)
+def _next(cfg: _Config, key, period, num_layers: int):
+    """``(key to store, active)`` for ``period`` from the typed key ``key``."""
+    if cfg.probs is not None:  # Bernoulli, maybe with probabilities given to maybe_resample
+        return sampling.Bernoulli(cfg.probs).next(key, period, num_layers)
+    return cfg.sampler.next(key, period, num_layers)
 
 
 def _check_config_against(cfg: _Config, num_layers: int):
-    if cfg.n_active is not None and cfg.n_active > num_layers:
-        raise ValueError(f"n_active={cfg.n_active} exceeds the number of layers L={num_layers}; "
-                         f"pass n_active <= {num_layers}")
-    if cfg.probs is not None and cfg.probs.shape[0] != num_layers:
-        raise ValueError(f"probs has length {cfg.probs.shape[0]} but the model has "
-                         f"L={num_layers} layers; pass one probability per layer")
+    cfg.sampler.check(num_layers)
 
 
 def _init(cfg: _Config, params):
@@ -236,8 +327,10 @@ def _init(cfg: _Config, params):
                          "wrap it, e.g. {'layers': array}")
     num_layers = _num_layers(cfg, leaves, mask)
     _check_config_against(cfg, num_layers)
-    key_next, draw_key = jax.random.split(_first_key(cfg))
-    active = _draw(cfg, draw_key, num_layers)
+    if cfg.frozen is not None and None not in mask:
+        raise ValueError(f"no leaf outside the layers matches frozen={cfg.frozen_desc}; pass "
+                         f"frozen=<key names of leaves that stay fixed> or a callable")
+    key_next, active = _next(cfg, _first_key(cfg), jnp.zeros([], jnp.int32), num_layers)
     slot_view = _part(treedef, leaves, mask, True, lambda x: x[active])
     return LisaState(
         count=jnp.zeros([], jnp.int32),
@@ -253,8 +346,8 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
     """Draw the next active set (unconditionally) and carry/reset the inner states."""
     leaves, mask, treedef = _split(cfg, params)
     num_layers = _num_layers(cfg, leaves, mask)
-    key_next, draw_key = jax.random.split(_wrap_key(cfg, state.key))
-    new_active = _draw(cfg, draw_key, num_layers)
+    period = (state.count // cfg.interval).astype(jnp.int32)
+    key_next, new_active = _next(cfg, _wrap_key(cfg, state.key), period, num_layers)
     g_old, g_new = state.active.shape[0], new_active.shape[0]
 
     # Always-trained leaves: keep everything, unless reset="all" (then fresh moments).
@@ -297,7 +390,7 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
     return LisaState(
         count=state.count,
         key=jax.random.key_data(key_next),
-        period=(state.count // cfg.interval).astype(jnp.int32),
+        period=period,
         active=new_active,
         slot_state=slot_state,
         rest_state=rest_state,
@@ -350,7 +443,8 @@ def _view(cfg: _Config, tree, state: LisaState):
     if tree is None:
         return None
     leaves, mask, treedef = _split(cfg, tree)
-    return treedef.unflatten([x[state.active] if m else x for x, m in zip(leaves, mask)])
+    return treedef.unflatten([x[state.active] if m else None if m is None else x
+                              for x, m in zip(leaves, mask)])
 
 
 def _update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
@@ -378,11 +472,12 @@ def _update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
 
 
 def _scatter(cfg: _Config, view_updates, state: LisaState, like):
-    leaves, mask, treedef = _split(cfg, view_updates)
-    like_leaves = treedef.flatten_up_to(like)
+    like_leaves, mask, treedef = _split(cfg, like)
     out = []
-    for u, l, m in zip(leaves, like_leaves, mask):
-        if m:
+    for u, l, m in zip(treedef.flatten_up_to(view_updates), like_leaves, mask):
+        if m is None:  # frozen: no update was computed
+            u = jnp.zeros(jnp.shape(l), l.dtype)
+        elif m:
             u = jnp.zeros(jnp.shape(l), u.dtype).at[state.active].set(
                 u, indices_are_sorted=True, unique_indices=True)
         out.append(u)
@@ -394,7 +489,9 @@ def _apply_view(cfg: _Config, params, view_updates, state: LisaState):
     u_leaves = treedef.flatten_up_to(view_updates)
     out = []
     for p, u, m in zip(leaves, u_leaves, mask):
-        if m:
+        if m is None or u is None:  # frozen
+            out.append(p)
+        elif m:
             rows = (p[state.active] + u).astype(p.dtype)
             out.append(p.at[state.active].set(rows, indices_are_sorted=True,
                                               unique_indices=True))
@@ -469,6 +566,8 @@ def lisa(
     layers: str | Callable[[Any, Any], bool] = "layers",
     reset: str = "sampled",
     clip_norm: float | None = None,
+    sampler: sampling.Sampler | None = None,
+    frozen: str | tuple[str, ...] | Callable[[Any, Any], bool] | None = None,
 ) -> LisaTransformation:
     """LISA: train all non-layer leaves, and a sampled subset of the stacked layers, with ``inner``.
 
@@ -491,6 +590,16 @@ def lisa(
         follow the global step either way.
       clip_norm: clip by the global norm of the trained gradients (see the module docstring);
         ``None`` or 0: no clipping.
+      sampler: a ``lisa_jax.sampling.Sampler`` instead of ``n_active``/``probs``:
+        ``Uniform(n)`` (what ``n_active=n`` means), ``Weighted(n, weights)`` (``n`` layers
+        without replacement by weight: OwLore, ``importance.owl_weights``), ``Ordered(n,
+        order)`` (BAdam-style: the next ``n`` layers of an ascending, descending or
+        per-cycle reshuffled order each period) or ``Bernoulli(probs)`` (what ``probs``
+        means). Every sampler but Bernoulli draws a fixed count inside ``jit``.
+      frozen: leaves outside the layers that do not train (a key name, several, or a callable
+        ``(path, leaf) -> bool``), e.g. ``("embed",)``: they get no ``inner`` state, an update
+        of exactly zero, and ``None`` in ``view`` (so a fast step takes no gradient for them).
+        Default: every leaf outside the layers trains every step.
 
     Returns:
       A :class:`LisaTransformation`, usable anywhere an ``optax.GradientTransformation`` is.
@@ -513,12 +622,26 @@ def lisa(
     if n_active is not None and probs is not None:
         raise ValueError("pass either n_active (uniform sampling) or probs (Bernoulli per layer), "
                          "not both")
+    if sampler is not None:
+        if n_active is not None or probs is not None:
+            raise ValueError("pass either sampler=... or n_active/probs (shorthands for "
+                             "sampling.Uniform(n_active) and sampling.Bernoulli(probs)), not both")
+        if not isinstance(sampler, sampling.Sampler):
+            raise ValueError(f"sampler must be a lisa_jax.sampling.Sampler (Uniform, Weighted, "
+                             f"Ordered, Bernoulli), got {type(sampler).__name__}")
+        if isinstance(sampler, sampling.Bernoulli):
+            probs = sampler.probs
+        else:
+            n_active = sampler.n_active
+    check_per_leaf(inner)
     if reset not in RESET_MODES:
         raise ValueError(f"unknown reset={reset!r}; use one of {', '.join(RESET_MODES)}")
     if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
         raise ValueError(f"interval={interval!r} must be an int >= 1 (steps per sampling period)")
     if probs is not None:
         probs = sampling.check_probs(probs)
+        if sampler is None:
+            sampler = sampling.Bernoulli(probs)
     else:
         if n_active is None:
             n_active = 2
@@ -526,6 +649,8 @@ def lisa(
                 or n_active < 1:
             raise ValueError(f"n_active={n_active!r} must be an int >= 1 (and <= L)")
         n_active = int(n_active)
+        if sampler is None:
+            sampler = sampling.Uniform(n_active)
     if isinstance(layers, str):
         pred, desc = _key_name_pred(layers), repr(layers)
     elif callable(layers):
@@ -542,9 +667,22 @@ def lisa(
                              "jax.random.PRNGKey(...)")
     if clip_norm is not None and not clip_norm >= 0:
         raise ValueError(f"clip_norm={clip_norm!r} must be >= 0 (0 or None: no clipping)")
+    frozen_pred, frozen_desc = None, ""
+    if frozen is not None:
+        names = (frozen,) if isinstance(frozen, str) else frozen
+        if callable(names):
+            frozen_pred, frozen_desc = names, getattr(names, "__name__", "<callable>")
+        elif isinstance(names, (tuple, list)) and all(isinstance(n, str) for n in names):
+            preds = [_key_name_pred(n) for n in names]
+            frozen_pred = lambda path, leaf: any(f(path, leaf) for f in preds)  # noqa: E731
+            frozen_desc = repr(tuple(names))
+        else:
+            raise ValueError(f"frozen must be a key name, a tuple of them or a callable (path, "
+                             f"leaf) -> bool, got {type(frozen).__name__}")
     cfg = _Config(inner=inner, pred=pred, layers_desc=desc, n_active=n_active, probs=probs,
                   interval=int(interval), key=key, key_impl=key_impl, reset=reset,
-                  clip_norm=float(clip_norm) if clip_norm else None)
+                  clip_norm=float(clip_norm) if clip_norm else None, sampler=sampler,
+                  frozen=frozen_pred, frozen_desc=frozen_desc)
 
     def init(params):
         return _init(cfg, params)

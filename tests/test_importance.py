@@ -207,3 +207,40 @@ def test_trainer_online_importance_logs_changing_probs_and_resumes_exactly(model
     assert ra["meta"]["active_layers"] == rb["meta"]["active_layers"]
     probs_b = {r["step"]: r["layer_probs"] for r in _rows(b) if "layer_probs" in r}
     assert probs_b == probs  # the resumed run drew with the same probabilities
+
+
+# ----------------------------------------------------------------------------- outlier ratios
+
+
+def test_owl_outlier_ratios_follow_the_formula_on_constructed_weights():
+    """Layer ℓ's ratio: entries of all its matrices, pooled, with |W| > M · their mean |W|.
+    Norm scales (one dimension per layer) are not counted."""
+    from lisa_jax.importance import owl_outlier_ratios, owl_weights
+    wq = np.ones((3, 4, 5), np.float32)        # 20 entries a layer
+    w_up = np.ones((3, 5, 6), np.float32)      # 30 entries a layer
+    wq[0, 0, :2] = 100.0                       # layer 0: two outliers
+    w_up[1, 0, 0] = -60.0                      # layer 1: one (a magnitude), in the other matrix
+    w_up[1, 1, 0] = 4.0                        # below M x mean, not an outlier
+    norm = np.full((3, 5), 1e6, np.float32)    # would be outliers if counted
+    layers = {"wq": jnp.asarray(wq), "w_up": jnp.asarray(w_up), "attn_norm": jnp.asarray(norm)}
+    M_ = 5.0
+    want = []
+    for l in range(3):
+        a = np.abs(np.concatenate([wq[l].ravel(), w_up[l].ravel()]).astype(np.float64))
+        want.append(np.mean(a > M_ * a.mean()))
+    got = owl_outlier_ratios(layers, threshold=M_)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got.tolist() == [2 / 50, 1 / 50, 0.0]
+    # The mean is the layer's, over all its matrices: a matrix of larger weights stands out
+    # (pooled mean 6.4, so its 10s exceed 1.5 x 6.4), where per-matrix means would find none.
+    pooled = {"wq": jnp.ones((1, 4, 5)), "w_up": jnp.full((1, 5, 6), 10.0)}
+    assert owl_outlier_ratios(pooled, threshold=1.5).tolist() == [30 / 50]
+    p = owl_weights(3, "owl", got)
+    np.testing.assert_allclose(p, [2 / 3, 1 / 3, 0.0])
+    assert p.sum() == pytest.approx(1.0)
+    for mode, expect in (("decrease", [3, 2, 1]), ("increase", [1, 2, 3])):
+        np.testing.assert_allclose(owl_weights(3, mode), np.array(expect) / 6)
+    with pytest.raises(ValueError, match="lower the threshold"):
+        owl_weights(3, "owl", [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="positive"):
+        owl_outlier_ratios(layers, threshold=0.0)

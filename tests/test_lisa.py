@@ -546,3 +546,160 @@ def test_bad_input_raises_one_line_value_error(kwargs, params, match):
         tx = lisa(optax.adam(0.1), **kwargs)
         tx.init(params)
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+from lisa_jax import sampling  # noqa: E402
+
+
+@pytest.mark.parametrize("order", sampling.ORDERS)
+def test_ordered_sampler_follows_its_windows_under_jit_without_recompiling(order):
+    params = toy_params()  # 6 layers, 2 at a time: cycles of 3 periods
+    tx = lisa(optax.adamw(0.05), sampler=sampling.Ordered(2, order), interval=2, key=5)
+    _, state, actives, _ = run_lisa(tx, params, 14, jit=True)
+    want = [sampling.ordered_window(jax.random.key(5), t // 2, L, 2, order).tolist()
+            for t in range(14)]
+    assert actives == want
+    for cycle in (actives[0:6:2], actives[6:12:2]):
+        assert sorted(sum(cycle, [])) == list(range(L))  # every layer once a cycle
+    np.testing.assert_array_equal(jax.random.key_data(jax.random.key(5)), state.key)
+    traces = []
+
+    def step(g, s, p):
+        traces.append(1)
+        return tx.update(g, s, p)
+    jstep, state = jax.jit(step), tx.init(params)
+    for t in range(8):
+        _, state = jstep(toy_grads(t, params), state, params)
+    assert len(traces) == 1 and jstep._cache_size() == 1
+
+
+def test_ordered_sampler_resumes_exactly_in_the_middle_of_a_cycle():
+    params = toy_params(num_layers=8)
+    make = lambda: lisa(optax.adamw(0.05), sampler=sampling.Ordered(2, "reshuffle"),  # noqa
+                        interval=3, key=4)
+    full, _, full_act, _ = run_lisa(make(), params, 30, jit=True)
+    # step 13: period 4 (cycle 1, its first window), one step into it
+    mid, state, first_act, _ = run_lisa(make(), params, 13, jit=True)
+    restored = jax.tree.map(jnp.asarray, jax.tree.map(np.asarray, state))
+    end, _, rest_act, _ = run_lisa(make(), mid, 17, state=restored, start=13, jit=True)
+    assert first_act + rest_act == full_act
+    assert_trees_close(end, full)
+    assert len({tuple(a) for a in full_act[12:24:3]}) == 4  # a new cycle, a new order
+
+
+def test_weighted_sampler_keeps_the_count_and_draws_only_weighted_layers():
+    params = toy_params()
+    w = np.array([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    tx = lisa(optax.adamw(0.05), sampler=sampling.Weighted(2, w), interval=1, key=0)
+    opt = optax.adamw(0.05)
+    new, _, actives, _ = run_lisa(tx, params, 10, jit=True)
+    assert all(len(a) == 2 and set(a) <= {1, 3, 4} for a in actives)
+    assert len({tuple(a) for a in actives}) > 1
+    assert_trees_close(new, reference_run(opt, params, actives, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_sampler_and_n_active_together_is_an_error():
+    with pytest.raises(ValueError, match="not both"):
+        lisa(optax.adam(0.1), n_active=2, sampler=sampling.Uniform(2))
+    with pytest.raises(ValueError, match="Sampler"):
+        lisa(optax.adam(0.1), sampler="uniform")
+
+
+# ----------------------------------------------------------------------------- frozen leaves
+
+
+def test_frozen_leaves_stay_bit_unchanged_and_hold_no_optimizer_state():
+    params = toy_params()
+    tx = lisa(optax.adamw(0.1, weight_decay=0.1), n_active=2, interval=2, key=3,
+              frozen=("embed", "lm_head"))
+    state = tx.init(params)
+    adam = state.rest_state[0]
+    assert adam.mu["embed"] is None and adam.mu["lm_head"] is None
+    assert adam.mu["final_norm"].shape == (D,)
+    assert tree_bytes(state) < tree_bytes(lisa(optax.adamw(0.1), n_active=2).init(params))
+    view = tx.view(params, state)
+    assert view["embed"] is None and view["lm_head"] is None
+    new, _, actives, updates = run_lisa(tx, params, 6, jit=True)
+    for name in ("embed", "lm_head"):
+        np.testing.assert_array_equal(new[name], params[name])
+        assert all(np.all(np.asarray(u[name]) == 0) for u in updates)
+    assert np.all(new["final_norm"] != params["final_norm"])
+    # The same run as one that trains those leaves with their updates set to zero (their
+    # AdamW state kept, the rest of the model unaffected by it).
+    zeroed = optax.chain(optax.adamw(0.1, weight_decay=0.1), optax.masked(
+        optax.set_to_zero(), lambda p: {k: k in ("embed", "lm_head") for k in p}))
+    assert_trees_close(new, reference_run(zeroed, params, actives, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_must_match_a_leaf_outside_the_layers():
+    with pytest.raises(ValueError, match="no leaf outside the layers matches frozen"):
+        lisa(optax.adam(0.1), n_active=1, frozen="embedding").init(toy_params())
+
+
+# ----------------------------------------------------------------------------- per-leaf inner
+
+PER_LEAF_INNERS = {
+    "adafactor": lambda: optax.adafactor(0.05, min_dim_size_to_factor=2),  # factored moments
+    "lion": lambda: optax.lion(0.01, weight_decay=0.1),
+    "muon": lambda: optax.contrib.muon(0.02),  # Newton-Schulz on each 2-D slice
+}
+
+
+def per_layer_tree(params):
+    """``params`` with the stacked layers as one tree per layer: the model as a per-layer
+    optimizer sees it."""
+    n = params["layers"]["wq"].shape[0]
+    return dict(rest_of(params), layers=tuple(layer_slice(params, l) for l in range(n)))
+
+
+@pytest.mark.parametrize("name", sorted(PER_LEAF_INNERS))
+def test_every_layer_sampled_equals_inner_on_the_whole_model(name):
+    """γ = L and no resample: lisa(inner) is inner itself, for any transformation without
+    statistics across leaves (Adafactor's factored second moments, Lion, Muon)."""
+    params, steps = toy_params(), 4
+    inner = PER_LEAF_INNERS[name]()
+    tx = lisa(inner, n_active=L, interval=100, key=0)
+    got, _, _, _ = run_lisa(tx, params, steps, jit=True)
+    p = per_layer_tree(params)
+    state, update = inner.init(p), jax.jit(inner.update)
+    for t in range(steps):
+        u, state = update(per_layer_tree(toy_grads(t, params)), state, p)
+        p = optax.apply_updates(p, u)
+    assert_trees_close(per_layer_tree(got), p, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), got, params)
+    assert all(jax.tree.leaves(moved))
+
+
+@pytest.mark.parametrize("name", sorted(PER_LEAF_INNERS))
+def test_per_leaf_inner_trajectory_matches_a_fresh_inner_per_sampled_layer(name):
+    params = toy_params()
+    inner = PER_LEAF_INNERS[name]()
+    tx = lisa(inner, n_active=2, interval=2, key=1)
+    new, _, actives, _ = run_lisa(tx, params, 8, jit=True)
+    assert len({tuple(a) for a in actives}) > 1
+    assert_trees_close(new, reference_run(inner, params, actives, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", [
+    optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    optax.masked(optax.clip_by_global_norm(1.0), lambda p: jax.tree.map(lambda _: True, p)),
+    optax.inject_hyperparams(optax.clip_by_global_norm)(1.0),
+    lisa_jax.master_weights(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))),
+])
+def test_global_norm_clipping_inside_inner_is_refused_naming_clip_norm(inner):
+    with pytest.raises(ValueError, match="clip_by_global_norm.*clip_norm") as err:
+        lisa(inner, n_active=2)
+    assert "\n" not in str(err.value)
+
+
+def test_other_cross_leaf_transformations_are_refused_and_per_leaf_ones_pass():
+    for inner in (optax.lbfgs(), optax.contrib.dog(), optax.contrib.prodigy(),
+                  optax.normalize_by_update_norm()):
+        with pytest.raises(ValueError, match="statistic over several leaves"):
+            lisa(inner, n_active=2)
+    for inner in list(PER_LEAF_INNERS.values()):
+        lisa(inner(), n_active=2)
+    lisa(optax.chain(optax.clip(1.0), optax.adaptive_grad_clip(0.1), optax.adamw(1e-3)),
+         n_active=2)

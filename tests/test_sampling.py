@@ -126,3 +126,95 @@ def test_check_probs_bad_input(probs, n, match):
 def test_uniform_bad_n_active():
     with pytest.raises(ValueError, match="n_active"):
         sample_uniform(jax.random.key(0), 4, 5)
+
+
+# ----------------------------------------------------------------------------- weighted
+
+
+def test_weighted_draws_n_distinct_layers_and_never_a_zero_weight_one():
+    w = np.array([0.4, 0.0, 0.3, 0.2, 0.0, 0.1])
+    f = jax.jit(lambda k: sampling.sample_weighted(k, w, 3))
+    for seed in range(20):
+        idx = np.asarray(f(jax.random.key(seed)))
+        assert idx.shape == (3,) and idx.dtype == np.int32 and np.all(np.diff(idx) > 0)
+        assert not {1, 4} & set(idx.tolist())
+
+
+def test_weighted_inclusion_frequencies_follow_sequential_draws_without_replacement():
+    # Two picks without replacement: P(l in S) = w_l + sum_{j != l} w_j w_l / (1 - w_j). A
+    # sampler drawing with replacement, or with inclusion probabilities 2 w_l, fails.
+    w = np.array([0.5, 0.25, 0.15, 0.1])
+    want = np.array([w[l] + sum(w[j] * w[l] / (1 - w[j]) for j in range(4) if j != l)
+                     for l in range(4)])
+    keys = jax.random.split(jax.random.key(2), 4000)
+    idx = np.asarray(jax.vmap(lambda k: sampling.sample_weighted(k, w, 2))(keys))
+    assert np.all(idx[:, 0] != idx[:, 1])
+    np.testing.assert_allclose(np.bincount(idx.ravel(), minlength=4) / len(keys), want,
+                               atol=0.03)
+
+
+@pytest.mark.parametrize("weights, n, match", [
+    ([0.5, 0.0, 0.0], 2, "only 1 layers have a positive weight"),
+    ([0.5, -0.1], None, "non-negative"),
+    ([0.0, 0.0], None, "all zero"),
+    ([[1.0]], None, "1-D"),
+])
+def test_check_weights_bad_input(weights, n, match):
+    with pytest.raises(ValueError, match=match) as err:
+        sampling.check_weights(weights, n)
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- ordered
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(num_layers=st.integers(1, 9), data=st.data(), order=st.sampled_from(sampling.ORDERS),
+       seed=st.integers(0, 2**16))
+def test_ordered_windows_cover_every_layer_once_a_cycle_with_a_fixed_count(num_layers, data,
+                                                                           order, seed):
+    gamma = data.draw(st.integers(1, num_layers))
+    per_cycle = sampling.cycle_periods(num_layers, gamma)
+    key = jax.random.key(seed)
+    for cycle in range(3):
+        windows = [np.asarray(sampling.ordered_window(key, cycle * per_cycle + w, num_layers,
+                                                      gamma, order))
+                   for w in range(per_cycle)]
+        for idx in windows:
+            assert idx.shape == (gamma,) and idx.dtype == np.int32
+            assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < num_layers
+        seen = np.concatenate(windows)
+        assert set(seen.tolist()) == set(range(num_layers))  # every layer, every cycle
+        if num_layers % gamma == 0:  # ... each exactly once
+            assert sorted(seen.tolist()) == list(range(num_layers))
+        else:  # the last window repeats gamma - L mod gamma layers, no more
+            assert len(seen) - num_layers == gamma - num_layers % gamma
+
+
+def test_ascending_and_descending_walk_the_layers_in_order():
+    key = jax.random.key(0)
+    up = [sampling.ordered_window(key, p, 6, 2, "ascending").tolist() for p in range(4)]
+    down = [sampling.ordered_window(key, p, 6, 2, "descending").tolist() for p in range(4)]
+    assert up == [[0, 1], [2, 3], [4, 5], [0, 1]]
+    assert down == [[4, 5], [2, 3], [0, 1], [4, 5]]
+
+
+def test_reshuffle_draws_a_new_order_per_cycle_from_the_key_alone():
+    def cycle_orders(seed, cycles=4):
+        f = jax.jit(lambda k, p: sampling.ordered_window(k, p, 8, 2, "reshuffle"))
+        return [tuple(tuple(np.asarray(f(jax.random.key(seed), c * 4 + w)).tolist())
+                      for w in range(4)) for c in range(cycles)]
+    a = cycle_orders(1)
+    assert len(set(a)) == len(a)  # the windows of each cycle differ from cycle to cycle
+    assert cycle_orders(1) == a and cycle_orders(2) != a  # a function of the key and period
+
+
+def test_sampler_objects_state_their_count_and_key_use():
+    assert sampling.Uniform(2).n_active == 2 and sampling.Uniform(2).splits_key
+    assert sampling.Weighted(1, [1.0, 3.0]).weights.tolist() == [0.25, 0.75]
+    assert not sampling.Ordered(2, "ascending").splits_key
+    assert sampling.Bernoulli([0.5, 0.5]).n_active is None
+    with pytest.raises(ValueError, match="unknown order"):
+        sampling.Ordered(2, "sideways")
+    with pytest.raises(ValueError, match="n_active"):
+        sampling.Ordered(0)
