@@ -83,7 +83,8 @@ class TrainConfig:
     data: str | None = _setting(None, "instruction data: JSONL/JSON, parquet, CSV/TSV, Arrow "
                                       "or a save_to_disk folder; Alpaca (instruction/input/"
                                       "output), chat (messages) or ShareGPT (conversations); "
-                                      "several: a.jsonl,b.parquet")
+                                      "several: a.jsonl,b.parquet; mixed by weight: "
+                                      "a.jsonl:0.7,b.parquet:0.3")
     out: str = _setting("runs/run", "run directory (checkpoints, metrics, exported model)")
     demo: str | None = _setting(None, "--demo: fine-tune the bundled tiny model on the bundled "
                                       "instruction set (CPU, ~1 min); --demo smollm2: the real "
