@@ -115,7 +115,10 @@ def global_params(cfg) -> tuple[Param, ...]:
 class Family:
     """What an HF ``model_type`` adds to the table: its class name, defaults and the keys
     its ``config.json`` carries beyond the common ones. ``window(hf)`` reads the sliding
-    window: ``(window, layer_types)`` as in transformers (``None, None``: full attention)."""
+    window: ``(window, layer_types)`` as in transformers (``None, None``: full attention).
+    ``fused``: checkpoint tensors holding several rows, concatenated along HF's output
+    dimension (``(HF name after "model.layers.{i}.", row names in order)``); they are split
+    on load and joined again on export."""
 
     architecture: str
     attention_bias: bool = False
@@ -123,6 +126,7 @@ class Family:
     hf_extra: Callable[[Any], dict] = lambda cfg: {}
     hf_drop: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
     window: Callable[[dict], tuple] = lambda hf: (None, None)
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -157,8 +161,8 @@ def _qwen_window(hf):
 
 def _mistral_extra(cfg):
     if cfg.layer_types is not None:
-        raise ValueError("Mistral slides on every layer or none; layer_types cannot be "
-                         "exported as MistralForCausalLM (use qwen2)")
+        raise ValueError(f"{cfg.model_type} slides on every layer or none; layer_types cannot "
+                         f"be exported as {FAMILIES[cfg.model_type].architecture} (use qwen2)")
     return {"sliding_window": cfg.sliding_window}
 
 
@@ -185,6 +189,12 @@ FAMILIES = {
                     hf_extra=lambda cfg: {"attention_bias": cfg.attention_bias,
                                           **_qwen_window_extra(cfg)},
                     window=_qwen_window),
+    # Phi-3: Llama with q/k/v in one tensor and gate/up in another; Mistral's window.
+    "phi3": Family("Phi3ForCausalLM", hf_extra=_mistral_extra, window=_mistral_window,
+                   hf_drop=lambda cfg: ("head_dim",) if
+                   cfg.head_dim * cfg.num_heads == cfg.hidden_size else (),
+                   fused=(("self_attn.qkv_proj.weight", ("wq", "wk", "wv")),
+                          ("mlp.gate_up_proj.weight", ("w_gate", "w_up")))),
 }
 
 

@@ -4,7 +4,9 @@ and write a :class:`Model` back as a directory ``transformers`` loads.
 The name of each tensor is its row's in ``lisa_jax.block``'s parameter table: a layer leaf
 ``layers/wq[i]`` is ``model.layers.{i}.self_attn.q_proj.weight``, ``embed`` is
 ``model.embed_tokens.weight``. Linear weights are stored ``[out, in]`` by HF and ``[in, out]``
-here (the table's ``transposed``), so they are transposed on the way in and out.
+here (the table's ``transposed``), so they are transposed on the way in and out. A family's
+fused tensors (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split into their rows on the way
+in and joined on the way out.
 
 Loading never holds two full copies of the weights on the host: the headers are checked
 first (names and shapes, before any data is read), then tensors are read one at a time, with
@@ -82,13 +84,36 @@ def _leaf_shapes(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return shapes
 
 
-def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-    """HF tensor name -> (our leaf path, layer index or None, transposed?)."""
-    out = {p.hf: ((p.name,), None, p.transposed) for p in block.global_params(cfg)}
-    for p in block.layer_params(cfg):
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{p.hf}"] = (("layers", p.name), i, p.transposed)
+def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[tuple, ...]]:
+    """HF tensor name -> its parts, each ``(our leaf path, layer index or None, transposed?,
+    rows)``: ``rows`` is the ``(start, stop)`` of HF's first (output) dimension the leaf fills,
+    None for the whole tensor. A fused tensor (the family's ``fused``: Phi-3's ``qkv_proj``)
+    has one part per row it joins."""
+    out = {p.hf: (((p.name,), None, p.transposed, None),) for p in block.global_params(cfg)}
+    rows = {p.name: p for p in block.layer_params(cfg)}
+    fused = block.FAMILIES[cfg.model_type].fused
+    joined = {name for _, names in fused for name in names}
+    for i in range(cfg.num_layers):
+        for p in rows.values():
+            if p.name not in joined:
+                out[f"model.layers.{i}.{p.hf}"] = ((("layers", p.name), i, p.transposed, None),)
+        for hf_name, names in fused:
+            parts, start = [], 0
+            for name in names:
+                size = rows[name].shape(cfg)[-1 if rows[name].transposed else 0]
+                parts.append((("layers", name), i, rows[name].transposed, (start, start + size)))
+                start += size
+            out[f"model.layers.{i}.{hf_name}"] = tuple(parts)
     return out
+
+
+def _hf_shape(parts, shapes) -> tuple[int, ...]:
+    """The HF shape of a tensor made of ``parts`` (``_hf_names``), from our leaf shapes."""
+    pieces = []
+    for leaf, layer, transposed, _ in parts:
+        shape = shapes[leaf][1:] if layer is not None else shapes[leaf]
+        pieces.append(tuple(shape[::-1]) if transposed else tuple(shape))
+    return (sum(p[0] for p in pieces),) + pieces[0][1:] if len(pieces) > 1 else pieces[0]
 
 
 def _name_list(names, limit: int = 4) -> str:
@@ -277,10 +302,7 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     for fn, names in by_file.items():
         in_file = _shapes_in(fn)
         for name in names:
-            leaf, layer, transposed = expected[name]
-            want = shapes[leaf][1:] if layer is not None else shapes[leaf]
-            if transposed:
-                want = want[::-1]
+            want = _hf_shape(expected[name], shapes)
             if name not in in_file:
                 raise ValueError(f"{WEIGHTS_INDEX} places {name} in {os.path.basename(fn)}, "
                                  "which does not hold it; the index and the shards disagree")
@@ -308,19 +330,25 @@ def load_hf(path, dtype=jnp.float32, shardings: ShardingFn | None = None) -> Mod
     for fn in sorted(by_file, key=_natural_key):
         with _SafetensorsFile(fn) as f:
             for name in sorted(by_file[fn], key=lambda n: f.offset(n)):
-                leaf, layer, transposed = expected[name]
-                if leaf not in host:
-                    host[leaf] = np.empty(shapes[leaf], np_dtype)
-                dst = host[leaf] if layer is None else host[leaf][layer]
-                if not transposed and f.dtype(name) == np_dtype:
+                parts = expected[name]
+                for leaf, *_ in parts:
+                    if leaf not in host:
+                        host[leaf] = np.empty(shapes[leaf], np_dtype)
+                leaf, layer, transposed, _ = parts[0]
+                if len(parts) == 1 and not transposed and f.dtype(name) == np_dtype:
+                    dst = host[leaf] if layer is None else host[leaf][layer]
                     f.read_into(name, dst)  # straight into place, no temporary
                 else:
                     src = f.read(name)
-                    dst[...] = src.T if transposed else src
+                    for leaf, layer, transposed, rows in parts:
+                        dst = host[leaf] if layer is None else host[leaf][layer]
+                        piece = src if rows is None else src[rows[0]:rows[1]]
+                        dst[...] = piece.T if transposed else piece
                     del src
-                remaining[leaf] -= 1
-                if remaining[leaf] == 0:
-                    place(leaf)
+                for leaf, *_ in parts:
+                    remaining[leaf] -= 1
+                    if remaining[leaf] == 0:
+                        place(leaf)
 
     return Model(cfg, _params_tree(placed))
 
@@ -341,22 +369,27 @@ def _load_sharded(cfg, expected, files, shapes, np_dtype, shardings) -> dict:
     is read straight from the safetensors files, so a process reads only the slices its own
     devices hold (several hosts: each host its part; one host: never a whole leaf in memory)."""
     sources: dict[tuple[str, ...], Any] = {}
-    for name, (leaf, layer, transposed) in expected.items():
-        src = (files[name], name, transposed)
-        if layer is None:
-            sources[leaf] = src
-        else:
-            sources.setdefault(leaf, [None] * shapes[leaf][0])[layer] = src
+    for name, parts in expected.items():
+        for leaf, layer, transposed, rows in parts:
+            src = (files[name], name, transposed, rows)
+            if layer is None:
+                sources[leaf] = src
+            else:
+                sources.setdefault(leaf, [None] * shapes[leaf][0])[layer] = src
     opened: dict[str, _SafetensorsFile] = {}
 
     def read(src, index):
-        fn, name, transposed = src
+        fn, name, transposed, rows = src
         if fn not in opened:
             opened[fn] = _SafetensorsFile(fn)
         f = opened[fn]
+        hf_index = list(index)[::-1] if transposed else list(index)
+        if rows is not None:  # a fused tensor: this leaf's rows of HF's output dimension
+            start, stop, step = hf_index[0].indices(rows[1] - rows[0])
+            hf_index[0] = slice(rows[0] + start, rows[0] + stop, step)
         if transposed:  # HF keeps Linear weights as [out, in]; ours are [in, out]
-            return f.block(name, tuple(index)[::-1]).T.astype(np_dtype)
-        return f.block(name, tuple(index)).astype(np_dtype, copy=False)
+            return f.block(name, tuple(hf_index)).T.astype(np_dtype)
+        return f.block(name, tuple(hf_index)).astype(np_dtype, copy=False)
 
     def callback_for(leaf):
         src = sources[leaf]
@@ -411,12 +444,18 @@ def _hf_tensors(cfg: LlamaConfig, params) -> Iterator[tuple[str, tuple, Any, Cal
             return np.ascontiguousarray(a.T if transposed else a)
         return go
 
-    for hf_name, (path, layer, transposed) in _hf_names(cfg).items():
-        leaf = params[path[0]] if len(path) == 1 else params[path[0]][path[1]]
-        shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
-        if transposed:
-            shape = shape[::-1]
-        yield hf_name, shape, leaf.dtype, fetch(leaf, layer, transposed)
+    def joined(fetches):
+        return lambda: np.concatenate([f() for f in fetches], axis=0)
+
+    for hf_name, parts in _hf_names(cfg).items():
+        fetches, shapes = [], []
+        for path, layer, transposed, _ in parts:
+            leaf = params[path[0]] if len(path) == 1 else params[path[0]][path[1]]
+            shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
+            shapes.append(shape[::-1] if transposed else shape)
+            fetches.append(fetch(leaf, layer, transposed))
+        shape = (sum(s[0] for s in shapes),) + shapes[0][1:] if len(parts) > 1 else shapes[0]
+        yield hf_name, shape, leaf.dtype, fetches[0] if len(parts) == 1 else joined(fetches)
 
 
 def _check_layout(cfg: LlamaConfig, params) -> None:

@@ -91,6 +91,10 @@ class LlamaConfig:
             # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
             rs = dict(hf["rope_parameters"])
             rope_theta = rs.get("rope_theta", rope_theta)
+        partial = (rs or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"partial_rotary_factor={partial} (RoPE on part of each head) is "
+                             "not supported; only 1.0")
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type", "default"))
             if kind == "llama3":

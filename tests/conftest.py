@@ -9,7 +9,8 @@ Variants (``HF_VARIANTS``), all float32, 2-3 layers, hidden 32-64, vocab 128-256
 * ``mistral`` -- ``MistralForCausalLM`` without a sliding window;
 * ``qwen3``   -- ``Qwen3ForCausalLM`` (RMSNorm of each query and key head, head_dim given);
 * ``mistral_window`` -- ``mistral`` with a sliding window of 4 tokens on every layer;
-* ``qwen2_window``   -- ``qwen2`` with a window of 4 from layer 1 on (``max_window_layers``).
+* ``qwen2_window``   -- ``qwen2`` with a window of 4 from layer 1 on (``max_window_layers``);
+* ``phi3``    -- ``Phi3ForCausalLM`` (fused ``qkv_proj`` and ``gate_up_proj``), window of 8.
 
 Weights are drawn with a fixed torch seed at a scale that gives peaked next-token
 distributions (so greedy decoding has no near-ties); norm weights and biases get nonzero
@@ -67,7 +68,7 @@ hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("LISA_JAX_HYPOTHESIS_PROFILE", "derandomized"))
 
 HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral", "qwen3", "mistral_window",
-               "qwen2_window")
+               "qwen2_window", "phi3")
 
 _COMMON = dict(bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 
@@ -111,6 +112,11 @@ def _hf_config(variant: str):
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=256, rope_theta=1000000.0, use_sliding_window=False,
             tie_word_embeddings=False, **_COMMON)
+    if variant == "phi3":
+        return transformers.Phi3Config(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            sliding_window=8, pad_token_id=None, **_COMMON)
     raise KeyError(variant)
 
 
@@ -141,7 +147,8 @@ def build_hf_model(variant: str, seed: int = 0):
     cfg = _hf_config(variant)
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
            "mistral": transformers.MistralForCausalLM,
-           "qwen3": transformers.Qwen3ForCausalLM}[cfg.model_type]
+           "qwen3": transformers.Qwen3ForCausalLM,
+           "phi3": transformers.Phi3ForCausalLM}[cfg.model_type]
     model = cls(cfg).eval()
     _randomize(model, seed)
     return model

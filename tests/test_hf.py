@@ -110,7 +110,7 @@ def test_shardings_hook(tiny_llama_dir):
 # ----------------------------------------------------------------------------- gradients
 
 
-def test_grads_match_torch(hf_variant, make_tiny_hf, rel_err):
+def test_grads_match_torch(hf_variant, make_tiny_hf, rel_err, tmp_path):
     path = make_tiny_hf(hf_variant)
     model = lisa_jax.load_hf(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -127,23 +127,16 @@ def test_grads_match_torch(hf_variant, make_tiny_hf, rel_err):
         model.params)
     assert abs(float(loss_j) - loss_t.item()) < 1e-5 * abs(loss_t.item())
 
-    layer = 1
-    lt = ref.model.layers[layer]
-    pairs = {
-        "wq": lt.self_attn.q_proj.weight.grad.T, "wk": lt.self_attn.k_proj.weight.grad.T,
-        "wv": lt.self_attn.v_proj.weight.grad.T, "wo": lt.self_attn.o_proj.weight.grad.T,
-        "w_gate": lt.mlp.gate_proj.weight.grad.T, "w_up": lt.mlp.up_proj.weight.grad.T,
-        "w_down": lt.mlp.down_proj.weight.grad.T,
-        "attn_norm": lt.input_layernorm.weight.grad,
-        "mlp_norm": lt.post_attention_layernorm.weight.grad,
-    }
-    if cfg.attention_bias:
-        pairs.update(bq=lt.self_attn.q_proj.bias.grad, bk=lt.self_attn.k_proj.bias.grad,
-                     bv=lt.self_attn.v_proj.bias.grad)
-    errs = {name: rel_err(grads["layers"][name][layer], g.numpy()) for name, g in pairs.items()}
-    errs["embed"] = rel_err(grads["embed"], ref.model.embed_tokens.weight.grad.numpy())
+    # Every parameter's gradient, by HF name: ours written as a checkpoint (fused tensors
+    # joined as the family's checkpoints hold them) against torch's .grad of each.
+    from safetensors.numpy import load_file
+    lisa_jax.save_hf(lisa_jax.Model(cfg, grads), tmp_path / "grads")
+    ours = load_file(tmp_path / "grads" / "model.safetensors")
+    theirs = {name: p.grad.numpy() for name, p in ref.named_parameters()}
+    assert set(theirs) == set(ours)
+    errs = {name: rel_err(ours[name], g) for name, g in theirs.items()}
     worst = max(errs, key=errs.get)
-    print(f"\n[{hf_variant}] layer-{layer} grad rel err: max {errs[worst]:.2e} ({worst})")
+    print(f"\n[{hf_variant}] grad rel err: max {errs[worst]:.2e} ({worst})")
     assert errs[worst] < 1e-4, errs
 
 
@@ -551,3 +544,36 @@ def test_hf_names_in_the_block_table_are_unique():
     assert len(set(names)) == len(names)
     assert len(set(hf_names)) == len(hf_names)
     assert not any(p.hf.startswith("model.layers") for p in block.LAYER_PARAMS)
+
+
+def test_phi3_fused_tensors_split_on_load_and_rope_variants_refused(make_tiny_hf, tmp_path):
+    """Phi-3's ``qkv_proj`` is q, k and v stacked along the output dimension, ``gate_up_proj``
+    gate then up: loaded as the table's separate rows, read the same through the sharded
+    loader; RoPE on part of each head and longrope are refused in one line."""
+    from safetensors.numpy import load_file
+    path = make_tiny_hf("phi3")
+    model = lisa_jax.load_hf(path)
+    cfg, lp = model.cfg, model.params["layers"]
+    t = load_file(os.path.join(path, "model.safetensors"))
+    qkv = t["model.layers.1.self_attn.qkv_proj.weight"]
+    gate_up = t["model.layers.1.mlp.gate_up_proj.weight"]
+    nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    F = cfg.intermediate_size
+    for name, want in (("wq", qkv[:nq]), ("wk", qkv[nq:nq + nk]), ("wv", qkv[nq + nk:]),
+                       ("w_gate", gate_up[:F]), ("w_up", gate_up[F:])):
+        np.testing.assert_array_equal(np.asarray(lp[name][1]), want.T, err_msg=name)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharded = lisa_jax.load_hf(path, shardings=lambda *a: dev)
+    for x, y in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for i, (edits, words) in enumerate([
+            (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                   "partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
+            (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                   "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+             "unsupported rope scaling 'longrope'")]):
+        d = _copy(path, tmp_path / str(i))
+        _edit_config(d, **edits)
+        with pytest.raises(ValueError) as e:
+            lisa_jax.load_hf(d)
+        assert words in _one_line(e)
