@@ -779,3 +779,57 @@ def test_plain_template_separates_a_later_turn_from_the_reply_before_it():
     assert [t for t, target in segs if target] == ["b", "d"]
     assert segs[2][0].startswith("\n\n### Instruction:\nc")
     assert not segs[0][0].startswith("\n")  # the first turn has nothing to be separated from
+
+
+def test_train_on_inputs_makes_every_token_after_the_first_a_target():
+    tok = make_tokenizer()
+    rec = {"instruction": "Reverse the list", "output": "4 1 3"}
+    base = data.tokenize_record(tok, rec)
+    ex = data.tokenize_record(tok, rec, train_on_inputs=True)
+    assert ex.input_ids.tolist() == base.input_ids.tolist()
+    assert ex.loss_mask.tolist() == [0] + [1] * (len(ex) - 1)
+    chat = make_tokenizer(chat=True)
+    msgs = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello"}]}
+    ex = data.tokenize_record(chat, msgs, train_on_inputs=True)
+    assert ex.loss_mask.tolist() == [0] + [1] * (len(ex) - 1)
+    assert data.tokenize_record(chat, msgs).loss_mask.sum() < ex.loss_mask.sum()
+
+
+def test_chat_template_choice(tmp_path):
+    # auto: the tokenizer's when it has one; plain removes it, so samples render alike.
+    tok = make_tokenizer(chat=True)
+    assert data.use_chat_template(tok, "auto") and data.use_chat_template(tok, "tokenizer")
+    assert not data.use_chat_template(tok, "plain") and not tok.chat_template
+    assert not data.use_chat_template(make_tokenizer(), "auto")
+    with pytest.raises(data.DataError, match="has no chat template; pass --chat-template plain"):
+        data.use_chat_template(make_tokenizer(), "tokenizer")
+    # A Jinja file becomes the tokenizer's template and renders the records.
+    jinja = write(tmp_path, "t.jinja", CHAT_TEMPLATE)
+    tok = make_tokenizer()
+    assert data.use_chat_template(tok, str(jinja))
+    rec = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"}]}
+    ex = data.tokenize_record(tok, rec)
+    assert ex.input_ids.tolist() == data.tokenize_record(make_tokenizer(chat=True),
+                                                         rec).input_ids.tolist()
+    with pytest.raises(data.DataError, match="neither auto, tokenizer, plain nor a Jinja file"):
+        data.use_chat_template(make_tokenizer(), str(tmp_path / "missing.jinja"))
+    broken = write(tmp_path, "b.jinja", "{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(data.DataError, match=r"b\.jinja does not render a conversation"):
+        data.use_chat_template(make_tokenizer(), str(broken))
+
+
+def test_prepare_data_tells_each_training_example_its_file(tmp_path):
+    """``train_sources`` follows the examples through the eval split and the examples dropped
+    as too long, so mixing weights apply to the right file."""
+    long = {"instruction": " ".join(["a"] * 80), "output": "b"}
+    a = write_jsonl(tmp_path / "a.jsonl", [ALPACA[0], long, ALPACA[1]] * 4)
+    b = write_jsonl(tmp_path / "b.jsonl", [dict(ALPACA[2], output="c c c")] * 5)
+    s = data.prepare_data([a, b], make_tokenizer(), max_seq_len=64, eval_fraction=0.2, seed=1)
+    assert len(s.train_sources) == len(s.train) and s.stats.dropped_too_long > 0
+    for ex, src in zip(s.train, s.train_sources):
+        assert (ids("c", "c", "c")[0] in ex.input_ids.tolist()) == (src == 1)
+    assert set(s.train_sources) == {0, 1}
+    assert data.prepare_data(a, make_tokenizer(), max_seq_len=64).train_sources is None
