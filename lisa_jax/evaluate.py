@@ -193,6 +193,9 @@ def item_of(tokenizer, record: dict, where: str = "the record") -> Item:
         return Item(np.asarray(prompt, np.int32), shown, record["output"])
     msgs = record["messages"]
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if not last or msgs[last - 1]["role"] != "user":
+        raise TrainError(f"{where}: the reference reply (the last assistant turn) must follow a "
+                         "user turn, the question it answers")
     try:
         prompt = conversation_ids(tokenizer, msgs[:last])
     except ValueError as e:
