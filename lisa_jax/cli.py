@@ -86,8 +86,9 @@ def cmd_train(argv, debug: bool = False) -> int:
     return main_train(cfg)
 
 
-def _load_for_inference(path: str, dtype: str):
-    """An HF directory, or a run directory (its latest checkpoint, LoRA merged)."""
+def _load_for_inference(path: str, dtype: str, adapter_to: str | None = None):
+    """An HF directory, or a run directory (its latest checkpoint, LoRA merged); with
+    ``adapter_to``, a LoRA run's adapters are also written there in PEFT's format."""
     import jax
 
     from lisa_jax import model as M
@@ -109,6 +110,9 @@ def _load_for_inference(path: str, dtype: str):
     method = method_for(cfg, base.cfg)
     params, state, _ = ckpts.restore(step, base.params, method.state_template(base.params))
     jax.block_until_ready(params)
+    if adapter_to is not None and not method.save_adapter(adapter_to, state):
+        raise TrainError(f"--adapter writes LoRA adapters, and run {path} is --method "
+                         f"{cfg.method} (its export is the whole model); drop --adapter")
     return M.Model(base.cfg, method.export_params(params, state)), Path(cfg.model)
 
 
@@ -203,6 +207,9 @@ def cmd_export(argv, debug: bool = False) -> int:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--out", required=True, help="HF directory to write")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="LoRA runs: also write the adapters alone in PEFT's format into DIR "
+                        "(adapter_config.json, adapter_model.safetensors)")
     _debug_flag(p)
     a = p.parse_args(argv)
     from lisa_jax.hf import save_hf
@@ -219,12 +226,19 @@ def cmd_export(argv, debug: bool = False) -> int:
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         print(f"error: {a.out} is not empty; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    adapter = Path(a.adapter) if a.adapter else None
+    if adapter is not None and adapter.exists() and not a.overwrite and (
+            not adapter.is_dir() or any(adapter.iterdir())):
+        print(f"error: --adapter {a.adapter} is not empty; pass --overwrite to replace it",
+              file=sys.stderr)
+        return 2
     try:
         cfg_path = Path(a.run) / "config.yaml"
         if not cfg_path.is_file():
             raise TrainError(f"{a.run} is not a run directory (no config.yaml); pass --run DIR "
                              "of a `lisa-jax train` run")
-        model, tok_dir = _load_for_inference(a.run, load_config(str(cfg_path)).dtype)
+        model, tok_dir = _load_for_inference(a.run, load_config(str(cfg_path)).dtype,
+                                             adapter_to=a.adapter)
     except (TrainError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

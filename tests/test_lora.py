@@ -135,3 +135,16 @@ def test_a_lora_run_exports_its_adapters_beside_the_merged_model(model_dir, data
         peft = PeftModel.from_pretrained(base, summary["adapter_dir"]).eval()
         adapted = peft(torch.tensor(ids)).logits.numpy()
     assert rel_err(adapted, ours) < 1e-4 and rel_err(plain, ours) > 1e-4
+    # `lisa-jax export --adapter DIR` writes the same adapters from the run's checkpoint.
+    from safetensors.numpy import load_file
+
+    from lisa_jax import cli
+    assert cli.main(["export", "--run", str(out), "--out", str(tmp_path / "exp"), "--adapter",
+                     str(tmp_path / "ad")]) == 0
+    again = load_file(str(tmp_path / "ad" / lora_lib.PEFT_WEIGHTS))
+    first = load_file(str(out / "adapter" / lora_lib.PEFT_WEIGHTS))
+    assert sorted(again) == sorted(first) and len(first) == 2 * 7 * 4  # A, B; 7 targets; 4 layers
+    for name in first:
+        np.testing.assert_array_equal(again[name], first[name])
+    assert (tmp_path / "ad" / lora_lib.PEFT_CONFIG).read_text() == \
+        (out / "adapter" / lora_lib.PEFT_CONFIG).read_text()
