@@ -61,12 +61,12 @@ DEMO_WORDS = ("apple river stone cloud window purple spider planet garden silver
 DEMO_DATA = Path(__file__).parent / "demo" / "smollm2" / "word_reversal.jsonl"
 DEMO_PRESET = dict(
     data=str(DEMO_DATA), method="lisa", lisa_layers=2, lisa_interval=10, lr=5e-4,
-    warmup_steps=5, schedule="cosine", weight_decay=0.0, batch_size=8, max_seq_len=64,
-    steps=60, eval_every=1000, eval_batches=2, save_every=1000, log_every=1, sample_tokens=24)
+    warmup_steps=10, schedule="cosine", weight_decay=0.0, batch_size=8, max_seq_len=64,
+    steps=80, eval_every=1000, eval_batches=2, save_every=1000, log_every=1, sample_tokens=24)
 
 
 def demo_records(n: int = 400, seed: int = 0) -> list[dict]:
-    """The demo's task: reverse the order of three to five words (``DEMO_DATA`` holds
+    """The demo's task: reverse the order of three or four words (``DEMO_DATA`` holds
     ``demo_records()``).
 
     >>> demo_records(1)  # doctest: +NORMALIZE_WHITESPACE
@@ -77,7 +77,7 @@ def demo_records(n: int = 400, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        words = rng.sample(DEMO_WORDS, rng.randint(3, 5))
+        words = rng.sample(DEMO_WORDS, rng.randint(3, 4))
         out.append({"instruction": "Reverse the order of these words: " + " ".join(words),
                     "output": " ".join(reversed(words))})
     return out
@@ -148,7 +148,8 @@ def hf_dir(source=None, cache=None) -> Path:
     missing = _missing_packages()
     if missing:
         raise TrainError(f"converting the GGUF model needs {', '.join(missing)}; install: "
-                         f"{INSTALL} (and torch)")
+                         + (INSTALL if "torch" not in missing else
+                            "python3 -m pip install torch==2.13.0 " + " ".join(missing[1:])))
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache, prefix=f".{DIR_NAME}.partial-") as tmp:
