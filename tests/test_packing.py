@@ -79,7 +79,7 @@ def _make_step(kind, cfg, p0):
     gives what it trained, so two runs compare by their updates (= their gradients)."""
     sgd = optax.sgd(1.0)
     if kind.startswith("lisa"):
-        tx = lisa_jax.lisa(sgd, n_active=2, interval=100, key=3)
+        tx = lisa_jax.lisa(sgd, n_active=1, interval=100, key=3)
         p = layout_lib.convert(p0, kind.split("_", 1)[1])
         return (S.make_lisa_step(cfg, tx, donate=False), p, tx.init(p0),
                 lambda p, s: layout_lib.convert(p, "stacked"))
@@ -99,7 +99,7 @@ def test_packed_batch_steps_as_the_examples_one_by_one(kind, tiny_cfg, perturbed
     fine-tuning and LoRA; the first token of each example has loss mask 1, which packing must
     drop (no example predicts another's first token). LoRA's packed batch comes as three
     micro-batches of one row: the accumulation carries the segments along."""
-    cfg = tiny_cfg(num_layers=3)
+    cfg = tiny_cfg(num_layers=2)
     p0 = perturbed_params(cfg)
     exs = examples_of([6, 9, 4, 11, 5, 7], first_is_target=True)
     rows = [[0, 1, 2], [3, 4], [5]]
@@ -256,3 +256,38 @@ def test_data_spec_weights_and_paths(tmp_path):
         data.parse_data_spec("a.jsonl:0.7,b.jsonl")
     with pytest.raises(data.DataError, match="weight of b.jsonl is 0; weights must be positive"):
         data.parse_data_spec("a.jsonl:1,b.jsonl:0")
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def test_packed_mixed_run_resumes_bit_identical(model_dir, data_file, tmp_path, small,
+                                                final_params):
+    """``--packing`` with ``--data a:0.7,b:0.3``: the checkpoint's data position continues the
+    packed, mixed stream exactly (same batches, so bit-identical parameters)."""
+    from lisa_jax.train import train
+    lines = open(data_file).read().splitlines()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(lines[:120]) + "\n")
+    b.write_text("\n".join(lines[120:]) + "\n")
+    kw = dict(packing=True, data=f"{a}:0.7,{b}:0.3", steps=4, save_every=2, eval_every=100)
+    straight = train(small(model_dir, data_file, tmp_path / "x", **kw))
+    assert straight["status"] == "finished"
+    # Packed rows hold several examples: more tokens a step than one example a row.
+    rows = [json.loads(x) for x in open(tmp_path / "x" / "metrics.jsonl")]
+    assert min(r["tokens"] for r in rows if "tokens" in r) > 4 * 128 * 0.6
+    train(small(model_dir, data_file, tmp_path / "y", **kw), halt_at=2)
+    train(small(model_dir, data_file, tmp_path / "y", resume=True, **kw))
+    (sx, px, mx), (sy, py, my) = final_params(tmp_path / "x"), final_params(tmp_path / "y")
+    assert sx == sy == 4 and mx["data"] == my["data"] and mx["data"]["packing"] == 1
+    for u, v in zip(jax.tree.leaves(px), jax.tree.leaves(py)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_settings_spell_the_weights_and_their_mistakes_in_flag_words():
+    from lisa_jax.config import TrainConfig, TrainError, data_paths, data_weights
+    cfg = TrainConfig(data="a.jsonl:3,b.jsonl:1")
+    assert data_paths(cfg) == ["a.jsonl", "b.jsonl"] and data_weights(cfg) == [3.0, 1.0]
+    assert data_weights(TrainConfig(data="a.jsonl,b.jsonl")) is None
+    with pytest.raises(TrainError, match="^--data gives weights to some files but not to b"):
+        data_paths(TrainConfig(data="a.jsonl:3,b.jsonl"))
