@@ -290,8 +290,12 @@ def _wandb_run(out: Path, cfg: TrainConfig, resumed: bool):
     if not run_id:
         run_id = secrets.token_hex(8)
         id_file.write_text(run_id + "\n")
-    return wandb.init(project=cfg.wandb_project, name=out.absolute().name, id=run_id,
-                      resume="allow", dir=str(out), config=dataclasses.asdict(cfg))
+    run = wandb.init(project=cfg.wandb_project, name=out.absolute().name, id=run_id,
+                     resume="allow", dir=str(out))
+    # A resumed run may have changed settings (a lower --lr, more --steps): they replace the
+    # saved ones, as in config.yaml.
+    run.config.update(dataclasses.asdict(cfg), allow_val_change=True)
+    return run
 
 
 def _scalars(row: dict) -> dict:

@@ -212,6 +212,7 @@ def test_a_second_ctrl_c_during_a_save_stops_at_once_and_the_run_resumes(
 class _FakeWandbRun:
     def __init__(self, **kw):
         self.kw, self.logged, self.step, self.finished = kw, [], 0, False
+        self.config = _FakeWandbConfig()
 
     def log(self, row, step):
         assert step >= self.step  # wandb drops a step below its last
@@ -222,6 +223,12 @@ class _FakeWandbRun:
         self.finished = True
 
 
+class _FakeWandbConfig(dict):
+    def update(self, values, allow_val_change=False):
+        assert allow_val_change  # a resumed run's changed settings replace the saved ones
+        super().update(values)
+
+
 def test_report_to_wandb_logs_the_rows_and_a_resumed_run_continues_its_wandb_run(
         model_dir, data_file, tmp_path, small, monkeypatch, capsys):
     import types
@@ -230,17 +237,17 @@ def test_report_to_wandb_logs_the_rows_and_a_resumed_run_continues_its_wandb_run
     fake.init = lambda **kw: runs.append(_FakeWandbRun(**kw)) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"
-    kw = dict(steps=4, save_every=2, eval_every=2, report_to="wandb", wandb_project="proj")
-    train(small(model_dir, data_file, out, **kw), halt_at=2)
+    kw = dict(steps=3, save_every=1, eval_every=2, report_to="wandb", wandb_project="proj")
+    train(small(model_dir, data_file, out, **kw), halt_at=1)
     train(small(model_dir, data_file, out, resume=True, **kw))
     assert len(runs) == 2 and all(r.finished for r in runs)
     assert runs[0].kw["id"] == runs[1].kw["id"] == (out / "wandb_id").read_text().strip()
     assert [r.kw["project"] for r in runs] == ["proj"] * 2 and runs[0].kw["name"] == "run"
-    assert runs[0].kw["config"]["lr"] == 3e-3 and runs[0].kw["resume"] == "allow"
+    assert runs[0].kw["resume"] == "allow" and runs[0].config["lr"] == 3e-3
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text()
                                       .splitlines())}
     logged = {step: row for r in runs for step, row in r.logged}
-    assert sorted(logged) == [1, 2, 3, 4]
+    assert sorted(logged) == [1, 2, 3] and sorted(s for s, _ in runs[1].logged) == [2, 3]
     for step, row in logged.items():
         assert row["loss"] == rows[step]["loss"]
         assert "active_layers" not in row  # lists are not scalars
