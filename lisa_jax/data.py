@@ -666,6 +666,25 @@ def use_chat_template(tokenizer, choice: str | None = "auto") -> bool:
     return True
 
 
+def export_chat_template(hf_dir: str | Path, tokenizer, choice: str | None) -> None:
+    """Make an exported model directory render as training did under ``--chat-template``
+    ``plain`` (no template: the copied one removed) or a Jinja file (written as the
+    directory's ``chat_template.jinja``); ``auto`` and ``tokenizer`` leave the copy as it is."""
+    if choice in (None, "auto", "tokenizer"):
+        return
+    d = Path(hf_dir)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (d / name).unlink(missing_ok=True)
+    config = d / "tokenizer_config.json"
+    if config.is_file():
+        tc = json.loads(config.read_text())
+        if tc.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+    text = getattr(tokenizer, "chat_template", None)
+    if text:
+        (d / "chat_template.jinja").write_text(text)
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether ``tokenizer(text)`` itself puts the BOS token first (``add_bos_token`` or its
     post-processor); Llama-3 and ChatML tokenizers, for instance, do not."""

@@ -340,6 +340,7 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     if cfg.export:
         from lisa_jax.hf import save_hf
         summary["hf_dir"] = save_hf(final, out / "hf", tokenizer_from=cfg.model)
+        data_lib.export_chat_template(out / "hf", inputs.tokenizer, cfg.chat_template)
         adapter = method.save_adapter(out / "adapter", method.state)
         if adapter:
             summary["adapter_dir"] = adapter

@@ -833,3 +833,19 @@ def test_prepare_data_tells_each_training_example_its_file(tmp_path):
         assert (ids("c", "c", "c")[0] in ex.input_ids.tolist()) == (src == 1)
     assert set(s.train_sources) == {0, 1}
     assert data.prepare_data(a, make_tokenizer(), max_seq_len=64).train_sources is None
+
+
+def test_export_renders_as_training_did(tmp_path):
+    """``--chat-template plain`` or a Jinja file: the exported directory's tokenizer renders
+    as training did (so ``lisa-jax generate`` on it does too)."""
+    from transformers import AutoTokenizer
+    jinja = write(tmp_path, "t.jinja", CHAT_TEMPLATE.replace("</s> ", "</s>\n"))
+    for choice in ("plain", str(jinja), "auto"):
+        d = tmp_path / f"hf{len(choice)}"
+        make_tokenizer(chat=True).save_pretrained(d)  # the model's own template, copied
+        tok = make_tokenizer(chat=True)
+        data.use_chat_template(tok, choice)
+        data.export_chat_template(d, tok, choice)
+        back = AutoTokenizer.from_pretrained(str(d))
+        want = {"plain": None, "auto": CHAT_TEMPLATE}.get(choice, jinja.read_text())
+        assert (back.chat_template or None) == want, choice
