@@ -99,6 +99,7 @@ def parse_data_spec(spec: str) -> tuple[list[str], list[float] | None]:
 
     A path that exists is taken whole, so a file whose name holds a comma or ends in
     ``:<number>`` still reads as that file; a weight is a plain number after the last colon.
+    One file alone has no mixture: its weight is checked, then dropped.
 
     >>> parse_data_spec("a.jsonl:0.7,b.parquet:0.3")
     (['a.jsonl', 'b.parquet'], [0.7, 0.3])
@@ -127,7 +128,7 @@ def parse_data_spec(spec: str) -> tuple[list[str], list[float] | None]:
         if not w > 0:
             raise DataError(f"--data weight of {path} is {w:g}; weights must be positive (drop "
                             "the file to leave it out)")
-    return paths, weights  # type: ignore[return-value]
+    return paths, (weights if len(paths) > 1 else None)  # type: ignore[return-value]
 
 
 def load_sources(paths: Sequence[str | Path]) -> tuple[list[dict], list[int]]:

@@ -248,6 +248,7 @@ def test_data_spec_weights_and_paths(tmp_path):
     assert data.parse_data_spec("a.jsonl:0.7,b.parquet:0.3") == \
         (["a.jsonl", "b.parquet"], [0.7, 0.3])
     assert data.parse_data_spec("a.jsonl:2,b.jsonl:1e-1") == (["a.jsonl", "b.jsonl"], [2.0, 0.1])
+    assert data.parse_data_spec("a.jsonl:0.5") == (["a.jsonl"], None)  # one file: no mixture
     odd = tmp_path / "run:2"  # an existing path that looks weighted is taken whole
     odd.write_text("")
     assert data.parse_data_spec(str(odd)) == ([str(odd)], None)
