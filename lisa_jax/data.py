@@ -973,7 +973,8 @@ class DataLoader:
                  buckets: Sequence[int] | None = None, chunk_batches: int = 16,
                  drop_last: bool = True, shuffle: bool = True, num_epochs: int | None = None,
                  packing: bool = False, sources: Sequence[int] | None = None,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None,
+                 source_names: Sequence[str] | None = None):
         if not examples:
             raise DataError("no examples to batch; pass --data a file of instruction records")
         if batch_size < 1:
@@ -996,7 +997,7 @@ class DataLoader:
         self.shuffle = shuffle
         self.num_epochs = num_epochs
         self.packing = bool(packing)
-        self._quotas = self._mixture_quotas(sources, weights)
+        self._quotas = self._mixture_quotas(sources, weights, source_names)
         self.epoch = 0
         self.position = 0  # batches already yielded in this epoch
         self._plan_epoch: int | None = None
@@ -1014,7 +1015,7 @@ class DataLoader:
                             f"--batch-size to {rows} or add examples to --data (the eval split "
                             "and examples over --max-seq-len are not among them)")
 
-    def _mixture_quotas(self, sources, weights):
+    def _mixture_quotas(self, sources, weights, names=None):
         """Per file: its example indices and how many of them an epoch draws."""
         if weights is None:
             return None
@@ -1026,8 +1027,10 @@ class DataLoader:
         for i, w in enumerate(weights):
             members = np.flatnonzero(src == i)
             if not len(members):
-                raise DataError(f"--data file {i + 1} (weight {w:g}) has no training example "
-                                "left; drop it or give it records within --max-seq-len")
+                name = names[i] if names else f"file {i + 1}"
+                raise DataError(f"--data {name} (weight {w:g}) has no training example left "
+                                "(all longer than --max-seq-len or held out); drop it from "
+                                "--data, or raise --max-seq-len")
             quotas.append((members, max(1, int(round(w / total * len(self.examples))))))
         return quotas
 

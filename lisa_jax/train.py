@@ -150,7 +150,8 @@ def _read_inputs(cfg: TrainConfig) -> _Inputs:
         loader = data_lib.DataLoader(splits.train, cfg.batch_size, seed=cfg.seed,
                                      pad_id=tokenizer.pad_token_id, max_seq_len=cfg.max_seq_len,
                                      packing=cfg.packing, weights=weights,
-                                     sources=splits.train_sources if weights else None)
+                                     sources=splits.train_sources if weights else None,
+                                     source_names=data_paths(cfg))
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(str(e).splitlines()[0])
     return _Inputs(tokenizer, splits, model, loader, mesh)

@@ -239,6 +239,9 @@ def test_mixture_draws_each_file_by_its_weight_deterministically():
         assert len(set(pool[pool < 300].tolist())) == 90  # file 0: 90 distinct a draw
     assert pools[0].tolist() != pools[1].tolist()  # a different subset each epoch
     assert data.DataLoader(exs, **kw).epoch_pool(1).tolist() == pools[1].tolist()
+    with pytest.raises(data.DataError, match=r"^--data b\.jsonl \(weight 3\) has no training"):
+        data.DataLoader(exs, **{**kw, "sources": [0] * 360},
+                        source_names=["a.jsonl", "b.jsonl"])
     # The batches follow the draw.
     ids = np.concatenate([b for b in loader.epoch_plan(0)])
     assert sorted(ids.tolist()) == sorted(pools[0].tolist())
