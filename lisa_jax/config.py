@@ -108,6 +108,23 @@ class TrainConfig:
                                                   "any layer (at most γ/L)")
     lisa_importance_decay: float = _setting(0.9, "online importance: moving-average decay of "
                                                  "gradient norms")
+    lisa_sampler: str = _setting(
+        "uniform", "how the γ layers of a period are picked: uniform (γ of L at random; "
+                   "--lisa-probs or --lisa-importance online make it Bernoulli p_ℓ instead); "
+                   "owl: γ without replacement, weighted by each layer's share of weight "
+                   "outliers in the loaded model (OwLore); decrease, increase: weighted L..1, "
+                   "1..L (OwLore's); reshuffle, ascending, descending: the next γ layers of an "
+                   "order each period, every layer once a cycle (BAdam), reshuffle drawing a "
+                   "new order each cycle",
+        ("uniform", "owl", "decrease", "increase", "reshuffle", "ascending", "descending"))
+    lisa_owl_threshold: float = _setting(13.0, "--lisa-sampler owl: M, a weight is an outlier "
+                                               "above M times its layer's mean magnitude")
+    lisa_always: str = _setting(
+        "embed,norm,head", "LISA: what outside the layers trains every step, of embed, norm "
+                           "(the final norm) and head, comma-separated (none: only the sampled "
+                           "layers); the rest is frozen, with no optimizer state and no "
+                           "gradient. A model with tied embeddings has one matrix for embed and "
+                           "head: name both or neither")
     # LoRA
     lora_rank: int = _setting(16, "LoRA: rank of the adapters")
     lora_alpha: float | None = _setting(None, "LoRA: scale numerator, adapters scaled by "
@@ -361,6 +378,17 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     if cfg.lisa_importance not in choices("lisa_importance"):
         raise TrainError(f"unknown --lisa-importance {cfg.lisa_importance!r}; use "
                          f"{_spoken(choices('lisa_importance'))}")
+    if cfg.lisa_sampler not in choices("lisa_sampler"):
+        raise TrainError(f"unknown --lisa-sampler {cfg.lisa_sampler!r}; use "
+                         f"{_spoken(choices('lisa_sampler'))}")
+    if cfg.lisa_sampler != "uniform" and (cfg.lisa_probs or cfg.lisa_importance != "none"):
+        given = "--lisa-probs" if cfg.lisa_probs else "--lisa-importance online"
+        raise TrainError(f"{given} draws Bernoulli p_ℓ, --lisa-sampler {cfg.lisa_sampler} its "
+                         f"own γ layers; drop one of them")
+    if not (math.isfinite(cfg.lisa_owl_threshold) and cfg.lisa_owl_threshold > 0):
+        raise TrainError(f"--lisa-owl-threshold must be a positive number, got "
+                         f"{cfg.lisa_owl_threshold}")
+    always_parts(cfg)
     if cfg.update_dtype == "bfloat16" and cfg.dtype != "bfloat16":
         raise TrainError("--update-dtype bfloat16 is for --dtype bfloat16 runs; drop it (a "
                          "float32 model is updated in float32)")
@@ -406,6 +434,26 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
                          "plain nor a Jinja file; pass one of those")
 
 
+ALWAYS_PARTS = ("embed", "norm", "head")
+
+
+def always_parts(cfg: TrainConfig) -> tuple[str, ...]:
+    """``--lisa-always`` as a tuple of ``ALWAYS_PARTS`` (``none`` or empty: ``()``).
+
+    >>> always_parts(TrainConfig(lisa_always="head, embed"))
+    ('embed', 'head')
+    """
+    text = (cfg.lisa_always or "").strip()
+    if text.lower() == "none":
+        return ()
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in ALWAYS_PARTS]
+    if bad:
+        raise TrainError(f"--lisa-always {cfg.lisa_always!r}: unknown part {bad[0]!r}; name "
+                         f"some of {', '.join(ALWAYS_PARTS)} (comma-separated) or none")
+    return tuple(p for p in ALWAYS_PARTS if p in parts)
+
+
 def data_paths(cfg: TrainConfig) -> list[str]:
     """The files ``--data`` names: one path, or several joined by commas (read in order),
     each optionally weighted (``a.jsonl:0.7,b.jsonl:0.3``; ``data_weights``)."""
@@ -434,7 +482,8 @@ def data_spec(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
 # change on --resume; each change is printed and saved in config.yaml.
 FIXED_ON_RESUME = (
     "model", "data", "method", "lisa_layers", "lisa_interval", "lisa_probs", "lisa_reset",
-    "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lora_rank",
+    "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lisa_sampler",
+    "lisa_owl_threshold", "lisa_always", "lora_rank",
     "lora_alpha", "lora_targets", "grad_accum", "batch_size", "max_seq_len", "truncate",
     "seed", "dtype", "update_dtype", "eval_fraction", "packing", "chat_template",
     "train_on_inputs")

@@ -24,8 +24,9 @@ from lisa_jax import importance as imp_lib
 from lisa_jax import layout
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
+from lisa_jax import sampling
 from lisa_jax import step as step_lib
-from lisa_jax.config import TrainConfig, TrainError, with_default_remat
+from lisa_jax.config import TrainConfig, TrainError, always_parts, with_default_remat
 from lisa_jax.lisa import active_layers, lisa
 from lisa_jax.precision import master_weights
 
@@ -221,25 +222,86 @@ class Method:
         return total / max(n, 1.0)
 
 
+# --lisa-always's parts and the parameters they name.
+_ALWAYS_KEYS = {"embed": "embed", "norm": "final_norm", "head": "lm_head"}
+
+
+def lisa_frozen(cfg: TrainConfig, mcfg: M.LlamaConfig) -> tuple[str, ...]:
+    """The parameters outside the layers that ``--lisa-always`` leaves frozen. A tied model's
+    embedding is its head (one matrix): both parts or neither."""
+    parts = always_parts(cfg)
+    if mcfg.tie_embeddings:
+        if ("embed" in parts) != ("head" in parts):
+            given, other = ("embed", "head") if "embed" in parts else ("head", "embed")
+            raise TrainError(f"--lisa-always {cfg.lisa_always!r}: this model ties its "
+                             f"embedding and head (one matrix), so {given} cannot train while "
+                             f"{other} is frozen; name both embed and head, or neither "
+                             "(freezing both)")
+        keys = {"embed": "embed", "norm": "final_norm", "head": "embed"}
+    else:
+        keys = _ALWAYS_KEYS
+    trained = {keys[p] for p in parts}
+    return tuple(dict.fromkeys(k for k in keys.values() if k not in trained))
+
+
 class Lisa(Method):
-    """LISA: a few sampled layers trained at a time (``lisa_jax.lisa``), uniformly, with
-    ``--lisa-probs`` or with online importance (Bernoulli sampling, drawn on the host)."""
+    """LISA: a few sampled layers trained at a time (``lisa_jax.lisa``), uniformly, by OwLore's
+    weights or a BAdam-style order (``--lisa-sampler``), with ``--lisa-probs`` or with online
+    importance (Bernoulli sampling, drawn on the host)."""
 
     name = "lisa"
     trains_per_layer = True
 
+    def __init__(self, cfg, mcfg, params=None, schedule=None, mesh=None):
+        self._sampler_weights = None
+        if params is not None and cfg.lisa_sampler == "owl":  # from the loaded weights
+            try:
+                ratios = imp_lib.owl_outlier_ratios(params["layers"], cfg.lisa_owl_threshold)
+                self._sampler_weights = imp_lib.owl_weights(mcfg.num_layers, "owl", ratios)
+            except ValueError as e:
+                if "all zero" not in str(e):
+                    raise TrainError(f"--lisa-sampler owl: {e}")
+                raise TrainError(f"--lisa-sampler owl: no layer has weights above "
+                                 f"--lisa-owl-threshold {cfg.lisa_owl_threshold:g} times its "
+                                 "mean magnitude, so every outlier ratio is 0; lower "
+                                 "--lisa-owl-threshold")
+        super().__init__(cfg, mcfg, params, schedule, mesh)
+
+    def _sampler(self):
+        """The fixed-count sampler of ``--lisa-sampler`` (not uniform)."""
+        cfg, num_layers = self.cfg, self.mcfg.num_layers
+        name = cfg.lisa_sampler
+        if name in sampling.ORDERS:
+            return sampling.Ordered(cfg.lisa_layers, name)
+        if name == "owl":
+            # Without the loaded weights (a checkpoint's state template) only shapes matter.
+            weights = self._sampler_weights
+            if weights is None:
+                weights = np.full(num_layers, 1.0 / num_layers)
+        else:
+            weights = imp_lib.owl_weights(num_layers, name)
+        try:
+            return sampling.Weighted(cfg.lisa_layers, weights)
+        except ValueError as e:  # fewer layers with outliers than --lisa-layers
+            raise TrainError(f"--lisa-sampler {name}: {e} (--lisa-layers "
+                             f"{cfg.lisa_layers}; or lower --lisa-owl-threshold)")
+
     def optimizer(self, schedule):
         cfg, num_layers = self.cfg, self.mcfg.num_layers
         # LISA clips by the norm of the trained gradients (the transform's clip_norm).
+        frozen = lisa_frozen(cfg, self.mcfg)
         kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset,
-                  clip_norm=cfg.clip_norm or None)
+                  clip_norm=cfg.clip_norm or None, frozen=frozen or None)
         if cfg.lisa_probs:
             kw["probs"] = lisa_probs(cfg.lisa_probs, num_layers)
         else:
             if not 1 <= cfg.lisa_layers <= num_layers:
                 raise TrainError(f"--lisa-layers {cfg.lisa_layers} is out of range: the "
                                  f"model has {num_layers} layers; use 1 to {num_layers}")
-            kw["n_active"] = cfg.lisa_layers
+            if cfg.lisa_sampler == "uniform":
+                kw["n_active"] = cfg.lisa_layers
+            else:
+                kw["sampler"] = self._sampler()
         try:
             if cfg.lisa_importance == "online":  # Bernoulli mode, from uniform γ/L
                 kw.setdefault("probs", [cfg.lisa_layers / num_layers] * num_layers)
@@ -268,8 +330,9 @@ class Lisa(Method):
 
     def description(self) -> str:
         cfg, num_layers = self.cfg, self.mcfg.num_layers
+        how = "" if cfg.lisa_sampler == "uniform" else f" by {cfg.lisa_sampler}"
         return (f" (γ={cfg.lisa_layers if not cfg.lisa_probs else 'p_ℓ'} of {num_layers} "
-                f"layers, resample every {cfg.lisa_interval} steps)")
+                f"layers{how}, resample every {cfg.lisa_interval} steps)")
 
     def trainable(self, params) -> tuple[int, str]:
         """The view LISA trains: every leaf outside the layers (embedding, head, final norm)
@@ -277,23 +340,32 @@ class Lisa(Method):
         importance γ varies by period, and the count is its mean."""
         cfg, num_layers = self.cfg, self.mcfg.num_layers
         per_layer = _size(params["layers"]) / num_layers
-        rest = {k: v for k, v in params.items() if k != "layers"}
+        frozen = lisa_frozen(cfg, self.mcfg)
+        rest = {k: v for k, v in params.items() if k != "layers" and k not in frozen}
         if cfg.lisa_probs:
             gamma = sum(lisa_probs(cfg.lisa_probs, num_layers))
         else:
             gamma = cfg.lisa_layers
         names = {"embed": "embedding", "lm_head": "head", "final_norm": "final norm"}
+        if self.mcfg.tie_embeddings:
+            names["embed"] = "embedding (tied head)"
         parts = [names[k] for k in names if k in rest] + [k for k in rest if k not in names]
         exact = not cfg.lisa_probs and cfg.lisa_importance == "none"
         count = int(round(_size(rest) + gamma * per_layer))
         layers = (f"{gamma:g}" if exact else f"on average {gamma:.3g}") + f" of {num_layers}"
-        return count, (f"{', '.join(parts)} and {layers} layers at a time (their weights and "
-                       "norms)")
+        trained = f"{', '.join(parts)} and " if parts else ""
+        return count, (f"{trained}{layers} layers at a time (their weights and norms)")
 
     def before_step(self, params) -> dict:
         """Bernoulli LISA resamples here (its shapes change), with the online importance
         estimate's probabilities when there is one; they are logged as ``layer_probs``."""
         if self._draws_in_jit(self.tx):
+            # A weighted sampler's weights are logged with the run's first step (no device
+            # sync: the step count is not read).
+            weights = getattr(self.tx.config.sampler, "weights", None)
+            if weights is not None and not getattr(self, "_weights_logged", False):
+                self._weights_logged = True
+                return {"layer_probs": [round(float(p), 6) for p in weights]}
             return {}
         extra = {}
         count, period = int(self.state.count), int(self.state.period)

@@ -55,7 +55,8 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
     ``(mean loss, number of target tokens)``.
     """
     B, S, D = h_BxSxD.shape
-    x = ops.rms_norm(h_BxSxD[:, :-1], final_norm, cfg.rms_norm_eps).reshape(-1, D)
+    x = ops.rms_norm(h_BxSxD[:, :-1], final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+    x = x.reshape(-1, D)
     targets = input_ids_BxS[:, 1:].reshape(-1)
     if loss_mask_BxS is None:
         w = jnp.ones(targets.shape, jnp.float32)
@@ -65,7 +66,10 @@ def lm_loss_from_hidden(cfg: M.LlamaConfig, final_norm, head_DxV, h_BxSxD, input
 
     def nll_sum(x_c, t_c, w_c):
         # Logits stay in the compute dtype; token_nll upcasts inside its fused reductions.
-        return jnp.sum(ops.token_nll(x_c @ head_DxV, t_c) * w_c)
+        logits = x_c @ head_DxV
+        if cfg.final_softcap is not None:  # Gemma: soft-capped, as model.logits
+            logits = cfg.final_softcap * jnp.tanh(logits.astype(jnp.float32) / cfg.final_softcap)
+        return jnp.sum(ops.token_nll(logits, t_c) * w_c)
 
     if chunk is None or T <= chunk:
         total = nll_sum(x, targets, w)
@@ -87,7 +91,7 @@ def _embed_and_rope(cfg, embed, batch, h_sharding=None):
     B, S = ids.shape
     positions, mask = ops.positions_and_mask(None, S, B, batch.get("segment_ids"))
     rope = ops.rope_tables(cfg, positions)
-    h = embed[ids]
+    h = M.embed_tokens(cfg, embed, ids)
     if h_sharding is not None:  # several devices: keep the activations split along the batch
         h = jax.lax.with_sharding_constraint(h, h_sharding)
     return h, rope, mask
@@ -175,6 +179,11 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
         layers = params["layers"]
         lay = layout.of(layers)
         rest = {k: v for k, v in params.items() if k != "layers"}
+        # Leaves the transform freezes (lisa(frozen=...)) enter the loss as constants: no
+        # gradient is taken for them (a frozen embedding needs no scatter-add of its rows).
+        in_view = tx.view(rest, opt_state)
+        const = {k: v for k, v in rest.items() if not jax.tree.leaves(in_view[k])}
+        rest = {k: v for k, v in rest.items() if k not in const}
         active = opt_state.active
         slot_L = layout.slot_of_layer(active, cfg.num_layers)
         # The stack's backward reads only the shapes of the sampled layers' view.
@@ -182,10 +191,13 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
             lambda s: jnp.zeros((active.shape[0],) + s.shape[1:], s.dtype),
             lay.template(layers))}
         (loss, n), grads = value_and_grad_accumulated(
-            lambda v, b: lisa_loss(cfg, v, layers, slot_L, b, remat, loss_chunk, hs),
+            lambda v, b: lisa_loss(cfg, {**const, **v}, layers, slot_L, b, remat, loss_chunk,
+                                   hs),
             view, batch)
         grads, active_after = jax.lax.optimization_barrier((grads, active))
-        view = {**rest, "layers": lay.gather(layers, active_after)}
+        none = dict.fromkeys(const)
+        grads = {**grads, **none}
+        view = {**rest, **none, "layers": lay.gather(layers, active_after)}
         metrics = _metrics(loss, n, grads)
         # Per sampled layer gradient norm (slot order = sorted active layers): the online
         # importance estimate feeds on it.
@@ -194,7 +206,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
             for g in jax.tree.leaves(grads["layers"])))
         updates, opt_state = tx.update_view(grads, opt_state, view)
         view = optax.apply_updates(view, updates)
-        return ({**view, "layers": lay.write_back(layers, view["layers"], active)},
+        return ({**view, **const, "layers": lay.write_back(layers, view["layers"], active)},
                 opt_state, metrics)
 
     return _prepared_first(tx, _jit(step, (0, 1) if donate else (), shardings), donate,

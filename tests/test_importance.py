@@ -244,3 +244,51 @@ def test_owl_outlier_ratios_follow_the_formula_on_constructed_weights():
         owl_weights(3, "owl", [0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="positive"):
         owl_outlier_ratios(layers, threshold=0.0)
+
+
+# ----------------------------------------------------------------------------- trainer samplers
+
+
+def test_trainer_owl_sampler_draws_gamma_layers_by_the_loaded_models_outlier_ratios(
+        model_dir, data_file, tmp_path, small, logged_layers):
+    from lisa_jax import methods
+    from lisa_jax.config import TrainError
+    from lisa_jax.hf import load_hf
+    from lisa_jax.importance import owl_outlier_ratios, owl_weights
+    model = load_hf(model_dir)
+    L = model.cfg.num_layers
+    # The random model's weights are Gaussian: none lies 13 mean magnitudes out.
+    cfg = small(model_dir, data_file, tmp_path / "x", lisa_sampler="owl")
+    with pytest.raises(TrainError, match="lower --lisa-owl-threshold") as err:
+        methods.method_for(cfg, model.cfg, model.params, methods.make_schedule(cfg, 8))
+    assert "\n" not in str(err.value)
+    want = owl_weights(L, "owl", owl_outlier_ratios(model.params["layers"], 2.5))
+    assert np.all(want > 0) and len(set(want.round(6))) > 1
+    out = tmp_path / "owl"
+    train(small(model_dir, data_file, out, lisa_sampler="owl", lisa_owl_threshold=2.5,
+                lisa_interval=1, steps=6, save_every=100))
+    rows = _rows(out)
+    np.testing.assert_allclose(rows[0]["layer_probs"], want, rtol=1e-5)
+    assert all("layer_probs" not in r for r in rows[1:])
+    actives = logged_layers(out)
+    assert all(len(a) == 2 and a == sorted(set(a)) for a in actives.values())
+    assert len({tuple(a) for a in actives.values()}) > 1
+
+
+@pytest.mark.slow
+def test_trainer_reshuffle_sampler_resumes_exactly_in_the_middle_of_a_cycle(
+        model_dir, data_file, tmp_path, small, final_params, logged_layers):
+    kw = dict(lisa_sampler="reshuffle", lisa_layers=1, lisa_interval=2, steps=10,
+              save_every=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(small(model_dir, data_file, a, **kw))
+    assert train(small(model_dir, data_file, b, **kw), halt_at=3)["status"] == "interrupted"
+    train(small(model_dir, data_file, b, resume=True, **kw))
+    layers_a = logged_layers(a)
+    assert layers_a == logged_layers(b)
+    per_period = [layers_a[s][0] for s in range(1, 9, 2)]  # 4 periods, one cycle of 4 layers
+    assert sorted(per_period) == [0, 1, 2, 3]
+    _, pa, _ = final_params(a)
+    _, pb, _ = final_params(b)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -239,3 +239,98 @@ def test_lisa_clip_norm_gives_the_fast_steps_result_from_a_full_gradient_tree(
     # The whole-tree norm clips harder: the trained leaves move less by the ratio of norms.
     ratio = float(ma["grad_norm"]) / float(mb["grad_norm"])
     assert abs(step_norm(pc) / step_norm(pa) - ratio) < 1e-3 * ratio
+
+
+# ----------------------------------------------------------------------------- frozen leaves
+
+
+def _zeroed(frozen):
+    """AdamW whose updates of the ``frozen`` top-level leaves are set to zero: those leaves
+    train "with no step", their moments kept, the rest of the model untouched by them."""
+    return optax.chain(optax.adamw(1e-2, eps=1e-3), optax.masked(
+        optax.set_to_zero(), lambda p: {k: k in frozen for k in p}))
+
+
+def test_frozen_embedding_and_head_stay_bit_identical_and_the_rest_trains_as_with_zero_steps(
+        tiny_cfg, perturbed_params, batch_for):
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    frozen = ("embed", "lm_head")
+    tx = lisa_jax.lisa(optax.adamw(1e-2, eps=1e-3), n_active=2, interval=2, key=2,
+                       frozen=frozen)
+    ref_tx = lisa_jax.lisa(_zeroed(frozen), n_active=2, interval=2, key=2)
+    step = S.make_lisa_step(cfg, tx, donate=False)
+    ref = S.make_lisa_step(cfg, ref_tx, donate=False)
+    pa, sa = in_layout(p0, "per_layer"), tx.init(p0)
+    pb, sb = in_layout(p0, "per_layer"), ref_tx.init(p0)
+    assert sa.rest_state[0].mu["embed"] is None and sa.rest_state[0].mu["lm_head"] is None
+    for i in range(3):  # a resample at step 2
+        batch = batch_for(cfg, seed=i)
+        pa, sa, ma = step(pa, sa, batch)
+        pb, sb, mb = ref(pb, sb, batch)
+        assert float(ma["loss"]) == float(mb["loss"])
+    pa, pb = layout_lib.convert(pa, "stacked"), layout_lib.convert(pb, "stacked")
+    for name in frozen:
+        np.testing.assert_array_equal(pa[name], p0[name])
+    assert not np.array_equal(pa["final_norm"], p0["final_norm"])
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_frozen_embedding_takes_no_scatter_add_gradient(tiny_cfg, perturbed_params,
+                                                          batch_for):
+    """The embedding's gradient is a scatter-add of the token rows' cotangents; frozen, the
+    step computes none (and no gradient for the head)."""
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    batch = batch_for(cfg)
+
+    def embed_scatters(frozen):
+        """Scatters indexed by the [B, S] token ids (index_vector_dim 2): the lookup's
+        gradient; the step's other scatters (slots, write-backs) take 1-D indices."""
+        tx = lisa_jax.lisa(optax.adamw(1e-2), n_active=2, interval=2, key=0, frozen=frozen)
+        step = S.make_lisa_step(cfg, tx, donate=False)
+        state = step.prepare(tx.init(p0), p0)
+        text = step.lower(p0, state, batch).as_text()
+        return [line for line in text.splitlines()
+                if "stablehlo.scatter" in line and "index_vector_dim = 2" in line]
+
+    assert len(embed_scatters(None)) == 1
+    assert embed_scatters(("embed",)) == []
+
+
+# ----------------------------------------------------------------------------- --lisa-always
+
+
+def test_lisa_always_freezes_what_it_omits_in_the_trainer_method(
+        tiny_cfg, perturbed_params, batch_for):
+    from lisa_jax import methods
+    from lisa_jax.config import TrainConfig, TrainError, check_config
+    cfg = tiny_cfg()
+    p0 = perturbed_params(cfg)
+    size = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+    run = TrainConfig(lisa_layers=2, lisa_always="norm,head", lr=1e-2)
+    m = methods.method_for(run, cfg, jax.tree.map(jnp.copy, p0), methods.make_schedule(run, 4))
+    adam = m.state.rest_state[0]
+    assert adam.mu["embed"] is None and adam.mu["lm_head"] is not None
+    n, what = m.trainable(p0)
+    assert n == size(p0["final_norm"]) + size(p0["lm_head"]) + 2 * size(p0["layers"]) // L
+    assert what == "head, final norm and 2 of 6 layers at a time (their weights and norms)"
+    p, _ = m.step(jax.tree.map(jnp.copy, p0), batch_for(cfg))
+    np.testing.assert_array_equal(p["embed"], p0["embed"])
+    assert not np.array_equal(p["lm_head"], p0["lm_head"])
+    none = TrainConfig(lisa_always="none")
+    assert methods.lisa_frozen(none, cfg) == ("embed", "final_norm", "lm_head")
+    assert methods.method_for(none, cfg).trainable(p0) == (
+        2 * size(p0["layers"]) // L, "2 of 6 layers at a time (their weights and norms)")
+    # Tied embeddings: one matrix is embedding and head, so both train or neither does.
+    tied = tiny_cfg(tie_embeddings=True)
+    assert methods.lisa_frozen(TrainConfig(lisa_always="norm"), tied) == ("embed",)
+    assert methods.lisa_frozen(TrainConfig(), tied) == ()
+    with pytest.raises(TrainError, match="ties its embedding and head.*name both embed and "
+                                         "head, or neither") as err:
+        methods.lisa_frozen(TrainConfig(lisa_always="embed,norm"), tied)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TrainError, match="unknown part 'lm_head'; name some of embed, norm, "
+                                         "head"):
+        check_config(TrainConfig(lisa_always="lm_head", model="m", data="d"), paths=False)
