@@ -134,7 +134,9 @@ def run_one(a) -> dict:
             return {**p, **optax.apply_updates(rest_of(p), updates)}, s, {"loss": loss}
         step = jax.jit(eh_step, donate_argnums=(0, 1))
     elif a.method == "lisa":
-        tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0)
+        frozen = tuple(k for k in (getattr(a, "lisa_frozen", "") or "").split(",") if k)
+        kw = dict(frozen=frozen) if frozen else {}  # only then: older packages lack frozen=
+        tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0, **kw)
         state = tx.init(params)
         if a.layer_layout == "per_layer":
             params = layout.convert(params, "per_layer", donate=True)
@@ -159,6 +161,7 @@ def run_one(a) -> dict:
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
                 loss_chunk=chunk, inner=a.inner,
                 layout=a.layer_layout if a.method == "lisa" else None,
+                frozen=(getattr(a, "lisa_frozen", "") or None) if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
                 master_weights=master, mu_dtype=mu_dtype,
@@ -306,6 +309,10 @@ def main():
                     help="tokens per chunk of the LM loss (0: no chunking)")
     add_flags(ap, dtype=None, update_dtype="bfloat16",
               helps=dict(dtype="dtype of the parameters (default: bfloat16 on an accelerator)"))
+    ap.add_argument("--lisa-frozen", default="",
+                    help="LISA rows: comma-separated parameters outside the layers that stay "
+                         "frozen (lisa(frozen=...): no optimizer state, no gradient), e.g. "
+                         "embed; the trainer's --lisa-always names what trains instead")
     ap.add_argument("--mu-dtype", default=None, choices=["bfloat16", "float32"],
                     help="dtype of AdamW's first moment (default: that of what it updates)")
     ap.add_argument("--label", default=None,
@@ -350,6 +357,7 @@ def main():
               "--lora-rank", str(a.lora_rank), "--loss-chunk", str(a.loss_chunk),
               "--inner", a.inner, "--update-dtype", a.update_dtype] + \
         (["--mu-dtype", a.mu_dtype] if a.mu_dtype else []) + \
+        (["--lisa-frozen", a.lisa_frozen] if a.lisa_frozen else []) + \
         (["--label", a.label] if a.label is not None else []) + \
         (["--dtype", a.dtype] if a.dtype else []) + \
         (["--profile", a.profile] if a.profile else [])
