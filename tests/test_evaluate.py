@@ -165,10 +165,9 @@ def test_early_stopping_counts_evaluations_without_improvement_across_a_resume(
     after step 3 of 8. Interrupted at step 2 and resumed, the run keeps its count from the
     checkpoint (a fresh count would stop at step 4) and its best; a further --resume stops
     at once."""
-    eval_path, _ = _answers(tmp_path, data_file, 3)
+    eval_path, _ = _answers(tmp_path, data_file, 4)  # the shapes of the test above
     kw = dict(steps=8, eval_every=1, save_every=1, keep_checkpoints=4, eval_data=eval_path,
-              eval_max_new_tokens=3, keep_best="eval_exact", early_stop_patience=2,
-              eval_fraction=0.0)
+              eval_max_new_tokens=6, keep_best="eval_exact", early_stop_patience=2)
     out = tmp_path / "run"
     assert train(small(model_dir, data_file, out, **kw), halt_at=2)["steps"] == 2
     params_1 = Checkpoints(out / "checkpoints", 4).read(1, "params")["params"]
