@@ -48,6 +48,11 @@ class Param:
     def rank(self) -> int:
         return len(self.shape(_UNIT_SIZES))
 
+    def init_for(self, cfg) -> str:
+        """``init`` for ``cfg``: a norm scale ("ones") is zeros where the scale is ``1 + w``
+        (Gemma), so that it starts as the identity either way."""
+        return "zeros" if self.init == "ones" and cfg.norm_plus_one else self.init
+
 
 # Every size a shape reads, 1: enough to learn a row's rank without a config.
 _UNIT_SIZES = type("UnitSizes", (), {"__getattr__": lambda self, name: 1})()
@@ -85,6 +90,13 @@ LAYER_PARAMS = (
           decay=False, present=lambda c: c.qk_norm),
     Param("k_norm", lambda c: (c.head_dim,), "self_attn.k_norm.weight", init="ones",
           decay=False, present=lambda c: c.qk_norm),
+    # Gemma 3: the attention's and the MLP's outputs are normalized too ("sandwich" norms).
+    # There HF's post_attention_layernorm (mlp_norm's tensor) normalizes the attention output
+    # and pre_feedforward_layernorm the MLP input.
+    Param("ffn_norm", _d, "pre_feedforward_layernorm.weight", init="ones", decay=False,
+          present=lambda c: c.sandwich_norm),
+    Param("ffn_out_norm", _d, "post_feedforward_layernorm.weight", init="ones", decay=False,
+          present=lambda c: c.sandwich_norm),
 )
 
 GLOBAL_PARAMS = (
@@ -123,10 +135,14 @@ class Family:
     architecture: str
     attention_bias: bool = False
     qk_norm: bool = False
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    scale_embeddings: bool = False
     hf_extra: Callable[[Any], dict] = lambda cfg: {}
     hf_drop: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
     window: Callable[[dict], tuple] = lambda hf: (None, None)
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    rope: Callable[[dict], tuple] = lambda hf: _rope(hf)
 
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -157,6 +173,64 @@ def _qwen_window(hf):
         SLIDING if i >= hf.get("max_window_layers", 28) else FULL
         for i in range(hf["num_hidden_layers"])]
     return hf["sliding_window"], types
+
+
+def _rope(hf):
+    """``(rope parameters or None, theta, local theta)``: the scaling dict (``rope_scaling``,
+    or transformers 5's ``rope_parameters``), θ, and no separate θ for sliding layers."""
+    rs, theta = hf.get("rope_scaling") or None, hf.get("rope_theta")
+    if rs is None and isinstance(hf.get("rope_parameters"), dict):
+        rs = dict(hf["rope_parameters"])  # transformers 5 folds rope_theta in
+        theta = rs.get("rope_theta", theta)
+    return rs, theta, None
+
+
+def _gemma_rope(hf):
+    """Gemma 3: the full layers' parameters and θ, and the sliding layers' own θ
+    (``rope_parameters`` per layer type in transformers 5; ``rope_theta``,
+    ``rope_scaling`` and ``rope_local_base_freq`` before)."""
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, dict) and (FULL in rp or SLIDING in rp):
+        full, local = dict(rp.get(FULL) or {}), dict(rp.get(SLIDING) or {})
+    else:
+        full, local = dict(hf.get("rope_scaling") or {}), {}
+        full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+        local["rope_theta"] = hf.get("rope_local_base_freq", 1e4)
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {local['rope_type']!r} on the sliding layers is not "
+                         "supported; only on the full ones")
+    return full, full.get("rope_theta", 1e6), float(local.get("rope_theta", 1e4))
+
+
+def _gemma_window(hf):
+    """Gemma 3: ``layer_types``, or every ``sliding_window_pattern``-th layer full."""
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+    types = hf.get("layer_types") or [FULL if (i + 1) % pattern == 0 else SLIDING
+                                      for i in range(hf["num_hidden_layers"])]
+    return hf.get("sliding_window"), types
+
+
+def rope_scaling_hf(cfg) -> dict | None:
+    """``cfg.rope_scaling`` as transformers spells it."""
+    if cfg.rope_scaling is None:
+        return None
+    if cfg.rope_scaling[0] == "llama3":
+        _, f, lo, hi, orig = cfg.rope_scaling
+        return dict(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,
+                    original_max_position_embeddings=orig)
+    return dict(rope_type="linear", factor=cfg.rope_scaling[1])
+
+
+def _gemma_extra(cfg):
+    if cfg.rope_local_theta is None:
+        raise ValueError("a Gemma 3 config needs rope_local_theta (the sliding layers' θ)")
+    full = {"rope_type": "default", **(rope_scaling_hf(cfg) or {}), "rope_theta": cfg.rope_theta}
+    return {"hidden_activation": cfg.hidden_act, "query_pre_attn_scalar": cfg.attn_scalar,
+            "final_logit_softcapping": cfg.final_softcap, "attn_logit_softcapping": None,
+            "use_bidirectional_attention": False, "sliding_window": cfg.sliding_window,
+            "layer_types": [SLIDING if f else FULL for f in sliding_layers(cfg)],
+            "rope_parameters": {FULL: full, SLIDING: {"rope_type": "default",
+                                                      "rope_theta": cfg.rope_local_theta}}}
 
 
 def _mistral_extra(cfg):
@@ -195,6 +269,13 @@ FAMILIES = {
                    cfg.head_dim * cfg.num_heads == cfg.hidden_size else (),
                    fused=(("self_attn.qkv_proj.weight", ("wq", "wk", "wv")),
                           ("mlp.gate_up_proj.weight", ("w_gate", "w_up")))),
+    # Gemma 3 (text): norms with scale 1 + w, four per layer and q/k norms, the embedding
+    # scaled by sqrt(hidden), GeGLU, its own score scale, sliding and full layers with their
+    # own rope θ, soft-capped logits.
+    "gemma3_text": Family("Gemma3ForCausalLM", qk_norm=True, norm_plus_one=True,
+                          sandwich_norm=True, scale_embeddings=True, window=_gemma_window,
+                          rope=_gemma_rope, hf_extra=_gemma_extra,
+                          hf_drop=lambda cfg: ("hidden_act", "rope_theta", "rope_scaling")),
 }
 
 
@@ -210,8 +291,13 @@ class Stage(NamedTuple):
     outputs: tuple[str, ...]
 
 
+def norm(cfg, x, scale):
+    """The family's RMSNorm (scale ``1 + w`` in float32 for Gemma)."""
+    return ops.rms_norm(x, scale, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
 def _attn_norm(cfg, lp, rope, h_BxSxD):
-    return (ops.rms_norm(h_BxSxD, lp["attn_norm"], cfg.rms_norm_eps),)
+    return (norm(cfg, h_BxSxD, lp["attn_norm"]),)
 
 
 def _qkv(cfg, lp, rope, x_BxSxD):
@@ -223,8 +309,8 @@ def _qkv(cfg, lp, rope, x_BxSxD):
     q = q.reshape(B, S, cfg.num_heads, cfg.head_dim)
     k = k.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = ops.rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = ops.rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q = norm(cfg, q, lp["q_norm"])
+        k = norm(cfg, k, lp["k_norm"])
     cos, sin = rope
     q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
     return q, k, v.reshape(B, S, cfg.num_kv_heads, cfg.head_dim)
@@ -232,11 +318,14 @@ def _qkv(cfg, lp, rope, x_BxSxD):
 
 def _attn_out(cfg, lp, rope, h_BxSxD, o_BxSxNxH):
     B, S, _ = h_BxSxD.shape
-    return (h_BxSxD + o_BxSxNxH.reshape(B, S, -1) @ lp["wo"],)
+    y = o_BxSxNxH.reshape(B, S, -1) @ lp["wo"]
+    if cfg.sandwich_norm:
+        y = norm(cfg, y, lp["mlp_norm"])
+    return (h_BxSxD + y,)
 
 
 def _mlp_norm(cfg, lp, rope, hm_BxSxD):
-    return (ops.rms_norm(hm_BxSxD, lp["mlp_norm"], cfg.rms_norm_eps),)
+    return (norm(cfg, hm_BxSxD, lp["ffn_norm" if cfg.sandwich_norm else "mlp_norm"]),)
 
 
 def _mlp_in(cfg, lp, rope, x_BxSxD):
@@ -244,7 +333,11 @@ def _mlp_in(cfg, lp, rope, x_BxSxD):
 
 
 def _mlp_out(cfg, lp, rope, hm_BxSxD, a_BxSxF, b_BxSxF):
-    return (hm_BxSxD + ops.swiglu(a_BxSxF, b_BxSxF) @ lp["w_down"],)
+    gated = ops.geglu if cfg.hidden_act == "gelu_pytorch_tanh" else ops.swiglu
+    y = gated(a_BxSxF, b_BxSxF) @ lp["w_down"]
+    if cfg.sandwich_norm:
+        y = norm(cfg, y, lp["ffn_out_norm"])
+    return (hm_BxSxD + y,)
 
 
 STAGES = (
@@ -282,9 +375,24 @@ def per_layer(cfg, layer, fn):
     return jax.lax.cond(jnp.asarray(flags)[layer], lambda: fn(True), lambda: fn(False))
 
 
+def attention_scale(cfg) -> float | None:
+    """The scores' scale: ``attn_scalar ** -0.5`` (Gemma), else None (1/sqrt(head dim))."""
+    return None if cfg.attn_scalar is None else float(cfg.attn_scalar) ** -0.5
+
+
+def layer_rope(cfg, rope, layer):
+    """Layer ``layer``'s (cos, sin): where sliding layers have their own θ (``ops.rope_tables``
+    gives ``2xBxSxH`` tables), the second for a sliding layer, the first for a full one."""
+    if cfg.rope_local_theta is None:
+        return rope
+    cos, sin = rope
+    return per_layer(cfg, layer, lambda sliding: (cos[int(sliding)], sin[int(sliding)]))
+
+
 def _attend(cfg, q, k, v, mask_BxSxS, impl, layer):
     return per_layer(cfg, layer, lambda sliding: ops.attention(
-        q, k, v, mask_BxSxS, impl, window=cfg.sliding_window if sliding else None))
+        q, k, v, mask_BxSxS, impl, window=cfg.sliding_window if sliding else None,
+        scale=attention_scale(cfg)))
 
 
 def causal_attention(cfg, mask_BxSxS=None, layer=None):
@@ -308,22 +416,24 @@ def _run(cfg, lp, rope, env: dict, attend, stop: int = len(STAGES)) -> dict:
     return env
 
 
-def decoder_block(cfg, lp: Params, h_BxSxD, rope, attend):
+def decoder_block(cfg, lp: Params, h_BxSxD, rope, attend, layer=None):
     """One block with the attention stage ``attend(q, k, v) -> (o, extra)``; ``(out, extra)``
     (a KV cache's update, say)."""
-    env = _run(cfg, lp, rope, {"h": h_BxSxD}, attend)
+    env = _run(cfg, lp, layer_rope(cfg, rope, layer), {"h": h_BxSxD}, attend)
     return env["out"], env["attend"]
 
 
 def decoder_layer(cfg, lp: Params, h_BxSxD, rope, mask_BxSxS=None, layer=None):
     """One pre-norm block on one layer's parameters ``lp`` (no layer axis); ``layer``, its
     index, is needed where the layers differ (``per_layer``)."""
-    return decoder_block(cfg, lp, h_BxSxD, rope, causal_attention(cfg, mask_BxSxS, layer))[0]
+    return decoder_block(cfg, lp, h_BxSxD, rope, causal_attention(cfg, mask_BxSxS, layer),
+                         layer)[0]
 
 
 def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str, layer=None, mask_BxSxS=None):
     """``(out, saved)``: the block's output and the activations ``SAVED[remat]`` keeps;
     ``mask_BxSxS``: None (causal) or ``ops.Segments`` (packed rows)."""
+    rope = layer_rope(cfg, rope, layer)
     env = _run(cfg, lp, rope, {"h": h_BxSxD}, causal_attention(cfg, mask_BxSxS, layer))
     return env["out"], tuple(env[name] for name in SAVED[remat])
 
@@ -349,6 +459,7 @@ def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
     per layer under ``lax.cond`` pays nothing for a frozen one. ``mask_BxSxS``: the forward's
     (``ops.Segments`` for packed rows).
     """
+    rope = layer_rope(cfg, rope, layer)
     env = _run(cfg, lp, rope, dict(zip(SAVED[remat], saved)),
                _attention_with_pullback(cfg, layer, mask_BxSxS), stop=len(STAGES) - 1)
     cot = {"out": dy_BxSxD}
@@ -375,6 +486,7 @@ def weight_grads_from_parts(cfg, lp: Params, parts, rope, layer=None) -> Params:
     """One layer's weight gradients from ``layer_backward``'s ``parts`` (``layer``: its index,
     as for ``layer_backward``)."""
     weighted = [stage for stage in reversed(STAGES) if stage.fn is not None]
+    rope = layer_rope(cfg, rope, layer)
     grads = None
     for stage, (args, g_out) in zip(weighted, parts):
         _, pullback = jax.vjp(lambda p, f=stage.fn: f(cfg, p, rope, *args), lp)

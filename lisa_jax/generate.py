@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lisa_jax import layout
-from lisa_jax.block import decoder_block, sliding_layers
-from lisa_jax.model import LlamaConfig, Model, Params, logits_from_hidden
+from lisa_jax.block import attention_scale, decoder_block, sliding_layers
+from lisa_jax.model import LlamaConfig, Model, Params, embed_tokens, logits_from_hidden
 from lisa_jax.ops import attention, rope_tables
 
 
@@ -56,7 +56,8 @@ def _cached_attention(cfg, cache_k, cache_v, layer, index, key_valid_BxT):
         mask = seen[None] & key_valid_BxT[:, None, :]
         # A padded query sees no valid key; let it see itself (its output is never used).
         mask = mask | (kv_idx[None, :] == q_idx[:, None])[None]
-        o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask,
+                      scale=attention_scale(cfg))
         return o, (ck, cv)
     return attend
 
@@ -72,10 +73,10 @@ def forward_cached(cfg: LlamaConfig, params: Params, ids_BxS, positions_BxS, cac
         lp, layer = lp_and_index
         h, (ck, cv) = decoder_block(cfg, lp, h, rope,
                                     _cached_attention(cfg, ck, cv, layer, index,
-                                                      key_valid_BxT))
+                                                      key_valid_BxT), layer)
         return (h, ck, cv), None
 
-    h = params["embed"][ids_BxS]
+    h = embed_tokens(cfg, params["embed"], ids_BxS)
     (h, cache_k, cache_v), _ = layout.of(params["layers"]).scan(
         body, (h, cache_k, cache_v), params["layers"])
     return logits_from_hidden(cfg, params, h[:, -1:])[:, 0], cache_k, cache_v

@@ -14,7 +14,9 @@ N query heads, K kv heads, H head dim, L layers)::
     layers/wk        LxDx(K*H)     layers/bk  Lx(K*H)
     layers/wv        LxDx(K*H)     layers/bv  Lx(K*H)
     layers/wo        Lx(N*H)xD
-    layers/mlp_norm  LxD
+    layers/q_norm    LxH   layers/k_norm LxH     (qk_norm models: Qwen3, Gemma 3)
+    layers/mlp_norm  LxD   (Gemma 3: the attention output's norm)
+    layers/ffn_norm  LxD   layers/ffn_out_norm LxD   (Gemma 3: the MLP's input and output)
     layers/w_gate    LxDxF
     layers/w_up      LxDxF
     layers/w_down    LxFxD
@@ -62,6 +64,17 @@ class LlamaConfig:
     # "sliding_attention" or "full_attention" per layer) marks. None: full attention.
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
+    # Gemma 3: norm scales 1 + w, the attention's and MLP's outputs normalized too, the
+    # embedding scaled by sqrt(hidden), the MLP's gate ("silu" or "gelu_pytorch_tanh"), the
+    # scores scaled by attn_scalar ** -0.5 (None: head_dim's), the sliding layers' own rope θ,
+    # and logits soft-capped to (-final_softcap, final_softcap).
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    scale_embeddings: bool = False
+    hidden_act: str = "silu"
+    attn_scalar: float | None = None
+    rope_local_theta: float | None = None
+    final_softcap: float | None = None
     max_position_embeddings: int = 4096
     model_type: str = "llama"
     bos_token_id: int | None = 1
@@ -84,13 +97,9 @@ class LlamaConfig:
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        family = block.FAMILIES[model_type]
         rope_scaling = None
-        rs = hf.get("rope_scaling") or None
-        rope_theta = hf.get("rope_theta")
-        if rs is None and isinstance(hf.get("rope_parameters"), dict):
-            # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
-            rs = dict(hf["rope_parameters"])
-            rope_theta = rs.get("rope_theta", rope_theta)
+        rs, rope_theta, rope_local_theta = family.rope(hf)
         partial = (rs or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if partial != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} (RoPE on part of each head) is "
@@ -108,8 +117,19 @@ class LlamaConfig:
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
-        window, layer_types = _window(*block.FAMILIES[model_type].window(hf),
-                                      hf["num_hidden_layers"])
+        window, layer_types = _window(*family.window(hf), hf["num_hidden_layers"])
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if family.norm_plus_one:  # Gemma 3
+            if act != "gelu_pytorch_tanh":
+                raise ValueError(f"hidden_activation {act!r} is not supported for {model_type}; "
+                                 "only gelu_pytorch_tanh")
+            if hf.get("attn_logit_softcapping") is not None:
+                raise ValueError(f"attn_logit_softcapping={hf['attn_logit_softcapping']} is not "
+                                 "supported (the fused attention kernels have no soft-capping "
+                                 "of scores); set it to null")
+            if hf.get("use_bidirectional_attention"):
+                raise ValueError("use_bidirectional_attention=true is not supported (causal "
+                                 "language models only); set it to false")
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -117,10 +137,14 @@ class LlamaConfig:
             head_dim=head_dim, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta or 10000.0), rope_scaling=rope_scaling,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias",
-                                       block.FAMILIES[model_type].attention_bias)),
-            qk_norm=block.FAMILIES[model_type].qk_norm,
+            attention_bias=bool(hf.get("attention_bias", family.attention_bias)),
+            qk_norm=family.qk_norm,
             sliding_window=window, layer_types=layer_types,
+            norm_plus_one=family.norm_plus_one, sandwich_norm=family.sandwich_norm,
+            scale_embeddings=family.scale_embeddings, hidden_act=act,
+            attn_scalar=hf.get("query_pre_attn_scalar") if family.norm_plus_one else None,
+            rope_local_theta=rope_local_theta,
+            final_softcap=hf.get("final_logit_softcapping"),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             model_type=model_type, bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"), dtype=dtype)
@@ -142,17 +166,11 @@ class LlamaConfig:
             else self.eos_token_id,
             pad_token_id=self.pad_token_id,
             torch_dtype="bfloat16" if self.dtype == "bfloat16" else "float32")
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = block.rope_scaling_hf(self)
         out.update(family.hf_extra(self))
         for key in family.hf_drop(self):
             out.pop(key, None)
-        if self.rope_scaling is not None:
-            if self.rope_scaling[0] == "llama3":
-                _, f, lo, hi, orig = self.rope_scaling
-                out["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo,
-                                           high_freq_factor=hi,
-                                           original_max_position_embeddings=orig)
-            else:
-                out["rope_scaling"] = dict(rope_type="linear", factor=self.rope_scaling[1])
         return out
 
 
@@ -221,9 +239,27 @@ def head_weight(params: Params):
     return params["embed"].T if "lm_head" not in params else params["lm_head"]
 
 
+def embed_tokens(cfg: LlamaConfig, embed_VxD, ids_BxS):
+    """The input embeddings; Gemma's scaled by sqrt(hidden), in the embedding's dtype (as HF
+    does)."""
+    h = embed_VxD[ids_BxS]
+    if cfg.scale_embeddings:
+        h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
+    return h
+
+
+def logits(cfg: LlamaConfig, final_norm_D, head_DxV, h_BxSxD):
+    """Float32 logits from the last hidden states: final norm, head, and Gemma's
+    ``final_softcap * tanh(logits / final_softcap)``."""
+    x = block.norm(cfg, h_BxSxD, final_norm_D)
+    out = (x @ head_DxV).astype(jnp.float32)
+    if cfg.final_softcap is not None:
+        out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
+    return out
+
+
 def logits_from_hidden(cfg: LlamaConfig, params: Params, h_BxSxD):
-    x = ops.rms_norm(h_BxSxD, params["final_norm"], cfg.rms_norm_eps)
-    return (x @ head_weight(params)).astype(jnp.float32)
+    return logits(cfg, params["final_norm"], head_weight(params), h_BxSxD)
 
 
 def forward(cfg: LlamaConfig, params: Params, input_ids_BxS, attention_mask_BxS=None,
@@ -232,7 +268,7 @@ def forward(cfg: LlamaConfig, params: Params, input_ids_BxS, attention_mask_BxS=
     B, S = input_ids_BxS.shape
     positions, mask = ops.positions_and_mask(attention_mask_BxS, S, B, segment_ids_BxS)
     rope = ops.rope_tables(cfg, positions)
-    h = params["embed"][input_ids_BxS]
+    h = embed_tokens(cfg, params["embed"], input_ids_BxS)
     h = run_layers(cfg, params["layers"], h, rope, mask, remat)
     return logits_from_hidden(cfg, params, h)
 
@@ -244,7 +280,7 @@ _INIT = {"normal": nn.initializers.normal(0.02), "ones": nn.initializers.ones,
 
 
 def _declare(module: nn.Module, cfg: LlamaConfig, rows) -> Params:
-    return {p.name: module.param(p.name, _INIT[p.init], p.shape(cfg), cfg.jnp_dtype)
+    return {p.name: module.param(p.name, _INIT[p.init_for(cfg)], p.shape(cfg), cfg.jnp_dtype)
             for p in rows}
 
 
@@ -275,11 +311,11 @@ class LlamaForCausalLM(nn.Module):
         stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                         length=cfg.num_layers)(cfg, name="layers")
-        h, _ = stack(embed[input_ids_BxS], cos, sin, mask, jnp.arange(cfg.num_layers))
+        h, _ = stack(embed_tokens(cfg, embed, input_ids_BxS), cos, sin, mask,
+                     jnp.arange(cfg.num_layers))
         head = _declare(self, cfg, [r for n, r in rows.items() if n != "embed"])
-        x = ops.rms_norm(h, head["final_norm"], cfg.rms_norm_eps)
         w = head["lm_head"] if "lm_head" in head else embed.T
-        return (x @ w).astype(jnp.float32)
+        return logits(cfg, head["final_norm"], w, h)
 
 
 def init_params(cfg: LlamaConfig, key) -> Params:

@@ -10,7 +10,9 @@ Variants (``HF_VARIANTS``), all float32, 2-3 layers, hidden 32-64, vocab 128-256
 * ``qwen3``   -- ``Qwen3ForCausalLM`` (RMSNorm of each query and key head, head_dim given);
 * ``mistral_window`` -- ``mistral`` with a sliding window of 4 tokens on every layer;
 * ``qwen2_window``   -- ``qwen2`` with a window of 4 from layer 1 on (``max_window_layers``);
-* ``phi3``    -- ``Phi3ForCausalLM`` (fused ``qkv_proj`` and ``gate_up_proj``), window of 8.
+* ``phi3``    -- ``Phi3ForCausalLM`` (fused ``qkv_proj`` and ``gate_up_proj``), window of 8;
+* ``gemma3``  -- ``Gemma3ForCausalLM`` (text): sliding (window 4) and full layers, linear rope
+  scaling on the full ones, query_pre_attn_scalar, soft-capped logits, tied embeddings.
 
 Weights are drawn with a fixed torch seed at a scale that gives peaked next-token
 distributions (so greedy decoding has no near-ties); norm weights and biases get nonzero
@@ -68,7 +70,7 @@ hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("LISA_JAX_HYPOTHESIS_PROFILE", "derandomized"))
 
 HF_VARIANTS = ("llama2", "llama3", "gqa", "qwen2", "mistral", "qwen3", "mistral_window",
-               "qwen2_window", "phi3")
+               "qwen2_window", "phi3", "gemma3")
 
 _COMMON = dict(bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
 
@@ -117,6 +119,16 @@ def _hf_config(variant: str):
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             sliding_window=8, pad_token_id=None, **_COMMON)
+    if variant == "gemma3":
+        return transformers.Gemma3TextConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=256, sliding_window=4, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                    rope_theta=1000000.0),
+                             "sliding_attention": dict(rope_type="default", rope_theta=10000.0)},
+            final_logit_softcapping=30.0, pad_token_id=None, **_COMMON)
     raise KeyError(variant)
 
 
@@ -124,10 +136,11 @@ def _randomize(model, seed: int) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    unit = 0.0 if model.config.model_type == "gemma3_text" else 1.0  # Gemma scales by 1 + w
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(unit + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
@@ -148,7 +161,8 @@ def build_hf_model(variant: str, seed: int = 0):
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
            "mistral": transformers.MistralForCausalLM,
            "qwen3": transformers.Qwen3ForCausalLM,
-           "phi3": transformers.Phi3ForCausalLM}[cfg.model_type]
+           "phi3": transformers.Phi3ForCausalLM,
+           "gemma3_text": transformers.Gemma3ForCausalLM}[cfg.model_type]
     model = cls(cfg).eval()
     _randomize(model, seed)
     return model
@@ -260,6 +274,12 @@ BLOCK_VARIANTS = {
     "window": dict(sliding_window=3),                           # Mistral's, on every layer
     "window_mixed": dict(sliding_window=3,                      # Qwen2's, on some layers
                          layer_types=("full_attention", "sliding_attention") * 3),
+    # Gemma 3, all its details at once: 1 + w norms, four per layer, q/k norms, GeGLU, its
+    # score scale, the sliding layers' own rope θ, soft-capped logits, scaled embeddings.
+    "gemma3": dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+                   hidden_act="gelu_pytorch_tanh", attn_scalar=12, rope_local_theta=100.0,
+                   final_softcap=5.0, sliding_window=3, tie_embeddings=True,
+                   layer_types=("sliding_attention", "full_attention") * 3),
 }
 
 

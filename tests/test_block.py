@@ -51,19 +51,22 @@ def test_init_params_has_one_leaf_per_present_row_with_its_shape_and_init(block_
         assert x.dtype == cfg.jnp_dtype, row.name
         assert row.rank == len(row.shape(cfg)), row.name
         x = np.asarray(x)
-        if row.init == "ones":
+        assert row.init_for(cfg) == ("zeros" if row.init == "ones" and cfg.norm_plus_one
+                                     else row.init), row.name
+        if row.init_for(cfg) == "ones":
             assert (x == 1).all(), row.name
-        elif row.init == "zeros":
+        elif row.init_for(cfg) == "zeros":
             assert (x == 0).all(), row.name
         else:
             assert row.init == "normal"
             assert abs(x.std() - 0.02) < 0.004 and abs(x.mean()) < 0.004, row.name
     # Absent rows are exactly the variant's: biases without attention_bias, q/k norms without
-    # qk_norm, lm_head when tied.
+    # qk_norm, the MLP's own input and output norms without sandwich_norm, lm_head when tied.
     absent = {r.name for r in block.LAYER_PARAMS + block.GLOBAL_PARAMS} - \
         {r.name for r in layer_rows + global_rows}
     assert absent == ({"bq", "bk", "bv"} if not cfg.attention_bias else set()) | \
         ({"q_norm", "k_norm"} if not cfg.qk_norm else set()) | \
+        ({"ffn_norm", "ffn_out_norm"} if not cfg.sandwich_norm else set()) | \
         ({"lm_head"} if cfg.tie_embeddings else set())
 
 
@@ -191,3 +194,4 @@ def test_a_sliding_layer_sees_only_its_window_and_a_full_layer_everything(tiny_c
             assert changed[W:].any() != sliding, (layer, index)
     with pytest.raises(ValueError, match="pass the layer index"):
         block.decoder_layer(cfg, lp, h, rope)
+

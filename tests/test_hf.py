@@ -577,3 +577,38 @@ def test_phi3_fused_tensors_split_on_load_and_rope_variants_refused(make_tiny_hf
         with pytest.raises(ValueError) as e:
             lisa_jax.load_hf(d)
         assert words in _one_line(e)
+
+
+def test_gemma3_config_is_read_as_transformers_reads_it(make_tiny_hf, tmp_path):
+    """Gemma 3's layer kinds (``layer_types``, or every ``sliding_window_pattern``-th layer
+    full), θ per kind (transformers 5's ``rope_parameters`` or the older ``rope_theta`` and
+    ``rope_local_base_freq``), its score scale and soft-cap; what is not implemented (attention
+    soft-capping, bidirectional attention, another activation) is a one-line error."""
+    path = make_tiny_hf("gemma3")
+    cfg = lisa_jax.load_hf(path).cfg
+    assert block.sliding_layers(cfg) == _hf_sliding_layers(path) == (True, False, True)
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling) == \
+        (1e6, 1e4, ("linear", 4.0))
+    assert (cfg.attn_scalar, cfg.final_softcap, cfg.tie_embeddings) == (24, 30.0, True)
+    d = _copy(path, tmp_path / "old")
+    with open(d / "config.json") as f:
+        values = json.load(f)
+    for key in ("layer_types", "rope_parameters"):
+        values.pop(key)
+    values.update(sliding_window_pattern=3, rope_theta=5e5, rope_local_base_freq=2e3)
+    with open(d / "config.json", "w") as f:
+        json.dump(values, f)
+    old = lisa_jax.load_hf(d).cfg
+    assert block.sliding_layers(old) == _hf_sliding_layers(d) == (True, True, False)
+    ref = transformers.AutoConfig.from_pretrained(d).rope_parameters
+    assert (old.rope_theta, old.rope_local_theta) == \
+        (ref["full_attention"]["rope_theta"], ref["sliding_attention"]["rope_theta"])
+    for i, (edits, words) in enumerate([
+            (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0 is not supported"),
+            (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),
+            (dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported")]):
+        bad = _copy(path, tmp_path / str(i))
+        _edit_config(bad, **edits)
+        with pytest.raises(ValueError) as e:
+            lisa_jax.load_hf(bad)
+        assert words in _one_line(e)

@@ -76,16 +76,21 @@ def test_run_layers_remat_and_layout_change_nothing_but_memory(tiny_cfg, perturb
 @pytest.mark.parametrize("rope_scaling", [None, ("linear", 2.0), ("llama3", 8.0, 1.0, 4.0, 32)],
                          ids=["plain", "linear", "llama3"])
 def test_config_survives_to_hf_and_from_hf(model_type, rope_scaling, tiny_cfg):
-    cfg = tiny_cfg(model_type=model_type, rope_scaling=rope_scaling,
-                   attention_bias=block.FAMILIES[model_type].attention_bias,
-                   qk_norm=block.FAMILIES[model_type].qk_norm,
+    family = block.FAMILIES[model_type]
+    switches = {k: getattr(family, k) for k in ("attention_bias", "qk_norm", "norm_plus_one",
+                                                "sandwich_norm", "scale_embeddings")}
+    if family.norm_plus_one:  # Gemma 3
+        switches.update(hidden_act="gelu_pytorch_tanh", attn_scalar=24, rope_local_theta=1e4,
+                        final_softcap=30.0, sliding_window=3,
+                        layer_types=("sliding_attention", "full_attention") * 3)
+    cfg = tiny_cfg(model_type=model_type, rope_scaling=rope_scaling, **switches,
                    eos_token_id=(2, 7), tie_embeddings=model_type == "llama")
     hf = cfg.to_hf()
     assert hf["architectures"] == [block.FAMILIES[model_type].architecture]
     assert hf["eos_token_id"] == [2, 7]
     assert M.LlamaConfig.from_hf(hf) == cfg
     # transformers 5 writes rope_theta and rope_scaling inside rope_parameters.
-    if rope_scaling is not None:
+    if rope_scaling is not None and "rope_parameters" not in hf:
         moved = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
         moved["rope_parameters"] = {**hf["rope_scaling"], "rope_theta": hf["rope_theta"]}
         assert M.LlamaConfig.from_hf(moved) == cfg
@@ -126,3 +131,32 @@ def test_weight_decay_mask_is_false_exactly_at_the_tables_no_decay_rows(override
     # LoRA adapters decay (they sit under a decaying matrix's name).
     assert M.weight_decay_mask({"wq": {"a": jnp.ones((2, 3, 1)), "b": jnp.ones((2, 1, 3))}}) == \
         {"wq": {"a": True, "b": True}}
+
+
+
+GEMMA3 = dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+              hidden_act="gelu_pytorch_tanh", attn_scalar=12, rope_local_theta=100.0,
+              final_softcap=5.0, sliding_window=3, tie_embeddings=True,
+              layer_types=("sliding_attention", "full_attention") * 3)
+
+
+@pytest.mark.parametrize("overrides", [{}, GEMMA3], ids=["gqa", "gemma3"])
+def test_train_step_losses_equal_the_forwards(overrides, tiny_cfg, perturbed_params, batch_for,
+                                              rel_err):
+    """The train steps' losses (the plain path and LISA's, chunked or not) are the model's:
+    Gemma's scaled embedding, final norm and soft-capped logits included."""
+    from lisa_jax import ops, step
+    from lisa_jax.layout import slot_of_layer
+    cfg = tiny_cfg(**overrides)
+    p = perturbed_params(cfg)
+    batch = batch_for(cfg)
+    ids = batch["input_ids"]
+    want = ops.causal_lm_loss(M.forward(cfg, p, ids), ids, batch["loss_mask"])
+    active = jnp.array([1, 4])
+    view = {**p, "layers": jax.tree.map(lambda x: x[active], p["layers"])}
+    for chunk in (None, 7):
+        plain = jax.jit(lambda: step.plain_loss(cfg, p, batch, loss_chunk=chunk)[0])()
+        lisa = jax.jit(lambda: step.lisa_loss(cfg, view, p["layers"],
+                                              slot_of_layer(active, cfg.num_layers), batch,
+                                              loss_chunk=chunk)[0])()
+        assert rel_err(plain, want) < 1e-6 and rel_err(lisa, want) < 1e-6, chunk

@@ -17,9 +17,10 @@ L = 6  # the tiny config's layer count
 
 @pytest.fixture(scope="module")
 def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
-    """``check(cfg, remat, active, layout)``: ``lisa_layers`` against ``run_layers`` autodiff,
-    forward output, the sampled slices' weight gradients and the input gradient."""
-    def check(cfg, remat, active, layout="stacked"):
+    """``check(cfg, remat, active, layout, reference_layout)``: ``lisa_layers`` against
+    ``run_layers`` autodiff (over the layers in ``reference_layout``), forward output, the
+    sampled slices' weight gradients and the input gradient."""
+    def check(cfg, remat, active, layout="stacked", reference_layout="stacked"):
         assert cfg.num_layers == L
         p = perturbed_params(cfg)
         ids = batch_for(cfg)["input_ids"]
@@ -36,9 +37,11 @@ def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
             out = lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin)
             return jnp.sum(jnp.sin(out))
 
-        g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(p["layers"], h0)
+        ref_layers = layout_lib.convert(p, reference_layout)["layers"]
+        g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(ref_layers, h0)
+        g_layers = layout_lib.convert({"layers": g_layers}, "stacked")["layers"]
         act = jax.tree.map(lambda x: x[active], p["layers"])
-        out_ref = jax.jit(lambda: M.run_layers(cfg, p["layers"], h0, (cos, sin)))()
+        out_ref = jax.jit(lambda: M.run_layers(cfg, ref_layers, h0, (cos, sin)))()
         out_fast = jax.jit(lambda: lisa_layers(cfg, remat, act, layers,
                                                slot_of_layer(active, L), h0, cos, sin))()
         assert rel_err(out_fast, out_ref) < 1e-6  # the forward is the model's own layer
@@ -59,12 +62,26 @@ def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias, layo
     check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4], layout)
 
 
-@pytest.mark.parametrize("remat,layout", [("none", "stacked"), ("mlp", "per_layer")])
-def test_stack_vjp_with_sliding_window_layers(remat, layout, tiny_cfg, check_stack_gradients):
+GEMMA3 = dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+              hidden_act="gelu_pytorch_tanh", attn_scalar=12, rope_local_theta=100.0,
+              final_softcap=5.0)
+
+
+@pytest.mark.parametrize("family,remat,layout", [("window", "none", "stacked"),
+                                                  ("window", "mlp", "per_layer"),
+                                                  ("gemma3", "none", "stacked"),
+                                                  ("gemma3", "full", "per_layer")])
+def test_stack_vjp_with_sliding_window_layers(family, remat, layout, tiny_cfg,
+                                              check_stack_gradients):
     """Layers of two kinds (window 3 on layers 1, 3, 5; batches of 12 tokens): each layer's
-    backward takes its own kind, from the traced index of a stacked loop or an unrolled one."""
-    cfg = tiny_cfg(sliding_window=3, layer_types=("full_attention", "sliding_attention") * 3)
-    check_stack_gradients(cfg, remat, [1, 2, 5], layout)
+    backward takes its own kind, from the traced index of a stacked loop or an unrolled one;
+    Gemma 3's sandwich norms, GeGLU and per-kind rope tables in the same backward. (Gemma's
+    unrolled reference is unrolled too: its scanned and unrolled forwards, the same math,
+    round apart by 1e-6 over six layers, its norms magnifying the small layer outputs.)"""
+    cfg = tiny_cfg(sliding_window=3, layer_types=("full_attention", "sliding_attention") * 3,
+                   **(GEMMA3 if family == "gemma3" else {}))
+    check_stack_gradients(cfg, remat, [1, 2, 5], layout,
+                          layout if family == "gemma3" else "stacked")
 
 
 # The frozen runs between sampled layers (top, middle, bottom) have every length from 0 to 5:
