@@ -7,7 +7,7 @@ best evaluation by one metric (``--keep-best``), with early stopping
 Scorers take ``(reply, reference)`` and return a number (``True`` counts 1): the built-ins
 ``exact`` (the stripped reply is the stripped reference), ``contains`` (the reference is in the
 reply) and ``first_line`` (the reply's first line is the reference), or ``module:function``
-for a user's own. A run logs the mean of each as ``eval_<name>`` (and ``eval_stopped``, the
+(``path/to/file.py:function`` too) for a user's own. A run logs the mean of each as ``eval_<name>`` (and ``eval_stopped``, the
 fraction of replies that ended with a stop id within ``--eval-max-new-tokens``).
 
     >>> [s.metric for s in scorers("exact,first_line")]
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -80,12 +81,15 @@ def scorers(spec: str) -> list[Scorer]:
         if part in SCORERS:
             out.append(Scorer(part, SCORERS[part]))
             continue
-        module, sep, name = part.partition(":")
+        module, sep, name = part.rpartition(":")
         if not sep or not module or not name:
             raise TrainError(f"unknown --eval-scorer {part!r}; use {', '.join(SCORERS)} or "
                              "module:function (a function of (reply, reference) -> number)")
         try:
-            fn = getattr(importlib.import_module(module), name)
+            fn = getattr(_user_module(module), name)
+        except FileNotFoundError:
+            raise TrainError(f"--eval-scorer {part!r}: file {module!r} not found; name a "
+                             "Python file or an importable module") from None
         except ImportError as e:
             raise TrainError(f"--eval-scorer {part!r}: module {module!r} cannot be imported "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
@@ -107,6 +111,23 @@ def scorers(spec: str) -> list[Scorer]:
         if names.count(s.name) > 1:
             raise TrainError(f"--eval-scorer names {s.name!r} twice; give each scorer once")
     return out
+
+
+def _user_module(module: str):
+    """``module`` by name (importable: on ``PYTHONPATH`` or installed) or by its file
+    (``scores.py``, ``path/to/scores.py``)."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    path = Path(module)
+    if not path.is_file():
+        raise FileNotFoundError(module)
+    spec = importlib.util.spec_from_file_location(f"lisa_jax_scorer_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the file's own error, as an import error of it
+        raise ImportError(f"{type(e).__name__}: {e}") from e
+    return mod
 
 
 # ----------------------------------------------------------------------------- settings

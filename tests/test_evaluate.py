@@ -26,9 +26,12 @@ def test_scorers_builtin_and_a_users_function(tmp_path, monkeypatch):
     got = ev.scorers("exact, my_scores:length_ratio")
     assert [s.metric for s in got] == ["eval_exact", "eval_length_ratio"]
     assert got[1].fn("abcd", "ab") == 2.0
+    by_file = ev.scorers(f"{tmp_path / 'my_scores.py'}:length_ratio")  # a file, off the path
+    assert by_file[0].metric == "eval_length_ratio" and by_file[0].fn("ab", "ab") == 1.0
     for spec, message in [("exactly", "unknown --eval-scorer 'exactly'; use exact, contains"),
                           ("no_such_mod:f", "module 'no_such_mod' cannot be imported"),
                           ("my_scores:nope", "module 'my_scores' has no 'nope'"),
+                          ("nowhere/s.py:f", "file 'nowhere/s.py' not found"),
                           ("my_scores:NOT_A_FUNCTION", "is not a function"),
                           ("my_scores:stopped", "would be logged as eval_stopped"),
                           ("exact,exact", "names 'exact' twice")]:
