@@ -197,8 +197,9 @@ class TrainConfig:
                                            "--eval-scorer")
     eval_scorer: str = _setting("exact", "how a reply to --eval-data is scored against its "
                                          "reference, logged as eval_<name>: exact, contains, "
-                                         "first_line, or module:function (reply, reference) -> "
-                                         "number; several: exact,contains")
+                                         "first_line, or module:function (or file.py:function) "
+                                         "of (reply, reference) -> number; several: "
+                                         "exact,contains")
     eval_max_examples: int = _setting(100, "--eval-data: most records answered per evaluation "
                                            "(the first ones)")
     eval_max_new_tokens: int = _setting(64, "--eval-data: most tokens generated per reply")
