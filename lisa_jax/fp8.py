@@ -1,0 +1,152 @@
+"""fp8 copies of frozen weights: the GEMMs of a LISA period's frozen layers in 8-bit floats.
+
+In a LISA period L − γ layers are constants, so their weights can be quantized once per
+resample and their forward and activation-gradient GEMMs run on fp8 tensor cores (Hopper and
+later: about twice the bf16 rate). A frozen weight needs no weight gradient, so its backward
+is one GEMM, ``dx = dy @ Wᵀ``, and nothing of the forward's input is kept for it.
+
+* :class:`Fp8Weight` holds a ``[D, O]`` weight twice in ``float8_e4m3fn``, once per use and
+  each laid out with the contraction on its last axis (the "TN" layout cuBLASLt's fp8 GEMMs
+  take, so no transpose runs per call), with one float32 scale per output channel of that use.
+  ``x @ w`` works on it as on the dense weight (``__rmatmul__``), so a block written with
+  ``@`` runs unchanged on quantized weights.
+* Activations are quantized per token on the fly (``e4m3`` forward, ``e5m2`` for incoming
+  gradients, whose range matters more than their precision). Row and column scales factor out
+  of the contraction and are applied to the GEMM's float32 output.
+* :class:`Fp8Cache` is the bookkeeping of a run: which layers' copies are current. A layer's
+  copy is made again exactly when it leaves the trained set (its weights changed while it
+  trained); frozen layers keep theirs, and the full-precision weights are never touched.
+
+Per-tensor scales lose the channels far below a tensor's largest entry; per-channel weight
+scales and per-token activation scales bound every channel's error by its own range (tested
+in ``tests/test_fp8.py`` against a float32 reference).
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> x = jax.random.normal(jax.random.key(1), (4, 64))
+    >>> y = x @ Fp8Weight.from_dense(w)
+    >>> y.shape, bool(jnp.linalg.norm(y - x @ w) < 0.06 * jnp.linalg.norm(x @ w))
+    ((4, 32), True)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+
+
+def quantize(x, axis: int, dtype=E4M3):
+    """``(q, scale)`` with ``x ≈ q * scale``: one float32 scale per slice along ``axis``
+    (``scale`` keeps that axis with size 1), mapping each slice's largest magnitude to the
+    largest finite value of ``dtype``; an all-zero slice gets scale 1."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis, keepdims=True)
+    scale = jnp.where(amax > 0, amax / float(jnp.finfo(dtype).max), 1.0)
+    return (x.astype(jnp.float32) / scale).astype(dtype), scale
+
+
+def _tn_dot(a_TxK, b_OxK):
+    """``a @ bᵀ`` in float32, both operands contracted on their last axis."""
+    return jax.lax.dot_general(a_TxK, b_OxK, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """A frozen ``[D, O]`` weight in fp8, laid out for ``x @ W`` and for ``dy @ Wᵀ``."""
+
+    fwd_OxD: jax.Array      # e4m3, rows are output channels of x @ W
+    fwd_scale_O: jax.Array  # float32
+    bwd_DxO: jax.Array      # e4m3, rows are output channels of dy @ Wᵀ
+    bwd_scale_D: jax.Array  # float32
+
+    @classmethod
+    def from_dense(cls, w_DxO) -> "Fp8Weight":
+        w_OxD = jnp.swapaxes(w_DxO, 0, 1)
+        fwd, fwd_scale = quantize(w_OxD, axis=1)
+        bwd, bwd_scale = quantize(w_DxO, axis=1)
+        return cls(fwd, fwd_scale[:, 0], bwd, bwd_scale[:, 0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.bwd_DxO.shape[0], self.fwd_OxD.shape[0])
+
+    def dequantize(self, dtype=jnp.float32):
+        """The dense ``[D, O]`` weight the forward GEMM sees."""
+        return (self.fwd_OxD.astype(jnp.float32) * self.fwd_scale_O[:, None]).T.astype(dtype)
+
+    def __rmatmul__(self, x):
+        return fp8_matmul(x, self)
+
+
+@jax.custom_vjp
+def fp8_matmul(x_xD, w: Fp8Weight):
+    """``x @ W`` for a frozen fp8 weight, in ``x``'s dtype; the gradient reaches ``x`` only."""
+    return _forward(x_xD, w)
+
+
+def _forward(x_xD, w: Fp8Weight):
+    lead, D = x_xD.shape[:-1], x_xD.shape[-1]
+    xq, sx = quantize(x_xD.reshape(-1, D), axis=1)
+    y = _tn_dot(xq, w.fwd_OxD) * sx * w.fwd_scale_O[None, :]
+    return y.reshape(*lead, -1).astype(x_xD.dtype)
+
+
+def _fwd(x_xD, w):
+    return _forward(x_xD, w), (w, jnp.zeros((), x_xD.dtype))
+
+
+def _bwd(res, dy_xO):
+    w, like = res
+    lead, O = dy_xO.shape[:-1], dy_xO.shape[-1]
+    dq, sd = quantize(dy_xO.reshape(-1, O), axis=1, dtype=E5M2)
+    dx = _tn_dot(dq, w.bwd_DxO) * sd * w.bwd_scale_D[None, :]
+    return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
+
+
+fp8_matmul.defvjp(_fwd, _bwd)
+
+
+def quantize_layer(lp: dict, names: Sequence[str]) -> dict:
+    """``lp`` with the matrices named in ``names`` as :class:`Fp8Weight` (norms, biases and
+    everything else as they are)."""
+    return {k: Fp8Weight.from_dense(v) if k in names else v for k, v in lp.items()}
+
+
+class Fp8Cache:
+    """fp8 copies of a run's frozen layers, kept current across resamples.
+
+    ``refresh(layers, active)`` is called with the full-precision per-layer parameters and the
+    layers that train in the coming period. Layers that trained in the previous period and do
+    not now are quantized again (their weights moved); layers without a copy are quantized
+    once; every other copy is reused. Returns the per-layer parameters for the period: the
+    trained layers' own (full precision), the others' fp8 copies. The input is not modified.
+
+    >>> import numpy as np
+    >>> layers = [{"w": np.eye(2, dtype=np.float32)} for _ in range(3)]
+    >>> cache = Fp8Cache(("w",))
+    >>> _ = cache.refresh(layers, active=[0]); sorted(cache.last_quantized)
+    [1, 2]
+    >>> _ = cache.refresh(layers, active=[1]); sorted(cache.last_quantized)
+    [0]
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self.copies: dict[int, dict] = {}
+        self.active: frozenset[int] = frozenset()
+        self.last_quantized: frozenset[int] = frozenset()
+
+    def refresh(self, layers: Sequence[dict], active: Sequence[int]) -> list[Any]:
+        active = frozenset(int(i) for i in active)
+        stale = {i for i in range(len(layers)) if i not in active
+                 and (i not in self.copies or i in self.active)}
+        for i in stale:
+            self.copies[i] = quantize_layer(layers[i], self.names)
+        self.active, self.last_quantized = active, frozenset(stale)
+        return [layers[i] if i in active else self.copies[i] for i in range(len(layers))]
