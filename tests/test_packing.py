@@ -189,6 +189,9 @@ def test_packed_epoch_holds_every_example_once_in_full_rows():
                                  and (e.input_ids == toks).all() and i not in seen))
         assert b["epoch"] == 0
     assert sorted(seen) == list(range(300))
+    # Too few rows for a batch: the fix in flag words.
+    with pytest.raises(data.DataError, match="pack into 1 rows .* lower --batch-size to 1"):
+        data.DataLoader(examples_of([10] * 5), batch_size=4, max_seq_len=64, packing=True)
     unpacked = data.DataLoader(exs, batch_size=4, seed=1, max_seq_len=256, drop_last=False)
     # Packing needs far fewer rows than one example a row.
     assert len(loader) < 0.5 * len(unpacked)
