@@ -33,8 +33,12 @@ def examples_of(lengths, vocab=64, seed=0, first_is_target=False):
 # ----------------------------------------------------------------------------- the model
 
 
-def test_packed_rows_give_each_example_the_logits_it_has_alone(tiny_cfg, perturbed_params):
-    cfg = tiny_cfg(num_layers=2)
+@pytest.mark.parametrize("variant", [{}, {"sliding_window": 3}], ids=["full", "window"])
+def test_packed_rows_give_each_example_the_logits_it_has_alone(variant, tiny_cfg,
+                                                               perturbed_params):
+    """Each example's logits in a packed row equal its logits alone (so its losses do), with
+    full attention and with a sliding window (which then counts within the example)."""
+    cfg = tiny_cfg(num_layers=2, **variant)
     p = perturbed_params(cfg)
     exs = examples_of([5, 7, 4, 9, 3])
     rows = [[0, 1, 2], [3, 4]]
