@@ -54,10 +54,10 @@ def train_parser() -> argparse.ArgumentParser:
         tp = setting_type(f.name)[0]
         help_ = help_text(f.name) + f" (default: {getattr(defaults, f.name)})"
         if f.name == "demo":  # --demo alone is the tiny demo; --demo smollm2 the real model
-            p.add_argument("--demo", nargs="?", const="tiny", default=argparse.SUPPRESS,
-                           metavar="{" + ",".join(choices("demo")) + "}", help=help_)
             p.add_argument("--no-demo", dest="demo", action="store_const", const=None,
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            p.add_argument("--demo", nargs="?", const="tiny", default=argparse.SUPPRESS,
+                           metavar="{" + ",".join(choices("demo")) + "}", help=help_)
         elif tp is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_)

@@ -362,6 +362,9 @@ def _spoken(values: tuple[str, ...]) -> str:
 def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     """``cfg`` (its remat already resolved by ``with_default_remat``) is usable; ``paths``:
     its model and data paths exist too (not asked of a config file read on another machine)."""
+    if cfg.demo is not None and cfg.demo not in choices("demo"):
+        raise TrainError(f"unknown demo {cfg.demo!r}; use --demo (the tiny model) or --demo "
+                         "smollm2")
     if cfg.method not in choices("method"):
         raise TrainError(f"unknown method {cfg.method!r}; use --method "
                          f"{_spoken(choices('method'))}")
