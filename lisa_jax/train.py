@@ -259,7 +259,7 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
     say(f"data {cfg.data}: {len(inputs.splits.train)} train / {len(inputs.splits.eval)} eval "
         f"examples ({inputs.splits.stats.dropped_too_long} dropped as longer than "
         f"{cfg.max_seq_len} tokens); {total} steps of {cfg.batch_size}×{cfg.grad_accum} "
-        "examples")
+        + ("packed rows (several examples each)" if cfg.packing else "examples"))
 
     if probes and start == 0:
         before = M.Model(mcfg, method.model_params(params))
