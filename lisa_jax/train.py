@@ -241,6 +241,8 @@ def _run(cfg: TrainConfig, halt_at: int | None) -> dict:
                     and meta.get("best"):
                 say(f"the checkpoint kept the best {meta['best']['metric']}; this run keeps "
                     f"the best {best.metric} from here on")
+            if best is not None:
+                _note_later_best(out, start, say)
         else:  # stopped before its first checkpoint: its settings are all there is
             say(f"no checkpoint yet in {out / 'checkpoints'}: the run starts again at step 0")
     if main_process:
@@ -429,6 +431,21 @@ def _evaluate(run: _Steps, progress: _Progress, row: dict) -> None:
 
 
 BEST_DIR = "best"
+
+
+def _note_later_best(out, start: int, say: Callable) -> None:
+    """A run killed after exporting a best evaluation but before its next checkpoint resumes
+    from a checkpoint that does not know it: ``best/`` stays (and is replaced when a repeated
+    evaluation does better than the checkpoint's best, as the same one does on a CPU)."""
+    import json
+    info = out / BEST_DIR / "best.json"
+    try:
+        step = int(json.loads(info.read_text())["step"]) if info.is_file() else 0
+    except (ValueError, KeyError, TypeError):
+        return
+    if step > start:
+        say(f"warning: {out / BEST_DIR} holds step {step}, after the checkpoint of step {start}; "
+            "it is replaced when an evaluation beats the checkpoint's best", file=sys.stderr)
 
 
 def _export_best(run: _Steps, progress: _Progress) -> None:
