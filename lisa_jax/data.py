@@ -33,8 +33,9 @@ trained tokens is exact. ``loss_mask[t] = 1`` marks token ``t`` as a target (the
 ``lisa_jax.model.causal_lm_loss``): response tokens only, and for chat only assistant turns.
 
 ``train_on_inputs`` makes every token after the first a target (prompts and user turns too).
-The template is chosen with ``chat_template`` (``--chat-template``): ``auto`` (the tokenizer's
-when it has one, else plain), ``tokenizer``, ``plain`` or the path of a Jinja file.
+``use_chat_template(tokenizer, choice)`` applies ``--chat-template``: ``auto`` (the
+tokenizer's template when it has one, else plain), ``tokenizer``, ``plain`` or the path of a
+Jinja file; ``export_chat_template`` makes an exported model directory render the same way.
 
 Batches are right padded (causal attention needs no mask for that: no real token attends to a
 later pad) and their length ``S`` is rounded up to one of a few bucket lengths, so a jitted
