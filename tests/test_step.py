@@ -253,12 +253,12 @@ def _zeroed(frozen):
 
 def test_frozen_embedding_and_head_stay_bit_identical_and_the_rest_trains_as_with_zero_steps(
         tiny_cfg, perturbed_params, batch_for):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(num_layers=3)  # (fewer layers to compile twice)
     p0 = perturbed_params(cfg)
     frozen = ("embed", "lm_head")
-    tx = lisa_jax.lisa(optax.adamw(1e-2, eps=1e-3), n_active=2, interval=2, key=2,
+    tx = lisa_jax.lisa(optax.adamw(1e-2, eps=1e-3), n_active=1, interval=2, key=2,
                        frozen=frozen)
-    ref_tx = lisa_jax.lisa(_zeroed(frozen), n_active=2, interval=2, key=2)
+    ref_tx = lisa_jax.lisa(_zeroed(frozen), n_active=1, interval=2, key=2)
     step = S.make_lisa_step(cfg, tx, donate=False)
     ref = S.make_lisa_step(cfg, ref_tx, donate=False)
     pa, sa = in_layout(p0, "per_layer"), tx.init(p0)
