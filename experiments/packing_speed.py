@@ -137,9 +137,9 @@ def main(argv=None) -> int:
                     help="spread of the log-normal lengths")
     ap.add_argument("--loss-fraction", type=float, default=0.5,
                     help="the share of each example (its end) that is response")
-    ap.add_argument("--bucket-multiple", type=int, default=128,
-                    help="unpacked batches are padded to a multiple of this (each length one "
-                         "compile); the trainer's is 64")
+    ap.add_argument("--bucket-multiple", type=int, default=64,
+                    help="unpacked batches are padded to a multiple of this, as the trainer's "
+                         "(each length one compile)")
     ap.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "cudnn"))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per row")
