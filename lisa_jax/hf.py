@@ -254,7 +254,8 @@ def read_hf_config(path: str) -> dict:
     if hf.get("mlp_bias"):
         raise ValueError(f"mlp_bias=true in {cfg_path} is not supported (Llama MLPs without "
                          "biases only)")
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+    gemma = block.FAMILIES[model_type].norm_plus_one  # its activation is checked by from_hf
+    if not gemma and hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"hidden_act {hf['hidden_act']!r} in {cfg_path} is not supported; "
                          "only silu")
     return hf

@@ -118,8 +118,9 @@ class LlamaConfig:
         if isinstance(eos, list):
             eos = tuple(eos)
         window, layer_types = _window(*family.window(hf), hf["num_hidden_layers"])
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        act = "silu"  # swish is its other name (hf.read_hf_config refuses the rest)
         if family.norm_plus_one:  # Gemma 3
+            act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
             if act != "gelu_pytorch_tanh":
                 raise ValueError(f"hidden_activation {act!r} is not supported for {model_type}; "
                                  "only gelu_pytorch_tanh")

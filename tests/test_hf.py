@@ -603,6 +603,9 @@ def test_gemma3_config_is_read_as_transformers_reads_it(make_tiny_hf, tmp_path):
     ref = transformers.AutoConfig.from_pretrained(d).rope_parameters
     assert (old.rope_theta, old.rope_local_theta) == \
         (ref["full_attention"]["rope_theta"], ref["sliding_attention"]["rope_theta"])
+    spelled = _copy(path, tmp_path / "hidden_act")  # the activation under Gemma 1's key
+    _edit_config(spelled, hidden_activation=None, hidden_act="gelu_pytorch_tanh")
+    assert lisa_jax.load_hf(spelled).cfg == cfg
     for i, (edits, words) in enumerate([
             (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0 is not supported"),
             (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),

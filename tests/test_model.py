@@ -140,7 +140,8 @@ GEMMA3 = dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embedd
               layer_types=("sliding_attention", "full_attention") * 3)
 
 
-@pytest.mark.parametrize("overrides", [{}, GEMMA3], ids=["gqa", "gemma3"])
+@pytest.mark.parametrize("overrides", [pytest.param({}, marks=pytest.mark.slow), GEMMA3],
+                         ids=["gqa", "gemma3"])
 def test_train_step_losses_equal_the_forwards(overrides, tiny_cfg, perturbed_params, batch_for,
                                               rel_err):
     """The train steps' losses (the plain path and LISA's, chunked or not) are the model's:

@@ -67,10 +67,11 @@ GEMMA3 = dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embedd
               final_softcap=5.0)
 
 
-@pytest.mark.parametrize("family,remat,layout", [("window", "none", "stacked"),
-                                                  ("window", "mlp", "per_layer"),
-                                                  ("gemma3", "none", "stacked"),
-                                                  ("gemma3", "full", "per_layer")])
+# Gemma 3's test config has the two layer kinds too; the plain windowed runs are slow-marked.
+@pytest.mark.parametrize("family,remat,layout", [
+    pytest.param("window", "none", "stacked", marks=pytest.mark.slow),
+    pytest.param("window", "mlp", "per_layer", marks=pytest.mark.slow),
+    ("gemma3", "none", "stacked"), ("gemma3", "full", "per_layer")])
 def test_stack_vjp_with_sliding_window_layers(family, remat, layout, tiny_cfg,
                                               check_stack_gradients):
     """Layers of two kinds (window 3 on layers 1, 3, 5; batches of 12 tokens): each layer's
