@@ -62,6 +62,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# One process compiles hundreds of programs; XLA's CPU backend keeps each one's machine code
+# mapped while its function lives, and a suite that keeps them all grows past the kernel's
+# limit on memory mappings (vm.max_map_count, 65530 by default), where the next compilation
+# crashes. Each test module drops the compiled programs at its end (the persistent cache
+# above makes a later recompilation of the same program a disk read).
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    yield
+    import jax
+    jax.clear_caches()
+
+
 # Hypothesis draws the same examples on every run, so a test's outcome never depends on luck
 # (a failure seen once is seen every time). LISA_JAX_HYPOTHESIS_PROFILE=explore draws fresh
 # random examples, for hunting new counterexamples locally.
