@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +41,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors'
 import numpy as np
 
 from lisa_jax import block
+from lisa_jax.atomic_dir import fresh_dir, replace_dir
 from lisa_jax.model import SUPPORTED_MODEL_TYPES, LlamaConfig, Model
 
 CONFIG_NAME = "config.json"
@@ -479,19 +478,6 @@ def _check_layout(cfg: LlamaConfig, params) -> None:
                              f"implies {list(want)}")
 
 
-def _fresh_dir(parent: str, prefix: str) -> str:
-    """A new, uniquely named directory in ``parent`` with the mode ``os.mkdir`` gives under the
-    umask (``tempfile.mkdtemp`` makes it owner-only, which the renamed checkpoint would keep,
-    so other users could not read it)."""
-    while True:
-        path = os.path.join(parent, prefix + secrets.token_hex(6))
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-
-
 def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") -> str:
     """Write ``model`` as an HF model directory that ``transformers`` loads.
 
@@ -537,7 +523,7 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = _fresh_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
+    tmp = fresh_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
     # The mode open() gives a new file under the umask (the directory's, less execute):
     # safetensors writes its files owner-only.
     file_mode = os.stat(tmp).st_mode & 0o666
@@ -581,13 +567,7 @@ def save_hf(model: Model, out_dir, tokenizer_from=None, max_shard_size="2GB") ->
                 if os.path.isfile(src):
                     shutil.copy2(src, os.path.join(tmp, fn))
 
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "d"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -146,9 +146,10 @@ def save_peft_adapter(lora, out_dir, rank: int, alpha: float | None,
     import json
     import os
     import shutil
-    import tempfile
 
     from safetensors.numpy import save_file
+
+    from lisa_jax.atomic_dir import fresh_dir, replace_dir
     tensors = peft_state_dict(lora)
     config = peft_config(lora, rank, alpha, base_model)
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -156,20 +157,13 @@ def save_peft_adapter(lora, out_dir, rank: int, alpha: float | None,
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    from lisa_jax.hf import _fresh_dir  # the umask's modes, as the HF export's
-    tmp = _fresh_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
+    tmp = fresh_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
     try:
         save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, PEFT_WEIGHTS), os.stat(tmp).st_mode & 0o666)
         with open(os.path.join(tmp, PEFT_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "d"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -454,14 +454,13 @@ def _export_best(run: _Steps, progress: _Progress) -> None:
     ``best/`` is always one whole export."""
     import json
     import shutil
-    import tempfile
     from pathlib import Path
 
-    from lisa_jax.hf import _fresh_dir, save_hf
+    from lisa_jax.atomic_dir import fresh_dir, replace_dir
+    from lisa_jax.hf import save_hf
     cfg, method, out = run.cfg, run.method, Path(run.out)
     main = runlog.is_main(cfg)
-    # A directory of the umask's mode (mkdtemp's is owner-only, which best/ would keep).
-    tmp = Path(_fresh_dir(str(out), f".{BEST_DIR}.tmp-")) if main else out / f".{BEST_DIR}.tmp"
+    tmp = Path(fresh_dir(str(out), f".{BEST_DIR}.tmp-")) if main else out / f".{BEST_DIR}.tmp"
     params = methods.to_layout(progress.params, cfg, training=False)
     try:
         save_hf(M.Model(method.mcfg, method.model_params(params)), tmp / "hf",
@@ -477,14 +476,7 @@ def _export_best(run: _Steps, progress: _Progress) -> None:
         return
     (tmp / "best.json").write_text(json.dumps(
         {"metric": run.best.metric, "value": run.best.best, "step": progress.step}, indent=1))
-    target = out / BEST_DIR
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{BEST_DIR}.old-", dir=out))
-        target.rename(old / "d")
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
+    replace_dir(tmp, out / BEST_DIR)
 
 
 def _save(run: _Steps, progress: _Progress) -> None:
