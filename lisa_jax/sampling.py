@@ -147,15 +147,21 @@ def expected_count(probs) -> float:
     return float(np.sum(np.asarray(probs, np.float64)))
 
 
+def _per_layer(values, num_layers: int | None, name: str, one: str, many: str) -> np.ndarray:
+    """``values`` as a float64 vector of one entry per layer, or a ValueError naming ``name``."""
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of per-layer {many}, got "
+                         f"shape {v.shape}")
+    if num_layers is not None and v.size != num_layers:
+        raise ValueError(f"{name} has length {v.size} but the model has {num_layers} layers; "
+                         f"pass one {one} per layer")
+    return v
+
+
 def check_probs(probs, num_layers: int | None = None) -> np.ndarray:
     """Validate per-layer probabilities; returns them as ``float32`` numpy, or raises ValueError."""
-    p = np.asarray(probs, np.float64)
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"probs must be a non-empty 1-D sequence of per-layer probabilities, "
-                         f"got shape {p.shape}")
-    if num_layers is not None and p.size != num_layers:
-        raise ValueError(f"probs has length {p.size} but the model has {num_layers} layers; "
-                         f"pass one probability per layer")
+    p = _per_layer(probs, num_layers, "probs", "probability", "probabilities")
     if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
         raise ValueError("probs must lie in [0, 1]; use normalize_probs(scores, expected=...) "
                          "to turn scores into probabilities")
@@ -169,13 +175,7 @@ def check_weights(weights, n_active: int | None = None,
                   num_layers: int | None = None) -> np.ndarray:
     """Validate per-layer selection weights of :func:`sample_weighted`; returns them normalized
     to sum 1 (``float64`` numpy), or raises ValueError."""
-    w = np.asarray(weights, np.float64)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"weights must be a non-empty 1-D sequence of per-layer weights, got "
-                         f"shape {w.shape}")
-    if num_layers is not None and w.size != num_layers:
-        raise ValueError(f"weights has length {w.size} but the model has {num_layers} layers; "
-                         f"pass one weight per layer")
+    w = _per_layer(weights, num_layers, "weights", "weight", "weights")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise ValueError("weights must be finite and non-negative")
     if n_active is not None and np.count_nonzero(w) < n_active:
