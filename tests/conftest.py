@@ -349,6 +349,22 @@ def batch_for_fixture():
     return batch_for
 
 
+def write_partial_save(directory, step: int):
+    """What a save of ``step`` cut short leaves in the checkpoint ``directory``: orbax's
+    temporary directory of that step, half written. Returns its path."""
+    from pathlib import Path
+    tmp = Path(str(directory)) / f"{step}.orbax-checkpoint-tmp-1"
+    tmp.mkdir()
+    (tmp / "params").write_text("partial")
+    return tmp
+
+
+@pytest.fixture(scope="session", name="partial_save")
+def partial_save_fixture():
+    """``partial_save(directory, step) -> Path``: a save of ``step`` cut short."""
+    return write_partial_save
+
+
 @pytest.fixture(scope="session", name="rel_err")
 def rel_err_fixture():
     """``rel_err(a, b) -> float``: ``max |a - b| / max |b|``."""

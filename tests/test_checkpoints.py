@@ -4,7 +4,6 @@ before, a save that fails on a full disk costs only the steps since the last one
 import errno
 import json
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ def metric_steps(out):
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_costs_only_the_steps_since_the_last(
-        model_dir, data_file, tmp_path, capsys, monkeypatch):
+        model_dir, data_file, tmp_path, capsys, monkeypatch, partial_save):
     """ENOSPC in the middle of the save of step 4 (its temporary directory half written): a
     one-line error naming the fix, the checkpoint of step 2 kept (even with
     --keep-checkpoints 1), no half-written step left; --resume then redoes steps 3 and 4 and
@@ -74,9 +73,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_costs_only_the_steps_since_th
 
     def full_disk(self, step, *a, **k):
         if step == 4:
-            tmp = Path(str(self.directory)) / f"{step}.orbax-checkpoint-tmp-1"
-            tmp.mkdir()
-            (tmp / "params").write_text("partial")
+            tmp = partial_save(self.directory, step)
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "params"))
         return real(self, step, *a, **k)
     monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)

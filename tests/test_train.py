@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +166,7 @@ def test_demo_trains_exports_and_transformers_loads_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("cut", [2, 4])  # the first save (no checkpoint yet), the second
 def test_a_second_ctrl_c_during_a_save_stops_at_once_and_the_run_resumes(
-        model_dir, data_file, tmp_path, capsys, monkeypatch, cut):
+        model_dir, data_file, tmp_path, capsys, monkeypatch, partial_save, cut):
     """Ctrl-C twice while step ``cut`` is being saved (its temporary directory half written):
     the run stops at once, exit status 130, one line naming the last complete checkpoint; the
     half-written step is gone and the earlier one kept (--keep-checkpoints 1). A plain rerun
@@ -179,9 +178,7 @@ def test_a_second_ctrl_c_during_a_save_stops_at_once_and_the_run_resumes(
 
     def interrupted(self, step, *a, **k):
         if step == cut:
-            tmp = Path(str(self.directory)) / f"{step}.orbax-checkpoint-tmp-1"
-            tmp.mkdir()
-            (tmp / "params").write_text("partial")
+            partial_save(self.directory, step)
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
         return real(self, step, *a, **k)
