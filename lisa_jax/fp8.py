@@ -8,8 +8,10 @@ is one GEMM, ``dx = dy @ Wᵀ``, and nothing of the forward's input is kept for 
 * :class:`Fp8Weight` holds a ``[D, O]`` weight twice in ``float8_e4m3fn``, once per use and
   each laid out with the contraction on its last axis (the "TN" layout cuBLASLt's fp8 GEMMs
   take, so no transpose runs per call), with one float32 scale per output channel of that use.
-  ``x @ w`` works on it as on the dense weight (``__rmatmul__``), so a block written with
-  ``@`` runs unchanged on quantized weights.
+  ``from_dense(w, both=False)`` keeps the forward's copy only (1 byte a parameter instead of
+  2): the backward then multiplies by it transposed, its scales applied to the incoming
+  gradient's channels before that is quantized. ``x @ w`` works on it as on the dense weight
+  (``__rmatmul__``), so a block written with ``@`` runs unchanged on quantized weights.
 * Activations are quantized per token on the fly (``e4m3`` forward, ``e5m2`` for incoming
   gradients, whose range matters more than their precision). Row and column scales factor out
   of the contraction and are applied to the GEMM's float32 output.
@@ -31,7 +33,7 @@ in ``tests/test_fp8.py`` against a float32 reference).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,19 +64,23 @@ class Fp8Weight:
 
     fwd_OxD: jax.Array      # e4m3, rows are output channels of x @ W
     fwd_scale_O: jax.Array  # float32
-    bwd_DxO: jax.Array      # e4m3, rows are output channels of dy @ Wᵀ
-    bwd_scale_D: jax.Array  # float32
+    bwd_DxO: jax.Array | None = None      # e4m3, rows are output channels of dy @ Wᵀ
+    bwd_scale_D: jax.Array | None = None  # float32
 
     @classmethod
-    def from_dense(cls, w_DxO) -> "Fp8Weight":
+    def from_dense(cls, w_DxO, both: bool = True) -> "Fp8Weight":
+        """``both``: also the backward's own copy (TN for ``dy @ Wᵀ``); without it the
+        backward reads the forward's copy transposed."""
         w_OxD = jnp.swapaxes(w_DxO, 0, 1)
         fwd, fwd_scale = quantize(w_OxD, axis=1)
+        if not both:
+            return cls(fwd, fwd_scale[:, 0])
         bwd, bwd_scale = quantize(w_DxO, axis=1)
         return cls(fwd, fwd_scale[:, 0], bwd, bwd_scale[:, 0])
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.bwd_DxO.shape[0], self.fwd_OxD.shape[0])
+        return (self.fwd_OxD.shape[1], self.fwd_OxD.shape[0])
 
     def dequantize(self, dtype=jnp.float32):
         """The dense ``[D, O]`` weight the forward GEMM sees."""
@@ -104,7 +110,16 @@ def _fwd(x_xD, w):
 def _bwd(res, dy_xO):
     w, like = res
     lead, O = dy_xO.shape[:-1], dy_xO.shape[-1]
-    dq, sd = quantize(dy_xO.reshape(-1, O), axis=1, dtype=E5M2)
+    dy_TxO = dy_xO.reshape(-1, O)
+    if w.bwd_DxO is None:
+        # The forward copy's scales lie on this GEMM's contraction axis: they go onto dy's
+        # channels, and dy's per-token scales still factor out of the sum.
+        dq, sd = quantize(dy_TxO.astype(jnp.float32) * w.fwd_scale_O[None, :], axis=1,
+                          dtype=E5M2)
+        dx = jax.lax.dot_general(dq, w.fwd_OxD, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32) * sd
+        return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
+    dq, sd = quantize(dy_TxO, axis=1, dtype=E5M2)
     dx = _tn_dot(dq, w.bwd_DxO) * sd * w.bwd_scale_D[None, :]
     return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
 
@@ -112,10 +127,10 @@ def _bwd(res, dy_xO):
 fp8_matmul.defvjp(_fwd, _bwd)
 
 
-def quantize_layer(lp: dict, names: Sequence[str]) -> dict:
+def quantize_layer(lp: dict, names: Sequence[str], both: bool = True) -> dict:
     """``lp`` with the matrices named in ``names`` as :class:`Fp8Weight` (norms, biases and
-    everything else as they are)."""
-    return {k: Fp8Weight.from_dense(v) if k in names else v for k, v in lp.items()}
+    everything else as they are); ``both``: as in :meth:`Fp8Weight.from_dense`."""
+    return {k: Fp8Weight.from_dense(v, both) if k in names else v for k, v in lp.items()}
 
 
 class Fp8Cache:
@@ -134,10 +149,14 @@ class Fp8Cache:
     [1, 2]
     >>> _ = cache.refresh(layers, active=[1]); sorted(cache.last_quantized)
     [0]
+
+    ``quantize(lp) -> copy`` makes a layer's copy (default: :func:`quantize_layer` on
+    ``names``); a step passes a jitted one that also places the copy on the device.
     """
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], quantize: Callable[[dict], Any] | None = None):
         self.names = tuple(names)
+        self.quantize = quantize or (lambda lp: quantize_layer(lp, self.names))
         self.copies: dict[int, dict] = {}
         self.active: frozenset[int] = frozenset()
         self.last_quantized: frozenset[int] = frozenset()
@@ -147,6 +166,6 @@ class Fp8Cache:
         stale = {i for i in range(len(layers)) if i not in active
                  and (i not in self.copies or i in self.active)}
         for i in stale:
-            self.copies[i] = quantize_layer(layers[i], self.names)
+            self.copies[i] = self.quantize(layers[i])
         self.active, self.last_quantized = active, frozenset(stale)
         return [layers[i] if i in active else self.copies[i] for i in range(len(layers))]

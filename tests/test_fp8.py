@@ -65,6 +65,21 @@ def test_backward_reaches_the_input_only_and_is_within_the_e5m2_bound():
     np.testing.assert_allclose(g, dx, rtol=1e-6, atol=1e-6)
 
 
+def test_one_copy_backward_is_within_the_same_bound_and_halves_the_bytes():
+    # only the forward's copy: dy is scaled by its per-channel scales, then quantized per token
+    x, w, dy = _normal(5, (8, 12, 256)), _normal(6, (256, 96)), _normal(7, (8, 12, 96))
+    w = w * jnp.logspace(-3, 0, 96)[None, :]  # channels of different ranges
+    one, two = Fp8Weight.from_dense(w, both=False), Fp8Weight.from_dense(w)
+    assert one.bwd_DxO is None and one.shape == two.shape == (256, 96)
+    nbytes = lambda fw: sum(leaf.nbytes for leaf in jax.tree.leaves(fw))  # noqa: E731
+    assert nbytes(one) < 0.51 * nbytes(two)
+    np.testing.assert_array_equal(x @ one, x @ two)  # the same forward
+    dx = jax.vjp(fp8_matmul, x, one)[1](dy)[0]
+    assert _rel(dx, dy @ w.T) < 0.10
+    g = jax.jit(jax.grad(lambda x: jnp.sum((x @ one) * dy)))(x)
+    np.testing.assert_allclose(g, dx, rtol=1e-6, atol=1e-6)
+
+
 def test_bfloat16_inputs_give_bfloat16_outputs_and_gradients():
     x, w = _normal(8, (4, 64)).astype(jnp.bfloat16), _normal(9, (64, 32))
     fw = Fp8Weight.from_dense(w)

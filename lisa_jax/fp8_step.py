@@ -1,0 +1,381 @@
+"""The LISA step with the frozen layers in fp8 and their full-precision weights on the host.
+
+In a LISA period L − γ layers are constants: their forward and activation-gradient GEMMs can
+run on fp8 tensor cores (``lisa_jax.fp8``), and their bfloat16 weights need not be on the
+device at all. This step keeps on the device:
+
+* the always-trained leaves (embedding, final norm, head) and the γ sampled layers, in the
+  parameters' dtype, updated as by ``step.make_lisa_step`` (``tx`` as given: with
+  ``master_weights`` inside, with float32 precision);
+* one low-precision copy of every layer (``frozen_precision="fp8"``: its matrices as
+  :class:`lisa_jax.fp8.Fp8Weight`, norms as they are; ``"bf16"``: a plain copy, the same code
+  path with no quantization, for tests and GPUs without fp8).
+
+The layers' own weights (the *masters*) stay in host memory, one numpy tree per layer. At a
+resample the finished period's trained layers come back to the host, those that leave the
+trained set are quantized again (``fp8.Fp8Cache``: exactly those), and the new period's layers
+go to the device. A master on the host changes only there, so a checkpoint or an export reads
+the masters (:meth:`FrozenLisaStep.full_params`).
+
+Inside the step every layer's forward and backward is a ``lax.cond`` on its slot: sampled
+layers run on their slot of the ``[G, ...]`` view (and get weight gradients), frozen ones on
+their copy (activation gradients only). The structure of the arguments never depends on the
+sample, so the step compiles once per active-layer count.
+
+fp8 needs fp8 tensor cores (CUDA compute capability 8.9 or later); ``allow_cpu=True`` runs the
+same numerics on a CPU, where XLA computes float8 dots by upcasting (slow; for tests).
+
+    >>> import jax, optax, lisa_jax
+    >>> from lisa_jax import model as M
+    >>> cfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+    ...                     num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> params = M.init_params(cfg, jax.random.key(0))
+    >>> tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=1, interval=2, key=0)
+    >>> opt_state = tx.init(params)
+    >>> step = make_frozen_lisa_step(cfg, tx, frozen_precision="fp8", allow_cpu=True)
+    >>> split = step.place(params, opt_state)
+    >>> batch = {"input_ids": jax.random.randint(jax.random.key(1), (2, 8), 0, 64)}
+    >>> for _ in range(3):
+    ...     split, opt_state, metrics = step(split, opt_state, batch)
+    >>> bool(metrics["loss"] > 0), len(step.full_params(split)["layers"])
+    (True, 3)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lisa_jax import block, layout, ops
+from lisa_jax import model as M
+from lisa_jax import step as S
+from lisa_jax.block import REMAT_MODES
+from lisa_jax.fp8 import Fp8Cache, quantize_layer
+
+FROZEN_PRECISIONS = ("bf16", "fp8")
+# fp8 tensor cores: Ada (8.9), Hopper (9.0) and later.
+MIN_COMPUTE_CAPABILITY = (8, 9)
+
+
+def fp8_unsupported(device=None) -> str | None:
+    """Why ``device`` (default: the first) cannot run fp8 GEMMs, or None when it can."""
+    device = device or jax.devices()[0]
+    if device.platform not in ("gpu", "cuda"):
+        return f"this is a {device.platform} device"
+    cc = getattr(device, "compute_capability", None)
+    try:
+        major, minor = (int(x) for x in str(cc).split(".")[:2])
+    except (TypeError, ValueError):
+        return None  # not a CUDA compute capability: let XLA decide
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        return f"{device.device_kind} has compute capability {cc}"
+    return None
+
+
+def check_fp8(device=None, allow_cpu: bool = False) -> None:
+    """Raise a one-line ``ValueError`` naming the fix where fp8 GEMMs cannot run;
+    ``allow_cpu``: a CPU passes (XLA emulates float8 dots there: for tests)."""
+    device = device or jax.devices()[0]
+    if allow_cpu and device.platform == "cpu":
+        return
+    why = fp8_unsupported(device)
+    if why is not None:
+        raise ValueError(f"--frozen-precision fp8 needs a GPU with fp8 tensor cores (compute "
+                         f"capability 8.9 or later: Ada, Hopper and later) and {why}; use "
+                         f"--frozen-precision bf16")
+
+
+# ----------------------------------------------------------------------------- the layer stack
+
+
+def _num_slots(active_GxP) -> int:
+    leaves = jax.tree.leaves(active_GxP)
+    return leaves[0].shape[0] if leaves else 0
+
+
+def _slot(active_GxP, slot):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False),
+                        active_GxP)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def mixed_layers(cfg, remat, active_GxP, frozen, slot_L, h_BxSxD, cos, sin, mask=None):
+    """All ``L`` layers: layer ``l`` on slot ``slot_L[l]`` of ``active_GxP`` (the sampled
+    layers, ``[G, ...]`` leaves) or, where that is -1, on ``frozen[l]`` (its copy: fp8 or
+    dense). Differentiable in ``h`` and ``active_GxP``; ``frozen`` gets no gradient."""
+    return _forward(cfg, remat, active_GxP, frozen, slot_L, h_BxSxD, (cos, sin), mask)[0]
+
+
+def _forward(cfg, remat, active_GxP, frozen, slot_L, h, rope, mask):
+    has_slots = _num_slots(active_GxP) > 0
+    saved = []
+    for layer, lp in enumerate(frozen):
+        def run(h, lp, layer=layer):
+            return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask)
+        if has_slots:
+            h, s = jax.lax.cond(slot_L[layer] >= 0,
+                                lambda h, slot, run=run: run(h, _slot(active_GxP, slot)),
+                                lambda h, slot, run=run, lp=lp: run(h, lp),
+                                h, jnp.maximum(slot_L[layer], 0))
+        else:
+            h, s = run(h, lp)
+        saved.append(s)
+    return h, tuple(saved)
+
+
+def _mixed_fwd(cfg, remat, active_GxP, frozen, slot_L, h, cos, sin, mask=None):
+    out, saved = _forward(cfg, remat, active_GxP, frozen, slot_L, h, (cos, sin), mask)
+    return out, (active_GxP, frozen, slot_L, saved, cos, sin, mask)
+
+
+def _mixed_bwd(cfg, remat, res, dy):
+    """Every layer's activation backward (a frozen layer's on its copy: one GEMM per matrix),
+    and the sampled layers' weight gradients written into their slots."""
+    active_GxP, frozen, slot_L, saved, cos, sin, mask = res
+    rope = (cos, sin)
+    grads = jax.tree.map(jnp.zeros_like, active_GxP)
+    has_slots = _num_slots(active_GxP) > 0
+    for layer in reversed(range(len(frozen))):
+        # As layout.PerLayer.reverse: each layer's recompute waits for its output cotangent.
+        saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
+
+        def frozen_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
+            return grads, block.layer_backward(cfg, frozen[layer], saved_l, rope, dy, remat,
+                                               layer=layer, mask_BxSxS=mask)[0]
+
+        def trained_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
+            lp = _slot(active_GxP, slot)
+            dh, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat, layer=layer,
+                                             mask_BxSxS=mask)
+            g = block.weight_grads_from_parts(cfg, lp, parts, rope, layer)
+            return {name: jax.lax.dynamic_update_index_in_dim(
+                grads[name], g[name].astype(grads[name].dtype), slot, 0)
+                for name in grads}, dh
+        if has_slots:
+            grads, dy = jax.lax.cond(slot_L[layer] >= 0, trained_bwd, frozen_bwd, grads, dy,
+                                     jnp.maximum(slot_L[layer], 0))
+        else:
+            grads, dy = frozen_bwd(grads, dy, 0)
+    return grads, None, None, dy, None, None, None
+
+
+mixed_layers.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def mixed_loss(cfg: M.LlamaConfig, view, frozen, slot_L, batch, remat="none",
+               loss_chunk=S.LOSS_CHUNK):
+    """``step.lisa_loss`` with the frozen layers read from their copies ``frozen`` and the
+    sampled ones from ``view["layers"]`` (``[G, ...]``)."""
+    ids = batch["input_ids"]
+    B, S_ = ids.shape
+    positions, mask = ops.positions_and_mask(None, S_, B, batch.get("segment_ids"))
+    cos, sin = ops.rope_tables(cfg, positions)
+    h = M.embed_tokens(cfg, view["embed"], ids)
+    h = mixed_layers(cfg, remat, view["layers"], frozen, slot_L, h, cos, sin, mask)
+    return S.lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
+                                 batch.get("loss_mask"), loss_chunk)
+
+
+# ----------------------------------------------------------------------------- the host side
+
+
+@dataclasses.dataclass(eq=False)
+class SplitParams:
+    """The parameters of a :class:`FrozenLisaStep` run, split between device and host.
+
+    ``rest``: the leaves outside the layers (device). ``active_GxP``: the sampled layers
+    ``active`` (sorted), stacked (device). ``masters``: every layer's weights (host numpy; the
+    sampled layers' as of their period's start). ``cache.copies``: every layer's frozen copy
+    (device; a sampled layer's is not read). ``count``/``period``: the host's mirror of the
+    optimizer state's, to know when a resample is due without reading the device.
+    A step updates it in place and returns it."""
+
+    rest: dict
+    active_GxP: Any
+    active: tuple[int, ...]
+    masters: list[dict]
+    cache: Fp8Cache
+    count: int
+    period: int
+
+    @property
+    def frozen(self) -> tuple:
+        return tuple(self.cache.copies[i] for i in range(len(self.masters)))
+
+    def block_until_ready(self):
+        jax.block_until_ready((self.rest, self.active_GxP))
+        return self
+
+
+def _host_layers(layers) -> list[dict]:
+    """One numpy tree per layer (either layout), copied to the host."""
+    host = jax.device_get(layers)
+    if isinstance(host, (list, tuple)):
+        return [dict(lp) for lp in host]
+    num = len(next(iter(host.values())))
+    return [{k: np.array(v[i]) for k, v in host.items()} for i in range(num)]
+
+
+class FrozenLisaStep:
+    """``step(split, opt_state, batch) -> (split, opt_state, metrics)``, the LISA step of
+    ``step.make_lisa_step`` (same transform, same metrics) on :class:`SplitParams`.
+
+    ``place(params, opt_state)`` makes the split (the layers go to the host, their copies to
+    the device); ``full_params(split)`` gives the whole tree back (layers per layer, numpy).
+    ``jitted`` is the step proper (one executable per active-layer count); ``prepare`` the
+    transform's resample, run when the host's count says a period starts.
+    """
+
+    def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
+                 loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
+                 allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True):
+        if remat not in REMAT_MODES:
+            raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
+                             f"{', '.join(REMAT_MODES)}")
+        if frozen_precision not in FROZEN_PRECISIONS:
+            raise ValueError(f"unknown frozen precision {frozen_precision!r}; use one of "
+                             f"{', '.join(FROZEN_PRECISIONS)}")
+        if fp8_copies not in (1, 2):
+            raise ValueError(f"fp8_copies is 1 (the forward's layout) or 2 (one per GEMM), "
+                             f"not {fp8_copies}")
+        config = getattr(tx, "config", None)
+        if config is None or config.probs is not None or \
+                getattr(config, "granularity", "layer") != "layer":
+            raise ValueError("the frozen-precision LISA step takes lisa(...) sampling a fixed "
+                             "number of whole layers (n_active or a fixed-count sampler), not "
+                             "probs= or module granularity")
+        if frozen_precision == "fp8":
+            check_fp8(allow_cpu=allow_cpu)
+        self.cfg, self.tx, self.remat, self.loss_chunk = cfg, tx, remat, loss_chunk
+        self.frozen_precision, self.interval = frozen_precision, int(config.interval)
+        self.names = tuple(p.name for p in block.layer_params(cfg) if p.rank == 2)
+        if frozen_precision == "fp8":
+            names, both = self.names, fp8_copies == 2
+            self.quantize = jax.jit(lambda lp: quantize_layer(lp, names, both))
+        else:
+            self.quantize = jax.device_put
+        self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else ())
+        self._prepare = {}
+        self.donate = donate
+
+    # -- the device step
+
+    def _step(self, rest, active_GxP, frozen, opt_state, batch):
+        cfg, tx = self.cfg, self.tx
+        in_view = tx.view(rest, opt_state)
+        const = {k: v for k, v in rest.items() if not jax.tree.leaves(in_view[k])}
+        rest = {k: v for k, v in rest.items() if k not in const}
+        slot_L = layout.slot_of_layer(opt_state.active, cfg.num_layers)
+        (loss, n), grads = S.value_and_grad_accumulated(
+            lambda v, b: mixed_loss(cfg, {**const, **v}, frozen, slot_L, b, self.remat,
+                                    self.loss_chunk),
+            {**rest, "layers": active_GxP}, batch)
+        none = dict.fromkeys(const)
+        grads = {**grads, **none}
+        view = {**rest, **none, "layers": active_GxP}
+        metrics = {"loss": loss, "tokens": n, "grad_norm": optax.global_norm(grads)}
+        metrics["layer_grad_norms"] = jnp.sqrt(sum(
+            jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+            for g in jax.tree.leaves(grads["layers"])))
+        updates, opt_state = tx.update_view(grads, opt_state, view)
+        view = optax.apply_updates(view, updates)
+        new_rest = {**{k: view[k] for k in rest}, **const}
+        return new_rest, view["layers"], opt_state, metrics
+
+    def _prepared(self, split: SplitParams, opt_state):
+        """``opt_state`` resampled (the transform's own ``prepare``, an executable of its own,
+        as in ``step.make_lisa_step``)."""
+        G = int(opt_state.active.shape[0])
+        if G not in self._prepare:
+            template = {**jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       split.rest),
+                        "layers": {k: jax.ShapeDtypeStruct((len(split.masters),) + v.shape,
+                                                           v.dtype)
+                                   for k, v in split.masters[0].items()}}
+            self._prepare[G] = jax.jit(lambda s: self.tx.prepare(s, template),
+                                       donate_argnums=(0,) if self.donate else ())
+        return self._prepare[G](opt_state)
+
+    def __call__(self, split: SplitParams, opt_state, batch):
+        if split.count // self.interval != split.period:
+            opt_state = self._prepared(split, opt_state)
+            split.period = split.count // self.interval
+            self.resample(split, tuple(int(i) for i in jax.device_get(opt_state.active)))
+        rest, active_GxP, opt_state, metrics = self.jitted(
+            split.rest, split.active_GxP, split.frozen, opt_state, batch)
+        split.rest, split.active_GxP, split.count = rest, active_GxP, split.count + 1
+        return split, opt_state, metrics
+
+    # -- the host side
+
+    def _to_device(self, split: SplitParams, active: tuple[int, ...]):
+        keys = split.masters[0].keys()
+        if not active:
+            return {k: jnp.zeros((0,) + split.masters[0][k].shape, split.masters[0][k].dtype)
+                    for k in keys}
+        return jax.device_put({k: np.stack([split.masters[i][k] for i in active])
+                               for k in keys})
+
+    def resample(self, split: SplitParams, active: tuple[int, ...]) -> None:
+        """Move to the sample ``active``: the trained layers' weights back into the masters,
+        fresh copies of the layers that leave the trained set, the new layers to the device."""
+        if active == split.active:
+            return
+        self.write_back(split)
+        for x in jax.tree.leaves(split.active_GxP):
+            x.delete()  # before the new layers arrive: one set of slots on the device at a time
+        split.cache.refresh(split.masters, active)
+        split.active_GxP, split.active = self._to_device(split, active), active
+
+    def write_back(self, split: SplitParams) -> None:
+        """The sampled layers' current weights into the host masters."""
+        host = jax.device_get(split.active_GxP)
+        for j, i in enumerate(split.active):
+            split.masters[i] = {k: np.array(v[j]) for k, v in host.items()}
+
+    def place(self, params, opt_state) -> SplitParams:
+        """The split of ``params`` (either layout) for ``opt_state``'s sample. With ``donate``
+        the device's layer arrays are freed once on the host (``params`` must not be used
+        again)."""
+        masters = _host_layers(params["layers"])
+        if self.donate:
+            for x in jax.tree.leaves(params["layers"]):
+                if isinstance(x, jax.Array):
+                    x.delete()
+        rest = jax.device_put({k: v for k, v in params.items() if k != "layers"})
+        cache = Fp8Cache(self.names, quantize=self.quantize)
+        cache.refresh(masters, ())  # a copy of every layer, so the step's arguments never change
+        active = tuple(int(i) for i in jax.device_get(opt_state.active))
+        cache.refresh(masters, active)
+        count, period = (int(x) for x in jax.device_get((opt_state.count, opt_state.period)))
+        split = SplitParams(rest, None, active, masters, cache, count, period)
+        split.active_GxP = self._to_device(split, active)
+        return split
+
+    def full_params(self, split: SplitParams) -> dict:
+        """The whole parameter tree as of now (for checkpoints and export): the device's
+        leaves, and the layers per layer from the host masters with the sampled layers'
+        current weights."""
+        host = jax.device_get(split.active_GxP)
+        layers = list(split.masters)
+        for j, i in enumerate(split.active):
+            layers[i] = {k: np.array(v[j]) for k, v in host.items()}
+        return {**split.rest, "layers": tuple(layers)}
+
+
+def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
+                          loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
+                          allow_cpu: bool = False, fp8_copies: int = 1,
+                          donate: bool = True) -> FrozenLisaStep:
+    """The LISA step with the frozen layers in ``frozen_precision`` (see the module
+    docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
+    its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
+    takes without a transpose (2 bytes a parameter, as much as bf16). ``allow_cpu``: fp8 on a
+    CPU (emulated; for tests)."""
+    return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
+                          donate)
