@@ -86,6 +86,7 @@ def run_one(a) -> dict:
     tx = lisa_jax.lisa(optax.adamw(1e-5), n_active=a.lisa_layers, interval=a.lisa_interval,
                        key=0)
     state = tx.init(params)
+    check = attention_check(cfg, params, device_batches[0]) if a.one == "packed" else None
     if a.layer_layout == "per_layer":
         params = layout.convert(params, "per_layer", donate=True)
     step = S.make_lisa_step(cfg, tx, remat=a.remat)
@@ -120,7 +121,23 @@ def run_one(a) -> dict:
                 step_s=round(statistics.median(times), 4), time_s=round(total, 3),
                 shapes=[list(s) for s in shapes], compile_s=round(compile_s, 1),
                 peak_gib=round(peak / 2**30, 2) if peak else None,
-                jax=jax.__version__, device=str(jax.devices()[0].device_kind))
+                jax=jax.__version__, device=str(jax.devices()[0].device_kind),
+                **({"attention_check": check} if check else {}))
+
+
+def attention_check(cfg, params, batch) -> dict:
+    """The packed batch's loss under the trainer's attention and under XLA's (the masked path
+    the CPU tests check against examples run one by one): where the first is cuDNN's fused
+    kernel, equal losses say it keeps to each example's segment."""
+    import dataclasses
+
+    from lisa_jax import ops
+    from lisa_jax import step as S
+    feed = {k: batch[k] for k in ("input_ids", "loss_mask", "segment_ids")}
+    xla = dataclasses.replace(cfg, attention_impl="xla")
+    got = {ops.attention_impl(c): float(S.make_forward(c)(params, feed)[0]) for c in (cfg, xla)}
+    a, b = got.get(ops.attention_impl(cfg)), got["xla"]
+    return dict(losses=got, rel_diff=abs(a - b) / max(abs(b), 1e-9))
 
 
 def main(argv=None) -> int:
