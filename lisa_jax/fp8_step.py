@@ -227,8 +227,8 @@ class FrozenLisaStep:
 
     ``place(params, opt_state)`` makes the split (the layers go to the host, their copies to
     the device); ``full_params(split)`` gives the whole tree back (layers per layer, numpy).
-    ``jitted`` is the step proper (one executable per active-layer count); ``prepare`` the
-    transform's resample, run when the host's count says a period starts.
+    ``jitted`` is the step proper (one executable per active-layer count); before it, the
+    transform's resample runs when the host's count says a period starts.
     """
 
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
@@ -287,9 +287,10 @@ class FrozenLisaStep:
         new_rest = {**{k: view[k] for k in rest}, **const}
         return new_rest, view["layers"], opt_state, metrics
 
-    def _prepared(self, split: SplitParams, opt_state):
-        """``opt_state`` resampled (the transform's own ``prepare``, an executable of its own,
-        as in ``step.make_lisa_step``)."""
+    def _prepare_for(self, split: SplitParams, opt_state):
+        """The transform's resample (``tx.prepare``) for ``opt_state``'s active count, as an
+        executable of its own (as in ``step.make_lisa_step``), compiled ahead of its first
+        use so that no resample step pays for a compile."""
         G = int(opt_state.active.shape[0])
         if G not in self._prepare:
             template = {**jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -297,13 +298,14 @@ class FrozenLisaStep:
                         "layers": {k: jax.ShapeDtypeStruct((len(split.masters),) + v.shape,
                                                            v.dtype)
                                    for k, v in split.masters[0].items()}}
-            self._prepare[G] = jax.jit(lambda s: self.tx.prepare(s, template),
-                                       donate_argnums=(0,) if self.donate else ())
-        return self._prepare[G](opt_state)
+            fn = jax.jit(lambda s: self.tx.prepare(s, template),
+                         donate_argnums=(0,) if self.donate else ())
+            self._prepare[G] = fn.lower(opt_state).compile()
+        return self._prepare[G]
 
     def __call__(self, split: SplitParams, opt_state, batch):
         if split.count // self.interval != split.period:
-            opt_state = self._prepared(split, opt_state)
+            opt_state = self._prepare_for(split, opt_state)(opt_state)
             split.period = split.count // self.interval
             self.resample(split, tuple(int(i) for i in jax.device_get(opt_state.active)))
         rest, active_GxP, opt_state, metrics = self.jitted(
@@ -313,30 +315,44 @@ class FrozenLisaStep:
 
     # -- the host side
 
-    def _to_device(self, split: SplitParams, active: tuple[int, ...]):
-        keys = split.masters[0].keys()
+    def _to_device(self, split: SplitParams, active: tuple[int, ...], on_device=None):
+        """The layers ``active`` stacked on the device; ``on_device[i]``: layer ``i``'s tree
+        there already (a layer that stays sampled), else its master is sent."""
+        on_device = on_device or {}
+        first = split.masters[0]
         if not active:
-            return {k: jnp.zeros((0,) + split.masters[0][k].shape, split.masters[0][k].dtype)
-                    for k in keys}
-        return jax.device_put({k: np.stack([split.masters[i][k] for i in active])
-                               for k in keys})
+            return {k: jnp.zeros((0,) + v.shape, v.dtype) for k, v in first.items()}
+        rows = [on_device[i] if i in on_device else jax.device_put(split.masters[i])
+                for i in active]
+        return {k: jnp.stack([r[k] for r in rows]) for k in first}
 
     def resample(self, split: SplitParams, active: tuple[int, ...]) -> None:
         """Move to the sample ``active``: the trained layers' weights back into the masters,
-        fresh copies of the layers that leave the trained set, the new layers to the device."""
+        fresh copies of the layers that leave the trained set (quantized from the device's
+        values, while those travel to the host), the new layers to the device."""
         if active == split.active:
             return
+        old = split.active_GxP
+        for x in jax.tree.leaves(old):
+            x.copy_to_host_async()
+        rows = {i: {k: v[j] for k, v in old.items()} for j, i in enumerate(split.active)}
+        source = list(split.masters)
+        for i, lp in rows.items():
+            source[i] = lp
+        split.cache.refresh(source, active)
+        new = self._to_device(split, active, {i: rows[i] for i in active if i in rows})
         self.write_back(split)
-        for x in jax.tree.leaves(split.active_GxP):
-            x.delete()  # before the new layers arrive: one set of slots on the device at a time
-        split.cache.refresh(split.masters, active)
-        split.active_GxP, split.active = self._to_device(split, active), active
+        del rows, source
+        for x in jax.tree.leaves(old):
+            x.delete()
+        split.active_GxP, split.active = new, active
 
     def write_back(self, split: SplitParams) -> None:
-        """The sampled layers' current weights into the host masters."""
+        """The sampled layers' current weights into the host masters (views of one host copy
+        of the ``[G, ...]`` slots)."""
         host = jax.device_get(split.active_GxP)
         for j, i in enumerate(split.active):
-            split.masters[i] = {k: np.array(v[j]) for k, v in host.items()}
+            split.masters[i] = {k: v[j] for k, v in host.items()}
 
     def place(self, params, opt_state) -> SplitParams:
         """The split of ``params`` (either layout) for ``opt_state``'s sample. With ``donate``
@@ -355,6 +371,7 @@ class FrozenLisaStep:
         count, period = (int(x) for x in jax.device_get((opt_state.count, opt_state.period)))
         split = SplitParams(rest, None, active, masters, cache, count, period)
         split.active_GxP = self._to_device(split, active)
+        self._prepare_for(split, opt_state)
         return split
 
     def full_params(self, split: SplitParams) -> dict:
@@ -364,7 +381,7 @@ class FrozenLisaStep:
         host = jax.device_get(split.active_GxP)
         layers = list(split.masters)
         for j, i in enumerate(split.active):
-            layers[i] = {k: np.array(v[j]) for k, v in host.items()}
+            layers[i] = {k: v[j] for k, v in host.items()}
         return {**split.rest, "layers": tuple(layers)}
 
 

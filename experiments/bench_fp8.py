@@ -1,0 +1,308 @@
+"""Step time, tokens/s and peak device memory of the LISA step with fp8 frozen layers
+(``lisa_jax.fp8_step``), beside the bf16 LISA step of the same job; ``--check``: its numerics.
+
+    python3 experiments/bench_fp8.py --shape llama2-7b --lisa-layers 2 --batch-size 4 \\
+        --max-seq-len 1024 --remats none full --out OUT/fp8_llama2-7b.json
+    python3 experiments/bench_fp8.py --shape llama2-7b --check --out OUT/fp8_check.json
+
+Each row runs in its own process (its peak memory its own), as in experiments/bench_step.py,
+whose rows these are in schema (``precision``: ``bf16`` or ``fp8``, which
+experiments/speed_table.py reads). The bf16 row *is* ``bench_step.py --one --method lisa
+--layer-layout per_layer`` run by this driver; the fp8 rows hold every layer's fp8 copy and the
+γ sampled layers on the device, the bf16 masters in host memory (``host_gib``). The optimizer
+is the trainer's in bf16 (``--update-dtype float32 --mu-dtype bfloat16``: float32-precision
+updates, Adam's first moment in bf16) unless told otherwise.
+
+Resamples (every ``--lisa-interval`` steps) fall inside the timed steps. ``ms`` and
+``tokens_per_s`` are the median step's; the fp8 rows also give ``resample_ms`` (the median
+extra time of a step that resamples: the trained layers to the host, quantizing those that
+leave, the new ones to the device) and ``amortized_ms``/``tokens_per_s_amortized``, the mean
+step with that cost spread over its period.
+
+``--check`` runs no timing: at the shape (random weights, random tokens) for ``--check-steps``
+batches and samples, the loss and the gradients of the sampled layers (and the embedding and
+head) with the frozen layers in fp8 against the same with them dense, as cosines and relative
+errors. Random weights say little about a trained model's numerics; ``--hf DIR`` loads real
+weights instead. CPU smoke (fp8 emulated, well under a minute):
+
+    python3 experiments/bench_fp8.py --shape tiny --batch-size 2 --max-seq-len 64 --steps 3 \\
+        --warmup 1 --lisa-interval 2 --allow-cpu
+    python3 experiments/bench_fp8.py --shape tiny --check --batch-size 2 --max-seq-len 64 \\
+        --allow-cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (add_flags, command_line, model_config, random_batch, spawn_row,  # noqa: E402
+                    write_json)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH_STEP = os.path.join(HERE, "bench_step.py")
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def _optimizer(a, cfg):
+    import jax.numpy as jnp
+    import optax
+
+    from lisa_jax.precision import master_weights
+    opt = optax.adamw(1e-5, mu_dtype=a.mu_dtype)
+    master = a.update_dtype == "float32" and jnp.dtype(cfg.dtype).itemsize < 4
+    return (master_weights(opt) if master else opt), master
+
+
+def _model(a):
+    """``(cfg, params)``: random weights at ``--shape``, or the ``--hf`` directory's."""
+    import jax
+
+    from lisa_jax import model as M
+    if a.hf:
+        from common import default_dtype
+
+        from lisa_jax import hf
+        model = hf.load_hf(a.hf, a.dtype or default_dtype())
+        return model.cfg, model.params
+    cfg = model_config(a.shape, a.dtype)
+    return cfg, jax.jit(lambda k: M.init_params(cfg, k))(jax.random.key(0))
+
+
+def run_one(a) -> dict:
+    """One fp8 (or host-bf16) row: place, compile, time; resample steps timed apart."""
+    import jax
+
+    import lisa_jax
+    from lisa_jax import fp8_step
+
+    cfg, params = _model(a)
+    opt, master = _optimizer(a, cfg)
+    tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0)
+    state = tx.init(params)
+    chunk = a.loss_chunk or None
+    step = fp8_step.make_frozen_lisa_step(cfg, tx, remat=a.remat, loss_chunk=chunk,
+                                          frozen_precision=a.frozen_precision,
+                                          allow_cpu=a.allow_cpu, fp8_copies=a.fp8_copies)
+    t0 = time.perf_counter()
+    split = step.place(params, state)
+    jax.block_until_ready(split.frozen)
+    place_s = time.perf_counter() - t0
+    del params
+    batch = random_batch(cfg, a.batch_size, a.max_seq_len)
+    times, resampled = [], []
+    compile_s = None
+    for i in range(1 + a.warmup + a.steps):
+        period = split.period
+        t0 = time.perf_counter()
+        split, state, metrics = step(split, state, batch)
+        jax.block_until_ready((split.rest, split.active_GxP, state, metrics))
+        dt = time.perf_counter() - t0
+        if i == 0:
+            compile_s = dt
+        elif i > a.warmup:
+            times.append(dt)
+            resampled.append(split.period != period)
+    plain = [t for t, r in zip(times, resampled) if not r] or times
+    t = statistics.median(plain)
+    extra = [x - t for x, r in zip(times, resampled) if r]
+    resample_s = statistics.median(extra) if extra else None
+    amortized = t + (resample_s or 0.0) / a.lisa_interval
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    host = sum(v.nbytes for lp in split.masters for v in lp.values())
+    tokens = a.batch_size * a.max_seq_len
+    return dict(impl="lisa_jax", label=a.label, shape=a.shape if not a.hf else a.hf,
+                method="lisa", batch=a.batch_size, seq=a.max_seq_len, gamma=a.lisa_layers,
+                lora_r=None, remat=a.remat, step_s=round(t, 4), step_s_min=round(min(times), 4),
+                ms=round(t * 1e3, 1), tokens_per_s=round(tokens / t, 1),
+                peak_gib=round(peak / 2**30, 2) if peak else None, peak_bytes=peak,
+                compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
+                loss_chunk=chunk, inner="adamw", layout="per_layer", frozen=None,
+                update_precision=PRECISION[a.update_dtype] if master or
+                cfg.dtype == "float32" else "bf16",
+                master_weights=master, mu_dtype=a.mu_dtype,
+                precision="fp8" if a.frozen_precision == "fp8" else "bf16",
+                frozen_precision=a.frozen_precision, host_masters=True,
+                fp8_copies=a.fp8_copies if a.frozen_precision == "fp8" else None,
+                lisa_interval=a.lisa_interval, timed_steps=len(times),
+                timed_resamples=int(sum(resampled)),
+                resample_ms=round(resample_s * 1e3, 1) if resample_s is not None else None,
+                amortized_ms=round(amortized * 1e3, 1),
+                tokens_per_s_amortized=round(tokens / amortized, 1),
+                place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
+                loss=float(metrics["loss"]),
+                lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
+                device=str(jax.devices()[0].device_kind))
+
+
+def _stats(a_, b_) -> dict:
+    import numpy as np
+    a_, b_ = (np.ravel(np.asarray(x, np.float64)) for x in (a_, b_))
+    denom = np.sqrt((a_ @ a_) * (b_ @ b_))
+    return dict(cos=float(a_ @ b_ / denom) if denom else None,
+                rel=float(np.linalg.norm(a_ - b_) / max(np.linalg.norm(b_), 1e-30)),
+                norm_ratio=float(np.linalg.norm(a_) / max(np.linalg.norm(b_), 1e-30)))
+
+
+def run_check(a) -> dict:
+    """The loss and gradients with fp8 frozen layers against dense ones (same weights)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lisa_jax import block, fp8_step, layout
+    from lisa_jax.fp8 import quantize_layer
+
+    fp8_step.check_fp8(allow_cpu=a.allow_cpu)
+    cfg, params = _model(a)
+    params = layout.convert(params, "per_layer", donate=True)
+    names = tuple(p.name for p in block.layer_params(cfg) if p.rank == 2)
+    dense = params["layers"]
+    q = jax.jit(lambda lp: quantize_layer(lp, names, a.fp8_copies == 2))
+    fp8 = tuple(q(lp) for lp in dense)
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    chunk = a.loss_chunk or None
+
+    @jax.jit
+    def grads(rest, active_GxP, frozen, active, batch):
+        slot_L = layout.slot_of_layer(active, cfg.num_layers)
+        return jax.value_and_grad(lambda v: fp8_step.mixed_loss(
+            cfg, v, frozen, slot_L, batch, a.remat, chunk)[0])({**rest, "layers": active_GxP})
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(a.check_steps):
+        active = np.sort(rng.choice(cfg.num_layers, a.lisa_layers, replace=False))
+        act = jax.tree.map(lambda *xs: jnp.stack(xs), *[dense[j] for j in active])
+        batch = random_batch(cfg, a.batch_size, a.max_seq_len, seed=100 + i)
+        ids = jnp.asarray(active, jnp.int32)
+        loss, g = grads(rest, act, dense, ids, batch)
+        loss8, g8 = grads(rest, act, fp8, ids, batch)
+        row = dict(step=i, active=active.tolist(), loss=float(loss), loss_fp8=float(loss8),
+                   loss_rel=abs(float(loss8) / float(loss) - 1))
+        per = {k: _stats(g8["layers"][k], g["layers"][k]) for k in names}
+        per.update({k: _stats(g8[k], g[k]) for k in rest})
+        row["grads"] = per
+        row["min_layer_cos"] = min(v["cos"] for k, v in per.items() if k in names)
+        row["max_layer_rel"] = max(v["rel"] for k, v in per.items() if k in names)
+        print(json.dumps({k: v for k, v in row.items() if k != "grads"}), flush=True)
+        out.append(row)
+    return dict(command=command_line(), date=time.strftime("%Y-%m-%d"), label=a.label,
+                shape=a.shape if not a.hf else a.hf, batch=a.batch_size, seq=a.max_seq_len,
+                gamma=a.lisa_layers, remat=a.remat, fp8_copies=a.fp8_copies, dtype=cfg.dtype,
+                checks=out, loss_rel_max=max(r["loss_rel"] for r in out),
+                min_layer_cos=min(r["min_layer_cos"] for r in out),
+                max_layer_rel=max(r["max_layer_rel"] for r in out),
+                device=str(jax.devices()[0].device_kind), jax=jax.__version__)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_flags(ap, shape="tiny", batch_size=4, max_seq_len=1024, steps=10, lisa_layers=2,
+              lisa_interval=5,
+              helps=dict(lisa_interval="LISA K: resamples happen in timing"))
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
+    add_flags(ap, remat=["none"], many=("remat",), choices=dict(remat=("none", "mlp", "full")))
+    ap.add_argument("--variants", nargs="+", default=["bf16", "fp8"],
+                    choices=["bf16", "fp8", "host_bf16"],
+                    help="rows: bf16 (bench_step.py's LISA row), fp8 (frozen layers fp8, "
+                         "masters on the host), host_bf16 (the same split, frozen copies bf16)")
+    ap.add_argument("--fp8-copies", type=int, nargs="+", default=[1], choices=[1, 2],
+                    help="fp8 rows: 1 copy per frozen matrix (1 byte a parameter; the "
+                         "backward reads it transposed) and/or 2 (one per GEMM, TN each)")
+    ap.add_argument("--loss-chunk", type=int, default=4096,
+                    help="tokens per chunk of the LM loss (0: no chunking)")
+    add_flags(ap, dtype=None, update_dtype="float32",
+              helps=dict(dtype="dtype of the parameters (default: bfloat16 on an accelerator)"))
+    ap.add_argument("--mu-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="fp8 on a CPU (XLA emulates it; for smoke runs)")
+    ap.add_argument("--check", action="store_true",
+                    help="no timing: fp8 against dense loss and sampled-layer gradients")
+    ap.add_argument("--check-steps", type=int, default=4, help="--check: batches (and samples)")
+    ap.add_argument("--hf", default=None, help="an HF model directory instead of --shape")
+    ap.add_argument("--label", default=None, help="free text copied into every row")
+    ap.add_argument("--timeout", type=float, default=540)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--frozen-precision", default="fp8", choices=["bf16", "fp8"],
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.check:
+        a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
+        result = run_check(a)
+        if a.out:
+            write_json(a.out, result, device=True)
+        print(f"fp8 vs dense: loss rel ≤ {result['loss_rel_max']:.2e}, sampled-layer gradient "
+              f"cosine ≥ {result['min_layer_cos']:.5f}, rel err ≤ {result['max_layer_rel']:.4f}",
+              flush=True)
+        return
+    if a.one:
+        a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
+        print(json.dumps(run_one(a)), flush=True)
+        return
+    common = ["--shape", a.shape, "--batch-size", str(a.batch_size),
+              "--max-seq-len", str(a.max_seq_len), "--steps", str(a.steps),
+              "--warmup", str(a.warmup), "--lisa-interval", str(a.lisa_interval),
+              "--lisa-layers", str(a.lisa_layers), "--loss-chunk", str(a.loss_chunk),
+              "--update-dtype", a.update_dtype, "--mu-dtype", a.mu_dtype] + \
+        (["--label", a.label] if a.label is not None else []) + \
+        (["--dtype", a.dtype] if a.dtype else [])
+    rows, failed = [], []
+
+    def save():
+        if a.out:
+            write_json(a.out, dict(command=command_line(), date=time.strftime("%Y-%m-%d"),
+                                   label=a.label, update_precision=PRECISION[a.update_dtype],
+                                   rows=rows, peer_rows=[], failed=failed))
+
+    for remat in a.remats:
+        plan = []
+        if "bf16" in a.variants:
+            plan.append(("bf16", [BENCH_STEP, "--one", "--method", "lisa", "--remat", remat,
+                                  "--layer-layout", "per_layer", "--inner", "adamw", *common]))
+        for variant, copies in ([("fp8", c) for c in a.fp8_copies] if "fp8" in a.variants
+                                else []) + ([("host_bf16", 1)] if "host_bf16" in a.variants
+                                            else []):
+            plan.append((variant, [__file__, "--one", "--remats", remat, "--fp8-copies",
+                                   str(copies), "--frozen-precision",
+                                   "fp8" if variant == "fp8" else "bf16", *common] +
+                         (["--allow-cpu"] if a.allow_cpu else []) +
+                         (["--hf", a.hf] if a.hf else [])))
+        for variant, args in plan:
+            row = spawn_row(args, a.timeout)
+            if "status" in row:
+                failed.append(dict(variant=variant, remat=remat, **row))
+            else:
+                row.setdefault("precision", "bf16")
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            save()
+    base = {r["remat"]: r for r in rows if r.get("frozen_precision") is None}
+    print(f"{'precision':9s} {'copies':>6s} {'remat':>5s} {'step ms':>8s} {'amort ms':>8s} "
+          f"{'tok/s':>9s} {'peak GiB':>8s} {'host GiB':>8s} {'resample ms':>11s} "
+          f"{'speed×bf16':>10s} {'mem×bf16':>8s}")
+    for r in rows:
+        b = base.get(r["remat"])
+        sp = b["step_s"] / r["step_s"] if b else float("nan")
+        mem = r["peak_gib"] / b["peak_gib"] if b and r.get("peak_gib") and b.get("peak_gib") \
+            else float("nan")
+        name = {None: "bf16", "bf16": "host_bf16"}.get(r.get("frozen_precision"), "fp8")
+        print(f"{name:9s} {str(r.get('fp8_copies') or ''):>6s} "
+              f"{r['remat']:>5s} {r['ms']:8.1f} {r.get('amortized_ms') or r['ms']:8.1f} "
+              f"{r['tokens_per_s']:9.0f} {r['peak_gib'] or float('nan'):8.2f} "
+              f"{r.get('host_gib') or 0:8.2f} {r.get('resample_ms') or 0:11.1f} "
+              f"{sp:10.2f} {mem:8.2f}", flush=True)
+    for f in failed:
+        print(f"{f['status']}: {f['variant']} remat={f['remat']}: {f.get('error')}", flush=True)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
