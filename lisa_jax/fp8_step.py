@@ -48,7 +48,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lisa_jax import block, layout, ops
@@ -212,13 +211,18 @@ class SplitParams:
         return self
 
 
-def _host_layers(layers) -> list[dict]:
-    """One numpy tree per layer (either layout), copied to the host."""
-    host = jax.device_get(layers)
-    if isinstance(host, (list, tuple)):
-        return [dict(lp) for lp in host]
-    num = len(next(iter(host.values())))
-    return [{k: np.array(v[i]) for k, v in host.items()} for i in range(num)]
+def _host_layers(layers, donate: bool) -> list[dict]:
+    """One numpy tree per layer (either layout), copied to the host a layer at a time; with
+    ``donate`` each device layer is freed once copied (the device never holds two)."""
+    layers = layout.PER_LAYER.to(layers, donate=donate)
+    out = []
+    for lp in layers:
+        out.append(dict(jax.device_get(lp)))
+        if donate:
+            for x in jax.tree.leaves(lp):
+                if isinstance(x, jax.Array):
+                    x.delete()
+    return out
 
 
 class FrozenLisaStep:
@@ -358,11 +362,7 @@ class FrozenLisaStep:
         """The split of ``params`` (either layout) for ``opt_state``'s sample. With ``donate``
         the device's layer arrays are freed once on the host (``params`` must not be used
         again)."""
-        masters = _host_layers(params["layers"])
-        if self.donate:
-            for x in jax.tree.leaves(params["layers"]):
-                if isinstance(x, jax.Array):
-                    x.delete()
+        masters = _host_layers(params["layers"], self.donate)
         rest = jax.device_put({k: v for k, v in params.items() if k != "layers"})
         cache = Fp8Cache(self.names, quantize=self.quantize)
         cache.refresh(masters, ())  # a copy of every layer, so the step's arguments never change
