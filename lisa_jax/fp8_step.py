@@ -211,6 +211,18 @@ class SplitParams:
         return self
 
 
+@jax.jit
+def _take(active_GxP, slot):
+    """Slot ``slot`` of the sampled layers (one executable for every slot)."""
+    return _slot(active_GxP, slot)
+
+
+@jax.jit
+def _stack(rows):
+    """Per-layer trees stacked into ``[G, ...]`` leaves."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
 def _host_layers(layers, donate: bool) -> list[dict]:
     """One numpy tree per layer (either layout), copied to the host a layer at a time; with
     ``donate`` each device layer is freed once copied (the device never holds two)."""
@@ -260,7 +272,11 @@ class FrozenLisaStep:
         self.names = tuple(p.name for p in block.layer_params(cfg) if p.rank == 2)
         if frozen_precision == "fp8":
             names, both = self.names, fp8_copies == 2
-            self.quantize = jax.jit(lambda lp: quantize_layer(lp, names, both))
+            quantize = jax.jit(lambda lp: quantize_layer(lp, names, both))
+            # Always from device arrays (a host master is sent first): one executable for
+            # place's copies and a resample's, which quantizes the device's values.
+            self.quantize = lambda lp: quantize(jax.device_put(lp))
+            self.quantize.jitted = quantize
         else:
             self.quantize = jax.device_put
         self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else ())
@@ -328,7 +344,7 @@ class FrozenLisaStep:
             return {k: jnp.zeros((0,) + v.shape, v.dtype) for k, v in first.items()}
         rows = [on_device[i] if i in on_device else jax.device_put(split.masters[i])
                 for i in active]
-        return {k: jnp.stack([r[k] for r in rows]) for k in first}
+        return _stack(tuple(rows))
 
     def resample(self, split: SplitParams, active: tuple[int, ...]) -> None:
         """Move to the sample ``active``: the trained layers' weights back into the masters,
@@ -339,7 +355,7 @@ class FrozenLisaStep:
         old = split.active_GxP
         for x in jax.tree.leaves(old):
             x.copy_to_host_async()
-        rows = {i: {k: v[j] for k, v in old.items()} for j, i in enumerate(split.active)}
+        rows = {i: _take(old, j) for j, i in enumerate(split.active)}
         source = list(split.masters)
         for i, lp in rows.items():
             source[i] = lp
@@ -371,6 +387,8 @@ class FrozenLisaStep:
         count, period = (int(x) for x in jax.device_get((opt_state.count, opt_state.period)))
         split = SplitParams(rest, None, active, masters, cache, count, period)
         split.active_GxP = self._to_device(split, active)
+        if active:  # compiled now, not in a resample
+            jax.block_until_ready(_take(split.active_GxP, 0))
         self._prepare_for(split, opt_state)
         return split
 
