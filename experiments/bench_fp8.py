@@ -9,7 +9,9 @@ Each row runs in its own process (its peak memory its own), as in experiments/be
 whose rows these are in schema (``precision``: ``bf16`` or ``fp8``, which
 experiments/speed_table.py reads). The bf16 row *is* ``bench_step.py --one --method lisa
 --layer-layout per_layer`` run by this driver; the fp8 rows hold every layer's fp8 copy and the
-γ sampled layers on the device, the bf16 masters in host memory (``host_gib``). The optimizer
+γ sampled layers on the device, the bf16 masters in host memory (``host_gib``); their random
+weights are made a layer at a time and kept on the host, so the whole bf16 model is never on
+the device (with ``--hf`` it is, while loading). The optimizer
 is the trainer's in bf16 (``--update-dtype float32 --mu-dtype bfloat16``: float32-precision
 updates, Adam's first moment in bf16) unless told otherwise.
 
@@ -73,6 +75,41 @@ def _model(a):
     return cfg, jax.jit(lambda k: M.init_params(cfg, k))(jax.random.key(0))
 
 
+def _model_on_host(a):
+    """``(cfg, params, template)`` for a timed row: random weights made one layer at a time
+    on the device and kept on the host (the device never holds the whole model, so the row's
+    peak is the step's), and the stacked template ``tx.init`` reads (shapes only: its layer
+    leaves are zero-strided host arrays)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from lisa_jax import model as M
+    if a.hf:
+        cfg, params = _model(a)
+        template = {**{k: v for k, v in params.items() if k != "layers"},
+                    "layers": params["layers"]}
+        return cfg, params, template
+    cfg = model_config(a.shape, a.dtype)
+    one = dataclasses.replace(cfg, num_layers=1)
+    init = jax.jit(lambda k: M.init_params(one, k))
+    layers, rest = [], None
+    for i in range(cfg.num_layers):
+        p = init(jax.random.key(i))
+        layers.append({k: np.asarray(jax.device_get(v[0])) for k, v in p["layers"].items()})
+        for v in p["layers"].values():
+            v.delete()
+        if rest is None:
+            rest = {k: v for k, v in p.items() if k != "layers"}
+        else:
+            jax.tree.map(lambda x: x.delete(), {k: v for k, v in p.items() if k != "layers"})
+    template = {**rest, "layers": {k: np.broadcast_to(np.zeros((), v.dtype),
+                                                      (cfg.num_layers,) + v.shape)
+                                   for k, v in layers[0].items()}}
+    return cfg, {**rest, "layers": tuple(layers)}, template
+
+
 def run_one(a) -> dict:
     """One fp8 (or host-bf16) row: place, compile, time; resample steps timed apart."""
     import jax
@@ -80,10 +117,11 @@ def run_one(a) -> dict:
     import lisa_jax
     from lisa_jax import fp8_step
 
-    cfg, params = _model(a)
+    cfg, params, template = _model_on_host(a)
     opt, master = _optimizer(a, cfg)
     tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0)
-    state = tx.init(params)
+    state = tx.init(template)
+    del template
     chunk = a.loss_chunk or None
     step = fp8_step.make_frozen_lisa_step(cfg, tx, remat=a.remat, loss_chunk=chunk,
                                           frozen_precision=a.frozen_precision,
