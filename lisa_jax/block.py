@@ -110,6 +110,21 @@ GLOBAL_PARAMS = (
 PARAMS_BY_NAME = {p.name: p for p in LAYER_PARAMS + GLOBAL_PARAMS}
 LORA_TARGETS = tuple(p.name for p in LAYER_PARAMS if p.lora)
 
+# Module groups of module-level sampling (``lisa(granularity=...)``, MISA): per granularity,
+# ``(group, layer leaves)`` pairs that partition every family's layer leaves; a group samples
+# its own layers, so its leaves of one layer train together. A norm or bias goes with the
+# matrix it feeds or follows (``mlp_norm``, HF's post_attention_layernorm, with the MLP).
+MODULE_GROUPS = {
+    "attn_mlp": (("attn", ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "q_norm",
+                           "k_norm")),
+                 ("mlp", ("mlp_norm", "w_gate", "w_up", "w_down", "ffn_norm", "ffn_out_norm"))),
+    "matrix": (("wq", ("wq", "bq", "q_norm", "attn_norm")), ("wk", ("wk", "bk", "k_norm")),
+               ("wv", ("wv", "bv")), ("wo", ("wo",)),
+               ("w_gate", ("w_gate", "mlp_norm", "ffn_norm")), ("w_up", ("w_up",)),
+               ("w_down", ("w_down", "ffn_out_norm"))),
+}
+GRANULARITIES = ("layer",) + tuple(MODULE_GROUPS)
+
 
 def layer_params(cfg) -> tuple[Param, ...]:
     """The rows of ``cfg``'s layer, in the order the layer's parameters are created."""
@@ -482,13 +497,40 @@ def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
     return cot["h"], (grads if weight_grads else tuple(parts))
 
 
-def weight_grads_from_parts(cfg, lp: Params, parts, rope, layer=None) -> Params:
+def weight_grads_from_parts(cfg, lp: Params, parts, rope, layer=None,
+                            names: tuple[str, ...] | None = None) -> Params:
     """One layer's weight gradients from ``layer_backward``'s ``parts`` (``layer``: its index,
-    as for ``layer_backward``)."""
+    as for ``layer_backward``).
+
+    ``names``: only these leaves' gradients (a dict of them), the rest of ``lp`` entering as
+    constants, so that a module-level backward computes the weight GEMMs of the sampled
+    modules only; stages that read none of them are skipped."""
     weighted = [stage for stage in reversed(STAGES) if stage.fn is not None]
     rope = layer_rope(cfg, rope, layer)
     grads = None
+    if names is None:
+        for stage, (args, g_out) in zip(weighted, parts):
+            _, pullback = jax.vjp(lambda p, f=stage.fn: f(cfg, p, rope, *args), lp)
+            grads = _add(grads, pullback(g_out)[0])
+        return grads
+    sub = {name: lp[name] for name in names}
     for stage, (args, g_out) in zip(weighted, parts):
-        _, pullback = jax.vjp(lambda p, f=stage.fn: f(cfg, p, rope, *args), lp)
-        grads = _add(grads, pullback(g_out)[0])
-    return grads
+        read: set[str] = set()
+        _, pullback = jax.vjp(lambda p, f=stage.fn: f(cfg, _Reads({**lp, **p}, read), rope,
+                                                      *args), sub)
+        if read & sub.keys():  # a stage reading none of them adds no gradient
+            grads = _add(grads, pullback(g_out)[0])
+    return grads if grads is not None else jax.tree.map(jnp.zeros_like, sub)
+
+
+class _Reads(dict):
+    """A layer's parameters noting the leaves a stage reads (into ``read``): its forward, traced
+    once by ``jax.vjp``, tells which of them it has gradients for."""
+
+    def __init__(self, params, read: set):
+        super().__init__(params)
+        self.read = read
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
