@@ -122,6 +122,28 @@ class Stacked:
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), dh
         return jax.tree.map(lambda *gs: jnp.stack(gs), *per_slot), dh
 
+    def reverse_groups(self, cfg, remat, layers, saved, slot_NxL, groups, shapes, dy, rope,
+                       mask=None):
+        """The module-level LISA backward: ``(slot gradients [G, ...], dh)``.
+
+        One ``fori_loop`` down the layers: each layer's activation backward, then per module
+        group a ``lax.cond`` on the group's slot of that layer (``slot_NxL[n, l]``) computing
+        that group's weight gradients alone (``block.weight_grads_from_parts(names=...)``)
+        into its slot buffer; a layer with no group sampled computes no weight gradient."""
+        L = slot_NxL.shape[1]
+        grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(i, carry):
+            dh, grads = carry
+            layer = L - 1 - i
+            lp = self.at(layers, layer)
+            dh, parts = block.layer_backward(cfg, lp, self.at(saved, layer), rope, dh, remat,
+                                             layer=layer, mask_BxSxS=mask)
+            return dh, _write_groups(cfg, grads, parts, lp, slot_NxL[:, layer], groups, rope,
+                                     layer)
+        dh, grads = jax.lax.fori_loop(0, L, body, (dy, grads))
+        return grads, dh
+
 
 class PerLayer:
     """``L`` per-layer trees; loops are unrolled, a traced layer index is reached through
@@ -207,6 +229,43 @@ class PerLayer:
                                      slot_L[layer])
         return grads, dy
 
+    def reverse_groups(self, cfg, remat, layers, saved, slot_NxL, groups, shapes, dy, rope,
+                       mask=None):
+        """The module-level LISA backward, unrolled: every layer's activation backward, and per
+        module group a ``lax.cond`` on the group's slot of that layer computing that group's
+        weight gradients alone into its slot buffer. A layer with some groups sampled computes
+        the weight GEMMs of those groups only."""
+        grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        for layer in reversed(range(len(layers))):
+            lp = layers[layer]
+            saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
+            dy, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat, layer=layer,
+                                             mask_BxSxS=mask)
+            grads = _write_groups(cfg, grads, parts, lp, slot_NxL[:, layer], groups, rope,
+                                  layer)
+        return grads, dy
+
+
+def _write_groups(cfg, grads, parts, lp, slot_N, groups, rope, layer):
+    """``grads`` (slot buffers ``[G, ...]`` by leaf name) with one layer's weight gradients
+    written for each group ``n`` holding it (``slot_N[n] >= 0``), under one ``lax.cond`` per
+    group: an unsampled group of the layer costs no weight GEMM."""
+    grads = dict(grads)
+    for n, names in enumerate(groups):
+        if not names or not grads[names[0]].shape[0]:
+            continue
+
+        def write(sub, parts, lp, slot, names=names):
+            g = block.weight_grads_from_parts(cfg, lp, parts, rope, layer, names=names)
+            return {name: jax.lax.dynamic_update_index_in_dim(sub[name], g[name], slot, 0)
+                    for name in sub}
+
+        def skip(sub, parts, lp, slot):
+            return sub
+        sub = {name: grads[name] for name in names}
+        grads.update(jax.lax.cond(slot_N[n] >= 0, write, skip, sub, parts, lp, slot_N[n]))
+    return grads
+
 
 STACKED, PER_LAYER = Stacked(), PerLayer()
 _BY_NAME = {STACKED.name: STACKED, PER_LAYER.name: PER_LAYER}
@@ -231,6 +290,52 @@ def stacked_template(params: Params) -> Params:
 
 
 def slot_of_layer(active_G, num_layers: int):
-    """``[L]`` int32: the slot holding each layer, -1 where the layer is frozen."""
+    """``[L]`` int32: the slot holding each layer, -1 where the layer is frozen. For module
+    groups' indices ``active_NxG``: ``[N, L]``, one row per group."""
+    if active_G.ndim == 2:
+        return jax.vmap(lambda a: slot_of_layer(a, num_layers))(active_G)
     slots = jnp.full((num_layers,), -1, jnp.int32)
     return slots.at[active_G].set(jnp.arange(active_G.shape[0], dtype=jnp.int32))
+
+
+def group_names(groups, layers) -> tuple[tuple[str, ...], ...]:
+    """Per module group (``lisa``'s ``(name, leaf names)`` pairs), the names of its leaves
+    that ``layers`` (either layout) holds."""
+    present = of(layers).template(layers).keys()
+    return tuple(tuple(n for n in names if n in present) for _, names in groups)
+
+
+def _sub(layers, names):
+    if isinstance(layers, (list, tuple)):
+        return tuple({n: lp[n] for n in names} for lp in layers)
+    return {n: layers[n] for n in names}
+
+
+def gather_groups(layers, active_NxG, names):
+    """Module-level ``gather``: each group's leaves (``names[n]``) at its own sorted layer
+    indices ``active_NxG[n]``; one dict of ``[G, ...]`` leaves."""
+    lay, out = of(layers), {}
+    for n, group in enumerate(names):
+        if group:
+            out.update(lay.gather(_sub(layers, group), active_NxG[n]))
+    return out
+
+
+def write_back_groups(layers, view_GxP, active_NxG, names):
+    """Module-level ``write_back``: each group's leaves written at its own layers (a frozen
+    module is neither read nor written in the per-layer layout)."""
+    lay = of(layers)
+    if lay is STACKED:
+        out = dict(layers)
+        for n, group in enumerate(names):
+            if group:
+                out.update(lay.write_back(_sub(layers, group), _sub(view_GxP, group),
+                                          active_NxG[n]))
+        return out
+    out = [dict(lp) for lp in layers]
+    for n, group in enumerate(names):
+        if group:
+            for lp, new in zip(out, lay.write_back(_sub(layers, group), _sub(view_GxP, group),
+                                                   active_NxG[n])):
+                lp.update(new)
+    return tuple(out)

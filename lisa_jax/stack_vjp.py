@@ -12,7 +12,14 @@ The layer math is ``lisa_jax.block``'s stages, each differentiated with ``jax.vj
 reverse pass loops over the layers is the layout's (``lisa_jax.layout``: activation-only loops
 between the sampled layers when stacked, one ``lax.cond`` per layer when unrolled).
 
-Shapes: B batch, S sequence, D hidden, L layers, G active slots (γ).
+Module-level sampling (``lisa(granularity=...)``) is ``lisa_layers_grouped``: each module
+group (a set of a layer's leaves, e.g. attention and MLP, or one weight matrix each) has its
+own sampled layers and slots. Its backward still propagates the activation gradient through
+every layer; a layer whose groups are partly sampled computes the weight gradients of its
+sampled groups only (one ``lax.cond`` per group on that group's slot of the layer, each writing
+into its group's slot buffer), so no weight GEMM runs for an unsampled module.
+
+Shapes: B batch, S sequence, D hidden, L layers, G active slots (γ), N module groups.
 """
 from __future__ import annotations
 
@@ -57,3 +64,29 @@ def _lisa_layers_bwd(cfg, remat, res, dy):
 
 
 lisa_layers.defvjp(_lisa_layers_fwd, _lisa_layers_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def lisa_layers_grouped(cfg, remat, groups, active_GxP, layers, slot_NxL, h_BxSxD, cos, sin,
+                        mask=None):
+    """``lisa_layers`` with module groups: ``groups[n]`` names group ``n``'s leaves (a tuple of
+    tuples, each leaf in one group; ``layout.group_names``), ``slot_NxL[n, l]`` the slot of
+    layer ``l`` in group ``n`` or -1. ``active_GxP``'s leaf ``x`` is ``[G, ...]`` over the
+    layers its group samples; its cotangent holds those weight gradients."""
+    return _forward(cfg, remat, layers, h_BxSxD, (cos, sin), mask)[0]
+
+
+def _grouped_fwd(cfg, remat, groups, active_GxP, layers, slot_NxL, h, cos, sin, mask=None):
+    out, saved = _forward(cfg, remat, layers, h, (cos, sin), mask)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), active_GxP)
+    return out, (layers, slot_NxL, saved, cos, sin, shapes, mask)
+
+
+def _grouped_bwd(cfg, remat, groups, res, dy):
+    layers, slot_NxL, saved, cos, sin, shapes, mask = res
+    grads, dh = layout.of(layers).reverse_groups(cfg, remat, layers, saved, slot_NxL, groups,
+                                                 shapes, dy, (cos, sin), mask)
+    return grads, None, None, dh, None, None, None
+
+
+lisa_layers_grouped.defvjp(_grouped_fwd, _grouped_bwd)
