@@ -24,6 +24,21 @@ Samplers (``lisa_jax.sampling``): ``n_active=γ`` is ``sampler=Uniform(γ)``; ``
 (OwLore) and ``Ordered(γ, order)`` (BAdam-style) draw a fixed count inside ``jit`` too;
 ``probs=p`` is ``Bernoulli(p)``, drawn on the host (below).
 
+Module-level sampling
+---------------------
+``granularity="attn_mlp"`` or ``"matrix"`` (or ``groups={name: leaf names}``) samples modules
+instead of whole layers (MISA-style): every layer leaf belongs to one module group
+(``block.MODULE_GROUPS``: a layer's attention and MLP, or each weight matrix with the norms and
+biases beside it), and each group draws its own ``n_active`` layers every period, uniformly.
+``active`` is then ``[N, γ]`` (row ``n``: group ``n``'s sorted layers) and ``slot_state`` a tuple
+of ``N`` slot states, group ``n``'s being ``vmap(inner.init)`` of its leaves at its layers: the
+state holds ``γ`` slices of each group's leaves (``γ`` layers' worth in all, as at layer
+granularity), each module its own count, so a module kept across a resample keeps its moments
+and one newly sampled starts fresh. A view's layer leaf is gathered at its group's layers. The
+fast step's backward computes a weight gradient only where that (layer, module) is sampled
+(``stack_vjp.lisa_layers_grouped``). Uniform sampling only; the default, ``"layer"``, keeps the
+layer-level state (``active [g]``) and code paths.
+
 Resampling and resets
 ---------------------
 The first sample is drawn by ``init`` (period 0); a new one whenever ``count // interval``
@@ -124,6 +139,9 @@ class _Config:
     sampler: Any = None  # a lisa_jax.sampling.Sampler
     frozen: Callable[[Any, Any], bool] | None = None
     frozen_desc: str = ""
+    # Module-level sampling: ((group, leaf names), ...), or None (whole layers).
+    groups: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    granularity: str = "layer"
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -318,6 +336,8 @@ def _check_config_against(cfg: _Config, num_layers: int):
 
 
 def _init(cfg: _Config, params):
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_init(cfg, params)
     if cfg.probs is not None and any(_is_traced(x) for x in jax.tree.leaves(params)):
         raise ValueError("lisa(probs=...).init runs on the host (the number of sampled layers "
                          "sets the state's shapes); call it outside jax.jit / jax.eval_shape")
@@ -344,6 +364,8 @@ def _init(cfg: _Config, params):
 
 def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
     """Draw the next active set (unconditionally) and carry/reset the inner states."""
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_resample_now(cfg, state, params)
     leaves, mask, treedef = _split(cfg, params)
     num_layers = _num_layers(cfg, leaves, mask)
     period = (state.count // cfg.interval).astype(jnp.int32)
@@ -442,12 +464,16 @@ def _raise_unprepared(count, period):
 def _view(cfg: _Config, tree, state: LisaState):
     if tree is None:
         return None
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_view(cfg, tree, state)
     leaves, mask, treedef = _split(cfg, tree)
     return treedef.unflatten([x[state.active] if m else None if m is None else x
                               for x, m in zip(leaves, mask)])
 
 
 def _update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_update_view(cfg, view_grads, state, view_params)
     if cfg.probs is not None and _is_traced(state.count):
         jax.lax.cond(_due(cfg, state),
                      lambda: jax.debug.callback(_raise_unprepared, state.count, state.period),
@@ -472,6 +498,8 @@ def _update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
 
 
 def _scatter(cfg: _Config, view_updates, state: LisaState, like):
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_scatter(cfg, view_updates, state, like)
     like_leaves, mask, treedef = _split(cfg, like)
     out = []
     for u, l, m in zip(treedef.flatten_up_to(view_updates), like_leaves, mask):
@@ -485,6 +513,8 @@ def _scatter(cfg: _Config, view_updates, state: LisaState, like):
 
 
 def _apply_view(cfg: _Config, params, view_updates, state: LisaState):
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_apply_view(cfg, params, view_updates, state)
     leaves, mask, treedef = _split(cfg, params)
     u_leaves = treedef.flatten_up_to(view_updates)
     out = []
@@ -505,6 +535,181 @@ def _update(cfg: _Config, grads, state: LisaState, params=None):
     view_updates, state = _update_view(cfg, _view(cfg, grads, state), state,
                                        _view(cfg, params, state))
     return _scatter(cfg, view_updates, state, grads), state
+
+
+# ----------------------------------------------------------------------------- module groups
+# Module-level sampling (``granularity=`` / ``groups=``): every layer leaf belongs to one
+# group; group ``n`` samples its own ``γ`` layers (``active[n]``) and has its own slots
+# (``slot_state[n]``: ``vmap(inner.init)`` of its leaves at those layers), so a module kept
+# across a resample keeps its moments and count while a newly sampled one starts fresh, and
+# the state holds ``γ`` slices of each group's leaves: ``γ`` layers' worth in all.
+
+
+def _split_groups(cfg: _Config, tree):
+    """``_split``'s ``(leaves, mask, treedef)`` and each leaf's group index (None outside
+    the layers), or a one-line ValueError for a layer leaf in no group."""
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, mask, treedef = _split(cfg, tree)
+    gidx = []
+    for (path, _), m in zip(with_path, mask):
+        if not m:
+            gidx.append(None)
+            continue
+        keys = {getattr(k, attr, None) for k in path for attr in ("key", "name")}
+        found = [n for n, (_, names) in enumerate(cfg.groups) if keys & set(names)]
+        if not found:
+            raise ValueError(
+                f"layer leaf {jax.tree_util.keystr(path)} is in no module group of "
+                f"{_groups_desc(cfg)}; pass groups={{name: (leaf names, ...)}} naming every "
+                f"layer leaf, or granularity='layer'")
+        gidx.append(found[0])
+    return leaves, mask, treedef, gidx
+
+
+def _groups_desc(cfg: _Config) -> str:
+    if cfg.granularity != "layer":
+        return f"granularity={cfg.granularity!r}"
+    return "groups=" + repr({g: names for g, names in cfg.groups})
+
+
+def _gpart(treedef, leaves, mask, gidx, n: int, fn=lambda x: x):
+    """The tree with only group ``n``'s layer leaves kept (mapped by fn), others None."""
+    return treedef.unflatten([fn(x) if m and g == n else None
+                              for x, m, g in zip(leaves, mask, gidx)])
+
+
+def _grouped_next(cfg: _Config, key, period, num_layers: int):
+    """``(key to store, active [N, γ])``: one uniform draw per group from one split of the
+    state's key."""
+    key_next, draw = jax.random.split(key)
+    keys = jax.random.split(draw, len(cfg.groups))
+    return key_next, jnp.stack([cfg.sampler.draw(keys[n], period, num_layers)
+                                for n in range(len(cfg.groups))])
+
+
+def _grouped_init(cfg: _Config, params):
+    leaves, mask, treedef, gidx = _split_groups(cfg, params)
+    if treedef.num_nodes == 1:
+        raise ValueError("params must be a pytree container (e.g. a dict), not a bare array; "
+                         "wrap it, e.g. {'layers': array}")
+    num_layers = _num_layers(cfg, leaves, mask)
+    _check_config_against(cfg, num_layers)
+    if cfg.frozen is not None and None not in mask:
+        raise ValueError(f"no leaf outside the layers matches frozen={cfg.frozen_desc}; pass "
+                         f"frozen=<key names of leaves that stay fixed> or a callable")
+    empty = [g for n, (g, _) in enumerate(cfg.groups) if n not in gidx]
+    if empty:
+        raise ValueError(f"module group {empty[0]!r} of {_groups_desc(cfg)} holds no layer "
+                         f"leaf; name leaves the layers have, or drop the group")
+    key_next, active = _grouped_next(cfg, _first_key(cfg), jnp.zeros([], jnp.int32),
+                                     num_layers)
+    slot_state = tuple(
+        jax.vmap(cfg.inner.init)(_gpart(treedef, leaves, mask, gidx, n,
+                                        lambda x, n=n: x[active[n]]))
+        for n in range(len(cfg.groups)))
+    return LisaState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(key_next),
+        period=jnp.zeros([], jnp.int32),
+        active=active,
+        slot_state=slot_state,
+        rest_state=cfg.inner.init(_part(treedef, leaves, mask, False)),
+    )
+
+
+def _grouped_resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
+    """``_resample_now`` per group: a module sampled again moves to its new slot with its
+    moments (``reset="sampled"``), a newly sampled one starts fresh."""
+    leaves, mask, treedef, gidx = _split_groups(cfg, params)
+    num_layers = _num_layers(cfg, leaves, mask)
+    period = (state.count // cfg.interval).astype(jnp.int32)
+    key_next, new_active = _grouped_next(cfg, _wrap_key(cfg, state.key), period, num_layers)
+
+    rest_state = state.rest_state
+    if cfg.reset == "all":
+        rest_params = _part(treedef, leaves, mask, False)
+        rest_ptd = jax.tree_util.tree_structure(rest_params, is_leaf=_none_or_masked)
+        rest_state = _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
+                           lambda f, o: f, lambda f, o, r: o, lambda f, o: o)
+
+    slot_states = []
+    for n in range(len(cfg.groups)):
+        old_a, new_a = state.active[n], new_active[n]
+        slot_view = _gpart(treedef, leaves, mask, gidx, n, lambda x: _rows(x, new_a))
+        slot_ptd = jax.tree_util.tree_structure(slot_view, is_leaf=_none_or_masked)
+        eq = new_a[:, None] == old_a[None, :]
+        kept, src = eq.any(axis=1), jnp.argmax(eq, axis=1)
+
+        def carry(f_node, o_node, kept=kept, src=src):
+            def one(f, o):
+                k = kept.reshape((-1,) + (1,) * (f.ndim - 1))
+                return jnp.where(k, o[src], f).astype(f.dtype)
+            return jax.tree.map(one, f_node, o_node)
+
+        def on_param(f_node, o_node, carry=carry):
+            return carry(f_node, o_node) if cfg.reset == "sampled" else f_node
+        slot_states.append(_walk(jax.vmap(cfg.inner.init)(slot_view), state.slot_state[n],
+                                 rest_state, slot_ptd, on_param, lambda f, o, r: o, carry))
+    return LisaState(count=state.count, key=jax.random.key_data(key_next), period=period,
+                     active=new_active, slot_state=tuple(slot_states), rest_state=rest_state)
+
+
+def _grouped_view(cfg: _Config, tree, state: LisaState):
+    leaves, mask, treedef, gidx = _split_groups(cfg, tree)
+    return treedef.unflatten([x[state.active[g]] if m else None if m is None else x
+                              for x, m, g in zip(leaves, mask, gidx)])
+
+
+def _grouped_update_view(cfg: _Config, view_grads, state: LisaState, view_params=None):
+    if cfg.clip_norm:
+        view_grads = optax.clip_by_global_norm(cfg.clip_norm).update(
+            view_grads, optax.EmptyState())[0]
+    leaves, mask, treedef, gidx = _split_groups(cfg, view_grads)
+    p_leaves = (treedef.flatten_up_to(view_params) if view_params is not None
+                else [None] * len(leaves))
+    rest_u, rest_state = cfg.inner.update(
+        _part(treedef, leaves, mask, False), state.rest_state,
+        None if view_params is None else _part(treedef, p_leaves, mask, False))
+    out = treedef.flatten_up_to(rest_u)
+    slot_states = []
+    for n in range(len(cfg.groups)):
+        u, st = jax.vmap(cfg.inner.update)(
+            _gpart(treedef, leaves, mask, gidx, n), state.slot_state[n],
+            None if view_params is None else _gpart(treedef, p_leaves, mask, gidx, n))
+        slot_states.append(st)
+        out = [s if m and g == n else r
+               for r, s, m, g in zip(out, treedef.flatten_up_to(u), mask, gidx)]
+    new_state = state._replace(count=optax.safe_int32_increment(state.count),
+                               slot_state=tuple(slot_states), rest_state=rest_state)
+    return treedef.unflatten(out), new_state
+
+
+def _grouped_scatter(cfg: _Config, view_updates, state: LisaState, like):
+    like_leaves, mask, treedef, gidx = _split_groups(cfg, like)
+    out = []
+    for u, l, m, g in zip(treedef.flatten_up_to(view_updates), like_leaves, mask, gidx):
+        if m is None:
+            u = jnp.zeros(jnp.shape(l), l.dtype)
+        elif m:
+            u = jnp.zeros(jnp.shape(l), u.dtype).at[state.active[g]].set(
+                u, indices_are_sorted=True, unique_indices=True)
+        out.append(u)
+    return treedef.unflatten(out)
+
+
+def _grouped_apply_view(cfg: _Config, params, view_updates, state: LisaState):
+    leaves, mask, treedef, gidx = _split_groups(cfg, params)
+    out = []
+    for p, u, m, g in zip(leaves, treedef.flatten_up_to(view_updates), mask, gidx):
+        if m is None or u is None:
+            out.append(p)
+        elif m:
+            rows = (p[state.active[g]] + u).astype(p.dtype)
+            out.append(p.at[state.active[g]].set(rows, indices_are_sorted=True,
+                                                 unique_indices=True))
+        else:
+            out.append(jnp.asarray(p + u).astype(p.dtype))
+    return treedef.unflatten(out)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -568,6 +773,8 @@ def lisa(
     clip_norm: float | None = None,
     sampler: sampling.Sampler | None = None,
     frozen: str | tuple[str, ...] | Callable[[Any, Any], bool] | None = None,
+    granularity: str = "layer",
+    groups: dict[str, tuple[str, ...]] | None = None,
 ) -> LisaTransformation:
     """LISA: train all non-layer leaves, and a sampled subset of the stacked layers, with ``inner``.
 
@@ -600,6 +807,14 @@ def lisa(
         ``(path, leaf) -> bool``), e.g. ``("embed",)``: they get no ``inner`` state, an update
         of exactly zero, and ``None`` in ``view`` (so a fast step takes no gradient for them).
         Default: every leaf outside the layers trains every step.
+      granularity: what is sampled: ``"layer"`` (whole layers, the default), or module groups
+        of the Llama-family layer (MISA-style; ``block.MODULE_GROUPS``): ``"attn_mlp"`` (the
+        attention and the MLP of a layer apart) or ``"matrix"`` (each weight matrix, with the
+        norms and biases beside it). Each group samples its own ``n_active`` layers every
+        period, uniformly; ``active`` is then ``[N, n_active]`` (one row per group) and the
+        slots' state is one per group, ``n_active`` slices of each group's leaves.
+      groups: module groups of your own instead, ``{name: (leaf key names, ...)}``: every
+        layer leaf's path must hold a name of exactly one group.
 
     Returns:
       A :class:`LisaTransformation`, usable anywhere an ``optax.GradientTransformation`` is.
@@ -679,10 +894,12 @@ def lisa(
         else:
             raise ValueError(f"frozen must be a key name, a tuple of them or a callable (path, "
                              f"leaf) -> bool, got {type(frozen).__name__}")
+    group_table = _check_groups(granularity, groups, sampler)
     cfg = _Config(inner=inner, pred=pred, layers_desc=desc, n_active=n_active, probs=probs,
                   interval=int(interval), key=key, key_impl=key_impl, reset=reset,
                   clip_norm=float(clip_norm) if clip_norm else None, sampler=sampler,
-                  frozen=frozen_pred, frozen_desc=frozen_desc)
+                  frozen=frozen_pred, frozen_desc=frozen_desc, groups=group_table,
+                  granularity=granularity)
 
     def init(params):
         return _init(cfg, params)
@@ -693,13 +910,50 @@ def lisa(
     return LisaTransformation(init, update, cfg)
 
 
+def _check_groups(granularity, groups, sampler):
+    """The module groups of ``granularity``/``groups`` as ``((name, leaf names), ...)``, None
+    for whole layers; a one-line ValueError for a bad value or a sampler other than uniform."""
+    from lisa_jax import block
+    if granularity not in block.GRANULARITIES:
+        raise ValueError(f"unknown granularity={granularity!r}; use one of "
+                         f"{', '.join(block.GRANULARITIES)} (or groups={{name: leaf names}})")
+    if groups is not None and granularity != "layer":
+        raise ValueError(f"pass either granularity={granularity!r} or groups=..., not both")
+    if groups is None and granularity == "layer":
+        return None
+    if groups is None:
+        table = block.MODULE_GROUPS[granularity]
+    else:
+        if not isinstance(groups, dict) or not groups or not all(
+                isinstance(g, str) and isinstance(names, (tuple, list)) and names
+                and all(isinstance(n, str) for n in names) for g, names in groups.items()):
+            raise ValueError("groups must be a non-empty dict {group name: (leaf key names, "
+                             "...)}, each group naming at least one leaf")
+        table = tuple((g, tuple(names)) for g, names in groups.items())
+        seen = {}
+        for g, names in table:
+            for n in names:
+                if n in seen:
+                    raise ValueError(f"leaf {n!r} is in module groups {seen[n]!r} and {g!r}; "
+                                     f"name each leaf in one group")
+                seen[n] = g
+    if type(sampler) is not sampling.Uniform:
+        how = "probs=" if isinstance(sampler, sampling.Bernoulli) else \
+            f"sampler={type(sampler).__name__}"
+        raise ValueError(f"module-level sampling draws each group's layers uniformly "
+                         f"(n_active=γ); {how} works at granularity='layer' only: drop it, "
+                         f"or sample whole layers")
+    return table
+
+
 def _lisa_states_map(fn, opt_state):
     return jax.tree.map(lambda s: fn(s) if isinstance(s, LisaState) else s, opt_state,
                         is_leaf=lambda s: isinstance(s, LisaState))
 
 
 def active_layers(state) -> jax.Array:
-    """Sorted ``int32`` indices of the layers sampled for the current period.
+    """Sorted ``int32`` indices of the layers sampled for the current period (module-level
+    sampling: ``[N, γ]``, one row per module group).
 
     ``state`` is a :class:`LisaState` or any optimizer state containing one (chain, MultiSteps).
     """
