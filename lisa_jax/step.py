@@ -25,6 +25,11 @@ there.
 
 The executable depends only on the shapes, so each active-layer count compiles once; a new sample
 of the same size reuses it.
+
+Module-level sampling (``lisa(granularity="attn_mlp" | "matrix")``): each module group has its
+own ``γ`` sampled layers; the view's leaves are gathered at their group's layers and the stack
+is ``stack_vjp.lisa_layers_grouped``, whose backward computes a weight gradient only where
+that (layer, module) is sampled. Shapes stay fixed, so one executable serves every sample.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import ops
 from lisa_jax.block import REMAT_MODES
-from lisa_jax.stack_vjp import lisa_layers
+from lisa_jax.stack_vjp import lisa_layers, lisa_layers_grouped
 
 # Tokens per chunk of the LM loss: one chunk of float32 logits (4096 x vocab) is alive at a
 # time; the backward recomputes each chunk's logits, one extra head matmul in all.
@@ -109,12 +114,17 @@ def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=LOSS_
 
 def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none",
               loss_chunk=LOSS_CHUNK,
-              h_sharding=None):
+              h_sharding=None, groups=None):
     """The loss as a function of the trainable view; the frozen layers enter as a constant
-    (in either layout)."""
+    (in either layout). ``groups``: module-level sampling (``layout.group_names``; ``slot_L``
+    is then ``[N, L]``)."""
     ids = batch["input_ids"]
     h, (cos, sin), mask = _embed_and_rope(cfg, view["embed"], batch, h_sharding)
-    h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin, mask)
+    if groups is None:
+        h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin, mask)
+    else:
+        h = lisa_layers_grouped(cfg, remat, groups, view["layers"], layers, slot_L, h, cos,
+                                sin, mask)
     return lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
                                batch.get("loss_mask"), loss_chunk)
 
@@ -174,6 +184,10 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                          f"{', '.join(REMAT_MODES)}")
 
     hs = _h_sharding(shardings)
+    if tx.config.groups is not None:
+        return _prepared_first(tx, _jit(_grouped_lisa_step(cfg, tx, remat, loss_chunk, hs),
+                                        (0, 1) if donate else (), shardings), donate,
+                               shardings)
 
     def step(params, opt_state, batch):
         layers = params["layers"]
@@ -211,6 +225,45 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
 
     return _prepared_first(tx, _jit(step, (0, 1) if donate else (), shardings), donate,
                            shardings)
+
+
+def _grouped_lisa_step(cfg, tx, remat, loss_chunk, hs):
+    """The LISA step with module groups (``lisa(granularity=...)``): as the layer step, each
+    layer leaf's view being ``[G, ...]`` at its own group's layers (``active[n]``), the stack
+    ``lisa_layers_grouped`` (weight gradients of the sampled modules only). Its
+    ``layer_grad_norms`` are ``[N, G]``: per group and slot."""
+    def step(params, opt_state, batch):
+        layers = params["layers"]
+        lay = layout.of(layers)
+        names = layout.group_names(tx.config.groups, layers)
+        rest = {k: v for k, v in params.items() if k != "layers"}
+        in_view = tx.view(rest, opt_state)
+        const = {k: v for k, v in rest.items() if not jax.tree.leaves(in_view[k])}
+        rest = {k: v for k, v in rest.items() if k not in const}
+        active = opt_state.active
+        slot_NxL = layout.slot_of_layer(active, cfg.num_layers)
+        view = {**rest, "layers": jax.tree.map(
+            lambda s: jnp.zeros((active.shape[1],) + s.shape[1:], s.dtype),
+            lay.template(layers))}
+        (loss, n), grads = value_and_grad_accumulated(
+            lambda v, b: lisa_loss(cfg, {**const, **v}, layers, slot_NxL, b, remat,
+                                   loss_chunk, hs, groups=names),
+            view, batch)
+        grads, active_after = jax.lax.optimization_barrier((grads, active))
+        none = dict.fromkeys(const)
+        grads = {**grads, **none}
+        view = {**rest, **none, "layers": layout.gather_groups(layers, active_after, names)}
+        metrics = _metrics(loss, n, grads)
+        metrics["layer_grad_norms"] = jnp.stack([jnp.sqrt(sum(
+            jnp.sum(jnp.square(grads["layers"][k].astype(jnp.float32)),
+                    axis=tuple(range(1, grads["layers"][k].ndim))) for k in group))
+            for group in names])
+        updates, opt_state = tx.update_view(grads, opt_state, view)
+        view = optax.apply_updates(view, updates)
+        return ({**view, **const,
+                 "layers": layout.write_back_groups(layers, view["layers"], active, names)},
+                opt_state, metrics)
+    return step
 
 
 def _prepared_first(tx, step, donate: bool, shardings):
