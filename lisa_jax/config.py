@@ -117,6 +117,11 @@ class TrainConfig:
                    "order each period, every layer once a cycle (BAdam), reshuffle drawing a "
                    "new order each cycle",
         ("uniform", "owl", "decrease", "increase", "reshuffle", "ascending", "descending"))
+    lisa_granularity: str = _setting(
+        "layer", "what LISA samples: layer (whole layers); attn_mlp (each layer's attention and "
+                 "MLP apart) or matrix (each weight matrix, with its norms and biases), each "
+                 "module group drawing its own γ layers per period (MISA-style; uniform only)",
+        ("layer", "attn_mlp", "matrix"))
     lisa_owl_threshold: float = _setting(13.0, "--lisa-sampler owl: M, a weight is an outlier "
                                                "above M times its layer's mean magnitude")
     lisa_always: str = _setting(
@@ -389,6 +394,17 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
         given = "--lisa-probs" if cfg.lisa_probs else "--lisa-importance online"
         raise TrainError(f"{given} draws Bernoulli p_ℓ, --lisa-sampler {cfg.lisa_sampler} its "
                          f"own γ layers; drop one of them")
+    if cfg.lisa_granularity not in choices("lisa_granularity"):
+        raise TrainError(f"unknown --lisa-granularity {cfg.lisa_granularity!r}; use "
+                         f"{_spoken(choices('lisa_granularity'))}")
+    if cfg.lisa_granularity != "layer":
+        given = ("--lisa-probs" if cfg.lisa_probs else
+                 "--lisa-importance online" if cfg.lisa_importance != "none" else
+                 f"--lisa-sampler {cfg.lisa_sampler}" if cfg.lisa_sampler != "uniform" else None)
+        if given:
+            raise TrainError(f"--lisa-granularity {cfg.lisa_granularity} draws each module "
+                             f"group's γ layers uniformly; drop {given}, or use "
+                             f"--lisa-granularity layer")
     if not (math.isfinite(cfg.lisa_owl_threshold) and cfg.lisa_owl_threshold > 0):
         raise TrainError(f"--lisa-owl-threshold must be a positive number, got "
                          f"{cfg.lisa_owl_threshold}")
@@ -487,7 +503,7 @@ def data_spec(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
 FIXED_ON_RESUME = (
     "model", "data", "method", "lisa_layers", "lisa_interval", "lisa_probs", "lisa_reset",
     "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lisa_sampler",
-    "lisa_owl_threshold", "lisa_always", "lora_rank",
+    "lisa_granularity", "lisa_owl_threshold", "lisa_always", "lora_rank",
     "lora_alpha", "lora_targets", "grad_accum", "batch_size", "max_seq_len", "truncate",
     "seed", "dtype", "update_dtype", "eval_fraction", "packing", "chat_template",
     "train_on_inputs")

@@ -292,6 +292,8 @@ class Lisa(Method):
         frozen = lisa_frozen(cfg, self.mcfg)
         kw = dict(interval=cfg.lisa_interval, key=cfg.seed, reset=cfg.lisa_reset,
                   clip_norm=cfg.clip_norm or None, frozen=frozen or None)
+        if cfg.lisa_granularity != "layer":  # module groups, each drawing its own γ layers
+            kw["granularity"] = cfg.lisa_granularity
         if cfg.lisa_probs:
             kw["probs"] = lisa_probs(cfg.lisa_probs, num_layers)
         else:
@@ -331,6 +333,8 @@ class Lisa(Method):
     def description(self) -> str:
         cfg, num_layers = self.cfg, self.mcfg.num_layers
         how = "" if cfg.lisa_sampler == "uniform" else f" by {cfg.lisa_sampler}"
+        if cfg.lisa_granularity != "layer":
+            how += f" per {cfg.lisa_granularity} module group"
         return (f" (γ={cfg.lisa_layers if not cfg.lisa_probs else 'p_ℓ'} of {num_layers} "
                 f"layers{how}, resample every {cfg.lisa_interval} steps)")
 
@@ -354,6 +358,9 @@ class Lisa(Method):
         count = int(round(_size(rest) + gamma * per_layer))
         layers = (f"{gamma:g}" if exact else f"on average {gamma:.3g}") + f" of {num_layers}"
         trained = f"{', '.join(parts)} and " if parts else ""
+        if cfg.lisa_granularity != "layer":
+            return count, (f"{trained}{layers} layers at a time in each "
+                           f"{cfg.lisa_granularity} module group")
         return count, (f"{trained}{layers} layers at a time (their weights and norms)")
 
     def before_step(self, params) -> dict:
@@ -382,8 +389,9 @@ class Lisa(Method):
         if self.importance is not None:
             self.importance.observe(self.active(), np.asarray(metrics["layer_grad_norms"]))
 
-    def active(self) -> list[int]:
-        return [int(i) for i in np.asarray(active_layers(self.state))]
+    def active(self) -> list[int] | list[list[int]]:
+        """The sampled layers; with module groups one list per group."""
+        return np.asarray(active_layers(self.state)).astype(int).tolist()
 
 
 class Full(Method):
