@@ -27,7 +27,9 @@ before and after a change, say: experiments/precision_h200.sh) can be merged. Ea
 
 LISA rows run on one array per layer weight (``--layer-layouts per_layer``, what the trainer
 uses on one GPU; ``lisa_jax.layout``) and/or on the stacked ``[L, ...]`` arrays (``stacked``);
-``--lisa-layers`` lists the γ of the LISA rows. One row by hand: ``python3
+``--lisa-layers`` lists the γ of the LISA rows; ``--lisa-granularity attn_mlp`` or ``matrix``
+makes them module-level (each module group of a layer draws its own γ layers, MISA-style; rows
+record ``granularity``). One row by hand: ``python3
 experiments/bench_step.py --one --method lisa --lisa-layers 2 --remat none --layer-layout
 per_layer``; ``--method floor_unstacked`` is the gradient floor over one array per layer weight
 (the floor of the per-layer LISA rows). ``--profile DIR`` also writes each row's trace and optimized
@@ -136,6 +138,8 @@ def run_one(a) -> dict:
     elif a.method == "lisa":
         frozen = tuple(k for k in (getattr(a, "lisa_frozen", "") or "").split(",") if k)
         kw = dict(frozen=frozen) if frozen else {}  # only then: older packages lack frozen=
+        if _granularity(a) != "layer":  # module-level sampling: each group draws γ layers
+            kw["granularity"] = _granularity(a)
         tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0, **kw)
         state = tx.init(params)
         if a.layer_layout == "per_layer":
@@ -161,12 +165,18 @@ def run_one(a) -> dict:
                 compile_s=round(compile_s, 1), dtype=cfg.dtype, jax=jax.__version__,
                 loss_chunk=chunk, inner=a.inner,
                 layout=a.layer_layout if a.method == "lisa" else None,
+                granularity=_granularity(a) if a.method == "lisa" else None,
                 frozen=(getattr(a, "lisa_frozen", "") or None) if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
                 master_weights=master, mu_dtype=mu_dtype,
                 lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
                 device=str(jax.devices()[0].device_kind))
+
+
+def _granularity(a) -> str:
+    """What the LISA rows sample: ``layer``, or module groups (``attn_mlp``, ``matrix``)."""
+    return getattr(a, "lisa_granularity", None) or "layer"
 
 
 def profile_step(a, step, params, state, batch, steps: int = 3):
@@ -177,6 +187,8 @@ def profile_step(a, step, params, state, batch, steps: int = 3):
     name = f"{a.method}{a.lisa_layers if a.method == 'lisa' else ''}_{a.remat}"
     if a.method == "lisa" and a.layer_layout != "stacked":
         name += f"_{a.layer_layout}"
+    if a.method == "lisa" and _granularity(a) != "layer":
+        name += f"_{_granularity(a)}"
     os.makedirs(a.profile, exist_ok=True)
     if hasattr(step, "lower"):
         with open(os.path.join(a.profile, f"{name}.hlo.txt"), "w") as f:
@@ -268,7 +280,9 @@ def table(rows: list[dict], peers: list[dict]) -> str:
     for r in rows:
         p = peer_for(r)
         g = r.get("gamma") or r.get("lora_r") or ""
-        line = (f"{r['method']:8s} {r.get('layout') or '':9s} {str(g):>4s} {r['remat']:>5s} "
+        method = r["method"] + (f"/{r['granularity']}" if r.get("granularity") not in
+                                (None, "layer") else "")
+        line = (f"{method:8s} {r.get('layout') or '':9s} {str(g):>4s} {r['remat']:>5s} "
                 f"{r.get('update_precision') or '':>4s} {r['step_s'] * 1e3:8.1f} "
                 f"{r['tokens_per_s']:9.0f} {r['peak_gib'] or float('nan'):8.2f} | ")
         if p:
@@ -313,6 +327,10 @@ def main():
                     help="LISA rows: comma-separated parameters outside the layers that stay "
                          "frozen (lisa(frozen=...): no optimizer state, no gradient), e.g. "
                          "embed; the trainer's --lisa-always names what trains instead")
+    ap.add_argument("--lisa-granularity", default="layer",
+                    choices=["layer", "attn_mlp", "matrix"],
+                    help="LISA rows: what is sampled, whole layers or module groups (each "
+                         "group draws its own γ layers; lisa(granularity=...))")
     ap.add_argument("--mu-dtype", default=None, choices=["bfloat16", "float32"],
                     help="dtype of AdamW's first moment (default: that of what it updates)")
     ap.add_argument("--label", default=None,
@@ -358,6 +376,8 @@ def main():
               "--inner", a.inner, "--update-dtype", a.update_dtype] + \
         (["--mu-dtype", a.mu_dtype] if a.mu_dtype else []) + \
         (["--lisa-frozen", a.lisa_frozen] if a.lisa_frozen else []) + \
+        (["--lisa-granularity", a.lisa_granularity] if a.lisa_granularity != "layer" else
+         []) + \
         (["--label", a.label] if a.label is not None else []) + \
         (["--dtype", a.dtype] if a.dtype else []) + \
         (["--profile", a.profile] if a.profile else [])

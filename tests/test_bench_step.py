@@ -197,3 +197,17 @@ def test_driver_labels_our_rows_and_the_eager_peer(tmp_path):
     assert (q["impl"], q["label"], q["liger"], q["compile"]) == ("torch", "before", False, False)
     assert r["wall_s"] > 0 and q["wall_s"] > 0 and q["ms"] > 0
     assert "peer: torch eager" in p.stdout
+
+
+def test_module_level_lisa_rows_through_the_driver(tmp_path):
+    """``--lisa-granularity matrix`` reaches each row's process: its LISA rows sample weight
+    matrices and say so (in the JSON and the table)."""
+    out = tmp_path / "b.json"
+    p = _main("--shape", "tiny", "--batch-size", "2", "--max-seq-len", "16", "--steps", "1",
+              "--warmup", "0", "--methods", "lisa", "--lisa-layers", "1", "--remats", "none",
+              "--lisa-granularity", "matrix", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["rows"]
+    assert (r["method"], r["gamma"], r["granularity"], r["layout"]) == (
+        "lisa", 1, "matrix", "per_layer")
+    assert r["step_s"] > 0 and "lisa/matrix" in p.stdout
