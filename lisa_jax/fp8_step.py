@@ -65,14 +65,14 @@ def fp8_unsupported(device=None) -> str | None:
     """Why ``device`` (default: the first) cannot run fp8 GEMMs, or None when it can."""
     device = device or jax.devices()[0]
     if device.platform not in ("gpu", "cuda"):
-        return f"this is a {device.platform} device"
+        return f"a {device.platform} device"
     cc = getattr(device, "compute_capability", None)
     try:
         major, minor = (int(x) for x in str(cc).split(".")[:2])
     except (TypeError, ValueError):
         return None  # not a CUDA compute capability: let XLA decide
     if (major, minor) < MIN_COMPUTE_CAPABILITY:
-        return f"{device.device_kind} has compute capability {cc}"
+        return f"{device.device_kind} (compute capability {cc})"
     return None
 
 
@@ -84,8 +84,8 @@ def check_fp8(device=None, allow_cpu: bool = False) -> None:
         return
     why = fp8_unsupported(device)
     if why is not None:
-        raise ValueError(f"--frozen-precision fp8 needs a GPU with fp8 tensor cores (compute "
-                         f"capability 8.9 or later: Ada, Hopper and later) and {why}; use "
+        raise ValueError(f"--frozen-precision fp8 needs a GPU with fp8 tensor cores (Ada, "
+                         f"Hopper or later: compute capability 8.9 and up), not {why}; use "
                          f"--frozen-precision bf16")
 
 

@@ -32,6 +32,16 @@ def test_fp8_is_refused_on_a_cpu_with_the_fix_in_one_line():
     F.check_fp8(allow_cpu=True)  # the emulation tests use
     assert F.fp8_unsupported() is not None
 
+    class Gpu:  # what jax reports for CUDA devices
+        platform = "gpu"
+
+        def __init__(self, kind, cc):
+            self.device_kind, self.compute_capability = kind, cc
+    with pytest.raises(ValueError, match=r"A100.*8\.0.*use --frozen-precision bf16"):
+        F.check_fp8(Gpu("NVIDIA A100-SXM4-80GB", "8.0"))
+    for kind, cc in [("NVIDIA H200", "9.0"), ("NVIDIA L4", "8.9"), ("NVIDIA B200", "10.0")]:
+        F.check_fp8(Gpu(kind, cc))
+
 
 def test_bf16_path_trains_exactly_as_the_plain_lisa_step(tiny_cfg, perturbed_params,
                                                          batch_for):
