@@ -5,7 +5,8 @@ fixed schema, and the table of each of our rows against the peer's row of the sa
 
 Rows carry ``impl`` (``lisa_jax`` / ``torch``), ``liger`` and ``compile`` (torch rows),
 ``shape``, ``method``, ``gamma``, ``remat`` (``none``/``full``; torch: false/true),
-``precision`` (ours: ``bf16``; the frozen-layer fp8 rows will say ``fp8``), ``update``
+``precision`` (ours: ``bf16``, or ``fp8`` for frozen layers in fp8), ``granularity`` (ours, LISA:
+``layer`` or the module groups sampled), ``update``
 (``fp32`` master updates or plain ``bf16``), ``tokens_per_s``, ``peak_gib`` and ``job``: the
 files given in one invocation are one job (one device call), so ratios are only taken between
 rows of the same job.
@@ -31,6 +32,7 @@ def _row(r: dict, job: str, label: str | None) -> dict:
         "precision": None if torch else r.get("precision", "bf16"),
         "update": r.get("update_precision"),
         "frozen": r.get("lisa_frozen") or None,
+        "granularity": None if torch or r["method"] != "lisa" else r.get("granularity", "layer"),
         "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"], "ms": r.get("ms"),
     }
 
@@ -54,7 +56,9 @@ def table(rows: list[dict]) -> str:
         if p is None:
             continue
         name = r["method"] + (f" γ={r['gamma']}" if r["gamma"] else "") + \
-            (f" (frozen {r['frozen']})" if r["frozen"] else "")
+            (f" (frozen {r['frozen']})" if r["frozen"] else "") + \
+            (f", {r['granularity']}" if r["granularity"] not in (None, "layer") else "") + \
+            (f", frozen layers {r['precision']}" if r["precision"] not in (None, "bf16") else "")
         out.append(f"| {r['shape']} | {name} | {r['remat']} | {r['tokens_per_s'] / 1e3:.1f}k, "
                    f"{r['peak_gib']:.2f} | {p['tokens_per_s'] / 1e3:.1f}k, {p['peak_gib']:.2f} | "
                    f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}× | "
