@@ -210,6 +210,16 @@ class SplitParams:
         jax.block_until_ready((self.rest, self.active_GxP))
         return self
 
+    def full_params(self) -> dict:
+        """The whole parameter tree as of now (for checkpoints and export): the device's
+        leaves, and the layers per layer from the host masters with the sampled layers'
+        current weights."""
+        host = jax.device_get(self.active_GxP)
+        layers = list(self.masters)
+        for j, i in enumerate(self.active):
+            layers[i] = {k: v[j] for k, v in host.items()}
+        return {**self.rest, "layers": tuple(layers)}
+
 
 @jax.jit
 def _take(active_GxP, slot):
@@ -242,7 +252,8 @@ class FrozenLisaStep:
     ``step.make_lisa_step`` (same transform, same metrics) on :class:`SplitParams`.
 
     ``place(params, opt_state)`` makes the split (the layers go to the host, their copies to
-    the device); ``full_params(split)`` gives the whole tree back (layers per layer, numpy).
+    the device); ``full_params(split)`` gives the whole tree back (layers per layer, numpy);
+    ``step_fn`` takes either (what a training loop that checkpoints trees calls).
     ``jitted`` is the step proper (one executable per active-layer count); before it, the
     transform's resample runs when the host's count says a period starts.
     """
@@ -393,14 +404,16 @@ class FrozenLisaStep:
         return split
 
     def full_params(self, split: SplitParams) -> dict:
-        """The whole parameter tree as of now (for checkpoints and export): the device's
-        leaves, and the layers per layer from the host masters with the sampled layers'
-        current weights."""
-        host = jax.device_get(split.active_GxP)
-        layers = list(split.masters)
-        for j, i in enumerate(split.active):
-            layers[i] = {k: v[j] for k, v in host.items()}
-        return {**split.rest, "layers": tuple(layers)}
+        """``split.full_params()``: the whole tree, layers per layer (host numpy)."""
+        return split.full_params()
+
+    def step_fn(self, params, opt_state, batch):
+        """The step on a :class:`SplitParams` or on a plain parameter tree, which is placed
+        first (a run's first step, or one after a checkpoint made the split a tree again:
+        the copies are then made afresh from the weights as they are)."""
+        if not isinstance(params, SplitParams):
+            params = self.place(params, opt_state)
+        return self(params, opt_state, batch)
 
 
 def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",

@@ -149,3 +149,25 @@ def test_copies_are_made_exactly_when_a_layer_leaves_the_trained_set(tiny_cfg,
     full = step.full_params(split)
     assert len(full["layers"]) == L
     assert all(not isinstance(v, Fp8Weight) for lp in full["layers"] for v in lp.values())
+
+
+def test_a_split_made_a_tree_and_placed_again_continues_the_same_run(tiny_cfg,
+                                                                     perturbed_params,
+                                                                     batch_for):
+    # what a checkpoint does mid-period: the bf16 tree out, then the step places it again
+    cfg = tiny_cfg(num_layers=4)
+    p0 = perturbed_params(cfg)
+    tx = _lisa(interval=3)
+    step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16")
+    runs = []
+    for cut in (None, 2):
+        s = tx.init(p0)
+        params = jax.tree.map(jnp.copy, p0)
+        for i in range(5):
+            if i == cut:
+                params = step.full_params(params)
+            params, s, _ = step.step_fn(params, s, batch_for(cfg, seed=i))
+        runs.append(step.full_params(params))
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        np.testing.assert_array_equal(a, b)
+    assert step.jitted._cache_size() == 1
