@@ -273,16 +273,18 @@ def table(rows: list[dict], peers: list[dict]) -> str:
                     (r["method"] != "lisa" or p.get("gamma") == r.get("gamma")):
                 return p
         return None
+    def method_of(r):  # module-level LISA rows name their granularity
+        return r["method"] + (f"/{r['granularity']}" if r.get("granularity") not in
+                              (None, "layer") else "")
+    w = max([8] + [len(method_of(r)) for r in rows])
     out = [f"peer: torch {peer_name(peers[0])}"] if peers else []
-    out += [f"{'method':8s} {'layout':9s} {'γ/r':>4s} {'remat':>5s} {'upd':>4s} {'step ms':>8s} "
+    out += [f"{'method':{w}s} {'layout':9s} {'γ/r':>4s} {'remat':>5s} {'upd':>4s} {'step ms':>8s} "
             f"{'tok/s':>9s} {'peak GiB':>8s} | {'peer tok/s':>10s} {'peer GiB':>8s} "
             f"{'speed×':>6s} {'mem×':>5s}"]
     for r in rows:
         p = peer_for(r)
         g = r.get("gamma") or r.get("lora_r") or ""
-        method = r["method"] + (f"/{r['granularity']}" if r.get("granularity") not in
-                                (None, "layer") else "")
-        line = (f"{method:8s} {r.get('layout') or '':9s} {str(g):>4s} {r['remat']:>5s} "
+        line = (f"{method_of(r):{w}s} {r.get('layout') or '':9s} {str(g):>4s} {r['remat']:>5s} "
                 f"{r.get('update_precision') or '':>4s} {r['step_s'] * 1e3:8.1f} "
                 f"{r['tokens_per_s']:9.0f} {r['peak_gib'] or float('nan'):8.2f} | ")
         if p:
