@@ -580,9 +580,10 @@ def _gpart(treedef, leaves, mask, gidx, n: int, fn=lambda x: x):
 
 def _grouped_next(cfg: _Config, key, period, num_layers: int):
     """``(key to store, active [N, γ])``: one uniform draw per group from one split of the
-    state's key."""
+    state's key (one group draws with the key a layer-level draw takes, so that it samples
+    what whole-layer LISA samples)."""
     key_next, draw = jax.random.split(key)
-    keys = jax.random.split(draw, len(cfg.groups))
+    keys = jax.random.split(draw, len(cfg.groups)) if len(cfg.groups) > 1 else [draw]
     return key_next, jnp.stack([cfg.sampler.draw(keys[n], period, num_layers)
                                 for n in range(len(cfg.groups))])
 

@@ -168,6 +168,27 @@ def test_groups_of_ones_own_on_a_generic_tree():
         assert moved.tolist() == np.asarray(state.active[n]).tolist()
 
 
+@pytest.mark.parametrize("reset", ["sampled", "all"])
+def test_one_group_of_every_leaf_is_layer_level_lisa(reset):
+    """The grouped code with a single group holding every layer leaf samples and updates as
+    whole-layer LISA does, bit for bit, across resamples."""
+    params = {"embed": jnp.linspace(-1, 1, 8).reshape(4, 2),
+              "layers": {"a": jnp.linspace(0, 2, 20).reshape(5, 2, 2),
+                         "b": jnp.linspace(1, -1, 15).reshape(5, 3)}}
+    kw = dict(n_active=2, interval=2, key=3, reset=reset)
+    layer = lisa_jax.lisa(optax.adamw(1e-2), **kw)
+    grouped = lisa_jax.lisa(optax.adamw(1e-2), groups={"all": ("a", "b")}, **kw)
+    sa, sb = layer.init(params), grouped.init(params)
+    for i in range(5):
+        grads = jax.tree.map(lambda x: jnp.cos(x * (i + 1)), params)
+        ua, sa = jax.jit(layer.update)(grads, sa, params)
+        ub, sb = jax.jit(grouped.update)(grads, sb, params)
+        np.testing.assert_array_equal(sa.active, sb.active[0])
+        for a, b in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        params = optax.apply_updates(params, ua)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(granularity="module"), "unknown granularity='module'; use one of layer, attn_mlp, "
                                  "matrix"),
