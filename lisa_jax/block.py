@@ -7,7 +7,8 @@ small functions between named activations (``h -> x1 -> q, k, v -> o -> hm -> x2
 out``). Everything else follows from the two: ``model`` builds parameters and runs the stages,
 ``hf`` maps names, ``sharding`` derives its rules, ``lora`` its targets, ``generate`` runs the
 stages with a cache-aware attention, and the LISA backward (``stack_vjp``) differentiates each
-stage with ``jax.vjp``: activation gradients always, weight gradients only for sampled layers.
+stage with ``jax.vjp``: activation gradients always, weight gradients only for sampled layers
+(or, sampling modules, ``MODULE_GROUPS``, for the sampled modules' leaves).
 A variant (a bias, q/k norms, another activation) is a row here and a line in its stage.
 
 Shapes: B batch, S sequence, D hidden, F MLP width, N query heads, K kv heads, H head dim.

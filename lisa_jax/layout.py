@@ -8,7 +8,9 @@ array per layer weight there is nothing to copy, and the layer loop is unrolled 
 
 Both layouts offer the same operations, so call sites never ask which one they hold:
 ``of(layers)`` gives the layout, and ``scan``, ``gather``, ``write_back``, ``template`` and the
-LISA ``reverse`` pass work on either. ``convert`` is the one conversion between them.
+LISA ``reverse`` pass work on either. ``convert`` is the one conversion between them. Module-level
+sampling (module groups, each with its own sampled layers) has ``reverse_groups``,
+``gather_groups`` and ``write_back_groups``.
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"embed": jnp.zeros((5, 2)), "layers": {"w": jnp.arange(3.0)[:, None]}}

@@ -70,3 +70,26 @@ def test_gather_and_write_back_touch_exactly_the_sampled_layers(name, active):
                     else p["layers"][leaf][i])
             assert out[leaf][i].dtype == p["layers"][leaf].dtype
             np.testing.assert_array_equal(out[leaf][i], want.astype(p["layers"][leaf].dtype))
+
+
+@pytest.mark.parametrize("name", layout.LAYOUTS)
+def test_grouped_gather_and_write_back_use_each_groups_own_layers(name):
+    """Module groups (``w`` and ``norm`` apart): each leaf is gathered at and written back to
+    its own group's layers, in either layout; ``slot_of_layer`` gives one row per group."""
+    p = stacked_params()
+    layers = layout.convert(p, name)["layers"]
+    active_NxG = jnp.asarray([[0, 3], [1, 3]], jnp.int32)
+    names = layout.group_names((("a", ("w", "absent")), ("b", ("norm",))), layers)
+    assert names == (("w",), ("norm",))
+    np.testing.assert_array_equal(layout.slot_of_layer(active_NxG, L),
+                                  [[0, -1, -1, 1, -1], [-1, 0, -1, 1, -1]])
+    view = jax.jit(layout.gather_groups, static_argnums=2)(layers, active_NxG, names)
+    np.testing.assert_array_equal(view["w"], p["layers"]["w"][active_NxG[0]])
+    np.testing.assert_array_equal(view["norm"], p["layers"]["norm"][active_NxG[1]])
+    new_view = jax.tree.map(lambda x: x + 1, view)
+    out = layout.convert({"layers": jax.jit(layout.write_back_groups, static_argnums=3)(
+        layers, new_view, active_NxG, names)}, "stacked")["layers"]
+    for leaf, rows in (("w", {0, 3}), ("norm", {1, 3})):
+        for i in range(L):
+            want = p["layers"][leaf][i] + 1 if i in rows else p["layers"][leaf][i]
+            np.testing.assert_array_equal(out[leaf][i], want.astype(p["layers"][leaf].dtype))
