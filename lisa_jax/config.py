@@ -179,6 +179,11 @@ class TrainConfig:
         "auto", "LISA on one device: per_layer trains on one array per layer weight, stacked on "
                 "one array per weight of all layers; auto picks per_layer on a GPU. Checkpoints "
                 "and exports are stacked either way", ("auto", "per_layer", "stacked"))
+    frozen_precision: str = _setting(
+        "bf16", "LISA on one GPU: the frozen layers' GEMMs in bf16, or fp8 (fp8 tensor cores: Ada, "
+                "Hopper or later): fp8 copies of every layer on the GPU, the layers' bf16 weights "
+                "in host memory (2 bytes a layer parameter), re-quantized at each resample; "
+                "checkpoints and exports are bf16 either way", ("bf16", "fp8"))
     mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard "
                                       "over several devices (not given: one device)")
     distributed: bool = _setting(False, "several hosts: start one process per host with the "
@@ -364,6 +369,27 @@ def _spoken(values: tuple[str, ...]) -> str:
     return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
 
 
+def check_frozen_precision(cfg: TrainConfig) -> None:
+    """``--frozen-precision``: fp8 is for LISA on one device with a fixed γ of whole layers
+    (the device's fp8 support is checked when the step is built)."""
+    if cfg.frozen_precision not in choices("frozen_precision"):
+        raise TrainError(f"unknown --frozen-precision {cfg.frozen_precision!r}; use one of "
+                         f"{', '.join(choices('frozen_precision'))}")
+    if cfg.frozen_precision == "bf16":
+        return
+    granularity = getattr(cfg, "lisa_granularity", "layer")
+    given = (f"--method {cfg.method}" if cfg.method != "lisa" else
+             "--mesh" if cfg.mesh else "--distributed" if cfg.distributed else
+             "--lisa-probs" if cfg.lisa_probs else
+             "--lisa-importance online" if cfg.lisa_importance == "online" else
+             "--layer-layout stacked" if cfg.layer_layout == "stacked" else
+             f"--lisa-granularity {granularity}" if granularity != "layer" else None)
+    if given:
+        raise TrainError(f"--frozen-precision {cfg.frozen_precision} is for --method lisa on one "
+                         f"device with a fixed γ of whole layers, per-layer arrays; drop {given} "
+                         f"or use --frozen-precision bf16")
+
+
 def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     """``cfg`` (its remat already resolved by ``with_default_remat``) is usable; ``paths``:
     its model and data paths exist too (not asked of a config file read on another machine)."""
@@ -427,6 +453,7 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     if cfg.layer_layout == "per_layer" and (cfg.method != "lisa" or cfg.mesh or cfg.distributed):
         raise TrainError("--layer-layout per_layer is for --method lisa on one device; drop it "
                          "(or use --layer-layout stacked) with other methods or with --mesh")
+    check_frozen_precision(cfg)
     if cfg.steps is not None and cfg.steps < 1:
         raise TrainError("--steps must be at least 1")
     from lisa_jax.evaluate import check_eval_settings

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lisa_jax import fp8_step
 from lisa_jax import importance as imp_lib
 from lisa_jax import layout
 from lisa_jax import lora as lora_lib
@@ -45,7 +46,11 @@ def per_layer_layout(cfg: TrainConfig) -> bool:
 def to_layout(params, cfg: TrainConfig, training: bool):
     """``params`` in the layout this run's step trains on (``training``), or in the canonical
     stacked one that checkpoints, sampling and export read. Converts leaf by leaf on the device,
-    freeing each converted leaf (the caller must not use ``params`` again)."""
+    freeing each converted leaf (the caller must not use ``params`` again). A
+    ``--frozen-precision fp8`` run's split parameters become the bf16 tree (its step places a
+    tree again when it next runs)."""
+    if isinstance(params, fp8_step.SplitParams):
+        params = params.full_params()
     if training and per_layer_layout(cfg):
         return layout.convert(params, "per_layer", donate=True)
     return layout.convert(params, "stacked", donate=True)
@@ -210,6 +215,8 @@ class Method:
 
     def model_params(self, params):
         """The parameters to evaluate, sample from and export (LoRA merged in)."""
+        if isinstance(params, fp8_step.SplitParams):  # --frozen-precision fp8: a bf16 copy
+            params = layout.convert(params.full_params(), "stacked")
         return self.export_params(params, self.state)
 
     def eval_loss(self, params, batches) -> float:
@@ -319,6 +326,13 @@ class Lisa(Method):
         self.tx = tx
         state, shardings = _init_state(tx.init, params, self.mcfg, mesh,
                                        traceable=self._draws_in_jit(tx))
+        if self.cfg.frozen_precision != "bf16":  # fp8 copies of the frozen layers
+            try:
+                frozen = fp8_step.make_frozen_lisa_step(
+                    self.mcfg, tx, self.remat, frozen_precision=self.cfg.frozen_precision)
+            except ValueError as e:
+                raise TrainError(str(e))
+            return state, frozen.step_fn
         return state, step_lib.make_lisa_step(self.mcfg, tx, self.remat, shardings=shardings)
 
     @staticmethod

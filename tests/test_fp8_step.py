@@ -171,3 +171,34 @@ def test_a_split_made_a_tree_and_placed_again_continues_the_same_run(tiny_cfg,
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         np.testing.assert_array_equal(a, b)
     assert step.jitted._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_the_trainer_with_fp8_frozen_layers_resumes_bit_identically_and_saves_dense_layers(
+        model_dir, data_file, tmp_path, small, final_params, logged_layers, monkeypatch):
+    from lisa_jax.config import TrainError
+    from lisa_jax.train import train
+    with pytest.raises(TrainError, match="use --frozen-precision bf16"):  # no fp8 on a CPU
+        train(small(model_dir, data_file, tmp_path / "cpu", frozen_precision="fp8"))
+    check = F.check_fp8
+    monkeypatch.setattr(F, "check_fp8", lambda device=None, allow_cpu=False: check(
+        device, allow_cpu=True))  # fp8 emulated on the CPU
+    kw = dict(frozen_precision="fp8", lisa_interval=3)
+    straight = train(small(model_dir, data_file, tmp_path / "a", **kw))
+    assert straight["status"] == "finished"
+    halted = train(small(model_dir, data_file, tmp_path / "b", **kw), halt_at=5)
+    assert halted["status"] == "interrupted"
+    assert train(small(model_dir, data_file, tmp_path / "b", resume=True, **kw))[
+        "status"] == "finished"
+    (sa, pa, _), (sb, pb, _) = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    assert sa == sb == 8
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        assert np.asarray(a).dtype.kind == "f"  # the checkpoint holds dense weights
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len({tuple(v) for v in logged_layers(tmp_path / "a").values()}) > 1
+    plain = train(small(model_dir, data_file, tmp_path / "c", lisa_interval=3))
+    assert plain["status"] == "finished"  # fp8 moves the trained weights a little off bf16's
+    _, pc, _ = final_params(tmp_path / "c")
+    differ = [not np.array_equal(np.asarray(a), np.asarray(c))
+              for a, c in zip(jax.tree.leaves(pa["layers"]), jax.tree.leaves(pc["layers"]))]
+    assert any(differ)  # the fp8 run did run its frozen layers in fp8
