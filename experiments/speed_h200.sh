@@ -1,34 +1,78 @@
 #!/usr/bin/env bash
-# OUT=/path/to/out PEER_SITE=/path/with/liger_kernel bash experiments/speed_h200.sh
+# OUT=/path/to/out PEER_SITE=/path/with/liger_kernel bash experiments/speed_h200.sh [PHASE...]
 #
 # The speed table against the strongest PyTorch peer measured in the same job: lisa_jax and
 # transformers + Liger kernels (experiments/torch_peers_strong.py --liger; Liger from
 # `pip download --no-deps liger-kernel==0.8.5`, installed with `pip install --no-deps --target
-# PEER_SITE`), batch 4 x 1024, bfloat16, on one GPU. Rows (experiments/bench_step.py, one
-# process each): at LLaMA-2-7B shape LISA gamma=2 with remat none and full, full FT and LoRA
-# r128; at Llama-3-8B shape LISA gamma=2 with remat none and full, and with the embedding
-# frozen (--lisa-frozen embed). Ours run as the trainer does in bf16: float32-precision updates
-# (master weights), Adam's first moment in bf16 and its second in float32; the peer
-# updates its bf16 weights in place (it has no master copy).
-# Writes $OUT/llama2-7b.json, $OUT/llama3-8b.json, $OUT/log.txt, then
+# PEER_SITE`), batch 4 x 1024, bfloat16, on one GPU. Ours run as the trainer does in bf16:
+# float32-precision updates (master weights), Adam's first moment in bf16 and its second in
+# float32; the peer updates its bf16 weights in place (it has no master copy).
+#
+# Phases (default: table), each writing $OUT/<phase>*.json (or $OUT/extra/) and appending to
+# $OUT/log.txt:
+#   table     LLaMA-2-7B LISA gamma=2 (remat none and full), full FT, LoRA r128; Llama-3-8B LISA
+#             gamma=2 (remat none and full); the peer's rows of each
+#   peer7b    the peer's LLaMA-2-7B LISA gamma=2 row, remat none (what fp8 is compared with)
+#   fp8       LLaMA-2-7B LISA gamma=2 with the frozen layers in fp8 (experiments/bench_fp8.py)
+#             beside our bf16 row, remat none (REMATS to change), then its --check numerics
+#   module    LLaMA-2-7B module-level LISA (--lisa-granularity matrix and attn_mlp, gamma=2)
+#   frozen8b  Llama-3-8B LISA gamma=2 with the embedding trained and frozen (--lisa-frozen embed)
+#   packing   LLaMA-2-7B LISA gamma=2 useful tokens/s with and without --packing
+# Then
 #   python3 experiments/speed_table.py $OUT/*.json --out experiments/results/speed_h200.json
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to an output folder}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/extra"  # extra/: files that are not bench_step rows
 export PYTHONPATH=${PEER_SITE:+$PEER_SITE:}${PYTHONPATH:-}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
-COMMON=(--batch-size 4 --max-seq-len 1024 --steps 10 --warmup 3 --timeout 240
-        --update-dtype float32 --mu-dtype bfloat16 --lisa-layers 2 --remats none full --remat-lisa-layers 2
-        --remat-methods lisa --layer-layouts per_layer --lora-rank 128
-        --peer --peer-impl liger --peer-lisa-layers 2 --peer-remat --peer-remat-methods lisa
-        --peer-steps 10 --peer-warmup 3)
+OURS=(--batch-size 4 --max-seq-len 1024 --steps 10 --warmup 3 --timeout 240
+      --update-dtype float32 --mu-dtype bfloat16 --layer-layouts per_layer)
+PEER=(--peer --peer-impl liger --peer-steps 10 --peer-warmup 3)
+COMMON=("${OURS[@]}" --lisa-layers 2 --remats none full --remat-lisa-layers 2
+        --remat-methods lisa --lora-rank 128 "${PEER[@]}" --peer-lisa-layers 2 --peer-remat
+        --peer-remat-methods lisa)
+B=experiments/bench_step.py
+# a CPU smoke run of the phases: SHAPE7=tiny SHAPE8=tiny FP8_FLAGS=--allow-cpu
+SHAPE7=${SHAPE7:-llama2-7b} SHAPE8=${SHAPE8:-llama3-8b}
+FP8=(${FP8_FLAGS:-})
+phase() {
+  local t0=$SECONDS
+  echo "== $1 at $(date -u +%H:%M:%S)"
+  case $1 in
+    table)
+      python3 $B --shape $SHAPE7 "${COMMON[@]}" --methods lisa full lora \
+          --peer-methods lisa full lora --label speed --out "$OUT/table_llama2-7b.json"
+      python3 $B --shape $SHAPE8 "${COMMON[@]}" --methods lisa --peer-methods lisa \
+          --label speed --out "$OUT/table_llama3-8b.json" ;;
+    peer7b)
+      python3 $B --shape $SHAPE7 "${OURS[@]}" --peer-only "${PEER[@]}" --peer-methods lisa \
+          --peer-lisa-layers 2 --label speed --out "$OUT/peer7b.json" ;;
+    fp8)
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 10 --warmup 3 --lisa-interval 5 --remats ${REMATS:-none} \
+          --label fp8 --timeout 240 "${FP8[@]}" --out "$OUT/fp8_llama2-7b.json"
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --check --batch-size 4 \
+          --max-seq-len 1024 --timeout 200 "${FP8[@]}" --out "$OUT/extra/check_fp8.json" ;;
+    module)
+      python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
+          --lisa-granularity matrix --label module --out "$OUT/module_matrix.json"
+      python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
+          --lisa-granularity attn_mlp --label module --out "$OUT/module_attn_mlp.json" ;;
+    frozen8b)
+      python3 $B --shape $SHAPE8 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
+          --label embed_trained --out "$OUT/frozen8b_trained.json"
+      python3 $B --shape $SHAPE8 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
+          --lisa-frozen embed --label embed_frozen --out "$OUT/frozen8b_frozen.json" ;;
+    packing)
+      python3 experiments/packing_speed.py --shape $SHAPE7 --lisa-layers 2 --batch-size 8 \
+          --max-seq-len 1024 --dtype bfloat16 --steps 20 --timeout 240 \
+          --out "$OUT/extra/packing_speed.json" ;;
+    *) echo "unknown phase $1"; return 2 ;;
+  esac
+  echo "== $1 took $((SECONDS - t0)) s"
+}
 {
   nvidia-smi -L
-  python3 experiments/bench_step.py --shape llama2-7b "${COMMON[@]}" --methods lisa full lora \
-      --peer-methods lisa full lora --label speed --out "$OUT/llama2-7b.json"
-  python3 experiments/bench_step.py --shape llama3-8b "${COMMON[@]}" --methods lisa \
-      --peer-methods lisa --label speed --out "$OUT/llama3-8b.json"
-  python3 experiments/bench_step.py --shape llama3-8b "${COMMON[@]}" --methods lisa --remats none \
-      --lisa-frozen embed --label frozen_embed --out "$OUT/llama3-8b_frozen_embed.json"
-} 2>&1 | tee "$OUT/log.txt"
+  for p in "${@:-table}"; do phase "$p"; done
+} 2>&1 | tee -a "$OUT/log.txt"
