@@ -213,11 +213,13 @@ def run_check(a) -> dict:
             cfg, v, frozen, slot_L, batch, a.remat, chunk)[0])({**rest, "layers": active_GxP})
 
     rng = np.random.default_rng(0)
+    text = _text_batches(a) if a.data else None
     out = []
     for i in range(a.check_steps):
         active = np.sort(rng.choice(cfg.num_layers, a.lisa_layers, replace=False))
         act = jax.tree.map(lambda *xs: jnp.stack(xs), *[dense[j] for j in active])
-        batch = random_batch(cfg, a.batch_size, a.max_seq_len, seed=100 + i)
+        batch = text[i % len(text)] if text else random_batch(cfg, a.batch_size, a.max_seq_len,
+                                                                seed=100 + i)
         ids = jnp.asarray(active, jnp.int32)
         loss, g = grads(rest, act, dense, ids, batch)
         loss8, g8 = grads(rest, act, fp8, ids, batch)
@@ -237,6 +239,19 @@ def run_check(a) -> dict:
                 min_layer_cos=min(r["min_layer_cos"] for r in out),
                 max_layer_rel=max(r["max_layer_rel"] for r in out),
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__)
+
+
+def _text_batches(a) -> list[dict]:
+    """``--data``'s records as the trainer tokenizes them (``--hf``'s tokenizer), in batches."""
+    import jax
+
+    from lisa_jax import data as data_lib
+    tok = data_lib.load_tokenizer(a.hf)
+    examples, _ = data_lib.build_examples(data_lib.load_records(a.data), tok, a.max_seq_len,
+                                          truncate=True)
+    return [{k: jax.device_put(b[k]) for k in ("input_ids", "loss_mask")}
+            for b in data_lib.eval_batches(examples, a.batch_size, tok.pad_token_id or 0,
+                                           a.max_seq_len, max_batches=a.check_steps)]
 
 
 def main():
@@ -264,6 +279,8 @@ def main():
                     help="no timing: fp8 against dense loss and sampled-layer gradients")
     ap.add_argument("--check-steps", type=int, default=4, help="--check: batches (and samples)")
     ap.add_argument("--hf", default=None, help="an HF model directory instead of --shape")
+    ap.add_argument("--data", default=None, help="--check with --hf: batches of these records "
+                    "(any file lisa-jax train --data reads) instead of random tokens")
     ap.add_argument("--label", default=None, help="free text copied into every row")
     ap.add_argument("--timeout", type=float, default=540)
     ap.add_argument("--out", default=None)
