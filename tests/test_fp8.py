@@ -4,8 +4,9 @@ quantized weights, and the re-quantization bookkeeping across resamples.
 Error bounds: e4m3 keeps 3 mantissa bits, so a rounded value is off by at most 2^-4 of itself
 (about 2^-3/√12 ≈ 3.6% in RMS); a product of two rounded operands is off by about √2 of that,
 and over a long contraction with independent errors the relative error of the sum is the
-same ≈ 5%. e5m2 (2 mantissa bits) doubles the gradient operand's share (≈ 8% together). The
-bounds below are those estimates with a margin, on fixed seeds.
+same ≈ 5%. The backward quantizes incoming gradients to e4m3 as well (per token: the same
+bound); e5m2 (2 mantissa bits, ``grad_dtype="e5m2"``) doubles the gradient operand's share
+(≈ 8% together). The bounds below are those estimates with a margin, on fixed seeds.
 """
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,26 @@ def test_one_copy_backward_is_within_the_same_bound_and_halves_the_bytes():
     assert _rel(dx, dy @ w.T) < 0.10
     g = jax.jit(jax.grad(lambda x: jnp.sum((x @ one) * dy)))(x)
     np.testing.assert_allclose(g, dx, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_backward_quantizes_gradients_to_e4m3_and_is_within_the_e4m3_bound(both):
+    # per-token scales give each gradient row its own range, so the default e4m3 (3 mantissa
+    # bits) halves e5m2's error; e5m2 stays available for per-tensor-style comparisons
+    x, w, dy = _normal(5, (8, 12, 256)), _normal(6, (256, 96)), _normal(7, (8, 12, 96))
+    w = w * jnp.logspace(-3, 0, 96)[None, :]
+    ref = dy @ w.T
+    fw = Fp8Weight.from_dense(w, both=both)
+    assert fw.grad_dtype == "e4m3"
+    dx = jax.vjp(fp8_matmul, x, fw)[1](dy)[0]
+    assert _rel(dx, ref) < 0.04  # e5m2 here: 0.050 (one copy), 0.054 (two)
+    f5 = Fp8Weight.from_dense(w, both=both, grad_dtype="e5m2")
+    np.testing.assert_array_equal(x @ f5, x @ fw)  # the forward is the same
+    dx5 = jax.vjp(fp8_matmul, x, f5)[1](dy)[0]
+    assert 0.045 < _rel(dx5, ref) < 0.10
+    assert quantize_layer({"w": w}, ("w",), both, "e5m2")["w"].grad_dtype == "e5m2"
+    with pytest.raises(ValueError, match="grad_dtype"):
+        Fp8Weight.from_dense(w, grad_dtype="e3m4")
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_and_gradients():
