@@ -212,6 +212,39 @@ def run_check(a) -> dict:
         return jax.value_and_grad(lambda v: fp8_step.mixed_loss(
             cfg, v, frozen, slot_L, batch, a.remat, chunk)[0])({**rest, "layers": active_GxP})
 
+    @jax.jit
+    def next_token(rest, active_GxP, frozen, active, batch):
+        """Log-probabilities of the next token at every position (float32)."""
+        from lisa_jax import model as M
+        from lisa_jax import ops
+        ids = batch["input_ids"]
+        B, S_ = ids.shape
+        slot_L = layout.slot_of_layer(active, cfg.num_layers)
+        positions, mask = ops.positions_and_mask(None, S_, B, batch.get("segment_ids"))
+        cos, sin = ops.rope_tables(cfg, positions)
+        h = M.embed_tokens(cfg, rest["embed"], ids)
+        h = fp8_step.mixed_layers(cfg, a.remat, active_GxP, frozen, slot_L, h, cos, sin, mask)
+        x = ops.rms_norm(h, rest["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+        return jax.nn.log_softmax((x @ M.head_weight(rest)).astype(jnp.float32), -1)
+
+    def all_tokens(lp, lp8, batch):
+        """Mean next-token KL(dense || fp8) and both losses over every target token (the
+        masked loss of a small batch is a few dozen tokens: one fp8 rounding pattern's
+        sample, and a different compilation of the same numerics draws another)."""
+        ids = batch["input_ids"]
+        if "loss_mask" in batch:  # text rows: every position up to a row's last target
+            m = batch["loss_mask"].astype(jnp.int32)
+            w = jnp.cumsum(m[:, ::-1], axis=1)[:, ::-1][:, 1:] > 0
+        else:
+            w = jnp.ones((ids.shape[0], ids.shape[1] - 1), bool)
+        w = w.astype(jnp.float32)
+        t = ids[:, 1:, None]
+        nll = lambda p: float(jnp.sum(-jnp.take_along_axis(p[:, :-1], t, -1)[..., 0] * w)  # noqa: E731
+                              / jnp.sum(w))
+        kl = jnp.sum(jnp.exp(lp) * (lp - lp8), -1)[:, :-1]
+        return dict(kl_all=float(jnp.sum(kl * w) / jnp.sum(w)), loss_all=nll(lp),
+                    loss_all_fp8=nll(lp8), tokens_all=int(jnp.sum(w)))
+
     rng = np.random.default_rng(0)
     text = _text_batches(a) if a.data else None
     out = []
@@ -225,6 +258,9 @@ def run_check(a) -> dict:
         loss8, g8 = grads(rest, act, fp8, ids, batch)
         row = dict(step=i, active=active.tolist(), loss=float(loss), loss_fp8=float(loss8),
                    loss_rel=abs(float(loss8) / float(loss) - 1))
+        row.update(all_tokens(next_token(rest, act, dense, ids, batch),
+                              next_token(rest, act, fp8, ids, batch), batch))
+        row["loss_all_rel"] = abs(row["loss_all_fp8"] / row["loss_all"] - 1)
         per = {k: _stats(g8["layers"][k], g["layers"][k]) for k in names}
         per.update({k: _stats(g8[k], g[k]) for k in rest})
         row["grads"] = per
@@ -238,6 +274,8 @@ def run_check(a) -> dict:
                 checks=out, loss_rel_max=max(r["loss_rel"] for r in out),
                 min_layer_cos=min(r["min_layer_cos"] for r in out),
                 max_layer_rel=max(r["max_layer_rel"] for r in out),
+                kl_all_mean=float(np.mean([r["kl_all"] for r in out])),
+                loss_all_rel_max=max(r["loss_all_rel"] for r in out),
                 device=str(jax.devices()[0].device_kind), jax=jax.__version__)
 
 
@@ -294,7 +332,9 @@ def main():
         if a.out:
             write_json(a.out, result, device=True)
         print(f"fp8 vs dense: loss rel ≤ {result['loss_rel_max']:.2e}, sampled-layer gradient "
-              f"cosine ≥ {result['min_layer_cos']:.5f}, rel err ≤ {result['max_layer_rel']:.4f}",
+              f"cosine ≥ {result['min_layer_cos']:.5f}, rel err ≤ {result['max_layer_rel']:.4f}; "
+              f"every token: loss rel ≤ {result['loss_all_rel_max']:.2e}, next-token KL "
+              f"{result['kl_all_mean']:.4f}",
               flush=True)
         return
     if a.one:
