@@ -239,8 +239,9 @@ def run_check(a) -> dict:
             w = jnp.ones((ids.shape[0], ids.shape[1] - 1), bool)
         w = w.astype(jnp.float32)
         t = ids[:, 1:, None]
-        nll = lambda p: float(jnp.sum(-jnp.take_along_axis(p[:, :-1], t, -1)[..., 0] * w)  # noqa: E731
-                              / jnp.sum(w))
+
+        def nll(p):
+            return float(jnp.sum(-jnp.take_along_axis(p[:, :-1], t, -1)[..., 0] * w) / jnp.sum(w))
         kl = jnp.sum(jnp.exp(lp) * (lp - lp8), -1)[:, :-1]
         return dict(kl_all=float(jnp.sum(kl * w) / jnp.sum(w)), loss_all=nll(lp),
                     loss_all_fp8=nll(lp8), tokens_all=int(jnp.sum(w)))
@@ -332,8 +333,8 @@ def main():
         if a.out:
             write_json(a.out, result, device=True)
         print(f"fp8 vs dense: loss rel ≤ {result['loss_rel_max']:.2e}, sampled-layer gradient "
-              f"cosine ≥ {result['min_layer_cos']:.5f}, rel err ≤ {result['max_layer_rel']:.4f}; "
-              f"every token: loss rel ≤ {result['loss_all_rel_max']:.2e}, next-token KL "
+              f"cosine ≥ {result['min_layer_cos']:.5f}, rel err ≤ {result['max_layer_rel']:.4f};"
+              f" every token: loss rel ≤ {result['loss_all_rel_max']:.2e}, next-token KL "
               f"{result['kl_all_mean']:.4f}",
               flush=True)
         return
