@@ -52,7 +52,10 @@ def train_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         tp = setting_type(f.name)[0]
-        help_ = help_text(f.name) + f" (default: {getattr(defaults, f.name)})"
+        # a default filled in by method (--lr) is said in the help text itself
+        by_method = f.default is None and getattr(defaults, f.name) is not None
+        help_ = help_text(f.name) + ("" if by_method else
+                                     f" (default: {getattr(defaults, f.name)})")
         if f.name == "demo":  # --demo alone is the tiny demo; --demo smollm2 the real model
             p.add_argument("--no-demo", dest="demo", action="store_const", const=None,
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)

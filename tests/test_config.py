@@ -52,12 +52,30 @@ def test_every_flag_takes_its_help_and_choices_from_the_schema():
     for f in dataclasses.fields(TrainConfig):
         action = actions[f.name]
         assert help_text(f.name), f.name
-        assert action.help == f"{help_text(f.name)} (default: {getattr(defaults, f.name)})"
+        if f.name == "lr":  # its default is the method's, said in the help text
+            assert action.help == help_text("lr")
+        else:
+            assert action.help == f"{help_text(f.name)} (default: {getattr(defaults, f.name)})"
         if choices(f.name):
             assert action.metavar == "{" + ",".join(choices(f.name)) + "}"
     assert not hasattr(cli, "_HELP")
     assert choices("method") == ("lisa", "full", "lora")
     assert choices("lr") == ()
+
+
+@pytest.mark.parametrize("method", ["lisa", "full", "lora"])
+def test_the_learning_rate_defaults_to_the_methods_own(method):
+    """Without --lr each method gets its own rate (LoRA's tuned best is 10x full
+    fine-tuning's, LISA's 2-6x); the help text names them all, and --lr overrides."""
+    from lisa_jax.config import DEFAULT_LR
+    assert load_config(None, {"method": method}).lr == DEFAULT_LR[method]
+    assert load_config(None, {"method": method, "lr": "3e-4"}).lr == 3e-4
+    assert DEFAULT_LR["full"] < DEFAULT_LR["lisa"] < DEFAULT_LR["lora"]
+    import re
+    said = {name: float(v) for name, v in re.findall(r"(LISA|full|LoRA) ([0-9.e-]+)",
+                                                      help_text("lr"))}
+    assert said == {"LISA": DEFAULT_LR["lisa"], "full": DEFAULT_LR["full"],
+                    "LoRA": DEFAULT_LR["lora"]}
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)
