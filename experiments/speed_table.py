@@ -31,9 +31,13 @@ def _row(r: dict, job: str, label: str | None) -> dict:
         "remat": bool(remat) if torch else ("none" if remat in (None, "none") else remat),
         "precision": None if torch else r.get("precision", "bf16"),
         "update": r.get("update_precision"),
-        "frozen": r.get("lisa_frozen") or None,
+        "frozen": r.get("lisa_frozen") or r.get("frozen") or None,
         "granularity": None if torch or r["method"] != "lisa" else r.get("granularity", "layer"),
         "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"], "ms": r.get("ms"),
+        # fp8 rows: the resample's cost (trained layers to the host, re-quantized) and the
+        # host memory their bf16 weights take
+        **{k: r[k] for k in ("resample_ms", "lisa_interval", "amortized_ms",
+                             "tokens_per_s_amortized", "host_gib") if k in r},
     }
 
 
