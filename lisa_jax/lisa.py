@@ -335,13 +335,8 @@ def _check_config_against(cfg: _Config, num_layers: int):
     cfg.sampler.check(num_layers)
 
 
-def _init(cfg: _Config, params):
-    if cfg.groups is not None:  # module-level sampling
-        return _grouped_init(cfg, params)
-    if cfg.probs is not None and any(_is_traced(x) for x in jax.tree.leaves(params)):
-        raise ValueError("lisa(probs=...).init runs on the host (the number of sampled layers "
-                         "sets the state's shapes); call it outside jax.jit / jax.eval_shape")
-    leaves, mask, treedef = _split(cfg, params)
+def _checked_num_layers(cfg: _Config, leaves, mask, treedef) -> int:
+    """The layer count of a split tree, after the checks every ``init`` makes of it."""
     if treedef.num_nodes == 1:
         raise ValueError("params must be a pytree container (e.g. a dict), not a bare array; "
                          "wrap it, e.g. {'layers': array}")
@@ -350,6 +345,17 @@ def _init(cfg: _Config, params):
     if cfg.frozen is not None and None not in mask:
         raise ValueError(f"no leaf outside the layers matches frozen={cfg.frozen_desc}; pass "
                          f"frozen=<key names of leaves that stay fixed> or a callable")
+    return num_layers
+
+
+def _init(cfg: _Config, params):
+    if cfg.groups is not None:  # module-level sampling
+        return _grouped_init(cfg, params)
+    if cfg.probs is not None and any(_is_traced(x) for x in jax.tree.leaves(params)):
+        raise ValueError("lisa(probs=...).init runs on the host (the number of sampled layers "
+                         "sets the state's shapes); call it outside jax.jit / jax.eval_shape")
+    leaves, mask, treedef = _split(cfg, params)
+    num_layers = _checked_num_layers(cfg, leaves, mask, treedef)
     key_next, active = _next(cfg, _first_key(cfg), jnp.zeros([], jnp.int32), num_layers)
     slot_view = _part(treedef, leaves, mask, True, lambda x: x[active])
     return LisaState(
@@ -590,14 +596,7 @@ def _grouped_next(cfg: _Config, key, period, num_layers: int):
 
 def _grouped_init(cfg: _Config, params):
     leaves, mask, treedef, gidx = _split_groups(cfg, params)
-    if treedef.num_nodes == 1:
-        raise ValueError("params must be a pytree container (e.g. a dict), not a bare array; "
-                         "wrap it, e.g. {'layers': array}")
-    num_layers = _num_layers(cfg, leaves, mask)
-    _check_config_against(cfg, num_layers)
-    if cfg.frozen is not None and None not in mask:
-        raise ValueError(f"no leaf outside the layers matches frozen={cfg.frozen_desc}; pass "
-                         f"frozen=<key names of leaves that stay fixed> or a callable")
+    num_layers = _checked_num_layers(cfg, leaves, mask, treedef)
     empty = [g for n, (g, _) in enumerate(cfg.groups) if n not in gidx]
     if empty:
         raise ValueError(f"module group {empty[0]!r} of {_groups_desc(cfg)} holds no layer "

@@ -171,6 +171,25 @@ def _metrics(loss, n_tokens, grads):
     return {"loss": loss, "tokens": n_tokens, "grad_norm": optax.global_norm(grads)}
 
 
+def _trained_and_constant(tx, params, opt_state):
+    """``(layers, their layout, the trained leaves outside them, the constant ones)``.
+
+    Leaves the transform freezes (``lisa(frozen=...)``) enter the loss as constants: no
+    gradient is taken for them (a frozen embedding needs no scatter-add of its rows)."""
+    layers = params["layers"]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    in_view = tx.view(rest, opt_state)
+    const = {k: v for k, v in rest.items() if not jax.tree.leaves(in_view[k])}
+    return layers, layout.of(layers), {k: v for k, v in rest.items() if k not in const}, const
+
+
+def _shape_view(lay, layers, slots: int):
+    """Zeros shaped as ``slots`` layers' view (``[slots, ...]`` per layer leaf): the stack's
+    backward reads only the shapes of the sampled layers' view."""
+    return jax.tree.map(lambda s: jnp.zeros((slots,) + s.shape[1:], s.dtype),
+                        lay.template(layers))
+
+
 def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                    loss_chunk: int | None = LOSS_CHUNK, donate: bool = True,
                    shardings=None) -> Callable:
@@ -190,20 +209,10 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                                shardings)
 
     def step(params, opt_state, batch):
-        layers = params["layers"]
-        lay = layout.of(layers)
-        rest = {k: v for k, v in params.items() if k != "layers"}
-        # Leaves the transform freezes (lisa(frozen=...)) enter the loss as constants: no
-        # gradient is taken for them (a frozen embedding needs no scatter-add of its rows).
-        in_view = tx.view(rest, opt_state)
-        const = {k: v for k, v in rest.items() if not jax.tree.leaves(in_view[k])}
-        rest = {k: v for k, v in rest.items() if k not in const}
+        layers, lay, rest, const = _trained_and_constant(tx, params, opt_state)
         active = opt_state.active
         slot_L = layout.slot_of_layer(active, cfg.num_layers)
-        # The stack's backward reads only the shapes of the sampled layers' view.
-        view = {**rest, "layers": jax.tree.map(
-            lambda s: jnp.zeros((active.shape[0],) + s.shape[1:], s.dtype),
-            lay.template(layers))}
+        view = {**rest, "layers": _shape_view(lay, layers, active.shape[0])}
         (loss, n), grads = value_and_grad_accumulated(
             lambda v, b: lisa_loss(cfg, {**const, **v}, layers, slot_L, b, remat, loss_chunk,
                                    hs),
@@ -233,18 +242,11 @@ def _grouped_lisa_step(cfg, tx, remat, loss_chunk, hs):
     ``lisa_layers_grouped`` (weight gradients of the sampled modules only). Its
     ``layer_grad_norms`` are ``[N, G]``: per group and slot."""
     def step(params, opt_state, batch):
-        layers = params["layers"]
-        lay = layout.of(layers)
+        layers, lay, rest, const = _trained_and_constant(tx, params, opt_state)
         names = layout.group_names(tx.config.groups, layers)
-        rest = {k: v for k, v in params.items() if k != "layers"}
-        in_view = tx.view(rest, opt_state)
-        const = {k: v for k, v in rest.items() if not jax.tree.leaves(in_view[k])}
-        rest = {k: v for k, v in rest.items() if k not in const}
         active = opt_state.active
         slot_NxL = layout.slot_of_layer(active, cfg.num_layers)
-        view = {**rest, "layers": jax.tree.map(
-            lambda s: jnp.zeros((active.shape[1],) + s.shape[1:], s.dtype),
-            lay.template(layers))}
+        view = {**rest, "layers": _shape_view(lay, layers, active.shape[1])}
         (loss, n), grads = value_and_grad_accumulated(
             lambda v, b: lisa_loss(cfg, {**const, **v}, layers, slot_NxL, b, remat,
                                    loss_chunk, hs, groups=names),
