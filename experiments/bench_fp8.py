@@ -15,11 +15,19 @@ the device (with ``--hf`` it is, while loading). The optimizer
 is the trainer's in bf16 (``--update-dtype float32 --mu-dtype bfloat16``: float32-precision
 updates, Adam's first moment in bf16) unless told otherwise.
 
-Resamples (every ``--lisa-interval`` steps) fall inside the timed steps. ``ms`` and
-``tokens_per_s`` are the median step's; the fp8 rows also give ``resample_ms`` (the median
-extra time of a step that resamples: the trained layers to the host, quantizing those that
-leave, the new ones to the device) and ``amortized_ms``/``tokens_per_s_amortized``, the mean
-step with that cost spread over its period.
+Resamples (every ``--lisa-interval`` steps K) fall inside the timed steps. The fp8 step moves
+a resample's transfers off the resample step (``fp8_step``'s ``overlap``: the incoming layers
+are sent in the period's last step, the outgoing ones written to the host in its first), so
+``ms`` and ``tokens_per_s`` are the median step's among those that carry none of that (the
+period's 3rd to (K-1)th steps; any but the resample step where K < 4), and ``resample_ms`` is
+the median over the timed whole periods of what a period costs beyond K such steps (the
+resample, the transfers and any wait on them, wherever in the period they fall);
+``amortized_ms``/``tokens_per_s_amortized`` spread that over the period, and
+``amortized_mean_ms`` is the plain mean step of the whole periods. ``resample_step_ms``: the
+resample step's own extra time; ``period_ms``: the median step at each position in the period.
+Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
+``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
+(every transfer in the resample step).
 
 ``--check`` runs no timing: at the shape (random weights, random tokens) for ``--check-steps``
 batches and samples, the loss and the gradients of the sampled layers (and the embedding and
@@ -125,17 +133,19 @@ def run_one(a) -> dict:
     chunk = a.loss_chunk or None
     step = fp8_step.make_frozen_lisa_step(cfg, tx, remat=a.remat, loss_chunk=chunk,
                                           frozen_precision=a.frozen_precision,
-                                          allow_cpu=a.allow_cpu, fp8_copies=a.fp8_copies)
+                                          allow_cpu=a.allow_cpu, fp8_copies=a.fp8_copies,
+                                          overlap=not a.no_overlap)
     t0 = time.perf_counter()
     split = step.place(params, state)
     jax.block_until_ready(split.frozen)
     place_s = time.perf_counter() - t0
     del params
     batch = random_batch(cfg, a.batch_size, a.max_seq_len)
-    times, resampled = [], []
+    K = a.lisa_interval
+    times, resampled, counts = [], [], []
     compile_s = None
     for i in range(1 + a.warmup + a.steps):
-        period = split.period
+        period, count = split.period, split.count
         t0 = time.perf_counter()
         split, state, metrics = step(split, state, batch)
         jax.block_until_ready((split.rest, split.active_GxP, state, metrics))
@@ -145,11 +155,24 @@ def run_one(a) -> dict:
         elif i > a.warmup:
             times.append(dt)
             resampled.append(split.period != period)
-    plain = [t for t, r in zip(times, resampled) if not r] or times
+            counts.append(count)
+    pos = [c % K for c in counts]
+    plain = [x for x, p in zip(times, pos) if 2 <= p <= K - 2] or \
+        [x for x, r in zip(times, resampled) if not r] or times
     t = statistics.median(plain)
     extra = [x - t for x, r in zip(times, resampled) if r]
-    resample_s = statistics.median(extra) if extra else None
-    amortized = t + (resample_s or 0.0) / a.lisa_interval
+    resample_step_s = statistics.median(extra) if extra else None
+    periods = {}
+    for x, c in zip(times, counts):
+        periods.setdefault(c // K, []).append(x)
+    whole = [v for v in periods.values() if len(v) == K]
+    if whole:
+        resample_s, basis = statistics.median(sum(v) - K * t for v in whole), "period"
+        mean_s = statistics.mean(x for v in whole for x in v)
+    else:
+        resample_s, basis, mean_s = resample_step_s, "step", None
+    amortized = t + (resample_s or 0.0) / K
+    by_pos = [[x for x, p in zip(times, pos) if p == q] for q in range(K)]
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
@@ -170,7 +193,13 @@ def run_one(a) -> dict:
                 lisa_interval=a.lisa_interval, timed_steps=len(times),
                 timed_resamples=int(sum(resampled)),
                 resample_ms=round(resample_s * 1e3, 1) if resample_s is not None else None,
+                resample_basis=basis, timed_periods=len(whole),
+                resample_step_ms=round(resample_step_s * 1e3, 1)
+                if resample_step_s is not None else None,
+                period_ms=[round(statistics.median(v) * 1e3, 1) if v else None for v in by_pos],
                 amortized_ms=round(amortized * 1e3, 1),
+                amortized_mean_ms=round(mean_s * 1e3, 1) if mean_s is not None else None,
+                overlap=not a.no_overlap, transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
                 loss=float(metrics["loss"]),
@@ -326,6 +355,8 @@ def main():
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--frozen-precision", default="fp8", choices=["bf16", "fp8"],
                     help=argparse.SUPPRESS)
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="fp8 rows: the resample's transfers synchronous, in the resample step")
     a = ap.parse_args()
     if a.check:
         a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
@@ -369,6 +400,7 @@ def main():
                                    str(copies), "--frozen-precision",
                                    "fp8" if variant == "fp8" else "bf16", *common] +
                          (["--allow-cpu"] if a.allow_cpu else []) +
+                         (["--no-overlap"] if a.no_overlap else []) +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:
             row = spawn_row(args, a.timeout)

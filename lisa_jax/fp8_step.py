@@ -17,6 +17,17 @@ trained set are quantized again (``fp8.Fp8Cache``: exactly those), and the new p
 go to the device. A master on the host changes only there, so a checkpoint or an export reads
 the masters (:meth:`FrozenLisaStep.full_params`).
 
+With ``overlap=True`` (the default) no transfer waits on the resample step: the next period's
+sample is a function of the sampler key and the period alone, so it is drawn on the device when
+a period starts, and the layers it brings in are sent in the period's last call, after that
+call's step is dispatched (the transfer runs beside the step); the finished period's layers
+start their copy to the host at the resample and are written into the masters one call later
+(``SplitParams.sync``; anything that reads ``split.masters`` or ``full_params`` syncs first). A
+layer that re-enters before its host copy is written comes from the device copy. The values
+are the synchronous path's (``overlap=False``) bit for bit; the cost is up to γ more layers on
+the device around a resample (the incoming ones during the last step of a period, the outgoing
+ones during the first).
+
 Inside the step every layer's forward and backward is a ``lax.cond`` on its slot: sampled
 layers run on their slot of the ``[G, ...]`` view (and get weight gradients), frozen ones on
 their copy (activation gradients only). The structure of the arguments never depends on the
@@ -189,26 +200,66 @@ class SplitParams:
 
     ``rest``: the leaves outside the layers (device). ``active_GxP``: the sampled layers
     ``active`` (sorted), stacked (device). ``masters``: every layer's weights (host numpy; the
-    sampled layers' as of their period's start). ``cache.copies``: every layer's frozen copy
-    (device; a sampled layer's is not read). ``count``/``period``: the host's mirror of the
-    optimizer state's, to know when a resample is due without reading the device.
-    A step updates it in place and returns it."""
+    sampled layers' as of their period's start; reading it first writes in the host copies
+    still under way, :meth:`sync`). ``cache.copies``: every layer's frozen copy (device; a
+    sampled layer's is not read). ``count``/``period``: the host's mirror of the optimizer
+    state's, to know when a resample is due without reading the device.
+    ``pending``: ``(count, stacked layers, their indices)`` of finished periods whose copy to
+    the host is under way; ``prefetched``: ``(period, sample, {layer: device tree})``, the
+    next period's incoming layers sent ahead; ``next_sample``: ``(period, device array)``, the
+    sample drawn ahead for that period; ``checks``: ``(count, device bool)``, whether a
+    sample drawn ahead was the transform's. A step updates it in place and returns it."""
 
     rest: dict
     active_GxP: Any
     active: tuple[int, ...]
-    masters: list[dict]
+    host_masters: list[dict]
     cache: Fp8Cache
     count: int
     period: int
+    pending: list = dataclasses.field(default_factory=list)
+    prefetched: Any = None
+    next_sample: Any = None
+    checks: list = dataclasses.field(default_factory=list)
+
+    @property
+    def masters(self) -> list[dict]:
+        """Every layer's host weights, current (the host copies under way written in)."""
+        self.sync()
+        return self.host_masters
 
     @property
     def frozen(self) -> tuple:
-        return tuple(self.cache.copies[i] for i in range(len(self.masters)))
+        return tuple(self.cache.copies[i] for i in range(len(self.host_masters)))
 
     def block_until_ready(self):
         jax.block_until_ready((self.rest, self.active_GxP))
         return self
+
+    def sync(self, before: int | None = None) -> None:
+        """Write the finished periods' host copies into the masters (waiting for them), oldest
+        first, and free their device arrays; ``before``: only those started before that
+        count."""
+        keep = []
+        for entry in self.pending:
+            count, old, layers = entry
+            if before is not None and count >= before:
+                keep.append(entry)
+                continue
+            host = jax.device_get(old)
+            for j, i in enumerate(layers):
+                self.host_masters[i] = {k: v[j] for k, v in host.items()}
+            for x in jax.tree.leaves(old):
+                x.delete()
+        self.pending = keep
+
+    def latest_on_device(self, layer: int):
+        """Layer ``layer``'s weights on the device where its newest value is there (a finished
+        period's layer whose host copy is not written yet), else None."""
+        for _, old, layers in reversed(self.pending):
+            if layer in layers:
+                return _take(old, layers.index(layer))
+        return None
 
     def full_params(self) -> dict:
         """The whole parameter tree as of now (for checkpoints and export): the device's
@@ -225,6 +276,11 @@ class SplitParams:
 def _take(active_GxP, slot):
     """Slot ``slot`` of the sampled layers (one executable for every slot)."""
     return _slot(active_GxP, slot)
+
+
+@jax.jit
+def _same(a, b):
+    return jnp.array_equal(a, b)
 
 
 @jax.jit
@@ -255,12 +311,15 @@ class FrozenLisaStep:
     the device); ``full_params(split)`` gives the whole tree back (layers per layer, numpy);
     ``step_fn`` takes either (what a training loop that checkpoints trees calls).
     ``jitted`` is the step proper (one executable per active-layer count); before it, the
-    transform's resample runs when the host's count says a period starts.
+    transform's resample runs when the host's count says a period starts. ``overlap``: the
+    next period's layers sent ahead and the finished period's brought back in the background
+    (see the module docstring); False: both at the resample, synchronously.
     """
 
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
-                 allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True):
+                 allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
+                 overlap: bool = True):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                              f"{', '.join(REMAT_MODES)}")
@@ -292,7 +351,14 @@ class FrozenLisaStep:
             self.quantize = jax.device_put
         self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else ())
         self._prepare = {}
-        self.donate = donate
+        self.donate, self.overlap = donate, overlap
+        sampler, key_impl, L = config.sampler, config.key_impl, cfg.num_layers
+        # The draw tx.prepare makes for a period (lisa._next: the sampler on the stored key).
+        self._predict = jax.jit(lambda key, period: sampler.next(
+            jax.random.wrap_key_data(key, impl=key_impl), period, L)[1])
+        # resamples whose incoming layers were sent ahead / sent at the resample; incoming
+        # layers taken from a finished period's device copy (their host copy not written yet)
+        self.stats = {"prefetched": 0, "fetched": 0, "from_device": 0}
 
     # -- the device step
 
@@ -326,9 +392,9 @@ class FrozenLisaStep:
         if G not in self._prepare:
             template = {**jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                        split.rest),
-                        "layers": {k: jax.ShapeDtypeStruct((len(split.masters),) + v.shape,
+                        "layers": {k: jax.ShapeDtypeStruct((len(split.host_masters),) + v.shape,
                                                            v.dtype)
-                                   for k, v in split.masters[0].items()}}
+                                   for k, v in split.host_masters[0].items()}}
             fn = jax.jit(lambda s: self.tx.prepare(s, template),
                          donate_argnums=(0,) if self.donate else ())
             self._prepare[G] = fn.lower(opt_state).compile()
@@ -338,52 +404,117 @@ class FrozenLisaStep:
         if split.count // self.interval != split.period:
             opt_state = self._prepare_for(split, opt_state)(opt_state)
             split.period = split.count // self.interval
-            self.resample(split, tuple(int(i) for i in jax.device_get(opt_state.active)))
+            self.resample(split, self._sample(split, opt_state))
+            if self.overlap:
+                self._draw_ahead(split, opt_state, split.period + 1)
         rest, active_GxP, opt_state, metrics = self.jitted(
             split.rest, split.active_GxP, split.frozen, opt_state, batch)
         split.rest, split.active_GxP, split.count = rest, active_GxP, split.count + 1
+        if self.overlap:
+            # After the step's dispatch, so that the host waits beside the step: the host
+            # copies of earlier calls written in, and the next period's layers sent when the
+            # next call resamples.
+            self._settle(split, before=split.count - 1)
+            if split.count // self.interval != split.period:
+                self._prefetch(split)
         return split, opt_state, metrics
 
     # -- the host side
 
+    def _sample(self, split: SplitParams, opt_state) -> tuple[int, ...]:
+        """The prepared state's sample: the one drawn ahead where there is one (not read from
+        the device, which would wait for the previous step; checked one call later)."""
+        if self.overlap and split.next_sample is not None and \
+                split.next_sample[0] == split.period:
+            drawn = split.next_sample[1]
+            pre = split.prefetched
+            active = pre[1] if pre is not None and pre[0] == split.period else \
+                tuple(int(i) for i in jax.device_get(drawn))
+            split.checks.append((split.count, _same(opt_state.active, drawn)))
+            return active
+        return tuple(int(i) for i in jax.device_get(opt_state.active))
+
+    def _draw_ahead(self, split: SplitParams, opt_state, period: int) -> None:
+        """Draw period ``period``'s sample on the device now (read when it is needed)."""
+        split.next_sample = (period, self._predict(opt_state.key, jnp.asarray(period,
+                                                                              jnp.int32)))
+
+    def _settle(self, split: SplitParams, before: int) -> None:
+        split.sync(before=before)
+        keep = []
+        for count, ok in split.checks:
+            if count >= before:
+                keep.append((count, ok))
+            elif not bool(ok):
+                raise RuntimeError("the sample drawn ahead differs from the transform's: the "
+                                   "sampler's draw depends on more than its key and the period")
+        split.checks = keep
+
+    def _prefetch(self, split: SplitParams) -> None:
+        """Send the next period's incoming layers to the device (no wait)."""
+        period = split.count // self.interval
+        if split.next_sample is None or split.next_sample[0] != period or \
+                (split.prefetched is not None and split.prefetched[0] == period):
+            return
+        active = tuple(int(i) for i in jax.device_get(split.next_sample[1]))
+        rows = {i: self._incoming(split, i) for i in active if i not in split.active}
+        split.prefetched = (period, active, rows)
+
+    def _incoming(self, split: SplitParams, i: int):
+        """Layer ``i``'s newest weights, sent to the device (or taken there)."""
+        lp = split.latest_on_device(i)
+        if lp is None:
+            return jax.device_put(split.host_masters[i])
+        self.stats["from_device"] += 1
+        return lp
+
     def _to_device(self, split: SplitParams, active: tuple[int, ...], on_device=None):
         """The layers ``active`` stacked on the device; ``on_device[i]``: layer ``i``'s tree
-        there already (a layer that stays sampled), else its master is sent."""
+        there already (a layer that stays sampled, or one sent ahead), else its newest value
+        is sent."""
         on_device = on_device or {}
-        first = split.masters[0]
+        first = split.host_masters[0]
         if not active:
             return {k: jnp.zeros((0,) + v.shape, v.dtype) for k, v in first.items()}
-        rows = [on_device[i] if i in on_device else jax.device_put(split.masters[i])
-                for i in active]
+        rows = [on_device[i] if i in on_device else self._incoming(split, i) for i in active]
         return _stack(tuple(rows))
 
     def resample(self, split: SplitParams, active: tuple[int, ...]) -> None:
-        """Move to the sample ``active``: the trained layers' weights back into the masters,
-        fresh copies of the layers that leave the trained set (quantized from the device's
-        values, while those travel to the host), the new layers to the device."""
+        """Move to the sample ``active``: fresh copies of the layers that leave the trained set
+        (quantized from the device's values), the new layers to the device (sent ahead where
+        they were), and the trained layers' weights to the host masters (started now; written
+        in now without ``overlap``, else by a later call or read)."""
+        pre, split.prefetched = split.prefetched, None
         if active == split.active:
             return
         old = split.active_GxP
         for x in jax.tree.leaves(old):
             x.copy_to_host_async()
         rows = {i: _take(old, j) for j, i in enumerate(split.active)}
-        source = list(split.masters)
+        source = list(split.host_masters)
         for i, lp in rows.items():
             source[i] = lp
         split.cache.refresh(source, active)
-        new = self._to_device(split, active, {i: rows[i] for i in active if i in rows})
-        self.write_back(split)
-        del rows, source
-        for x in jax.tree.leaves(old):
-            x.delete()
+        on_device = {i: rows[i] for i in active if i in rows}
+        if pre is not None and pre[0] == split.period and pre[1] == active:
+            on_device.update(pre[2])
+            self.stats["prefetched"] += 1
+        else:
+            self.stats["fetched"] += 1
+        new = self._to_device(split, active, on_device)
+        del rows, source, on_device, pre
+        split.pending.append((split.count, old, split.active))
         split.active_GxP, split.active = new, active
+        if not self.overlap:
+            split.sync()
 
     def write_back(self, split: SplitParams) -> None:
         """The sampled layers' current weights into the host masters (views of one host copy
         of the ``[G, ...]`` slots)."""
+        split.sync()
         host = jax.device_get(split.active_GxP)
         for j, i in enumerate(split.active):
-            split.masters[i] = {k: v[j] for k, v in host.items()}
+            split.host_masters[i] = {k: v[j] for k, v in host.items()}
 
     def place(self, params, opt_state) -> SplitParams:
         """The split of ``params`` (either layout) for ``opt_state``'s sample. With ``donate``
@@ -400,7 +531,13 @@ class FrozenLisaStep:
         split.active_GxP = self._to_device(split, active)
         if active:  # compiled now, not in a resample
             jax.block_until_ready(_take(split.active_GxP, 0))
+            jax.block_until_ready(_same(opt_state.active, opt_state.active))
         self._prepare_for(split, opt_state)
+        if self.overlap:
+            self._draw_ahead(split, opt_state, max(period + 1, count // self.interval))
+            jax.block_until_ready(split.next_sample[1])  # compiled now
+            if count // self.interval != period:  # the first call resamples
+                self._prefetch(split)
         return split
 
     def full_params(self, split: SplitParams) -> dict:
@@ -419,11 +556,12 @@ class FrozenLisaStep:
 def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                           allow_cpu: bool = False, fp8_copies: int = 1,
-                          donate: bool = True) -> FrozenLisaStep:
+                          donate: bool = True, overlap: bool = True) -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
     docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
     its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
     takes without a transpose (2 bytes a parameter, as much as bf16). ``allow_cpu``: fp8 on a
-    CPU (emulated; for tests)."""
+    CPU (emulated; for tests). ``overlap``: the resample's transfers hidden behind the steps of
+    the period (see the module docstring; False: synchronous, the same values)."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
-                          donate)
+                          donate, overlap)

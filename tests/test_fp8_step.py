@@ -202,3 +202,64 @@ def test_the_trainer_with_fp8_frozen_layers_resumes_bit_identically_and_saves_de
     differ = [not np.array_equal(np.asarray(a), np.asarray(c))
               for a, c in zip(jax.tree.leaves(pa["layers"]), jax.tree.leaves(pc["layers"]))]
     assert any(differ)  # the fp8 run did run its frozen layers in fp8
+
+
+def _left_and_came_back(samples) -> bool:
+    """Whether some layer is in one period's sample, not in the next, and in a later one."""
+    periods = [a for i, a in enumerate(samples) if i == 0 or a != samples[i - 1]]
+    return any(layer in periods[p] and layer not in periods[p + 1] and
+               any(layer in q for q in periods[p + 2:])
+               for p in range(len(periods) - 2) for layer in periods[p])
+
+
+@pytest.mark.parametrize("interval,steps", [(1, 8), (3, 16)])
+def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
+        interval, steps, tiny_cfg, perturbed_params, batch_for):
+    # overlap: the next period's layers sent one call ahead, the finished period's written to
+    # the host one call late; "read": the same, with full_params read while host copies are
+    # under way (what a checkpoint does); sync: both at the resample
+    cfg = tiny_cfg(num_layers=4)
+    p0 = perturbed_params(cfg)
+    tx = _lisa(interval=interval)
+    runs = {}
+    for name in ("sync", "overlap", "read"):
+        step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="fp8", allow_cpu=True,
+                                       overlap=name != "sync")
+        s = tx.init(p0)
+        split = step.place(jax.tree.map(jnp.copy, p0), s)
+        losses, samples, reads = [], [], {}
+        for i in range(steps):
+            split, s, m = step(split, s, batch_for(cfg, seed=i))
+            losses.append(np.asarray(m["loss"]))
+            samples.append(split.active)
+            assert split.active == tuple(np.asarray(s.active).tolist())
+            if name == "sync" or (name == "read" and split.pending):
+                reads[i] = jax.tree.map(np.asarray, step.full_params(split))
+        runs[name] = dict(losses=losses, samples=samples, reads=reads, stats=dict(step.stats),
+                          full=step.full_params(split),
+                          copies=[jax.tree.leaves(split.cache.copies[i]) for i in range(4)],
+                          jitted=step.jitted._cache_size())
+    ref = runs["sync"]
+    assert _left_and_came_back(ref["samples"])
+    assert ref["stats"]["prefetched"] == 0 and ref["stats"]["fetched"] > 2
+    for name in ("overlap", "read"):
+        run = runs[name]
+        assert run["samples"] == ref["samples"]
+        for a, b in zip(run["losses"], ref["losses"]):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(run["full"]), jax.tree.leaves(ref["full"])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for layer, (qa, qb) in enumerate(zip(run["copies"], ref["copies"])):
+            assert len(qa) == len(qb)
+            for a, b in zip(qa, qb):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=layer)
+        # every resample found its incoming layers on the device already
+        assert run["stats"]["fetched"] == 0
+        assert run["stats"]["prefetched"] == ref["stats"]["fetched"]
+        assert run["jitted"] == 1
+    if interval == 1:  # a layer back one period after it left: from its device copy
+        assert runs["overlap"]["stats"]["from_device"] > 0
+    assert runs["read"]["reads"]  # read while a host copy was under way: the current weights
+    for i, full in runs["read"]["reads"].items():
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(ref["reads"][i])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
