@@ -27,7 +27,8 @@ resample, the transfers and any wait on them, wherever in the period they fall);
 resample step's own extra time; ``period_ms``: the median step at each position in the period.
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
-(every transfer in the resample step).
+(every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
+ahead (``transfers``: how many resamples found them sent ahead).
 
 ``--check`` runs no timing: at the shape (random weights, random tokens) for ``--check-steps``
 batches and samples, the loss and the gradients of the sampled layers (and the embedding and
@@ -134,7 +135,8 @@ def run_one(a) -> dict:
     step = fp8_step.make_frozen_lisa_step(cfg, tx, remat=a.remat, loss_chunk=chunk,
                                           frozen_precision=a.frozen_precision,
                                           allow_cpu=a.allow_cpu, fp8_copies=a.fp8_copies,
-                                          overlap=not a.no_overlap)
+                                          overlap=not a.no_overlap,
+                                          prefetch_steps=a.prefetch_steps)
     t0 = time.perf_counter()
     split = step.place(params, state)
     jax.block_until_ready(split.frozen)
@@ -199,7 +201,8 @@ def run_one(a) -> dict:
                 period_ms=[round(statistics.median(v) * 1e3, 1) if v else None for v in by_pos],
                 amortized_ms=round(amortized * 1e3, 1),
                 amortized_mean_ms=round(mean_s * 1e3, 1) if mean_s is not None else None,
-                overlap=not a.no_overlap, transfers=dict(step.stats),
+                overlap=not a.no_overlap, prefetch_steps=a.prefetch_steps,
+                transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
                 loss=float(metrics["loss"]),
@@ -357,6 +360,8 @@ def main():
                     help=argparse.SUPPRESS)
     ap.add_argument("--no-overlap", action="store_true",
                     help="fp8 rows: the resample's transfers synchronous, in the resample step")
+    ap.add_argument("--prefetch-steps", type=int, default=1,
+                    help="fp8 rows: calls ahead of a resample that its incoming layers are sent")
     a = ap.parse_args()
     if a.check:
         a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
@@ -401,6 +406,7 @@ def main():
                                    "fp8" if variant == "fp8" else "bf16", *common] +
                          (["--allow-cpu"] if a.allow_cpu else []) +
                          (["--no-overlap"] if a.no_overlap else []) +
+                         ["--prefetch-steps", str(a.prefetch_steps)] +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:
             row = spawn_row(args, a.timeout)

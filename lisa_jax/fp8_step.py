@@ -314,12 +314,15 @@ class FrozenLisaStep:
     transform's resample runs when the host's count says a period starts. ``overlap``: the
     next period's layers sent ahead and the finished period's brought back in the background
     (see the module docstring); False: both at the resample, synchronously.
+    ``prefetch_steps``: how many calls before a resample its incoming layers are sent (1: in
+    the period's last call; more hides a transfer longer than a step, holding those layers on
+    the device longer).
     """
 
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                  allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
-                 overlap: bool = True):
+                 overlap: bool = True, prefetch_steps: int = 1):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                              f"{', '.join(REMAT_MODES)}")
@@ -335,6 +338,10 @@ class FrozenLisaStep:
             raise ValueError("the frozen-precision LISA step takes lisa(...) sampling a fixed "
                              "number of whole layers (n_active or a fixed-count sampler), not "
                              "probs= or module granularity")
+        if isinstance(prefetch_steps, bool) or not isinstance(prefetch_steps, int) or \
+                prefetch_steps < 1:
+            raise ValueError(f"prefetch_steps is an int >= 1 (calls ahead of a resample that "
+                             f"its incoming layers are sent), not {prefetch_steps!r}")
         if frozen_precision == "fp8":
             check_fp8(allow_cpu=allow_cpu)
         self.cfg, self.tx, self.remat, self.loss_chunk = cfg, tx, remat, loss_chunk
@@ -351,7 +358,7 @@ class FrozenLisaStep:
             self.quantize = jax.device_put
         self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else ())
         self._prepare = {}
-        self.donate, self.overlap = donate, overlap
+        self.donate, self.overlap, self.prefetch_steps = donate, overlap, prefetch_steps
         sampler, key_impl, L = config.sampler, config.key_impl, cfg.num_layers
         # The draw tx.prepare makes for a period (lisa._next: the sampler on the stored key).
         self._predict = jax.jit(lambda key, period: sampler.next(
@@ -412,11 +419,10 @@ class FrozenLisaStep:
         split.rest, split.active_GxP, split.count = rest, active_GxP, split.count + 1
         if self.overlap:
             # After the step's dispatch, so that the host waits beside the step: the host
-            # copies of earlier calls written in, and the next period's layers sent when the
-            # next call resamples.
+            # copies of earlier calls written in, and the next period's layers sent once its
+            # resample is prefetch_steps calls away.
             self._settle(split, before=split.count - 1)
-            if split.count // self.interval != split.period:
-                self._prefetch(split)
+            self._prefetch(split)
         return split, opt_state, metrics
 
     # -- the host side
@@ -451,9 +457,12 @@ class FrozenLisaStep:
         split.checks = keep
 
     def _prefetch(self, split: SplitParams) -> None:
-        """Send the next period's incoming layers to the device (no wait)."""
-        period = split.count // self.interval
-        if split.next_sample is None or split.next_sample[0] != period or \
+        """Send the next period's incoming layers to the device (no wait) once its resample is
+        at most ``prefetch_steps`` calls away."""
+        if split.next_sample is None:
+            return
+        period = split.next_sample[0]
+        if split.count + self.prefetch_steps - 1 < period * self.interval or \
                 (split.prefetched is not None and split.prefetched[0] == period):
             return
         active = tuple(int(i) for i in jax.device_get(split.next_sample[1]))
@@ -536,8 +545,7 @@ class FrozenLisaStep:
         if self.overlap:
             self._draw_ahead(split, opt_state, max(period + 1, count // self.interval))
             jax.block_until_ready(split.next_sample[1])  # compiled now
-            if count // self.interval != period:  # the first call resamples
-                self._prefetch(split)
+            self._prefetch(split)
         return split
 
     def full_params(self, split: SplitParams) -> dict:
@@ -556,12 +564,14 @@ class FrozenLisaStep:
 def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                           allow_cpu: bool = False, fp8_copies: int = 1,
-                          donate: bool = True, overlap: bool = True) -> FrozenLisaStep:
+                          donate: bool = True, overlap: bool = True,
+                          prefetch_steps: int = 1) -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
     docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
     its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
     takes without a transpose (2 bytes a parameter, as much as bf16). ``allow_cpu``: fp8 on a
     CPU (emulated; for tests). ``overlap``: the resample's transfers hidden behind the steps of
-    the period (see the module docstring; False: synchronous, the same values)."""
+    the period (see the module docstring; False: synchronous, the same values);
+    ``prefetch_steps``: how many calls ahead of a resample its incoming layers are sent."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
-                          donate, overlap)
+                          donate, overlap, prefetch_steps)
