@@ -19,14 +19,15 @@ the masters (:meth:`FrozenLisaStep.full_params`).
 
 With ``overlap=True`` (the default) no transfer waits on the resample step: the next period's
 sample is a function of the sampler key and the period alone, so it is drawn on the device when
-a period starts, and the layers it brings in are sent in the period's last call, after that
-call's step is dispatched (the transfer runs beside the step); the finished period's layers
-start their copy to the host at the resample and are written into the masters one call later
-(``SplitParams.sync``; anything that reads ``split.masters`` or ``full_params`` syncs first). A
-layer that re-enters before its host copy is written comes from the device copy. The values
-are the synchronous path's (``overlap=False``) bit for bit; the cost is up to γ more layers on
-the device around a resample (the incoming ones during the last step of a period, the outgoing
-ones during the first).
+a period starts, and the layers it brings in are sent in the period's last call (or spread over
+its last ``prefetch_steps``), after that call's step is dispatched (the transfer runs beside the
+step); the finished period's layers start their copy to the host at the resample and are
+written into the masters one call later (``SplitParams.sync``; anything that reads
+``split.masters`` or ``full_params`` syncs first). A layer that re-enters before its host copy
+is written comes from the device copy. The values are the synchronous path's
+(``overlap=False``) bit for bit; the cost is up to γ more layers on the device around a
+resample (the incoming ones during the last step of a period, the outgoing ones during the
+first).
 
 Inside the step every layer's forward and backward is a ``lax.cond`` on its slot: sampled
 layers run on their slot of the ``[G, ...]`` view (and get weight gradients), frozen ones on
@@ -457,17 +458,22 @@ class FrozenLisaStep:
         split.checks = keep
 
     def _prefetch(self, split: SplitParams) -> None:
-        """Send the next period's incoming layers to the device (no wait) once its resample is
-        at most ``prefetch_steps`` calls away."""
+        """Send the next period's incoming layers to the device (no wait) in the last
+        ``prefetch_steps`` calls before its resample, spread evenly over them (with γ
+        incoming layers and ``prefetch_steps=γ``, one a call)."""
         if split.next_sample is None:
             return
         period = split.next_sample[0]
-        if split.count + self.prefetch_steps - 1 < period * self.interval or \
-                (split.prefetched is not None and split.prefetched[0] == period):
+        left = period * self.interval - split.count  # calls between this one and the resample
+        if left >= self.prefetch_steps:
             return
-        active = tuple(int(i) for i in jax.device_get(split.next_sample[1]))
-        rows = {i: self._incoming(split, i) for i in active if i not in split.active}
-        split.prefetched = (period, active, rows)
+        pre = split.prefetched
+        if pre is None or pre[0] != period:
+            active = tuple(int(i) for i in jax.device_get(split.next_sample[1]))
+            pre = split.prefetched = (period, active, {})
+        todo = [i for i in pre[1] if i not in split.active and i not in pre[2]]
+        for i in todo[:-(-len(todo) // (max(left, 0) + 1))]:
+            pre[2][i] = self._incoming(split, i)
 
     def _incoming(self, split: SplitParams, i: int):
         """Layer ``i``'s newest weights, sent to the device (or taken there)."""
