@@ -280,11 +280,6 @@ def _take(active_GxP, slot):
 
 
 @jax.jit
-def _same(a, b):
-    return jnp.array_equal(a, b)
-
-
-@jax.jit
 def _stack(rows):
     """Per-layer trees stacked into ``[G, ...]`` leaves."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
@@ -362,8 +357,9 @@ class FrozenLisaStep:
         self.donate, self.overlap, self.prefetch_steps = donate, overlap, prefetch_steps
         sampler, key_impl, L = config.sampler, config.key_impl, cfg.num_layers
         # The draw tx.prepare makes for a period (lisa._next: the sampler on the stored key).
-        self._predict = jax.jit(lambda key, period: sampler.next(
-            jax.random.wrap_key_data(key, impl=key_impl), period, L)[1])
+        self._predict_fn = lambda key, period: sampler.next(
+            jax.random.wrap_key_data(key, impl=key_impl), period, L)[1]
+        self._aot = {}
         # resamples whose incoming layers were sent ahead / sent at the resample; incoming
         # layers taken from a finished period's device copy (their host copy not written yet)
         self.stats = {"prefetched": 0, "fetched": 0, "from_device": 0}
@@ -437,14 +433,26 @@ class FrozenLisaStep:
             pre = split.prefetched
             active = pre[1] if pre is not None and pre[0] == split.period else \
                 tuple(int(i) for i in jax.device_get(drawn))
-            split.checks.append((split.count, _same(opt_state.active, drawn)))
+            same = self._compiled("same", opt_state.active, drawn)
+            split.checks.append((split.count, same(opt_state.active, drawn)))
             return active
         return tuple(int(i) for i in jax.device_get(opt_state.active))
 
     def _draw_ahead(self, split: SplitParams, opt_state, period: int) -> None:
         """Draw period ``period``'s sample on the device now (read when it is needed)."""
-        split.next_sample = (period, self._predict(opt_state.key, jnp.asarray(period,
-                                                                              jnp.int32)))
+        period_ = jnp.asarray(period, jnp.int32)
+        predict = self._compiled("predict", opt_state.key, period_)
+        split.next_sample = (period, predict(opt_state.key, period_))
+
+    def _compiled(self, name: str, *args):
+        """The draw ahead (``predict``) or its check (``same``), compiled for the arguments'
+        shapes alone (a state from ``tx.init`` and one from a resample take one executable)."""
+        key = (name,) + tuple((x.shape, x.dtype) for x in args)
+        if key not in self._aot:
+            fn = self._predict_fn if name == "predict" else jnp.array_equal
+            self._aot[key] = jax.jit(fn).lower(
+                *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args)).compile()
+        return self._aot[key]
 
     def _settle(self, split: SplitParams, before: int) -> None:
         split.sync(before=before)
@@ -546,11 +554,10 @@ class FrozenLisaStep:
         split.active_GxP = self._to_device(split, active)
         if active:  # compiled now, not in a resample
             jax.block_until_ready(_take(split.active_GxP, 0))
-            jax.block_until_ready(_same(opt_state.active, opt_state.active))
         self._prepare_for(split, opt_state)
         if self.overlap:
             self._draw_ahead(split, opt_state, max(period + 1, count // self.interval))
-            jax.block_until_ready(split.next_sample[1])  # compiled now
+            self._compiled("same", opt_state.active, split.next_sample[1])  # compiled now
             self._prefetch(split)
         return split
 

@@ -266,3 +266,18 @@ def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
     for i, full in runs["read"]["reads"].items():
         for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(ref["reads"][i])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_sample_drawn_ahead_that_is_not_the_transforms_is_caught(tiny_cfg, perturbed_params,
+                                                                   batch_for):
+    cfg = tiny_cfg(num_layers=4)
+    p0 = perturbed_params(cfg)
+    tx = _lisa(interval=1)
+    step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16")
+    draw = step._predict_fn
+    step._predict_fn = lambda key, period: jnp.sort((draw(key, period) + 1) % 4)
+    s = tx.init(p0)
+    split = step.place(jax.tree.map(jnp.copy, p0), s)
+    with pytest.raises(RuntimeError, match="drawn ahead differs"):
+        for i in range(4):
+            split, s, _ = step(split, s, batch_for(cfg, seed=i))
