@@ -368,6 +368,18 @@ def _init(cfg: _Config, params):
     )
 
 
+def _rest_state_after_resample(cfg: _Config, state: LisaState, treedef, leaves, mask):
+    """The always-trained leaves' state at a resample: kept, unless ``reset="all"`` (then
+    fresh moments; counts and schedule state kept)."""
+    rest_state = state.rest_state
+    if cfg.reset != "all":
+        return rest_state
+    rest_params = _part(treedef, leaves, mask, False)
+    rest_ptd = jax.tree_util.tree_structure(rest_params, is_leaf=_none_or_masked)
+    return _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
+                 lambda f, o: f, lambda f, o, r: o, lambda f, o: o)
+
+
 def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
     """Draw the next active set (unconditionally) and carry/reset the inner states."""
     if cfg.groups is not None:  # module-level sampling
@@ -378,13 +390,7 @@ def _resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
     key_next, new_active = _next(cfg, _wrap_key(cfg, state.key), period, num_layers)
     g_old, g_new = state.active.shape[0], new_active.shape[0]
 
-    # Always-trained leaves: keep everything, unless reset="all" (then fresh moments).
-    rest_state = state.rest_state
-    if cfg.reset == "all":
-        rest_params = _part(treedef, leaves, mask, False)
-        rest_ptd = jax.tree_util.tree_structure(rest_params, is_leaf=_none_or_masked)
-        rest_state = _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
-                           lambda f, o: f, lambda f, o, r: o, lambda f, o: o)
+    rest_state = _rest_state_after_resample(cfg, state, treedef, leaves, mask)
 
     slot_view = _part(treedef, leaves, mask, True, lambda x: _rows(x, new_active))
     slot_ptd = jax.tree_util.tree_structure(slot_view, is_leaf=_none_or_masked)
@@ -625,12 +631,7 @@ def _grouped_resample_now(cfg: _Config, state: LisaState, params) -> LisaState:
     period = (state.count // cfg.interval).astype(jnp.int32)
     key_next, new_active = _grouped_next(cfg, _wrap_key(cfg, state.key), period, num_layers)
 
-    rest_state = state.rest_state
-    if cfg.reset == "all":
-        rest_params = _part(treedef, leaves, mask, False)
-        rest_ptd = jax.tree_util.tree_structure(rest_params, is_leaf=_none_or_masked)
-        rest_state = _walk(cfg.inner.init(rest_params), rest_state, rest_state, rest_ptd,
-                           lambda f, o: f, lambda f, o, r: o, lambda f, o: o)
+    rest_state = _rest_state_after_resample(cfg, state, treedef, leaves, mask)
 
     slot_states = []
     for n in range(len(cfg.groups)):
