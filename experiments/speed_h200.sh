@@ -15,6 +15,8 @@
 #   peer7b    the peer's LLaMA-2-7B LISA gamma=2 row, remat none (what fp8 is compared with)
 #   fp8       LLaMA-2-7B LISA gamma=2 with the frozen layers in fp8 (experiments/bench_fp8.py)
 #             beside our bf16 row, remat none (REMATS to change), then its --check numerics
+#   fp8k      the fp8 row over whole LISA periods, resamples overlapped with the steps: K=20
+#             (60 steps, with our bf16 row) and K=5 (20 steps)
 #   module    LLaMA-2-7B module-level LISA (--lisa-granularity matrix and attn_mlp, gamma=2)
 #   frozen8b  Llama-3-8B LISA gamma=2 with the embedding trained and frozen (--lisa-frozen embed)
 #   packing   LLaMA-2-7B LISA gamma=2 useful tokens/s with and without --packing
@@ -54,6 +56,13 @@ phase() {
           --label fp8 --timeout 240 "${FP8[@]}" --out "$OUT/fp8_llama2-7b.json"
       python3 experiments/bench_fp8.py --shape $SHAPE7 --check --batch-size 4 \
           --max-seq-len 1024 --timeout 200 "${FP8[@]}" --out "$OUT/extra/check_fp8.json" ;;
+    fp8k)
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
+          --variants bf16 fp8 --label fp8_k20 --timeout 300 "${FP8[@]}" --out "$OUT/fp8_k20.json"
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 20 --warmup 3 --lisa-interval 5 --remats none \
+          --variants fp8 --label fp8_k5 --timeout 240 "${FP8[@]}" --out "$OUT/fp8_k5.json" ;;
     module)
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
           --lisa-granularity matrix --label module --out "$OUT/module_matrix.json"

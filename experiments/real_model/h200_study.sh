@@ -7,10 +7,13 @@
 # (lisa_jax.smollm2). Then, side by side:
 #   * experiments/quality_real.py run --plan all: the runs still missing from
 #     experiments/results/quality_smollm2/runs.jsonl (each call goes on where the last stopped);
-#   * the word-reversal recipe under which LISA-trained models did not stop (float32, batch 16,
-#     400 steps, max length 64, warmup 20, cosine, K=10; LISA gamma=2 at 5e-4 and 2e-3, gamma=30
-#     at 5e-4, full FT at 1e-4; seeds 0 and 1), scored for exact match, first line and stop rate;
-#   * experiments/bench_fp8.py --check on the model's weights (fp8 frozen layers against bf16).
+#   * with WR_SRC=DIR (a folder holding a lisa_jax package, e.g. `git archive REV lisa_jax`):
+#     the word-reversal recipe under which LISA-trained models did not stop (float32, batch 16,
+#     400 steps, max length 64, warmup 20, cosine, K=10; LISA gamma=2 at 5e-4 (seeds 0, 1) and
+#     2e-3, full FT at 1e-4), trained by that package and scored by this one for exact match,
+#     first line and stop rate (word_reversal.py --train-src);
+#   * with FP8_CHECK=1: experiments/bench_fp8.py --check on the model's weights (fp8 frozen
+#     layers against bf16).
 # Results are copied to $OUT (runs.jsonl, logs of failed runs, word_reversal/*.jsonl).
 # LISA_JAX_SRC: a copy of lisa_jax to run (default: the repository's).
 set -u -o pipefail
@@ -41,15 +44,18 @@ wr() {  # one sequence of word-reversal runs: NAME then the script's flags
       --batch-size 16 --max-seq-len 64 --warmup-steps 20 --lisa-interval 10 --seeds 0 1 "$@" \
       > "$W/$name.log" 2>&1
 }
-wr lisa_g2 --methods lisa --lr lisa=5e-4,2e-3 &
-wr full --methods full --lr full=1e-4 &
-wr lisa_g30 --methods lisa --lr lisa=5e-4 --lisa-layers 30 &
-# fp8 frozen layers on the real model's weights: loss and sampled-layer gradients against bf16
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.04 timeout "$((KILL - 20))" python3 experiments/bench_fp8.py \
-    --hf "$R/hf" --check --check-steps 8 --batch-size 8 --max-seq-len 128 \
-    --data lisa_jax/demo/smollm2/word_reversal.jsonl \
-    --out "$OUT/fp8_check_smollm2.json" > "$OUT/fp8_check_smollm2.log" 2>&1 &
-STUDY_MEM_FRACTION=0.8 python3 experiments/quality_real.py run --model "$R/hf" --out "$S" --plan all \
+if [ -n "${WR_SRC:-}" ]; then
+  wr lisa_g2 --methods lisa --lr lisa=5e-4 --train-src "$WR_SRC" &
+  wr mixed --methods lisa full --lr lisa=2e-3 full=1e-4 --seeds 0 --train-src "$WR_SRC" &
+fi
+if [ "${FP8_CHECK:-0}" = 1 ]; then
+  # fp8 frozen layers on the real model's weights: loss and sampled-layer gradients against bf16
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.04 timeout "$((KILL - 20))" python3 experiments/bench_fp8.py \
+      --hf "$R/hf" --check --check-steps 8 --batch-size 8 --max-seq-len 128 \
+      --data lisa_jax/demo/smollm2/word_reversal.jsonl \
+      --out "$OUT/fp8_check_smollm2.json" > "$OUT/fp8_check_smollm2.log" 2>&1 &
+fi
+STUDY_MEM_FRACTION=${STUDY_MEM_FRACTION:-0.8} python3 experiments/quality_real.py run --model "$R/hf" --out "$S" --plan all \
     --workers "$WORKERS" --budget-s "$BUDGET" --kill-after-s "$KILL" 2>&1 | tee "$OUT/study.log"
 wait
 for d in "$W"/*/; do

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,25 @@ def evaluate(model_dir: str, records: list[dict], max_new_tokens: int, batch: in
     return scores, rows
 
 
+def train_with_cli(src: str, settings: dict) -> None:
+    """``lisa-jax train`` of the package in ``src`` (an older version, say) with ``settings``
+    as flags; its HF export lands in ``OUT/hf`` as this version's does."""
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, os.path.abspath(value) if key in ("model", "data", "out")
+                      else str(value)]
+    here = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    path = [os.path.abspath(src)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p and os.path.abspath(p) != here]
+    # run from src: ``python -m`` puts the working directory first on the path
+    subprocess.run([sys.executable, "-m", "lisa_jax.cli", "train", *flags], check=True,
+                   cwd=src, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)))
+
+
 def parse_lrs(specs: list[str]) -> dict[str, list[float]]:
     """``lisa=5e-4,2e-3 lora=1e-3`` -> {"lisa": [5e-4, 2e-3], "lora": [1e-3]}."""
     out = {}
@@ -97,8 +117,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     ap.add_argument("--words", type=int, nargs=2, default=[3, 6], metavar=("MIN", "MAX"),
                     help="words per prompt")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--extra", nargs="*", default=[], help="KEY=VALUE trainer settings for "
                     "every run (e.g. lisa_reset=all)")
+    ap.add_argument("--train-src", help="a folder holding another version of the lisa_jax "
+                    "package (git archive REV lisa_jax): train with its CLI, score with this one")
     a = ap.parse_args()
 
     from lisa_jax.config import load_config
@@ -120,13 +143,17 @@ def main() -> None:
             name = f"{method}_lr{lr:g}_seed{seed}"
             run = os.path.join(a.out, name)
             t0 = time.time()
-            cfg = load_config(None, dict(
+            settings = dict(
                 model=a.model, data=data, out=run, method=method, lr=lr, steps=a.steps,
                 batch_size=a.batch_size, max_seq_len=a.max_seq_len,
                 warmup_steps=a.warmup_steps, lisa_layers=a.lisa_layers,
                 lisa_interval=a.lisa_interval, lora_rank=a.lora_rank, seed=seed,
-                eval_fraction=0.0, save_every=10**9, progress=False, overwrite=True, **extra))
-            summary = train(cfg)
+                dtype=a.dtype, eval_fraction=0.0, save_every=10**9, progress=False,
+                overwrite=True, **extra)
+            if a.train_src:
+                summary = train_with_cli(a.train_src, settings)
+            else:
+                summary = train(load_config(None, settings))
             train_s = time.time() - t0
             scores, rows = evaluate(os.path.join(run, "hf"), held_out, a.max_new_tokens)
             write_jsonl(os.path.join(run, "replies.jsonl"), rows)
