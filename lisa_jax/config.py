@@ -134,6 +134,9 @@ class TrainConfig:
                            "layers); the rest is frozen, with no optimizer state and no "
                            "gradient. A model with tied embeddings has one matrix for embed and "
                            "head: name both or neither")
+    lisa_always_lr_scale: float = _setting(
+        1.0, "LISA: the learning rate of what --lisa-always trains (embedding, final norm, "
+             "head) as a multiple of --lr; the sampled layers train at --lr")
     # LoRA
     lora_rank: int = _setting(16, "LoRA: rank of the adapters")
     lora_alpha: float | None = _setting(None, "LoRA: scale numerator, adapters scaled by "
@@ -444,6 +447,9 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
         raise TrainError(f"--lisa-owl-threshold must be a positive number, got "
                          f"{cfg.lisa_owl_threshold}")
     always_parts(cfg)
+    if not (math.isfinite(cfg.lisa_always_lr_scale) and cfg.lisa_always_lr_scale > 0):
+        raise TrainError(f"--lisa-always-lr-scale must be a positive number (1: the layers' "
+                         f"--lr), got {cfg.lisa_always_lr_scale}")
     if cfg.update_dtype == "bfloat16" and cfg.dtype != "bfloat16":
         raise TrainError("--update-dtype bfloat16 is for --dtype bfloat16 runs; drop it (a "
                          "float32 model is updated in float32)")

@@ -80,18 +80,41 @@ def make_schedule(cfg: TrainConfig, total_steps: int):
 _ANY_SCHEDULE = optax.constant_schedule(0.0)
 
 
-def adamw(cfg: TrainConfig, schedule) -> optax.GradientTransformation:
+def adamw(cfg: TrainConfig, schedule, outside_layers_scale: float = 1.0
+          ) -> optax.GradientTransformation:
     """The run's AdamW (every method's inner optimizer), bfloat16 runs with float32-precision
-    updates unless ``--update-dtype bfloat16``."""
+    updates unless ``--update-dtype bfloat16``; ``outside_layers_scale`` multiplies the
+    learning rate of every leaf outside ``layers``."""
     # bfloat16 runs keep Adam's first moment in bfloat16 (b1 = 0.9 moves it by a tenth a
     # step, far above its rounding) and the second in float32 (b2 = 0.999 moves it by a
     # thousandth, which bfloat16 rounds away): see experiments/results/precision_h200.
     mu_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
     inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, mu_dtype=mu_dtype,
                         weight_decay=cfg.weight_decay, mask=M.weight_decay_mask)
+    if outside_layers_scale != 1.0:
+        inner = optax.chain(inner, scale_outside_layers(outside_layers_scale))
     if cfg.dtype == "bfloat16" and cfg.update_dtype == "float32":
         inner = master_weights(inner)
     return inner
+
+
+def scale_outside_layers(factor: float) -> optax.GradientTransformation:
+    """Updates of the leaves outside ``layers`` times ``factor``, the layers' as they are.
+
+    After AdamW it is a learning rate of ``factor`` times the schedule's for those leaves (its
+    step and its decoupled weight decay are both proportional to the learning rate).
+
+    >>> tx = scale_outside_layers(0.5)
+    >>> u, _ = tx.update({"embed": jnp.ones(2), "layers": jnp.ones(2)}, tx.init(None))
+    >>> u["embed"].tolist(), u["layers"].tolist()
+    ([0.5, 0.5], [1.0, 1.0])
+    """
+    def update(updates, state, params=None):
+        del params
+        return {k: v if k == "layers" else jax.tree.map(lambda u: u * factor, v)
+                for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _clipped(cfg: TrainConfig, inner: optax.GradientTransformation):
@@ -318,7 +341,7 @@ class Lisa(Method):
                 self.importance = imp_lib.OnlineImportance(
                     num_layers, cfg.lisa_layers, cfg.lisa_importance_floor,
                     cfg.lisa_importance_decay)
-            return lisa(adamw(cfg, schedule), **kw)
+            return lisa(adamw(cfg, schedule, cfg.lisa_always_lr_scale), **kw)
         except ValueError as e:
             raise TrainError(str(e))
 

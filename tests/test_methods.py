@@ -142,3 +142,44 @@ def test_trainable_counts_the_view_the_adapters_or_everything(model_dir):
     adapters = lora_lib.init_lora(p["layers"], jax.random.key(0), 4)
     assert n == size(adapters) and "rank 4" in what
     assert methods.count_text(6_738_415_616) == "6.74B" and methods.count_text(999) == "999"
+
+
+def test_lisa_always_lr_scale_scales_the_always_trained_leaves_step_and_no_other(
+        tiny_cfg, perturbed_params, batch_for):
+    """``--lisa-always-lr-scale s``: one step from the same start moves the embedding, final
+    norm and head s times as far as at s = 1 (AdamW's step and its decay are proportional to
+    the learning rate), and the sampled layers exactly as far."""
+    from lisa_jax import step as step_lib
+    cfg = tiny_cfg()
+    params, batch = perturbed_params(cfg), batch_for(cfg)
+
+    def moved(scale):
+        run = TrainConfig(method="lisa", lisa_layers=2, lr=1e-2, weight_decay=0.1,
+                          lisa_always_lr_scale=scale, clip_norm=0.0)
+        method = methods.method_for(run, cfg)
+        tx = method.optimizer(methods.make_schedule(run, 10))
+        step = step_lib.make_lisa_step(cfg, tx, donate=False)
+        state = tx.init(params)
+        new, state, _ = step(params, state, batch)
+        return jax.tree.map(lambda a, b: np.asarray(b, np.float64) - np.asarray(a), params,
+                            new), np.asarray(state.active)
+
+    d1, active1 = moved(1.0)
+    dq, activeq = moved(0.25)
+    np.testing.assert_array_equal(active1, activeq)
+    for name in ("embed", "final_norm"):
+        assert np.abs(d1[name]).max() > 0
+        ulp = float(np.spacing(np.abs(np.asarray(params[name], np.float32)).max()))
+        # both sides of each difference rounded to float32: a few ulps of the weights
+        np.testing.assert_allclose(dq[name], 0.25 * d1[name], rtol=1e-4, atol=4 * ulp)
+    for a, b in zip(jax.tree.leaves(d1["layers"]), jax.tree.leaves(dq["layers"])):
+        np.testing.assert_array_equal(a, b)
+        assert np.abs(a[active1]).max() > 0 and not np.any(np.delete(a, active1, axis=0))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_lisa_always_lr_scale_must_be_positive(value):
+    from lisa_jax.config import check_config
+    with pytest.raises(TrainError, match="--lisa-always-lr-scale must be a positive number"):
+        check_config(TrainConfig(method="lisa", lr=1e-4, lisa_always_lr_scale=value),
+                     paths=False)
