@@ -58,6 +58,13 @@ METHODS = {
     "lisa_online": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
                          lisa_importance="online"), _LISA_LRS),
     "lisa_imp_norm": (dict(method="lisa", lisa_layers=2, lisa_interval=20), _LISA_LRS),
+    # the embedding, final norm and head at a fifth of the layers' rate (--lisa-always-lr-scale:
+    # at LISA's best rates, near full fine-tuning's), and a cosine that ends at a tenth of the
+    # peak rather than at zero (do late periods train their layers?)
+    **{f"lisa_g{g}_k20_eh0.2": (dict(method="lisa", lisa_layers=g, lisa_interval=20,
+                                     lisa_always_lr_scale=0.2), _LISA_LRS) for g in (2, 8)},
+    "lisa_g2_k20_floor0.1": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
+                                  min_lr_ratio=0.1), _LISA_LRS),
     # the samplers against uniform γ=2, K=20, at its best rate and on its seeds
     **{f"lisa_{s}": (dict(method="lisa", lisa_layers=2, lisa_interval=20, lisa_sampler=s),
                      (6e-4,)) for s in ("owl", "reshuffle", "descending")},
@@ -281,7 +288,8 @@ def _plan(kind: str, rows: list[dict]) -> list[dict]:
     # the three families' central variants first, so a short budget still compares them
     order = ["full", "lora_r16", "lisa_g2_k20", "lisa_g4_k20", "lora_r64", "lisa_g8_k20",
              "lisa_g2_k20_reset_all", "lisa_online", "lisa_imp_norm", "lisa_owl",
-             "lisa_reshuffle", "lisa_descending", "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5"]
+             "lisa_reshuffle", "lisa_descending", "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5",
+             "lisa_g2_k20_eh0.2", "lisa_g8_k20_eh0.2", "lisa_g2_k20_floor0.1"]
     sweep = figure1 + [_spec(m, lr, 0) for m in order for lr in METHODS[m][1]]
     swept = {(r["method"], r["lr"]) for r in rows if r["seed"] == 0}
     best = {m: lr for m, lr in best_lrs(rows).items()  # seeds once the whole sweep is in
