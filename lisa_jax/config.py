@@ -184,9 +184,10 @@ class TrainConfig:
               "everything and no slower)")
     # Per-layer arrays spare a GPU the copies of stacked slices before each library call.
     layer_layout: str = _setting(
-        "auto", "LISA on one device: per_layer trains on one array per layer weight, stacked on "
-                "one array per weight of all layers; auto picks per_layer on a GPU. Checkpoints "
-                "and exports are stacked either way", ("auto", "per_layer", "stacked"))
+        "auto", "LISA: per_layer trains on one array per layer weight (on a --mesh each "
+                "sharded as its slice of the stack), stacked on one array per weight of all "
+                "layers; auto picks per_layer on one GPU. Checkpoints and exports are stacked "
+                "either way", ("auto", "per_layer", "stacked"))
     frozen_precision: str = _setting(
         "bf16", "LISA on one GPU: the frozen layers' GEMMs in bf16, or fp8 (fp8 tensor cores: Ada, "
                 "Hopper or later): fp8 copies of every layer on the GPU, the layers' bf16 weights "
@@ -465,9 +466,10 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     if cfg.layer_layout not in choices("layer_layout"):
         raise TrainError(f"unknown --layer-layout {cfg.layer_layout!r}; use one of "
                          f"{', '.join(choices('layer_layout'))}")
-    if cfg.layer_layout == "per_layer" and (cfg.method != "lisa" or cfg.mesh or cfg.distributed):
-        raise TrainError("--layer-layout per_layer is for --method lisa on one device; drop it "
-                         "(or use --layer-layout stacked) with other methods or with --mesh")
+    if cfg.layer_layout == "per_layer" and (cfg.method != "lisa" or cfg.distributed):
+        raise TrainError("--layer-layout per_layer is for --method lisa in one process; drop it "
+                         "(or use --layer-layout stacked) with other methods or with "
+                         "--distributed")
     check_frozen_precision(cfg)
     if cfg.steps is not None and cfg.steps < 1:
         raise TrainError("--steps must be at least 1")

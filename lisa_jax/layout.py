@@ -291,6 +291,15 @@ def stacked_template(params: Params) -> Params:
     return {**params, "layers": of(params["layers"]).template(params["layers"])}
 
 
+def per_layer_template(params: Params) -> Params:
+    """``params`` with its layers as one tree of ``jax.ShapeDtypeStruct``s per layer: the
+    shapes a step on the per-layer layout takes (its shardings on a mesh, say)."""
+    full = stacked_template(params)["layers"]
+    num_layers = jax.tree.leaves(full)[0].shape[0]
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), full)
+    return {**params, "layers": (one,) * num_layers}
+
+
 def slot_of_layer(active_G, num_layers: int):
     """``[L]`` int32: the slot holding each layer, -1 where the layer is frozen. For module
     groups' indices ``active_NxG``: ``[N, L]``, one row per group."""

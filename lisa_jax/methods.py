@@ -356,6 +356,11 @@ class Lisa(Method):
             except ValueError as e:
                 raise TrainError(str(e))
             return state, frozen.step_fn
+        if shardings is not None and per_layer_layout(self.cfg):
+            # the step takes the per-layer arrays, each sharded as its slice of the stack
+            from lisa_jax import sharding as SH
+            shardings = SH.StepShardings(shardings.mesh, SH.param_shardings(
+                self.mcfg, layout.per_layer_template(params), shardings.mesh), shardings.state)
         return state, step_lib.make_lisa_step(self.mcfg, tx, self.remat, shardings=shardings)
 
     @staticmethod

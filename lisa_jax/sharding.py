@@ -229,7 +229,11 @@ def leaf_spec(cfg: M.LlamaConfig | None, names: tuple[str, ...], shape, mesh: Me
     lora = (len(names) >= 2 and names[-1] in ("a", "b") and
             getattr(block.PARAMS_BY_NAME.get(names[-2]), "lora", False))
     if layer_axis is None:
-        layer_axis = LAYER_KEY in names or lora
+        # a stacked layer leaf ("layers", "wq") has the layer axis; one of the per-layer
+        # layout's ("layers", "3", "wq") is a single layer's
+        at = names.index(LAYER_KEY) if LAYER_KEY in names else None
+        one_layer = at is not None and at + 1 < len(names) and names[at + 1].isdigit()
+        layer_axis = (at is not None and not one_layer) or lora
     first = 1 if layer_axis else 0
     row = block.PARAMS_BY_NAME.get(names[-2] if lora else (names[-1] if names else ""))
 

@@ -73,7 +73,7 @@ def run_cli(args, capsys):
     ("all_too_long", r"longer than max length .*--max-seq-len"),
     ("gamma_too_large", r"--lisa-layers 9 is out of range: the model has 4 layers"),
     ("unknown_method", r"unknown method 'sft'; use --method lisa, full or lora"),
-    ("per_layer_with_full", r"--layer-layout per_layer is for --method lisa on one device"),
+    ("per_layer_with_full", r"--layer-layout per_layer is for --method lisa in one process"),
     ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
     ("distributed_without_cluster",
      r"--distributed could not join the other processes .*--coordinator-address"),

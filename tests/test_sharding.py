@@ -200,6 +200,10 @@ def test_trainer_with_mesh_runs_sharded(tmp_path):
     assert out["batch_spec"]["input_ids"] == "('fsdp', None)"
     assert out["bad_batch_error"].startswith("batch size 6 does not divide")
     assert "\n" not in out["bad_batch_error"]
+    assert out["per_layer_spec"]["layers/0/wq"] == "('fsdp', 'tp')"
+    assert out["per_layer_spec"]["layers/3/w_down"] == "('tp', 'fsdp')"
+    assert out["per_layer_loss_diff"] < 1e-5
+    assert out["per_layer_checkpoints"]
     # The trainer on a mesh keeps XLA:CPU's collectives in one order (cpu_env does not).
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in out["xla_flags"]
 
@@ -486,12 +490,23 @@ def _worker_trainer(out_dir: str) -> dict:
         bad = ""
     except C.TrainError as e:
         bad = str(e)
-    rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.jsonl"))]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    return dict(steps=summary["steps"], finite=all(math.isfinite(x) for x in losses),
-                spec=SH.describe(seen["params"]), state_spec=SH.describe(seen["state"]),
-                batch_spec=SH.describe(seen["batch"]), bad_batch_error=bad,
-                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    def losses(out):
+        rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+        return [r["loss"] for r in rows if "loss" in r]
+    result = dict(steps=summary["steps"], finite=all(math.isfinite(x) for x in losses(out_dir)),
+                  spec=SH.describe(seen["params"]), state_spec=SH.describe(seen["state"]),
+                  batch_spec=SH.describe(seen["batch"]), bad_batch_error=bad,
+                  xla_flags=os.environ.get("XLA_FLAGS", ""))
+    # The per-layer layout on the same mesh: each layer's arrays sharded as its slice of the
+    # stack, the same losses, and a checkpoint stacked again (what --resume reads)
+    per_layer = out_dir + "-per-layer"
+    T.train(C.TrainConfig(out=per_layer, **{**base, "layer_layout": "per_layer"}))
+    result.update(per_layer_spec=SH.describe(seen["params"]),
+                  per_layer_loss_diff=max(abs(a - b) for a, b in zip(losses(out_dir),
+                                                                     losses(per_layer))),
+                  per_layer_checkpoints=sorted(os.listdir(os.path.join(per_layer,
+                                                                       "checkpoints"))))
+    return result
 
 
 def _worker_steps(path: str, out_dir: str, port: str | None = None,
