@@ -51,8 +51,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_flags, command_line, model_config, random_batch, spawn_row,  # noqa: E402
-                    write_json)
+from common import (add_flags, command_line, forward_flags, model_config,  # noqa: E402
+                    random_batch, spawn_row, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_STEP = os.path.join(HERE, "bench_step.py")
@@ -378,13 +378,9 @@ def main():
         a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
         print(json.dumps(run_one(a)), flush=True)
         return
-    common = ["--shape", a.shape, "--batch-size", str(a.batch_size),
-              "--max-seq-len", str(a.max_seq_len), "--steps", str(a.steps),
-              "--warmup", str(a.warmup), "--lisa-interval", str(a.lisa_interval),
-              "--lisa-layers", str(a.lisa_layers), "--loss-chunk", str(a.loss_chunk),
-              "--update-dtype", a.update_dtype, "--mu-dtype", a.mu_dtype] + \
-        (["--label", a.label] if a.label is not None else []) + \
-        (["--dtype", a.dtype] if a.dtype else [])
+    common = forward_flags(a, "shape", "batch_size", "max_seq_len", "steps", "warmup",
+                           "lisa_interval", "lisa_layers", "loss_chunk", "update_dtype",
+                           "mu_dtype", "label", "dtype")
     rows, failed = [], []
 
     def save():

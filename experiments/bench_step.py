@@ -46,8 +46,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_flags, command_line, model_config, random_batch, spawn_row,  # noqa: E402
-                    time_steps, write_json)
+from common import (add_flags, command_line, forward_flags, model_config,  # noqa: E402
+                    random_batch, spawn_row, time_steps, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
@@ -371,18 +371,10 @@ def main():
         a.lisa_layers = a.lisa_layers[0]
         print(json.dumps(run_one(a)), flush=True)
         return
-    common = ["--shape", a.shape, "--batch-size", str(a.batch_size),
-              "--max-seq-len", str(a.max_seq_len), "--steps", str(a.steps),
-              "--warmup", str(a.warmup), "--lisa-interval", str(a.lisa_interval),
-              "--lora-rank", str(a.lora_rank), "--loss-chunk", str(a.loss_chunk),
-              "--inner", a.inner, "--update-dtype", a.update_dtype] + \
-        (["--mu-dtype", a.mu_dtype] if a.mu_dtype else []) + \
-        (["--lisa-frozen", a.lisa_frozen] if a.lisa_frozen else []) + \
-        (["--lisa-granularity", a.lisa_granularity] if a.lisa_granularity != "layer" else
-         []) + \
-        (["--label", a.label] if a.label is not None else []) + \
-        (["--dtype", a.dtype] if a.dtype else []) + \
-        (["--profile", a.profile] if a.profile else [])
+    common = forward_flags(a, "shape", "batch_size", "max_seq_len", "steps", "warmup",
+                           "lisa_interval", "lora_rank", "loss_chunk", "inner", "update_dtype",
+                           "mu_dtype", "lisa_frozen", "lisa_granularity", "label", "dtype",
+                           "profile")
     a.peer = a.peer or a.peer_only
     if a.peer and a.peer_impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
         sys.exit("--peer-impl liger: liger_kernel is not importable (pip install --no-deps "

@@ -67,6 +67,21 @@ def flag(name: str, many: bool = False) -> str:
     return "--" + (PLURAL.get(name, name) if many else name).replace("_", "-")
 
 
+def forward_flags(args: argparse.Namespace, *names: str) -> list[str]:
+    """The command-line flags that pass ``args``' values of ``names`` on to a child process
+    (``--max-seq-len 1024``); a value that is None or empty is left out (the child's default).
+
+    >>> forward_flags(argparse.Namespace(max_seq_len=1024, label=None), "max_seq_len", "label")
+    ['--max-seq-len', '1024']
+    """
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value != "":
+            out += [flag(name), str(value)]
+    return out
+
+
 def add_flags(ap: argparse.ArgumentParser, many=(), choices=None, helps=None, **defaults):
     """Add the trainer-named flags ``defaults`` names, with those defaults, to ``ap``.
 
