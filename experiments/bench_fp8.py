@@ -136,7 +136,8 @@ def run_one(a) -> dict:
                                           frozen_precision=a.frozen_precision,
                                           allow_cpu=a.allow_cpu, fp8_copies=a.fp8_copies,
                                           overlap=not a.no_overlap,
-                                          prefetch_steps=a.prefetch_steps)
+                                          prefetch_steps=a.prefetch_steps,
+                                          background_transfers=a.background_transfers)
     t0 = time.perf_counter()
     split = step.place(params, state)
     jax.block_until_ready(split.frozen)
@@ -202,7 +203,7 @@ def run_one(a) -> dict:
                 amortized_ms=round(amortized * 1e3, 1),
                 amortized_mean_ms=round(mean_s * 1e3, 1) if mean_s is not None else None,
                 overlap=not a.no_overlap, prefetch_steps=a.prefetch_steps,
-                transfers=dict(step.stats),
+                background_transfers=a.background_transfers, transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
                 loss=float(metrics["loss"]),
@@ -360,6 +361,8 @@ def main():
                     help=argparse.SUPPRESS)
     ap.add_argument("--no-overlap", action="store_true",
                     help="fp8 rows: the resample's transfers synchronous, in the resample step")
+    ap.add_argument("--background-transfers", action="store_true",
+                    help="fp8 rows: the overlapped transfers made by a thread of their own")
     ap.add_argument("--prefetch-steps", type=int, default=1,
                     help="fp8 rows: calls ahead of a resample that its incoming layers are sent")
     a = ap.parse_args()
@@ -402,6 +405,7 @@ def main():
                                    "fp8" if variant == "fp8" else "bf16", *common] +
                          (["--allow-cpu"] if a.allow_cpu else []) +
                          (["--no-overlap"] if a.no_overlap else []) +
+                         (["--background-transfers"] if a.background_transfers else []) +
                          ["--prefetch-steps", str(a.prefetch_steps)] +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:

@@ -27,7 +27,9 @@ written into the masters one call later (``SplitParams.sync``; anything that rea
 is written comes from the device copy. The values are the synchronous path's
 (``overlap=False``) bit for bit; the cost is up to γ more layers on the device around a
 resample (the incoming ones during the last step of a period, the outgoing ones during the
-first).
+first). With ``background_transfers=True`` both directions run in a thread of their own, so
+that a copy slower than a step (pageable host memory) holds up neither the dispatch of the next
+steps nor the host: the resample waits only for what it still needs.
 
 Inside the step every layer's forward and backward is a ``lax.cond`` on its slot: sampled
 layers run on their slot of the ``[G, ...]`` view (and get weight gradients), frozen ones on
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -205,8 +208,9 @@ class SplitParams:
     still under way, :meth:`sync`). ``cache.copies``: every layer's frozen copy (device; a
     sampled layer's is not read). ``count``/``period``: the host's mirror of the optimizer
     state's, to know when a resample is due without reading the device.
-    ``pending``: ``(count, stacked layers, their indices)`` of finished periods whose copy to
-    the host is under way; ``prefetched``: ``(period, sample, {layer: device tree})``, the
+    ``pending``: ``(count, stacked layers, their indices, host copy)`` of finished periods
+    whose copy to the host is under way (the host copy: a ``Future`` of it when a thread makes
+    it, else None); ``prefetched``: ``(period, sample, {layer: device tree})``, the
     next period's incoming layers sent ahead; ``next_sample``: ``(period, device array)``, the
     sample drawn ahead for that period; ``checks``: ``(count, device bool)``, whether a
     sample drawn ahead was the transform's. A step updates it in place and returns it."""
@@ -243,11 +247,11 @@ class SplitParams:
         count."""
         keep = []
         for entry in self.pending:
-            count, old, layers = entry
+            count, old, layers, fetch = entry
             if before is not None and count >= before:
                 keep.append(entry)
                 continue
-            host = jax.device_get(old)
+            host = fetch.result() if fetch is not None else jax.device_get(old)
             for j, i in enumerate(layers):
                 self.host_masters[i] = {k: v[j] for k, v in host.items()}
             for x in jax.tree.leaves(old):
@@ -257,7 +261,7 @@ class SplitParams:
     def latest_on_device(self, layer: int):
         """Layer ``layer``'s weights on the device where its newest value is there (a finished
         period's layer whose host copy is not written yet), else None."""
-        for _, old, layers in reversed(self.pending):
+        for _, old, layers, _ in reversed(self.pending):
             if layer in layers:
                 return _take(old, layers.index(layer))
         return None
@@ -318,7 +322,8 @@ class FrozenLisaStep:
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                  allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
-                 overlap: bool = True, prefetch_steps: int = 1):
+                 overlap: bool = True, prefetch_steps: int = 1,
+                 background_transfers: bool = False):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                              f"{', '.join(REMAT_MODES)}")
@@ -355,6 +360,12 @@ class FrozenLisaStep:
         self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else ())
         self._prepare = {}
         self.donate, self.overlap, self.prefetch_steps = donate, overlap, prefetch_steps
+        if background_transfers and not overlap:
+            raise ValueError("background_transfers runs the overlapped transfers in a thread; "
+                             "it needs overlap=True")
+        # one thread: the transfers keep their order (a layer sent is the one last written)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lisa-transfers") \
+            if background_transfers else None
         sampler, key_impl, L = config.sampler, config.key_impl, cfg.num_layers
         # The draw tx.prepare makes for a period (lisa._next: the sampler on the stored key).
         self._predict_fn = lambda key, period: sampler.next(
@@ -481,7 +492,11 @@ class FrozenLisaStep:
             pre = split.prefetched = (period, active, {})
         todo = [i for i in pre[1] if i not in split.active and i not in pre[2]]
         for i in todo[:-(-len(todo) // (max(left, 0) + 1))]:
-            pre[2][i] = self._incoming(split, i)
+            lp = split.latest_on_device(i)
+            if lp is not None or self._pool is None:
+                pre[2][i] = self._incoming(split, i)
+            else:  # the master as it is now: sync replaces a master, never writes into it
+                pre[2][i] = self._pool.submit(jax.device_put, split.host_masters[i])
 
     def _incoming(self, split: SplitParams, i: int):
         """Layer ``i``'s newest weights, sent to the device (or taken there)."""
@@ -520,13 +535,15 @@ class FrozenLisaStep:
         split.cache.refresh(source, active)
         on_device = {i: rows[i] for i in active if i in rows}
         if pre is not None and pre[0] == split.period and pre[1] == active:
-            on_device.update(pre[2])
+            on_device.update({i: x.result() if isinstance(x, Future) else x
+                              for i, x in pre[2].items()})
             self.stats["prefetched"] += 1
         else:
             self.stats["fetched"] += 1
         new = self._to_device(split, active, on_device)
         del rows, source, on_device, pre
-        split.pending.append((split.count, old, split.active))
+        fetch = self._pool.submit(jax.device_get, old) if self._pool else None
+        split.pending.append((split.count, old, split.active, fetch))
         split.active_GxP, split.active = new, active
         if not self.overlap:
             split.sync()
@@ -578,13 +595,15 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                           allow_cpu: bool = False, fp8_copies: int = 1,
                           donate: bool = True, overlap: bool = True,
-                          prefetch_steps: int = 1) -> FrozenLisaStep:
+                          prefetch_steps: int = 1,
+                          background_transfers: bool = False) -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
     docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
     its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
     takes without a transpose (2 bytes a parameter, as much as bf16). ``allow_cpu``: fp8 on a
     CPU (emulated; for tests). ``overlap``: the resample's transfers hidden behind the steps of
     the period (see the module docstring; False: synchronous, the same values);
-    ``prefetch_steps``: how many calls ahead of a resample its incoming layers are sent."""
+    ``prefetch_steps``: how many calls ahead of a resample its incoming layers are sent;
+    ``background_transfers``: those transfers and the copies back to the host in a thread."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
-                          donate, overlap, prefetch_steps)
+                          donate, overlap, prefetch_steps, background_transfers)

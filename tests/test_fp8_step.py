@@ -219,15 +219,16 @@ def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
     # the host one call late; "read": the same, with full_params read while host copies are
     # under way (what a checkpoint does); "ahead": sent two calls ahead (with interval 1, in
     # the resample's own call, while the layers leaving are still pending); sync: both at the
-    # resample
+    # resample; "thread": as "ahead", the transfers made by a thread of their own
     cfg = tiny_cfg(num_layers=4)
     p0 = perturbed_params(cfg)
     tx = _lisa(interval=interval)
     runs = {}
-    for name in ("sync", "overlap", "read", "ahead"):
+    for name in ("sync", "overlap", "read", "ahead", "thread"):
         step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="fp8", allow_cpu=True,
                                        overlap=name != "sync",
-                                       prefetch_steps=2 if name == "ahead" else 1)
+                                       prefetch_steps=2 if name in ("ahead", "thread") else 1,
+                                       background_transfers=name == "thread")
         s = tx.init(p0)
         split = step.place(jax.tree.map(jnp.copy, p0), s)
         losses, samples, reads = [], [], {}
@@ -245,7 +246,7 @@ def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
     ref = runs["sync"]
     assert _left_and_came_back(ref["samples"])
     assert ref["stats"]["prefetched"] == 0 and ref["stats"]["fetched"] > 2
-    for name in ("overlap", "read", "ahead"):  # ahead: sent two calls before the resample
+    for name in ("overlap", "read", "ahead", "thread"):  # ahead: two calls before the resample
         run = runs[name]
         assert run["samples"] == ref["samples"]
         for a, b in zip(run["losses"], ref["losses"]):
