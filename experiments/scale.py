@@ -24,6 +24,7 @@ autodiff with ``remat="full"``. ``--batch-size`` is the batch per data-parallel 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -84,6 +85,8 @@ def run_one(a) -> dict:
     if a.method == "lisa":
         tx = lisa_jax.lisa(opt, n_active=a.lisa_layers, interval=a.lisa_interval, key=0)
         state, sh = SH.init_sharded(tx.init, params, cfg, mesh)
+        if a.fsdp_prefetch:  # each layer's all-gather issued a layer ahead
+            sh = dataclasses.replace(sh, prefetch=True)
         step = S.make_lisa_step(cfg, tx, remat="full", shardings=sh)
     elif a.method == "lora":
         def init(p):
@@ -138,6 +141,8 @@ def spawn(a, shape, method, devices) -> dict:
         cmd += ["--mesh", a.mesh]
     if a.dtype:
         cmd += ["--dtype", a.dtype]
+    if a.fsdp_prefetch:
+        cmd += ["--fsdp-prefetch"]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
@@ -158,6 +163,9 @@ def main(argv=None) -> int:
     add_flags(ap, steps=5, dtype=None,
               helps=dict(steps="timed steps after the warm-up",
                          dtype="default: bfloat16 on GPU, float32 on CPU"))
+    ap.add_argument("--fsdp-prefetch", action="store_true",
+                    help="LISA: each layer's FSDP all-gather a layer ahead (the trainer's "
+                         "--fsdp-prefetch)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per row")
     ap.add_argument("--out", default=None, help="JSON file (written after every row)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)

@@ -195,6 +195,10 @@ class TrainConfig:
                 "checkpoints and exports are bf16 either way", ("bf16", "fp8"))
     mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard "
                                       "over several devices (not given: one device)")
+    fsdp_prefetch: bool = _setting(False, "LISA on a --mesh with fsdp: each layer's weights "
+                                          "all-gathered a layer ahead in the forward and the "
+                                          "backward, so the gather can run beside the layer "
+                                          "before")
     distributed: bool = _setting(False, "several hosts: start one process per host with the "
                                         "same flags; they join with jax.distributed.initialize "
                                         "and --mesh spans all their devices")
@@ -471,6 +475,9 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
                          "(or use --layer-layout stacked) with other methods or with "
                          "--distributed")
     check_frozen_precision(cfg)
+    if cfg.fsdp_prefetch and (cfg.method != "lisa" or "fsdp" not in (cfg.mesh or "")):
+        raise TrainError("--fsdp-prefetch is for --method lisa on a --mesh with fsdp (e.g. "
+                         "--mesh fsdp=8); drop it")
     if cfg.steps is not None and cfg.steps < 1:
         raise TrainError("--steps must be at least 1")
     from lisa_jax.evaluate import check_eval_settings

@@ -54,10 +54,22 @@ class Stacked:
         return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
                             layers)
 
-    def scan(self, fn: Callable, carry, layers):
+    def scan(self, fn: Callable, carry, layers, gather=None):
         """``fn(carry, (layer_params, index)) -> (carry, y)`` over the layers in order;
-        ``(carry, ys)`` with ``ys`` stacked."""
-        return jax.lax.scan(fn, carry, (layers, jnp.arange(self.num_layers(layers))))
+        ``(carry, ys)`` with ``ys`` stacked. ``gather``: a layer's parameters as the layer
+        uses them (``sharding.StepShardings.layer_gather``: all-gathered over ``fsdp``), made
+        one iteration ahead, so that the next layer's gather can run beside this layer."""
+        L = self.num_layers(layers)
+        if gather is None:
+            return jax.lax.scan(fn, carry, (layers, jnp.arange(L)))
+
+        def body(c, i):
+            carry, lp = c
+            ahead = gather(self.at(layers, jnp.minimum(i + 1, L - 1)))
+            carry, y = fn(carry, (lp, i))
+            return (carry, ahead), y
+        (carry, _), ys = jax.lax.scan(body, (carry, gather(self.at(layers, 0))), jnp.arange(L))
+        return carry, ys
 
     def template(self, layers):
         """``jax.ShapeDtypeStruct`` of every stacked leaf ``[L, ...]``."""
@@ -90,15 +102,20 @@ class Stacked:
                         x.delete()
         return treedef.unflatten(stacked)
 
-    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask=None):
+    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask=None,
+                gather=None):
         """The LISA backward over all layers: ``(slot gradients [G, ...], dh)``.
 
         ``G + 1`` activation-only ``fori_loop``s split at the sampled layers; each sampled
         layer's backward, weight gradients included, runs once outside any loop with its slot
         known statically, so nothing is carried or selected per layer. Slot ``j`` holds the
-        ``j``-th lowest sampled layer.
+        ``j``-th lowest sampled layer. ``gather``: as in :meth:`scan`, each layer's parameters
+        gathered one layer ahead (carried through the loops).
         """
         G, L = _num_slots(shapes), slot_L.shape[0]
+        if gather is not None:
+            return self._reverse_gathered(cfg, remat, layers, saved, slot_L, shapes, dy, rope,
+                                          mask, gather)
 
         def down(dh, hi, lo):  # layers hi-1 .. lo, activation gradient only
             # One layer per iteration: two per iteration keep both layers' temporaries alive
@@ -120,6 +137,39 @@ class Stacked:
                                                    mask_BxSxS=mask)
             hi = layer
         dh = down(dh, hi, jnp.int32(0))
+        if not G:
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), dh
+        return jax.tree.map(lambda *gs: jnp.stack(gs), *per_slot), dh
+
+    def _reverse_gathered(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask,
+                          gather):
+        """:meth:`reverse` with each layer's parameters gathered one layer ahead: every loop
+        and every sampled layer's backward takes the layer below gathered with it."""
+        G, L = _num_slots(shapes), slot_L.shape[0]
+
+        def ahead(layer):  # the next layer down (layer 0 again at the bottom: unused)
+            return gather(self.at(layers, jnp.maximum(layer - 1, 0)))
+
+        def down(dh, lp, hi, lo):  # layers hi-1 .. lo; lp: layer hi-1 gathered
+            def body(i, c):
+                dh, lp = c
+                layer = hi - 1 - i
+                nxt = ahead(layer)
+                dh = block.layer_backward(cfg, lp, self.at(saved, layer), rope, dh, remat,
+                                          layer=layer, mask_BxSxS=mask)[0]
+                return dh, nxt
+            return jax.lax.fori_loop(0, hi - lo, body, (dh, lp))  # lp: layer lo-1 gathered
+
+        dh, lp, hi, per_slot = dy, gather(self.at(layers, L - 1)), jnp.int32(L), [None] * G
+        for j in reversed(range(G)):
+            layer = jnp.argmax(slot_L == j).astype(jnp.int32)
+            dh, lp = down(dh, lp, hi, layer + 1)
+            nxt = ahead(layer)
+            dh, per_slot[j] = block.layer_backward(cfg, lp, self.at(saved, layer), rope, dh,
+                                                   remat, weight_grads=True, layer=layer,
+                                                   mask_BxSxS=mask)
+            lp, hi = nxt, layer
+        dh, _ = down(dh, lp, hi, jnp.int32(0))
         if not G:
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), dh
         return jax.tree.map(lambda *gs: jnp.stack(gs), *per_slot), dh
@@ -156,10 +206,10 @@ class PerLayer:
     def num_layers(self, layers) -> int:
         return len(layers)
 
-    def scan(self, fn: Callable, carry, layers):
+    def scan(self, fn: Callable, carry, layers, gather=None):
         ys = []
-        for i, lp in enumerate(layers):
-            carry, y = fn(carry, (lp, i))
+        for i, lp in enumerate(layers):  # unrolled: XLA orders the gathers
+            carry, y = fn(carry, (gather(lp) if gather else lp, i))
             ys.append(y)
         return carry, tuple(ys)
 
@@ -205,7 +255,8 @@ class PerLayer:
                 x.delete()
         return tuple(treedef.unflatten([s[i] for s in split]) for i in range(num_layers))
 
-    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask=None):
+    def reverse(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask=None,
+                gather=None):
         """The LISA backward, unrolled: every layer's activation backward, and its weight
         gradients under ``lax.cond`` on its slot, written into the ``G``-slot buffer."""
         grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -219,7 +270,7 @@ class PerLayer:
         def skip(grads, parts, lp, slot, layer):
             return grads
         for layer in reversed(range(len(layers))):
-            lp = layers[layer]
+            lp = gather(layers[layer]) if gather else layers[layer]
             # The unrolled program lets XLA schedule any layer's recompute early, all of them
             # alive at once; the barrier makes each layer wait for its output cotangent.
             saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))

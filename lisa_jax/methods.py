@@ -12,6 +12,7 @@ trains on and the canonical stacked one.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
@@ -361,6 +362,8 @@ class Lisa(Method):
             from lisa_jax import sharding as SH
             shardings = SH.StepShardings(shardings.mesh, SH.param_shardings(
                 self.mcfg, layout.per_layer_template(params), shardings.mesh), shardings.state)
+        if shardings is not None and self.cfg.fsdp_prefetch:
+            shardings = dataclasses.replace(shardings, prefetch=True)
         return state, step_lib.make_lisa_step(self.mcfg, tx, self.remat, shardings=shardings)
 
     @staticmethod

@@ -377,6 +377,23 @@ class StepShardings:
     mesh: Mesh
     params: Any
     state: Any
+    prefetch: bool = False
+
+    def layer_gather(self) -> Callable | None:
+        """With ``prefetch`` on an ``fsdp`` mesh: the function that gives one layer's
+        parameters all-gathered over ``fsdp`` (a ``tp`` split kept), which the LISA step
+        applies a layer ahead of its use (``stack_vjp.lisa_layers``), so that XLA can run the
+        gather beside the layer before; else None (GSPMD gathers where a weight is used)."""
+        if not self.prefetch or _sizes(self.mesh).get("fsdp", 1) == 1:
+            return None
+        layers = self.params["layers"]
+        per_layer = isinstance(layers, (list, tuple))
+
+        def gathered(sh: NamedSharding) -> NamedSharding:
+            spec = tuple(sh.spec) if per_layer else tuple(sh.spec)[1:]
+            return NamedSharding(self.mesh, P(*(None if a == "fsdp" else a for a in spec)))
+        targets = jax.tree.map(gathered, layers[0] if per_layer else layers)
+        return lambda lp: jax.lax.with_sharding_constraint(lp, targets)
 
     @property
     def activation(self) -> NamedSharding:

@@ -30,36 +30,40 @@ import jax
 from lisa_jax import block, layout
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def lisa_layers(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin, mask=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 9))
+def lisa_layers(cfg, remat, active_GxP, layers, slot_L, h_BxSxD, cos, sin, mask=None,
+                gather=None):
     """Run all ``L`` layers; differentiable in ``h`` and in the ``G`` sampled slices only.
 
     ``active_GxP``: the sampled layers' parameters (each leaf ``[G, ...]``); only its shapes
     are read, the values come from ``layers`` (either layout). ``slot_L[l]`` is the slot of
     layer ``l`` or -1 when it is frozen. The cotangent of ``active_GxP`` holds the sampled
     layers' weight gradients; ``layers`` gets none. ``mask``: None (causal) or
-    ``ops.Segments`` (packed rows).
+    ``ops.Segments`` (packed rows). ``gather``: None, or a layer's parameters as its
+    computation takes them, made a layer ahead in the forward and the backward
+    (``sharding.StepShardings.layer_gather``: FSDP's all-gather issued early).
     """
-    return _forward(cfg, remat, layers, h_BxSxD, (cos, sin), mask)[0]
+    return _forward(cfg, remat, layers, h_BxSxD, (cos, sin), mask, gather)[0]
 
 
-def _forward(cfg, remat, layers, h, rope, mask=None):
+def _forward(cfg, remat, layers, h, rope, mask=None, gather=None):
     def body(h, lp_and_index):
         lp, layer = lp_and_index
         return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask)
-    return layout.of(layers).scan(body, h, layers)
+    return layout.of(layers).scan(body, h, layers, gather)
 
 
-def _lisa_layers_fwd(cfg, remat, active_GxP, layers, slot_L, h, cos, sin, mask=None):
-    out, saved = _forward(cfg, remat, layers, h, (cos, sin), mask)
+def _lisa_layers_fwd(cfg, remat, active_GxP, layers, slot_L, h, cos, sin, mask=None,
+                     gather=None):
+    out, saved = _forward(cfg, remat, layers, h, (cos, sin), mask, gather)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), active_GxP)
     return out, (layers, slot_L, saved, cos, sin, shapes, mask)
 
 
-def _lisa_layers_bwd(cfg, remat, res, dy):
+def _lisa_layers_bwd(cfg, remat, gather, res, dy):
     layers, slot_L, saved, cos, sin, shapes, mask = res
     grads, dh = layout.of(layers).reverse(cfg, remat, layers, saved, slot_L, shapes, dy,
-                                          (cos, sin), mask)
+                                          (cos, sin), mask, gather)
     return grads, None, None, dh, None, None, None
 
 

@@ -114,14 +114,15 @@ def plain_loss(cfg: M.LlamaConfig, params, batch, remat="none", loss_chunk=LOSS_
 
 def lisa_loss(cfg: M.LlamaConfig, view, layers, slot_L, batch, remat="none",
               loss_chunk=LOSS_CHUNK,
-              h_sharding=None, groups=None):
+              h_sharding=None, groups=None, gather=None):
     """The loss as a function of the trainable view; the frozen layers enter as a constant
     (in either layout). ``groups``: module-level sampling (``layout.group_names``; ``slot_L``
-    is then ``[N, L]``)."""
+    is then ``[N, L]``). ``gather``: each layer's weights gathered a layer ahead
+    (``stack_vjp.lisa_layers``)."""
     ids = batch["input_ids"]
     h, (cos, sin), mask = _embed_and_rope(cfg, view["embed"], batch, h_sharding)
     if groups is None:
-        h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin, mask)
+        h = lisa_layers(cfg, remat, view["layers"], layers, slot_L, h, cos, sin, mask, gather)
     else:
         h = lisa_layers_grouped(cfg, remat, groups, view["layers"], layers, slot_L, h, cos,
                                 sin, mask)
@@ -203,6 +204,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                          f"{', '.join(REMAT_MODES)}")
 
     hs = _h_sharding(shardings)
+    gather = None if shardings is None else shardings.layer_gather()
     if tx.config.groups is not None:
         return _prepared_first(tx, _jit(_grouped_lisa_step(cfg, tx, remat, loss_chunk, hs),
                                         (0, 1) if donate else (), shardings), donate,
@@ -215,7 +217,7 @@ def make_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
         view = {**rest, "layers": _shape_view(lay, layers, active.shape[0])}
         (loss, n), grads = value_and_grad_accumulated(
             lambda v, b: lisa_loss(cfg, {**const, **v}, layers, slot_L, b, remat, loss_chunk,
-                                   hs),
+                                   hs, gather=gather),
             view, batch)
         grads, active_after = jax.lax.optimization_barrier((grads, active))
         none = dict.fromkeys(const)

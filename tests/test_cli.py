@@ -74,6 +74,8 @@ def run_cli(args, capsys):
     ("gamma_too_large", r"--lisa-layers 9 is out of range: the model has 4 layers"),
     ("unknown_method", r"unknown method 'sft'; use --method lisa, full or lora"),
     ("per_layer_with_full", r"--layer-layout per_layer is for --method lisa in one process"),
+    ("fsdp_prefetch_without_mesh", r"--fsdp-prefetch is for --method lisa on a --mesh with "
+                                   r"fsdp \(e\.g\. --mesh fsdp=8\); drop it"),
     ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
     ("distributed_without_cluster",
      r"--distributed could not join the other processes .*--coordinator-address"),
@@ -138,6 +140,8 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, mon
         args += ["--method", "sft"]
     elif case == "per_layer_with_full":
         args += ["--method", "full", "--layer-layout", "per_layer"]
+    elif case == "fsdp_prefetch_without_mesh":
+        args += ["--fsdp-prefetch"]
     elif case == "distributed_without_cluster":
         args += ["--distributed"]
     elif case == "yaml_word_for_a_number":

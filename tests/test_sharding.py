@@ -88,6 +88,9 @@ def _spec_str(spec) -> str:
 @pytest.mark.parametrize("method", ["lisa", pytest.param("full", marks=pytest.mark.slow)])
 def test_sharded_training_equals_one_device_and_leaves_carry_their_shardings(method):
     out = run_worker("train", method)
+    if method == "lisa":
+        prefetch = out.pop("prefetch")
+        assert prefetch["max_abs_diff"] < 1e-5 and prefetch["active"] == out["fsdp=8"]["active"]
     for mesh, res in out.items():
         assert res["max_abs_diff"] < 1e-5, (mesh, res["max_abs_diff"])
         assert res["params_spec"] == EXPECTED[mesh], mesh
@@ -325,6 +328,8 @@ def _batches(cfg, n, B=8, S=16):
 
 
 def _worker_train(method: str) -> dict:
+    import dataclasses
+
     import jax
     import numpy as np
     import optax
@@ -356,7 +361,7 @@ def _worker_train(method: str) -> dict:
         tx = optax.chain(optax.clip_by_global_norm(1.0), adam())
         return tx, lambda sh: S.make_plain_step(cfg, tx, "none", shardings=sh)
 
-    def run(mesh):
+    def run(mesh, prefetch=False):
         tx, mk = make()
         params = perturbed_params(cfg)
         if mesh is None:
@@ -364,6 +369,7 @@ def _worker_train(method: str) -> dict:
         else:
             params = jax.device_put(params, SH.param_shardings(cfg, params, mesh))
             state, sh = SH.init_sharded(tx.init, params, cfg, mesh)
+            sh = dataclasses.replace(sh, prefetch=prefetch)
         step = mk(sh)
         actives = []
         for b in batches:
@@ -387,6 +393,11 @@ def _worker_train(method: str) -> dict:
             n_moment_leaves=sum(1 for k in state_spec if "/mu/" in k or "/nu/" in k),
             active=active, active_ref=ref_active,
             resamples=len({tuple(a) for a in active}) - 1 if active else 0)
+    if method == "lisa":  # each layer's all-gather a layer ahead (--fsdp-prefetch)
+        params, _, active = run(SH.make_mesh("fsdp=4,tp=2"), prefetch=True)
+        out["prefetch"] = dict(active=active, max_abs_diff=max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))))
     return out
 
 

@@ -20,7 +20,7 @@ def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
     """``check(cfg, remat, active, layout, reference_layout)``: ``lisa_layers`` against
     ``run_layers`` autodiff (over the layers in ``reference_layout``), forward output, the
     sampled slices' weight gradients and the input gradient."""
-    def check(cfg, remat, active, layout="stacked", reference_layout="stacked"):
+    def check(cfg, remat, active, layout="stacked", reference_layout="stacked", gather=None):
         assert cfg.num_layers == L
         p = perturbed_params(cfg)
         ids = batch_for(cfg)["input_ids"]
@@ -34,7 +34,8 @@ def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
         layers = layout_lib.convert(p, layout)["layers"]
 
         def fast(act, h):
-            out = lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin)
+            out = lisa_layers(cfg, remat, act, layers, slot_of_layer(active, L), h, cos, sin,
+                              None, gather)
             return jnp.sum(jnp.sin(out))
 
         ref_layers = layout_lib.convert(p, reference_layout)["layers"]
@@ -43,7 +44,8 @@ def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
         act = jax.tree.map(lambda x: x[active], p["layers"])
         out_ref = jax.jit(lambda: M.run_layers(cfg, ref_layers, h0, (cos, sin)))()
         out_fast = jax.jit(lambda: lisa_layers(cfg, remat, act, layers,
-                                               slot_of_layer(active, L), h0, cos, sin))()
+                                               slot_of_layer(active, L), h0, cos, sin, None,
+                                               gather))()
         assert rel_err(out_fast, out_ref) < 1e-6  # the forward is the model's own layer
         g_act, g_h2 = jax.jit(jax.grad(fast, argnums=(0, 1)))(act, h0)
         assert set(g_act) == set(p["layers"])
@@ -60,6 +62,22 @@ def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
 def test_stack_vjp_gradients_equal_autodiff_for_sampled_layers(remat, bias, layout, tiny_cfg,
                                                                check_stack_gradients):
     check_stack_gradients(tiny_cfg(attention_bias=bias), remat, [1, 4], layout)
+
+
+@pytest.mark.parametrize("layout,remat,active", [
+    ("stacked", "none", [1, 4]), ("stacked", "full", [0, 5]), ("per_layer", "none", [2, 3])])
+def test_layers_gathered_a_layer_ahead_give_autodiffs_gradients(layout, remat, active, tiny_cfg,
+                                                                check_stack_gradients):
+    """FSDP's prefetch (``gather``, applied to each layer's parameters a layer ahead and carried
+    through the forward scan and the backward's loops): each layer still computes with its own
+    parameters, at the bottom and the top of the stack too."""
+    calls = []
+
+    def gather(lp):  # what the step applies on a mesh is a sharding constraint: values kept
+        calls.append(1)
+        return jax.tree.map(lambda x: x + 0.0, lp)
+    check_stack_gradients(tiny_cfg(), remat, active, layout, gather=gather)
+    assert calls
 
 
 GEMMA3 = dict(qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
