@@ -478,6 +478,9 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     if cfg.fsdp_prefetch and (cfg.method != "lisa" or "fsdp" not in (cfg.mesh or "")):
         raise TrainError("--fsdp-prefetch is for --method lisa on a --mesh with fsdp (e.g. "
                          "--mesh fsdp=8); drop it")
+    if cfg.fsdp_prefetch and cfg.lisa_granularity != "layer":
+        raise TrainError(f"--fsdp-prefetch gathers whole layers ahead; it does not apply to "
+                         f"--lisa-granularity {cfg.lisa_granularity}: drop one of them")
     if cfg.steps is not None and cfg.steps < 1:
         raise TrainError("--steps must be at least 1")
     from lisa_jax.evaluate import check_eval_settings

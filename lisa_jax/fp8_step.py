@@ -491,18 +491,17 @@ class FrozenLisaStep:
             active = tuple(int(i) for i in jax.device_get(split.next_sample[1]))
             pre = split.prefetched = (period, active, {})
         todo = [i for i in pre[1] if i not in split.active and i not in pre[2]]
+        # in the thread, the master as it is now: sync replaces a master, never writes into it
+        send = functools.partial(self._pool.submit, jax.device_put) if self._pool else None
         for i in todo[:-(-len(todo) // (max(left, 0) + 1))]:
-            lp = split.latest_on_device(i)
-            if lp is not None or self._pool is None:
-                pre[2][i] = self._incoming(split, i)
-            else:  # the master as it is now: sync replaces a master, never writes into it
-                pre[2][i] = self._pool.submit(jax.device_put, split.host_masters[i])
+            pre[2][i] = self._incoming(split, i, send)
 
-    def _incoming(self, split: SplitParams, i: int):
-        """Layer ``i``'s newest weights, sent to the device (or taken there)."""
+    def _incoming(self, split: SplitParams, i: int, send=None):
+        """Layer ``i``'s newest weights, sent to the device (or taken there); ``send``: what
+        sends a host master (default ``jax.device_put``; a thread's ``Future`` of it)."""
         lp = split.latest_on_device(i)
         if lp is None:
-            return jax.device_put(split.host_masters[i])
+            return (send or jax.device_put)(split.host_masters[i])
         self.stats["from_device"] += 1
         return lp
 

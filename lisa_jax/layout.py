@@ -113,60 +113,36 @@ class Stacked:
         gathered one layer ahead (carried through the loops).
         """
         G, L = _num_slots(shapes), slot_L.shape[0]
-        if gather is not None:
-            return self._reverse_gathered(cfg, remat, layers, saved, slot_L, shapes, dy, rope,
-                                          mask, gather)
+        # With gather, the loops carry the next layer down already gathered (layer 0 again at
+        # the bottom, unused); without, they carry nothing and slice each layer where used.
+        def ahead(layer):  # what the loops carry for the layer below ``layer``
+            return None if gather is None else \
+                gather(self.at(layers, jnp.maximum(layer - 1, 0)))
 
-        def down(dh, hi, lo):  # layers hi-1 .. lo, activation gradient only
+        def params(lp, layer):  # the parameters of ``layer``, given what was carried
+            return self.at(layers, layer) if gather is None else lp
+        first = None if gather is None else gather(self.at(layers, L - 1))
+
+        def down(dh, lp, hi, lo):  # layers hi-1 .. lo, activation gradient only
             # One layer per iteration: two per iteration keep both layers' temporaries alive
             # at the peak for little time saved (experiments/results/).
-            def body(i, dh):
-                layer = hi - 1 - i
-                return block.layer_backward(cfg, self.at(layers, layer), self.at(saved, layer),
-                                            rope, dh, remat, layer=layer,
-                                            mask_BxSxS=mask)[0]
-            return jax.lax.fori_loop(0, hi - lo, body, dh)
-
-        dh, hi, per_slot = dy, jnp.int32(L), [None] * G
-        for j in reversed(range(G)):
-            layer = jnp.argmax(slot_L == j).astype(jnp.int32)
-            dh = down(dh, hi, layer + 1)
-            dh, per_slot[j] = block.layer_backward(cfg, self.at(layers, layer),
-                                                   self.at(saved, layer), rope, dh, remat,
-                                                   weight_grads=True, layer=layer,
-                                                   mask_BxSxS=mask)
-            hi = layer
-        dh = down(dh, hi, jnp.int32(0))
-        if not G:
-            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), dh
-        return jax.tree.map(lambda *gs: jnp.stack(gs), *per_slot), dh
-
-    def _reverse_gathered(self, cfg, remat, layers, saved, slot_L, shapes, dy, rope, mask,
-                          gather):
-        """:meth:`reverse` with each layer's parameters gathered one layer ahead: every loop
-        and every sampled layer's backward takes the layer below gathered with it."""
-        G, L = _num_slots(shapes), slot_L.shape[0]
-
-        def ahead(layer):  # the next layer down (layer 0 again at the bottom: unused)
-            return gather(self.at(layers, jnp.maximum(layer - 1, 0)))
-
-        def down(dh, lp, hi, lo):  # layers hi-1 .. lo; lp: layer hi-1 gathered
             def body(i, c):
                 dh, lp = c
                 layer = hi - 1 - i
                 nxt = ahead(layer)
-                dh = block.layer_backward(cfg, lp, self.at(saved, layer), rope, dh, remat,
-                                          layer=layer, mask_BxSxS=mask)[0]
+                dh = block.layer_backward(cfg, params(lp, layer), self.at(saved, layer), rope,
+                                          dh, remat, layer=layer, mask_BxSxS=mask)[0]
                 return dh, nxt
-            return jax.lax.fori_loop(0, hi - lo, body, (dh, lp))  # lp: layer lo-1 gathered
+            return jax.lax.fori_loop(0, hi - lo, body, (dh, lp))
 
-        dh, lp, hi, per_slot = dy, gather(self.at(layers, L - 1)), jnp.int32(L), [None] * G
+        dh, lp, hi, per_slot = dy, first, jnp.int32(L), [None] * G
         for j in reversed(range(G)):
             layer = jnp.argmax(slot_L == j).astype(jnp.int32)
             dh, lp = down(dh, lp, hi, layer + 1)
             nxt = ahead(layer)
-            dh, per_slot[j] = block.layer_backward(cfg, lp, self.at(saved, layer), rope, dh,
-                                                   remat, weight_grads=True, layer=layer,
+            dh, per_slot[j] = block.layer_backward(cfg, params(lp, layer),
+                                                   self.at(saved, layer), rope, dh, remat,
+                                                   weight_grads=True, layer=layer,
                                                    mask_BxSxS=mask)
             lp, hi = nxt, layer
         dh, _ = down(dh, lp, hi, jnp.int32(0))

@@ -357,13 +357,12 @@ class Lisa(Method):
             except ValueError as e:
                 raise TrainError(str(e))
             return state, frozen.step_fn
-        if shardings is not None and per_layer_layout(self.cfg):
-            # the step takes the per-layer arrays, each sharded as its slice of the stack
+        if shardings is not None:
             from lisa_jax import sharding as SH
-            shardings = SH.StepShardings(shardings.mesh, SH.param_shardings(
-                self.mcfg, layout.per_layer_template(params), shardings.mesh), shardings.state)
-        if shardings is not None and self.cfg.fsdp_prefetch:
-            shardings = dataclasses.replace(shardings, prefetch=True)
+            if per_layer_layout(self.cfg):  # per-layer arrays, each sharded as its slice
+                shardings = dataclasses.replace(shardings, params=SH.param_shardings(
+                    self.mcfg, layout.per_layer_template(params), shardings.mesh))
+            shardings = dataclasses.replace(shardings, prefetch=self.cfg.fsdp_prefetch)
         return state, step_lib.make_lisa_step(self.mcfg, tx, self.remat, shardings=shardings)
 
     @staticmethod

@@ -76,6 +76,8 @@ def run_cli(args, capsys):
     ("per_layer_with_full", r"--layer-layout per_layer is for --method lisa in one process"),
     ("fsdp_prefetch_without_mesh", r"--fsdp-prefetch is for --method lisa on a --mesh with "
                                    r"fsdp \(e\.g\. --mesh fsdp=8\); drop it"),
+    ("fsdp_prefetch_with_modules", r"--fsdp-prefetch gathers whole layers ahead; it does not "
+                                   r"apply to --lisa-granularity matrix: drop one of them"),
     ("unknown_flag_in_yaml", r"unknown setting\(s\) bogus"),
     ("distributed_without_cluster",
      r"--distributed could not join the other processes .*--coordinator-address"),
@@ -142,6 +144,8 @@ def test_bad_input_is_one_line_error(model_dir, data_file, tmp_path, capsys, mon
         args += ["--method", "full", "--layer-layout", "per_layer"]
     elif case == "fsdp_prefetch_without_mesh":
         args += ["--fsdp-prefetch"]
+    elif case == "fsdp_prefetch_with_modules":
+        args += ["--fsdp-prefetch", "--mesh", "fsdp=1", "--lisa-granularity", "matrix"]
     elif case == "distributed_without_cluster":
         args += ["--distributed"]
     elif case == "yaml_word_for_a_number":
