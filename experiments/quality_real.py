@@ -45,13 +45,16 @@ TRAIN_PER_TASK, EVAL_PER_TASK, NEW_TOKENS = 2000, 100, 32
 SEEDS = (0, 1, 2)
 
 _LISA_LRS = (2e-4, 6e-4, 2e-3)
+# 6e-5 (LoRA: 3e-4) added to each sweep whose best rate was its lowest
+_LISA_LRS_LOW = (6e-5,) + _LISA_LRS
+_LORA_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 # name -> (trainer settings, learning rates of the sweep)
 METHODS = {
     "full": (dict(method="full"), (3e-5, 1e-4, 3e-4)),
-    "lora_r16": (dict(method="lora", lora_rank=16), (1e-3, 3e-3, 1e-2)),
-    "lora_r64": (dict(method="lora", lora_rank=64), (1e-3, 3e-3, 1e-2)),
+    "lora_r16": (dict(method="lora", lora_rank=16), _LORA_LRS),
+    "lora_r64": (dict(method="lora", lora_rank=64), _LORA_LRS),
     **{f"lisa_g{g}_k{k}": (dict(method="lisa", lisa_layers=g, lisa_interval=k),
-                           (6e-5,) + _LISA_LRS if k == 20 and g < 8 else _LISA_LRS)
+                           _LISA_LRS if (g, k) == (2, 5) else _LISA_LRS_LOW)
        for g in (2, 4, 8) for k in (5, 20)},
     "lisa_g2_k20_reset_all": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
                                    lisa_reset="all"), _LISA_LRS),
@@ -62,9 +65,9 @@ METHODS = {
     # at LISA's best rates, near full fine-tuning's), and a cosine that ends at a tenth of the
     # peak rather than at zero (do late periods train their layers?)
     **{f"lisa_g{g}_k20_eh0.2": (dict(method="lisa", lisa_layers=g, lisa_interval=20,
-                                     lisa_always_lr_scale=0.2), _LISA_LRS) for g in (2, 8)},
+                                     lisa_always_lr_scale=0.2), _LISA_LRS_LOW) for g in (2, 8)},
     "lisa_g2_k20_floor0.1": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
-                                  min_lr_ratio=0.1), _LISA_LRS),
+                                  min_lr_ratio=0.1), _LISA_LRS_LOW),
     # the samplers against uniform γ=2, K=20, at its best rate and on its seeds
     **{f"lisa_{s}": (dict(method="lisa", lisa_layers=2, lisa_interval=20, lisa_sampler=s),
                      (6e-4,)) for s in ("owl", "reshuffle", "descending")},
