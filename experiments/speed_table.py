@@ -37,7 +37,8 @@ def _row(r: dict, job: str, label: str | None) -> dict:
         # fp8 rows: the resample's cost (trained layers to the host, re-quantized) and the
         # host memory their bf16 weights take
         **{k: r[k] for k in ("resample_ms", "lisa_interval", "amortized_ms",
-                             "tokens_per_s_amortized", "host_gib") if k in r},
+                             "tokens_per_s_amortized", "host_gib", "prefetch_steps",
+                             "background_transfers") if k in r},
     }
 
 
