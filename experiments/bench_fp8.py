@@ -24,11 +24,12 @@ the median over the timed whole periods of what a period costs beyond K such ste
 resample, the transfers and any wait on them, wherever in the period they fall);
 ``amortized_ms``/``tokens_per_s_amortized`` spread that over the period, and
 ``amortized_mean_ms`` is the plain mean step of the whole periods. ``resample_step_ms``: the
-resample step's own extra time; ``period_ms``: the median step at each position in the period.
+resample step's own extra time; ``resample_ms_by_period``: each whole period's, in order; ``period_ms``: the median step at each position in the period.
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
 (every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
-ahead (``transfers``: how many resamples found them sent ahead).
+ahead (``transfers``: how many resamples found them sent ahead); ``--host-memory pinned`` keeps
+the masters in page-locked host memory.
 
 ``--check`` runs no timing: at the shape (random weights, random tokens) for ``--check-steps``
 batches and samples, the loss and the gradients of the sampled layers (and the embedding and
@@ -137,7 +138,8 @@ def run_one(a) -> dict:
                                           allow_cpu=a.allow_cpu, fp8_copies=a.fp8_copies,
                                           overlap=not a.no_overlap,
                                           prefetch_steps=a.prefetch_steps,
-                                          background_transfers=a.background_transfers)
+                                          background_transfers=a.background_transfers,
+                                          host_memory=a.host_memory)
     t0 = time.perf_counter()
     split = step.place(params, state)
     jax.block_until_ready(split.frozen)
@@ -169,6 +171,9 @@ def run_one(a) -> dict:
     for x, c in zip(times, counts):
         periods.setdefault(c // K, []).append(x)
     whole = [v for v in periods.values() if len(v) == K]
+    # each whole period's cost beyond K plain steps, in order (the first resample of a run
+    # may pay one-time costs the later ones do not)
+    extra_by_period = [round((sum(v) - K * t) * 1e3, 1) for v in whole]
     if whole:
         resample_s, basis = statistics.median(sum(v) - K * t for v in whole), "period"
         mean_s = statistics.mean(x for v in whole for x in v)
@@ -197,13 +202,15 @@ def run_one(a) -> dict:
                 timed_resamples=int(sum(resampled)),
                 resample_ms=round(resample_s * 1e3, 1) if resample_s is not None else None,
                 resample_basis=basis, timed_periods=len(whole),
+                resample_ms_by_period=extra_by_period,
                 resample_step_ms=round(resample_step_s * 1e3, 1)
                 if resample_step_s is not None else None,
                 period_ms=[round(statistics.median(v) * 1e3, 1) if v else None for v in by_pos],
                 amortized_ms=round(amortized * 1e3, 1),
                 amortized_mean_ms=round(mean_s * 1e3, 1) if mean_s is not None else None,
                 overlap=not a.no_overlap, prefetch_steps=a.prefetch_steps,
-                background_transfers=a.background_transfers, transfers=dict(step.stats),
+                background_transfers=a.background_transfers, host_memory=a.host_memory,
+                transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
                 loss=float(metrics["loss"]),
@@ -365,6 +372,8 @@ def main():
                     help="fp8 rows: the overlapped transfers made by a thread of their own")
     ap.add_argument("--prefetch-steps", type=int, default=1,
                     help="fp8 rows: calls ahead of a resample that its incoming layers are sent")
+    ap.add_argument("--host-memory", default="pageable", choices=["pageable", "pinned"],
+                    help="fp8 rows: the masters as numpy (pageable) or in pinned host memory")
     a = ap.parse_args()
     if a.check:
         a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
@@ -406,7 +415,8 @@ def main():
                          (["--allow-cpu"] if a.allow_cpu else []) +
                          (["--no-overlap"] if a.no_overlap else []) +
                          (["--background-transfers"] if a.background_transfers else []) +
-                         ["--prefetch-steps", str(a.prefetch_steps)] +
+                         ["--prefetch-steps", str(a.prefetch_steps),
+                          "--host-memory", a.host_memory] +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:
             row = spawn_row(args, a.timeout)

@@ -19,6 +19,8 @@
 #             (60 steps, with our bf16 row) and K=5 (20 steps)
 #   fp8hide   the fp8 row over whole K=20 periods with the resample's transfers hidden two
 #             ways: 4 steps of prefetch, and those with background transfers
+#   fp8pin    the fp8 row over whole K=20 periods with its masters in pinned host memory
+#             (4 steps of prefetch; and with one step, as fp8k's row)
 #   module    LLaMA-2-7B module-level LISA (--lisa-granularity matrix and attn_mlp, gamma=2)
 #   frozen8b  Llama-3-8B LISA gamma=2 with the embedding trained and frozen (--lisa-frozen embed)
 #   packing   LLaMA-2-7B LISA gamma=2 useful tokens/s with and without --packing
@@ -71,6 +73,13 @@ phase() {
             --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
             --variants fp8 --label "fp8_k20 $extra" --timeout 300 $extra "${FP8[@]}" \
             --out "$OUT/fp8_hide_$(echo $extra | tr -dc 'a-z0-9').json"
+      done ;;
+    fp8pin)
+      for extra in "--prefetch-steps 4" "--prefetch-steps 1"; do
+        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
+            --variants fp8 --label "fp8_k20 pinned $extra" --timeout 300 --host-memory pinned \
+            $extra "${FP8[@]}" --out "$OUT/fp8_pin_$(echo $extra | tr -dc 'a-z0-9').json"
       done ;;
     module)
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \

@@ -30,6 +30,10 @@ resample (the incoming ones during the last step of a period, the outgoing ones 
 first). With ``background_transfers=True`` both directions run in a thread of their own, so
 that a copy slower than a step (pageable host memory) holds up neither the dispatch of the next
 steps nor the host: the resample waits only for what it still needs.
+With ``host_memory="pinned"`` the masters are arrays in the device's page-locked host memory
+(JAX's ``pinned_host`` memory kind) instead of numpy: both directions are then DMA copies
+that run beside the step, and a finished period's master is written as soon as its copy is
+started (reading it waits for the copy).
 
 Inside the step every layer's forward and backward is a ``lax.cond`` on its slot: sampled
 layers run on their slot of the ``[G, ...]`` view (and get weight gradients), frozen ones on
@@ -72,6 +76,8 @@ from lisa_jax.block import REMAT_MODES
 from lisa_jax.fp8 import Fp8Cache, quantize_layer
 
 FROZEN_PRECISIONS = ("bf16", "fp8")
+# where the masters live: numpy (pageable) or the device's page-locked host memory
+HOST_MEMORIES = ("pageable", "pinned")
 # fp8 tensor cores: Ada (8.9), Hopper (9.0) and later.
 MIN_COMPUTE_CAPABILITY = (8, 9)
 
@@ -203,7 +209,8 @@ class SplitParams:
     """The parameters of a :class:`FrozenLisaStep` run, split between device and host.
 
     ``rest``: the leaves outside the layers (device). ``active_GxP``: the sampled layers
-    ``active`` (sorted), stacked (device). ``masters``: every layer's weights (host numpy; the
+    ``active`` (sorted), stacked (device). ``masters``: every layer's weights (host numpy, or
+arrays in pinned host memory; the
     sampled layers' as of their period's start; reading it first writes in the host copies
     still under way, :meth:`sync`). ``cache.copies``: every layer's frozen copy (device; a
     sampled layer's is not read). ``count``/``period``: the host's mirror of the optimizer
@@ -251,9 +258,13 @@ class SplitParams:
             if before is not None and count >= before:
                 keep.append(entry)
                 continue
-            host = fetch.result() if fetch is not None else jax.device_get(old)
-            for j, i in enumerate(layers):
-                self.host_masters[i] = {k: v[j] for k, v in host.items()}
+            if isinstance(fetch, dict):  # per-layer copies to pinned host memory, under way
+                for i in layers:
+                    self.host_masters[i] = fetch[i]
+            else:
+                host = fetch.result() if fetch is not None else jax.device_get(old)
+                for j, i in enumerate(layers):
+                    self.host_masters[i] = {k: v[j] for k, v in host.items()}
             for x in jax.tree.leaves(old):
                 x.delete()
         self.pending = keep
@@ -271,7 +282,7 @@ class SplitParams:
         leaves, and the layers per layer from the host masters with the sampled layers'
         current weights."""
         host = jax.device_get(self.active_GxP)
-        layers = list(self.masters)
+        layers = jax.device_get(list(self.masters))  # pinned host arrays as numpy
         for j, i in enumerate(self.active):
             layers[i] = {k: v[j] for k, v in host.items()}
         return {**self.rest, "layers": tuple(layers)}
@@ -289,13 +300,15 @@ def _stack(rows):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
 
-def _host_layers(layers, donate: bool) -> list[dict]:
-    """One numpy tree per layer (either layout), copied to the host a layer at a time; with
-    ``donate`` each device layer is freed once copied (the device never holds two)."""
+def _host_layers(layers, donate: bool, host=None) -> list[dict]:
+    """One host tree per layer (either layout), copied a layer at a time; with ``donate`` each
+    device layer is freed once copied (the device never holds two). ``host``: the pinned host
+    memory's sharding (else numpy)."""
     layers = layout.PER_LAYER.to(layers, donate=donate)
     out = []
     for lp in layers:
-        out.append(dict(jax.device_get(lp)))
+        out.append(dict(jax.device_get(lp)) if host is None else
+                    jax.block_until_ready(dict(jax.device_put(lp, host))))
         if donate:
             for x in jax.tree.leaves(lp):
                 if isinstance(x, jax.Array):
@@ -316,14 +329,15 @@ class FrozenLisaStep:
     (see the module docstring); False: both at the resample, synchronously.
     ``prefetch_steps``: how many calls before a resample its incoming layers are sent (1: in
     the period's last call; more hides a transfer longer than a step, holding those layers on
-    the device longer).
+    the device longer). ``host_memory``: ``"pageable"`` (numpy masters) or ``"pinned"``
+    (arrays in the device's page-locked host memory; the module docstring says why).
     """
 
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                  allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
                  overlap: bool = True, prefetch_steps: int = 1,
-                 background_transfers: bool = False):
+                 background_transfers: bool = False, host_memory: str = "pageable"):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                              f"{', '.join(REMAT_MODES)}")
@@ -343,6 +357,18 @@ class FrozenLisaStep:
                 prefetch_steps < 1:
             raise ValueError(f"prefetch_steps is an int >= 1 (calls ahead of a resample that "
                              f"its incoming layers are sent), not {prefetch_steps!r}")
+        if host_memory not in HOST_MEMORIES:
+            raise ValueError(f"unknown host memory {host_memory!r}; use one of "
+                             f"{', '.join(HOST_MEMORIES)}")
+        device = jax.devices()[0]
+        if host_memory == "pinned" and \
+                "pinned_host" not in {m.kind for m in device.addressable_memories()}:
+            raise ValueError(f"{device.platform} has no pinned host memory; use "
+                             f"host_memory='pageable'")
+        self._device = jax.sharding.SingleDeviceSharding(device)
+        self._host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") \
+            if host_memory == "pinned" else None
+        self.host_memory = host_memory
         if frozen_precision == "fp8":
             check_fp8(allow_cpu=allow_cpu)
         self.cfg, self.tx, self.remat, self.loss_chunk = cfg, tx, remat, loss_chunk
@@ -353,11 +379,14 @@ class FrozenLisaStep:
             quantize = jax.jit(lambda lp: quantize_layer(lp, names, both))
             # Always from device arrays (a host master is sent first): one executable for
             # place's copies and a resample's, which quantizes the device's values.
-            self.quantize = lambda lp: quantize(jax.device_put(lp))
+            self.quantize = lambda lp: quantize(self._send(lp))
             self.quantize.jitted = quantize
         else:
-            self.quantize = jax.device_put
-        self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else ())
+            self.quantize = self._send
+        # pinned: the layers come committed to the device (from pinned memory), a state from
+        # tx.init does not; in_shardings gives both one executable
+        self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else (),
+                              **dict(in_shardings=self._device) if self._host else {})
         self._prepare = {}
         self.donate, self.overlap, self.prefetch_steps = donate, overlap, prefetch_steps
         if background_transfers and not overlap:
@@ -374,6 +403,12 @@ class FrozenLisaStep:
         # resamples whose incoming layers were sent ahead / sent at the resample; incoming
         # layers taken from a finished period's device copy (their host copy not written yet)
         self.stats = {"prefetched": 0, "fetched": 0, "from_device": 0}
+
+    def _send(self, tree):
+        """``tree`` (host or device) onto the device, in its default memory (from pinned host
+        memory that takes the device's sharding; numpy goes uncommitted, as the rest)."""
+        return jax.device_put(tree, self._device) if self._host is not None else \
+            jax.device_put(tree)
 
     # -- the device step
 
@@ -492,16 +527,16 @@ class FrozenLisaStep:
             pre = split.prefetched = (period, active, {})
         todo = [i for i in pre[1] if i not in split.active and i not in pre[2]]
         # in the thread, the master as it is now: sync replaces a master, never writes into it
-        send = functools.partial(self._pool.submit, jax.device_put) if self._pool else None
+        send = functools.partial(self._pool.submit, self._send) if self._pool else None
         for i in todo[:-(-len(todo) // (max(left, 0) + 1))]:
             pre[2][i] = self._incoming(split, i, send)
 
     def _incoming(self, split: SplitParams, i: int, send=None):
         """Layer ``i``'s newest weights, sent to the device (or taken there); ``send``: what
-        sends a host master (default ``jax.device_put``; a thread's ``Future`` of it)."""
+        sends a host master (default ``_send``; a thread's ``Future`` of it)."""
         lp = split.latest_on_device(i)
         if lp is None:
-            return (send or jax.device_put)(split.host_masters[i])
+            return (send or self._send)(split.host_masters[i])
         self.stats["from_device"] += 1
         return lp
 
@@ -525,9 +560,12 @@ class FrozenLisaStep:
         if active == split.active:
             return
         old = split.active_GxP
-        for x in jax.tree.leaves(old):
-            x.copy_to_host_async()
         rows = {i: _take(old, j) for j, i in enumerate(split.active)}
+        if self._host is not None:  # DMA copies, started now
+            fetch = {i: jax.device_put(lp, self._host) for i, lp in rows.items()}
+        else:
+            for x in jax.tree.leaves(old):
+                x.copy_to_host_async()
         source = list(split.host_masters)
         for i, lp in rows.items():
             source[i] = lp
@@ -541,7 +579,8 @@ class FrozenLisaStep:
             self.stats["fetched"] += 1
         new = self._to_device(split, active, on_device)
         del rows, source, on_device, pre
-        fetch = self._pool.submit(jax.device_get, old) if self._pool else None
+        if self._host is None:
+            fetch = self._pool.submit(jax.device_get, old) if self._pool else None
         split.pending.append((split.count, old, split.active, fetch))
         split.active_GxP, split.active = new, active
         if not self.overlap:
@@ -551,6 +590,10 @@ class FrozenLisaStep:
         """The sampled layers' current weights into the host masters (views of one host copy
         of the ``[G, ...]`` slots)."""
         split.sync()
+        if self._host is not None:
+            for j, i in enumerate(split.active):
+                split.host_masters[i] = jax.device_put(_take(split.active_GxP, j), self._host)
+            return
         host = jax.device_get(split.active_GxP)
         for j, i in enumerate(split.active):
             split.host_masters[i] = {k: v[j] for k, v in host.items()}
@@ -559,7 +602,7 @@ class FrozenLisaStep:
         """The split of ``params`` (either layout) for ``opt_state``'s sample. With ``donate``
         the device's layer arrays are freed once on the host (``params`` must not be used
         again)."""
-        masters = _host_layers(params["layers"], self.donate)
+        masters = _host_layers(params["layers"], self.donate, self._host)
         rest = jax.device_put({k: v for k, v in params.items() if k != "layers"})
         cache = Fp8Cache(self.names, quantize=self.quantize)
         cache.refresh(masters, ())  # a copy of every layer, so the step's arguments never change
@@ -595,7 +638,8 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           allow_cpu: bool = False, fp8_copies: int = 1,
                           donate: bool = True, overlap: bool = True,
                           prefetch_steps: int = 1,
-                          background_transfers: bool = False) -> FrozenLisaStep:
+                          background_transfers: bool = False,
+                          host_memory: str = "pageable") -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
     docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
     its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
@@ -603,6 +647,7 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
     CPU (emulated; for tests). ``overlap``: the resample's transfers hidden behind the steps of
     the period (see the module docstring; False: synchronous, the same values);
     ``prefetch_steps``: how many calls ahead of a resample its incoming layers are sent;
-    ``background_transfers``: those transfers and the copies back to the host in a thread."""
+    ``background_transfers``: those transfers and the copies back to the host in a thread;
+    ``host_memory``: ``"pageable"`` (numpy masters) or ``"pinned"`` (page-locked host arrays)."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
-                          donate, overlap, prefetch_steps, background_transfers)
+                          donate, overlap, prefetch_steps, background_transfers, host_memory)
