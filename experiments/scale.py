@@ -69,6 +69,7 @@ def run_one(a) -> dict:
     import optax
 
     import lisa_jax
+    from lisa_jax import layout
     from lisa_jax import lora as lora_lib
     from lisa_jax import sharding as SH
     from lisa_jax import step as S
@@ -87,6 +88,10 @@ def run_one(a) -> dict:
         state, sh = SH.init_sharded(tx.init, params, cfg, mesh)
         if a.fsdp_prefetch:  # each layer's all-gather issued a layer ahead
             sh = dataclasses.replace(sh, prefetch=True)
+        if a.layer_layout == "per_layer":  # per-layer arrays, each sharded as its slice
+            sh = dataclasses.replace(sh, params=SH.param_shardings(
+                cfg, layout.per_layer_template(params), mesh))
+            params = jax.device_put(layout.convert(params, "per_layer", donate=True), sh.params)
         step = S.make_lisa_step(cfg, tx, remat="full", shardings=sh)
     elif a.method == "lora":
         def init(p):
@@ -115,6 +120,8 @@ def run_one(a) -> dict:
     mesh_spec = str(SH.MeshConfig.parse(a.mesh or f"fsdp={len(devices)}"))
     return dict(
         shape=a.shape, method=a.method, devices=len(devices), mesh=mesh_spec, dtype=cfg.dtype,
+        layer_layout=a.layer_layout if a.method == "lisa" else "stacked",
+        fsdp_prefetch=a.fsdp_prefetch,
         gamma=a.lisa_layers if a.method == "lisa" else None,
         lora_r=a.lora_rank if a.method == "lora" else None, batch_per_device=a.batch_size,
         global_batch=global_batch, seq=a.max_seq_len, remat="full",
@@ -143,6 +150,7 @@ def spawn(a, shape, method, devices) -> dict:
         cmd += ["--dtype", a.dtype]
     if a.fsdp_prefetch:
         cmd += ["--fsdp-prefetch"]
+    cmd += ["--layer-layout", a.layer_layout]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
@@ -166,6 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fsdp-prefetch", action="store_true",
                     help="LISA: each layer's FSDP all-gather a layer ahead (the trainer's "
                          "--fsdp-prefetch)")
+    ap.add_argument("--layer-layout", default="stacked", choices=["stacked", "per_layer"],
+                    help="LISA: the layers as one stack or as per-layer arrays (the trainer's "
+                         "--layer-layout)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per row")
     ap.add_argument("--out", default=None, help="JSON file (written after every row)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
