@@ -370,7 +370,7 @@ def main():
                     help="fp8 rows: the resample's transfers synchronous, in the resample step")
     ap.add_argument("--background-transfers", action="store_true",
                     help="fp8 rows: the overlapped transfers made by a thread of their own")
-    ap.add_argument("--prefetch-steps", type=int, default=1,
+    ap.add_argument("--prefetch-steps", type=int, default=4,
                     help="fp8 rows: calls ahead of a resample that its incoming layers are sent")
     ap.add_argument("--host-memory", default="pageable", choices=["pageable", "pinned"],
                     help="fp8 rows: the masters as numpy (pageable) or in pinned host memory")

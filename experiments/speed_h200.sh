@@ -20,7 +20,7 @@
 #   fp8hide   the fp8 row over whole K=20 periods with the resample's transfers hidden two
 #             ways: 4 steps of prefetch, and those with background transfers
 #   fp8pin    the fp8 row over whole K=20 periods with its masters in pinned host memory
-#             (4 steps of prefetch; and with one step, as fp8k's row)
+#             (4 steps of prefetch, the default; and 1, as job 2026-12-01c measured)
 #   module    LLaMA-2-7B module-level LISA (--lisa-granularity matrix and attn_mlp, gamma=2)
 #   frozen8b  Llama-3-8B LISA gamma=2 with the embedding trained and frozen (--lisa-frozen embed)
 #   packing   LLaMA-2-7B LISA gamma=2 useful tokens/s with and without --packing

@@ -19,14 +19,14 @@ the masters (:meth:`FrozenLisaStep.full_params`).
 
 With ``overlap=True`` (the default) no transfer waits on the resample step: the next period's
 sample is a function of the sampler key and the period alone, so it is drawn on the device when
-a period starts, and the layers it brings in are sent in the period's last call (or spread over
-its last ``prefetch_steps``), after that call's step is dispatched (the transfer runs beside the
+a period starts, and the layers it brings in are sent over the period's last
+``prefetch_steps`` calls (default 4), after each call's step is dispatched (the transfer runs beside the
 step); the finished period's layers start their copy to the host at the resample and are
 written into the masters one call later (``SplitParams.sync``; anything that reads
 ``split.masters`` or ``full_params`` syncs first). A layer that re-enters before its host copy
 is written comes from the device copy. The values are the synchronous path's
 (``overlap=False``) bit for bit; the cost is up to γ more layers on the device around a
-resample (the incoming ones during the last step of a period, the outgoing ones during the
+resample (the incoming ones during the last steps of a period, the outgoing ones during the
 first). With ``background_transfers=True`` both directions run in a thread of their own, so
 that a copy slower than a step (pageable host memory) holds up neither the dispatch of the next
 steps nor the host: the resample waits only for what it still needs.
@@ -327,16 +327,16 @@ class FrozenLisaStep:
     transform's resample runs when the host's count says a period starts. ``overlap``: the
     next period's layers sent ahead and the finished period's brought back in the background
     (see the module docstring); False: both at the resample, synchronously.
-    ``prefetch_steps``: how many calls before a resample its incoming layers are sent (1: in
-    the period's last call; more hides a transfer longer than a step, holding those layers on
-    the device longer). ``host_memory``: ``"pageable"`` (numpy masters) or ``"pinned"``
+    ``prefetch_steps``: over how many calls before a resample its incoming layers are sent (1:
+    in the period's last call; the default 4 hides transfers longer than a step, holding those
+    layers on the device longer). ``host_memory``: ``"pageable"`` (numpy masters) or ``"pinned"``
     (arrays in the device's page-locked host memory; the module docstring says why).
     """
 
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                  allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
-                 overlap: bool = True, prefetch_steps: int = 1,
+                 overlap: bool = True, prefetch_steps: int = 4,
                  background_transfers: bool = False, host_memory: str = "pageable"):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
@@ -637,7 +637,7 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                           allow_cpu: bool = False, fp8_copies: int = 1,
                           donate: bool = True, overlap: bool = True,
-                          prefetch_steps: int = 1,
+                          prefetch_steps: int = 4,
                           background_transfers: bool = False,
                           host_memory: str = "pageable") -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
