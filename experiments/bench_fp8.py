@@ -24,7 +24,12 @@ the median over the timed whole periods of what a period costs beyond K such ste
 resample, the transfers and any wait on them, wherever in the period they fall);
 ``amortized_ms``/``tokens_per_s_amortized`` spread that over the period, and
 ``amortized_mean_ms`` is the plain mean step of the whole periods. ``resample_step_ms``: the
-resample step's own extra time; ``resample_ms_by_period``: each whole period's, in order; ``period_ms``: the median step at each position in the period.
+resample step's own extra time; ``resample_ms_by_period``: each whole period's, in order;
+``period_ms``: the median step at each position in the period; ``call_parts_ms``: at the
+period's positions 0, 1 and 2, the median host time of each part of a call
+(``FrozenLisaStep.last_call_ms``: the resample's prepare, sample and transfers, the step's
+dispatch, the settling of earlier copies, the prefetch) and ``wait``, the time from the
+call's return to the step's end.
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
 (every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
@@ -120,6 +125,30 @@ def _model_on_host(a):
     return cfg, {**rest, "layers": tuple(layers)}, template
 
 
+def _warm_every_layer(step, split, state, batch):
+    """Run the step once with each layer among the sampled ones (ceil(L/γ) steps, each on a
+    forged sample; the run's own sample, count and key are kept), so that the timed resamples
+    are the first use of no layer's sampled branch. Each layer's branch is its own code in the
+    unrolled step, and its first run pays one-time costs (code loaded, a branch first taken)
+    that a long run pays once per layer, not at every resample. Returns its seconds and the
+    state to go on with (the given one is donated)."""
+    import jax
+    import jax.numpy as jnp
+
+    t0 = time.perf_counter()
+    L, G = len(split.host_masters), len(split.active)
+    kept = jax.tree.map(jnp.copy, (state.count, state.key, state.period, state.active))
+    for start in range(0, L, G):
+        group = sorted({(start + j) % L for j in range(G)})
+        forged = state._replace(active=jnp.asarray(group, state.active.dtype))
+        split.rest, split.active_GxP, state, _ = step.jitted(
+            split.rest, split.active_GxP, split.frozen, forged, batch)
+    count, key, period, active = kept
+    state = state._replace(count=count, key=key, period=period, active=active)
+    jax.block_until_ready((split.rest, split.active_GxP, state))
+    return time.perf_counter() - t0, state
+
+
 def run_one(a) -> dict:
     """One fp8 (or host-bf16) row: place, compile, time; resample steps timed apart."""
     import jax
@@ -147,12 +176,16 @@ def run_one(a) -> dict:
     del params
     batch = random_batch(cfg, a.batch_size, a.max_seq_len)
     K = a.lisa_interval
-    times, resampled, counts = [], [], []
+    warm_s = None
+    if a.warm_every_layer:
+        warm_s, state = _warm_every_layer(step, split, state, batch)
+    times, resampled, counts, parts = [], [], [], []
     compile_s = None
     for i in range(1 + a.warmup + a.steps):
         period, count = split.period, split.count
         t0 = time.perf_counter()
         split, state, metrics = step(split, state, batch)
+        t1 = time.perf_counter()
         jax.block_until_ready((split.rest, split.active_GxP, state, metrics))
         dt = time.perf_counter() - t0
         if i == 0:
@@ -161,6 +194,8 @@ def run_one(a) -> dict:
             times.append(dt)
             resampled.append(split.period != period)
             counts.append(count)
+            # the call's host time per part, and the wait for the step after it
+            parts.append({**step.last_call_ms, "wait": round((t0 + dt - t1) * 1e3, 2)})
     pos = [c % K for c in counts]
     plain = [x for x, p in zip(times, pos) if 2 <= p <= K - 2] or \
         [x for x, r in zip(times, resampled) if not r] or times
@@ -181,6 +216,13 @@ def run_one(a) -> dict:
         resample_s, basis, mean_s = resample_step_s, "step", None
     amortized = t + (resample_s or 0.0) / K
     by_pos = [[x for x, p in zip(times, pos) if p == q] for q in range(K)]
+    # where the time of the period's first two calls (the resample's, and the one that writes
+    # its host copies in) and of a plain call goes: each part's median in ms
+    parts_by_pos = {}
+    for q in sorted({0, 1 % K, 2 % K}):
+        rows = [d for d, p in zip(parts, pos) if p == q]
+        parts_by_pos[q] = {k: round(statistics.median(d.get(k, 0.0) for d in rows), 2)
+                           for k in dict.fromkeys(k for d in rows for k in d)}
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
@@ -206,6 +248,7 @@ def run_one(a) -> dict:
                 resample_step_ms=round(resample_step_s * 1e3, 1)
                 if resample_step_s is not None else None,
                 period_ms=[round(statistics.median(v) * 1e3, 1) if v else None for v in by_pos],
+                call_parts_ms=parts_by_pos,
                 amortized_ms=round(amortized * 1e3, 1),
                 amortized_mean_ms=round(mean_s * 1e3, 1) if mean_s is not None else None,
                 overlap=not a.no_overlap, prefetch_steps=a.prefetch_steps,
@@ -213,6 +256,9 @@ def run_one(a) -> dict:
                 transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
+                warm_every_layer=a.warm_every_layer,
+                cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
+                warm_s=round(warm_s, 1) if warm_s is not None else None,
                 loss=float(metrics["loss"]),
                 lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
                 device=str(jax.devices()[0].device_kind))
@@ -374,6 +420,9 @@ def main():
                     help="fp8 rows: calls ahead of a resample that its incoming layers are sent")
     ap.add_argument("--host-memory", default="pageable", choices=["pageable", "pinned"],
                     help="fp8 rows: the masters as numpy (pageable) or in pinned host memory")
+    ap.add_argument("--warm-every-layer", action="store_true",
+                    help="fp8 rows: before timing, run the step once with each layer sampled, "
+                         "so that no timed resample is the first use of a layer's branch")
     a = ap.parse_args()
     if a.check:
         a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
@@ -415,6 +464,7 @@ def main():
                          (["--allow-cpu"] if a.allow_cpu else []) +
                          (["--no-overlap"] if a.no_overlap else []) +
                          (["--background-transfers"] if a.background_transfers else []) +
+                         (["--warm-every-layer"] if a.warm_every_layer else []) +
                          ["--prefetch-steps", str(a.prefetch_steps),
                           "--host-memory", a.host_memory] +
                          (["--hf", a.hf] if a.hf else [])))

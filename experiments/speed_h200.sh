@@ -21,6 +21,9 @@
 #             ways: 4 steps of prefetch, and those with background transfers
 #   fp8pin    the fp8 row over whole K=20 periods with its masters in pinned host memory
 #             (4 steps of prefetch, the default; and 1, as job 2026-12-01c measured)
+#   fp8warm   the fp8 row over whole K=20 periods after every layer's sampled branch has run
+#             once (--warm-every-layer), with pageable and with pinned masters; and unwarmed
+#             under CUDA_MODULE_LOADING=EAGER
 #   module    LLaMA-2-7B module-level LISA (--lisa-granularity matrix and attn_mlp, gamma=2)
 #   frozen8b  Llama-3-8B LISA gamma=2 with the embedding trained and frozen (--lisa-frozen embed)
 #   packing   LLaMA-2-7B LISA gamma=2 useful tokens/s with and without --packing
@@ -32,6 +35,8 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT/extra"  # extra/: files that are not bench_step rows
 export PYTHONPATH=${PEER_SITE:+$PEER_SITE:}${PYTHONPATH:-}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+# rows that compile the same program read it from here (kept between calls on a warm machine)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(pwd)/.jaxcache}
 OURS=(--batch-size 4 --max-seq-len 1024 --steps 10 --warmup 3 --timeout 240
       --update-dtype float32 --mu-dtype bfloat16 --layer-layouts per_layer)
 PEER=(--peer --peer-impl liger --peer-steps 10 --peer-warmup 3)
@@ -80,6 +85,19 @@ phase() {
             --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
             --variants fp8 --label "fp8_k20 pinned $extra" --timeout 300 --host-memory pinned \
             $extra "${FP8[@]}" --out "$OUT/fp8_pin_$(echo $extra | tr -dc 'a-z0-9').json"
+      done ;;
+    fp8warm)
+      # steady state: every layer's sampled branch run once before timing (its first run's
+      # one-time cost is not a resample's), pageable and pinned; and, unwarmed, with CUDA
+      # loading every kernel when the program loads (is that one-time cost lazy loading?)
+      for extra in "--warm-every-layer" "--warm-every-layer --host-memory pinned" \
+                   "--cuda-eager"; do
+        local env=() flags=${extra/--cuda-eager/}
+        [ "$extra" = "--cuda-eager" ] && env=(CUDA_MODULE_LOADING=EAGER)
+        env "${env[@]}" python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 \
+            --batch-size 4 --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 \
+            --remats none --variants fp8 --label "fp8_k20 $extra" --timeout 300 $flags \
+            "${FP8[@]}" --out "$OUT/fp8_warm_$(echo $extra | tr -dc 'a-z0-9').json"
       done ;;
     module)
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \

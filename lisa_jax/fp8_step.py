@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -288,6 +289,19 @@ arrays in pinned host memory; the
         return {**self.rest, "layers": tuple(layers)}
 
 
+class _Clock:
+    """Host milliseconds spent in each part of a call (``ms``: part -> ms), for benchmarks
+    that look for where a resample's time goes."""
+
+    def __init__(self):
+        self.ms, self._t = {}, time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        t = time.perf_counter()
+        self.ms[part] = round((t - self._t) * 1e3, 2)
+        self._t = t
+
+
 @jax.jit
 def _take(active_GxP, slot):
     """Slot ``slot`` of the sampled layers (one executable for every slot)."""
@@ -403,6 +417,7 @@ class FrozenLisaStep:
         # resamples whose incoming layers were sent ahead / sent at the resample; incoming
         # layers taken from a finished period's device copy (their host copy not written yet)
         self.stats = {"prefetched": 0, "fetched": 0, "from_device": 0}
+        self.last_call_ms: dict = {}  # the last call's host time per part (_Clock)
 
     def _send(self, tree):
         """``tree`` (host or device) onto the device, in its default memory (from pinned host
@@ -451,21 +466,30 @@ class FrozenLisaStep:
         return self._prepare[G]
 
     def __call__(self, split: SplitParams, opt_state, batch):
+        clock = _Clock()
         if split.count // self.interval != split.period:
             opt_state = self._prepare_for(split, opt_state)(opt_state)
+            clock.lap("prepare")
             split.period = split.count // self.interval
-            self.resample(split, self._sample(split, opt_state))
+            active = self._sample(split, opt_state)
+            clock.lap("sample")
+            self.resample(split, active)
+            clock.lap("resample")
             if self.overlap:
                 self._draw_ahead(split, opt_state, split.period + 1)
         rest, active_GxP, opt_state, metrics = self.jitted(
             split.rest, split.active_GxP, split.frozen, opt_state, batch)
+        clock.lap("dispatch")
         split.rest, split.active_GxP, split.count = rest, active_GxP, split.count + 1
         if self.overlap:
             # After the step's dispatch, so that the host waits beside the step: the host
             # copies of earlier calls written in, and the next period's layers sent once its
             # resample is prefetch_steps calls away.
             self._settle(split, before=split.count - 1)
+            clock.lap("settle")
             self._prefetch(split)
+            clock.lap("prefetch")
+        self.last_call_ms = clock.ms
         return split, opt_state, metrics
 
     # -- the host side
