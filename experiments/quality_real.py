@@ -20,7 +20,8 @@ taken from the float32 runs ``fig1_lora`` and ``fig1_full`` once both have finis
 
 ``summarize`` writes ``summary.json`` (one row per run and task, with ``method``, ``lr``,
 ``seed``, ``task``, ``exact_match``, ``forgetting``, ``steps``, ``gamma``, ``interval``,
-``wall_s``), ``table.md`` and ``figure1.png``.
+``wall_s``), ``table.md``, ``figure1.png`` and ``fp8_loss_curves.png`` (the loss curves of
+the fp8 row and its bf16 twin).
 """
 from __future__ import annotations
 
@@ -68,6 +69,10 @@ METHODS = {
                                      lisa_always_lr_scale=0.2), _LISA_LRS_LOW) for g in (2, 8)},
     "lisa_g2_k20_floor0.1": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
                                   min_lr_ratio=0.1), _LISA_LRS_LOW),
+    # the frozen layers' GEMMs in fp8 (--frozen-precision fp8) against the same run in bf16,
+    # at γ=2, K=20's best rate, on its seeds; both record their loss curves
+    **{f"lisa_g2_k20_{p}": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
+                                 frozen_precision=p), (6e-4,)) for p in ("fp8", "bf16")},
     # the samplers against uniform γ=2, K=20, at its best rate and on its seeds
     **{f"lisa_{s}": (dict(method="lisa", lisa_layers=2, lisa_interval=20, lisa_sampler=s),
                      (6e-4,)) for s in ("owl", "reshuffle", "descending")},
@@ -224,6 +229,7 @@ def train_job(spec: dict, model_dir: str, out: Path) -> None:
     hf = str(run / "hf")
     steps_s = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     tok_s = [r["tokens_per_s"] for r in steps_s if "tokens_per_s" in r][10:]
+    curve = [[r["step"], round(r["loss"], 4)] for r in steps_s if "loss" in r]
     tok = data_lib.load_tokenizer(hf)
     model = _model(hf)
     norms = layer_change_norms(model_dir, hf, model.cfg.num_layers)
@@ -241,7 +247,7 @@ def train_job(spec: dict, model_dir: str, out: Path) -> None:
                       interval=s.get("lisa_interval") if s["method"] == "lisa" else None,
                       lora_rank=s.get("lora_rank"), wall_s=round(wall, 1),
                       median_tokens_per_s=float(np.median(tok_s)) if tok_s else None,
-                      forgetting=forgetting, change_norms=norms)
+                      forgetting=forgetting, change_norms=norms, loss_curve=curve)
     i = 0
     for t in task_lib.TASKS:
         n = len(held_out[t])
@@ -292,7 +298,8 @@ def _plan(kind: str, rows: list[dict]) -> list[dict]:
     order = ["full", "lora_r16", "lisa_g2_k20", "lisa_g4_k20", "lora_r64", "lisa_g8_k20",
              "lisa_g2_k20_reset_all", "lisa_online", "lisa_imp_norm", "lisa_owl",
              "lisa_reshuffle", "lisa_descending", "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5",
-             "lisa_g2_k20_eh0.2", "lisa_g8_k20_eh0.2", "lisa_g2_k20_floor0.1"]
+             "lisa_g2_k20_eh0.2", "lisa_g8_k20_eh0.2", "lisa_g2_k20_floor0.1",
+             "lisa_g2_k20_fp8", "lisa_g2_k20_bf16"]
     sweep = figure1 + [_spec(m, lr, 0) for m in order for lr in METHODS[m][1]]
     swept = {(r["method"], r["lr"]) for r in rows if r["seed"] == 0}
     best = {m: lr for m, lr in best_lrs(rows).items()  # seeds once the whole sweep is in
@@ -431,6 +438,34 @@ def summarize(a) -> None:
     (out / "table.md").write_text("\n".join(lines + sweep) + "\n")
     print("\n".join(lines + sweep))
     figure1(out, rows)
+    loss_curves(out, rows, ("lisa_g2_k20_bf16", "lisa_g2_k20_fp8"), "fp8_loss_curves.png",
+                "SmolLM2-135M-Instruct, LISA γ=2 K=20 at 6e-4: frozen layers in bf16 and fp8")
+
+
+def loss_curves(out: Path, rows: list[dict], methods: tuple[str, ...], name: str,
+                title: str) -> None:
+    """Each seed's training loss of ``methods`` overlaid (a 20-point moving mean)."""
+    runs = {(r["method"], r["seed"]): r["loss_curve"] for r in rows
+            if r["method"] in methods and r.get("loss_curve")}
+    if not runs:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for (method, seed), curve in sorted(runs.items()):
+        step, loss = np.array(curve).T
+        w = min(20, len(loss))
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(step[w - 1:], smooth, color=f"C{methods.index(method)}", alpha=0.8,
+                linestyle=("-", "--", ":")[seed % 3], label=f"{method}, seed {seed}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
 
 
 def figure1(out: Path, rows: list[dict]) -> None:

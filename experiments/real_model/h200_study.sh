@@ -15,7 +15,8 @@
 #   * with FP8_CHECK=1: experiments/bench_fp8.py --check on the model's weights (fp8 frozen
 #     layers against bf16).
 # Results are copied to $OUT (runs.jsonl, logs of failed runs, word_reversal/*.jsonl).
-# LISA_JAX_SRC: a copy of lisa_jax to run (default: the repository's).
+# LISA_JAX_SRC: a copy of lisa_jax to run (default: the repository's). STUDY_ONLY: the
+# comma-separated methods of the plan to run (default: all).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to an output folder}"
@@ -56,7 +57,8 @@ if [ "${FP8_CHECK:-0}" = 1 ]; then
       --out "$OUT/fp8_check_smollm2.json" > "$OUT/fp8_check_smollm2.log" 2>&1 &
 fi
 STUDY_MEM_FRACTION=${STUDY_MEM_FRACTION:-0.8} python3 experiments/quality_real.py run --model "$R/hf" --out "$S" --plan all \
-    --workers "$WORKERS" --budget-s "$BUDGET" --kill-after-s "$KILL" 2>&1 | tee "$OUT/study.log"
+    --workers "$WORKERS" --budget-s "$BUDGET" --kill-after-s "$KILL" ${STUDY_ONLY:+--only "$STUDY_ONLY"} \
+    2>&1 | tee "$OUT/study.log"
 wait
 for d in "$W"/*/; do
   n=$(basename "$d")
