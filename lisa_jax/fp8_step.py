@@ -30,10 +30,13 @@ resample (the incoming ones during the last steps of a period, the outgoing ones
 first). With ``background_transfers=True`` both directions run in a thread of their own, so
 that a copy slower than a step (pageable host memory) holds up neither the dispatch of the next
 steps nor the host: the resample waits only for what it still needs.
-With ``host_memory="pinned"`` the masters are arrays in the device's page-locked host memory
-(JAX's ``pinned_host`` memory kind) instead of numpy: both directions are then DMA copies
-that run beside the step, and a finished period's master is written as soon as its copy is
-started (reading it waits for the copy).
+With ``host_memory="pinned"`` (what the default ``"auto"`` picks where the device has such
+memory) the masters are arrays in the device's page-locked host memory (JAX's ``pinned_host``
+memory kind) instead of numpy: both directions are then DMA copies that run beside the step,
+and a finished period's master is written as soon as its copy is started (reading it waits
+for the copy). From pageable memory, starting the copy back to the host holds up the host
+until the copy is done, at 7B longer than a step (README, "Frozen layers in fp8").
+Page-locked memory cannot be swapped out: the host needs the masters' size free in RAM.
 
 Inside the step every layer's forward and backward is a ``lax.cond`` on its slot: sampled
 layers run on their slot of the ``[G, ...]`` view (and get weight gradients), frozen ones on
@@ -77,8 +80,9 @@ from lisa_jax.block import REMAT_MODES
 from lisa_jax.fp8 import Fp8Cache, quantize_layer
 
 FROZEN_PRECISIONS = ("bf16", "fp8")
-# where the masters live: numpy (pageable) or the device's page-locked host memory
-HOST_MEMORIES = ("pageable", "pinned")
+# where the masters live: numpy (pageable), the device's page-locked host memory, or (auto)
+# the latter where the device has it
+HOST_MEMORIES = ("auto", "pageable", "pinned")
 # fp8 tensor cores: Ada (8.9), Hopper (9.0) and later.
 MIN_COMPUTE_CAPABILITY = (8, 9)
 
@@ -343,15 +347,16 @@ class FrozenLisaStep:
     (see the module docstring); False: both at the resample, synchronously.
     ``prefetch_steps``: over how many calls before a resample its incoming layers are sent (1:
     in the period's last call; the default 4 hides transfers longer than a step, holding those
-    layers on the device longer). ``host_memory``: ``"pageable"`` (numpy masters) or ``"pinned"``
-    (arrays in the device's page-locked host memory; the module docstring says why).
+    layers on the device longer). ``host_memory``: ``"pageable"`` (numpy masters), ``"pinned"``
+    (arrays in the device's page-locked host memory; the module docstring says why) or
+    ``"auto"`` (pinned where the device has it); ``self.host_memory`` is the one chosen.
     """
 
     def __init__(self, cfg: M.LlamaConfig, tx, remat: str = "none",
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                  allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
                  overlap: bool = True, prefetch_steps: int = 4,
-                 background_transfers: bool = False, host_memory: str = "pageable"):
+                 background_transfers: bool = False, host_memory: str = "auto"):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                              f"{', '.join(REMAT_MODES)}")
@@ -375,10 +380,12 @@ class FrozenLisaStep:
             raise ValueError(f"unknown host memory {host_memory!r}; use one of "
                              f"{', '.join(HOST_MEMORIES)}")
         device = jax.devices()[0]
-        if host_memory == "pinned" and \
-                "pinned_host" not in {m.kind for m in device.addressable_memories()}:
+        has_pinned = "pinned_host" in {m.kind for m in device.addressable_memories()}
+        if host_memory == "pinned" and not has_pinned:
             raise ValueError(f"{device.platform} has no pinned host memory; use "
                              f"host_memory='pageable'")
+        if host_memory == "auto":
+            host_memory = "pinned" if has_pinned else "pageable"
         self._device = jax.sharding.SingleDeviceSharding(device)
         self._host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") \
             if host_memory == "pinned" else None
@@ -663,7 +670,7 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           donate: bool = True, overlap: bool = True,
                           prefetch_steps: int = 4,
                           background_transfers: bool = False,
-                          host_memory: str = "pageable") -> FrozenLisaStep:
+                          host_memory: str = "auto") -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
     docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
     its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
@@ -672,6 +679,7 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
     the period (see the module docstring; False: synchronous, the same values);
     ``prefetch_steps``: how many calls ahead of a resample its incoming layers are sent;
     ``background_transfers``: those transfers and the copies back to the host in a thread;
-    ``host_memory``: ``"pageable"`` (numpy masters) or ``"pinned"`` (page-locked host arrays)."""
+    ``host_memory``: ``"pageable"`` (numpy masters), ``"pinned"`` (page-locked host arrays) or
+    ``"auto"`` (the default: pinned where the device has such memory, else pageable)."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
                           donate, overlap, prefetch_steps, background_transfers, host_memory)

@@ -288,10 +288,13 @@ def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_host_memory_is_checked_in_one_line(tiny_cfg, monkeypatch):
+def test_host_memory_is_checked_in_one_line_and_auto_pins_where_it_can(tiny_cfg, monkeypatch):
     cfg, tx = tiny_cfg(num_layers=2), _lisa()
-    with pytest.raises(ValueError, match="use one of pageable, pinned"):
+    with pytest.raises(ValueError, match="use one of auto, pageable, pinned"):
         F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16", host_memory="cuda")
+    pinned = "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
+    assert F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16").host_memory == \
+        ("pinned" if pinned else "pageable")
 
     class NoPinned:  # a backend whose only memory is the device's
         platform = "tpu"
@@ -304,6 +307,8 @@ def test_host_memory_is_checked_in_one_line(tiny_cfg, monkeypatch):
                                          "host_memory='pageable'") as e:
         F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16", host_memory="pinned")
     assert "\n" not in str(e.value)
+    monkeypatch.setattr(F.jax.sharding, "SingleDeviceSharding", lambda *a, **k: None)
+    assert F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16").host_memory == "pageable"
 
 
 def test_a_sample_drawn_ahead_that_is_not_the_transforms_is_caught(tiny_cfg, perturbed_params,
