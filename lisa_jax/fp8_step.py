@@ -66,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -318,20 +319,35 @@ def _stack(rows):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
 
-def _host_layers(layers, donate: bool, host=None) -> list[dict]:
-    """One host tree per layer (either layout), copied a layer at a time; with ``donate`` each
-    device layer is freed once copied (the device never holds two). ``host``: the pinned host
-    memory's sharding (else numpy)."""
+def _host_layers(layers, donate: bool, host=None,
+                 fall_back: bool = False) -> tuple[list[dict], bool]:
+    """One host tree per layer (either layout), copied a layer at a time, and whether they are
+    in pinned memory; with ``donate`` each device layer is freed once copied (the device never
+    holds two). ``host``: the pinned host memory's sharding (else numpy). Where the host
+    refuses to page-lock a layer, ``fall_back`` keeps them all in numpy instead (else a
+    one-line error)."""
     layers = layout.PER_LAYER.to(layers, donate=donate)
     out = []
     for lp in layers:
-        out.append(dict(jax.device_get(lp)) if host is None else
-                    jax.block_until_ready(dict(jax.device_put(lp, host))))
+        if host is None:
+            out.append(dict(jax.device_get(lp)))
+        else:
+            try:
+                out.append(jax.block_until_ready(dict(jax.device_put(lp, host))))
+            except RuntimeError as e:  # the runtime's out-of-memory for page-locked memory
+                if not fall_back:
+                    raise ValueError(f"the host did not page-lock the layers' weights "
+                                     f"({str(e).splitlines()[0][:200]}); use "
+                                     f"host_memory='pageable'") from None
+                warnings.warn("the host did not page-lock the layers' weights: they stay in "
+                              "pageable memory, and each resample waits for its copies")
+                out = [dict(jax.device_get(x)) for x in out] + [dict(jax.device_get(lp))]
+                host = None
         if donate:
             for x in jax.tree.leaves(lp):
                 if isinstance(x, jax.Array):
                     x.delete()
-    return out
+    return out, host is not None
 
 
 class FrozenLisaStep:
@@ -384,6 +400,7 @@ class FrozenLisaStep:
         if host_memory == "pinned" and not has_pinned:
             raise ValueError(f"{device.platform} has no pinned host memory; use "
                              f"host_memory='pageable'")
+        self._auto_host = host_memory == "auto"
         if host_memory == "auto":
             host_memory = "pinned" if has_pinned else "pageable"
         self._device = jax.sharding.SingleDeviceSharding(device)
@@ -404,12 +421,9 @@ class FrozenLisaStep:
             self.quantize.jitted = quantize
         else:
             self.quantize = self._send
-        # pinned: the layers come committed to the device (from pinned memory), a state from
-        # tx.init does not; in_shardings gives both one executable
-        self.jitted = jax.jit(self._step, donate_argnums=(0, 1, 3) if donate else (),
-                              **dict(in_shardings=self._device) if self._host else {})
-        self._prepare = {}
         self.donate, self.overlap, self.prefetch_steps = donate, overlap, prefetch_steps
+        self.jitted = self._jit_step()
+        self._prepare = {}
         if background_transfers and not overlap:
             raise ValueError("background_transfers runs the overlapped transfers in a thread; "
                              "it needs overlap=True")
@@ -425,6 +439,12 @@ class FrozenLisaStep:
         # layers taken from a finished period's device copy (their host copy not written yet)
         self.stats = {"prefetched": 0, "fetched": 0, "from_device": 0}
         self.last_call_ms: dict = {}  # the last call's host time per part (_Clock)
+
+    def _jit_step(self):
+        # pinned: the layers come committed to the device (from pinned memory), a state from
+        # tx.init does not; in_shardings gives both one executable
+        return jax.jit(self._step, donate_argnums=(0, 1, 3) if self.donate else (),
+                       **dict(in_shardings=self._device) if self._host else {})
 
     def _send(self, tree):
         """``tree`` (host or device) onto the device, in its default memory (from pinned host
@@ -484,6 +504,8 @@ class FrozenLisaStep:
             clock.lap("resample")
             if self.overlap:
                 self._draw_ahead(split, opt_state, split.period + 1)
+        if self._host is not None:  # every argument committed to the device: one trace
+            opt_state, batch = self._send((opt_state, batch))
         rest, active_GxP, opt_state, metrics = self.jitted(
             split.rest, split.active_GxP, split.frozen, opt_state, batch)
         clock.lap("dispatch")
@@ -633,8 +655,12 @@ class FrozenLisaStep:
         """The split of ``params`` (either layout) for ``opt_state``'s sample. With ``donate``
         the device's layer arrays are freed once on the host (``params`` must not be used
         again)."""
-        masters = _host_layers(params["layers"], self.donate, self._host)
-        rest = jax.device_put({k: v for k, v in params.items() if k != "layers"})
+        masters, pinned = _host_layers(params["layers"], self.donate, self._host,
+                                       fall_back=self._auto_host)
+        if self._host is not None and not pinned:  # auto, and the host said no
+            self._host, self.host_memory = None, "pageable"
+            self.jitted = self._jit_step()
+        rest = self._send({k: v for k, v in params.items() if k != "layers"})
         cache = Fp8Cache(self.names, quantize=self.quantize)
         cache.refresh(masters, ())  # a copy of every layer, so the step's arguments never change
         active = tuple(int(i) for i in jax.device_get(opt_state.active))

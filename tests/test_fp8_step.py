@@ -124,7 +124,8 @@ def test_copies_are_made_exactly_when_a_layer_leaves_the_trained_set(tiny_cfg,
     s = tx.init(p0)
     split = step.place(jax.tree.map(jnp.copy, p0), s)
     assert split.cache.last_quantized == set() and len(split.cache.copies) == L
-    initial = [{k: v.copy() for k, v in lp.items()} for lp in split.masters]
+    # (the masters as numpy: with pinned host memory they are jax arrays there)
+    initial = [{k: np.array(v) for k, v in lp.items()} for lp in split.masters]
     trained = set()
     for i in range(7):
         before, copies = split.active, dict(split.cache.copies)
@@ -141,7 +142,7 @@ def test_copies_are_made_exactly_when_a_layer_leaves_the_trained_set(tiny_cfg,
                 else:
                     assert masters_before[layer] is split.masters[layer]
             for layer in left:  # the new copy is of the trained weights, not the old ones
-                w, q = split.masters[layer]["wq"], split.cache.copies[layer]["wq"]
+                w, q = np.asarray(split.masters[layer]["wq"]), split.cache.copies[layer]["wq"]
                 assert isinstance(q, Fp8Weight)
                 assert not np.array_equal(w, initial[layer]["wq"])
                 err = np.linalg.norm(np.asarray(q.dequantize()) - w) / np.linalg.norm(w)
@@ -324,3 +325,44 @@ def test_a_sample_drawn_ahead_that_is_not_the_transforms_is_caught(tiny_cfg, per
     with pytest.raises(RuntimeError, match="drawn ahead differs"):
         for i in range(4):
             split, s, _ = step(split, s, batch_for(cfg, seed=i))
+
+
+def test_a_host_that_will_not_page_lock_falls_back_to_pageable_or_says_so_in_one_line(
+        tiny_cfg, perturbed_params, batch_for, monkeypatch):
+    """``auto`` keeps training with numpy masters when the host refuses page-locked memory
+    part way through the layers (a warning, the same losses as pageable); ``pinned``, asked
+    for, fails in one line naming the fix."""
+    cfg, tx = tiny_cfg(num_layers=3), _lisa(interval=2, n_active=1)
+    if F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16").host_memory != "pinned":
+        pytest.skip("this backend has no pinned host memory")
+    p0 = perturbed_params(cfg)
+
+    def run(host_memory):
+        step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16", host_memory=host_memory)
+        s = tx.init(p0)
+        split = step.place(jax.tree.map(jnp.copy, p0), s)
+        losses = []
+        for i in range(4):
+            split, s, m = step(split, s, batch_for(cfg, seed=i))
+            losses.append(float(m["loss"]))
+        return step, split, losses
+
+    _, _, want = run("pageable")
+    put, calls = F.jax.device_put, []
+
+    def refusing_put(x, device=None, *a, **k):
+        if getattr(device, "memory_kind", None) == "pinned_host":
+            calls.append(1)
+            if len(calls) > 1:  # the first layer pinned, the second refused
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating pinned host memory")
+        return put(x, device, *a, **k)
+    monkeypatch.setattr(F.jax, "device_put", refusing_put)
+    with pytest.warns(UserWarning, match="did not page-lock"):
+        step, split, got = run("auto")
+    assert step.host_memory == "pageable"
+    assert all(isinstance(v, np.ndarray) for lp in split.masters for v in lp.values())
+    assert got == want
+    calls.clear()
+    with pytest.raises(ValueError, match="did not page-lock.*use host_memory='pageable'") as e:
+        run("pinned")
+    assert "\n" not in str(e.value)
