@@ -26,6 +26,7 @@
 #             under CUDA_MODULE_LOADING=EAGER
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
+#   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
 #   module    LLaMA-2-7B module-level LISA (--lisa-granularity matrix and attn_mlp, gamma=2)
 #   frozen8b  Llama-3-8B LISA gamma=2 with the embedding trained and frozen (--lisa-frozen embed)
 #   packing   LLaMA-2-7B LISA gamma=2 useful tokens/s with and without --packing
@@ -111,6 +112,12 @@ phase() {
           --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats full \
           --variants fp8 --label "fp8_k20 remat full" --timeout 300 "${FP8[@]}" \
           --out "$OUT/fp8_k20_remat_full.json" ;;
+    fp8_8b)
+      python3 $B --shape $SHAPE8 "${OURS[@]}" --peer-only "${PEER[@]}" --peer-methods lisa \
+          --peer-lisa-layers 2 --label speed --out "$OUT/peer8b.json"
+      python3 experiments/bench_fp8.py --shape $SHAPE8 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
+          --variants fp8 --label fp8_k20 --timeout 300 "${FP8[@]}" --out "$OUT/fp8_k20_8b.json" ;;
     module)
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
           --lisa-granularity matrix --label module --out "$OUT/module_matrix.json"
