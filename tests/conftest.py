@@ -301,8 +301,28 @@ def tiny_config(**overrides):
     return M.LlamaConfig(**{**TINY, **overrides})
 
 
+_PERTURBED: dict = {}
+
+
 def perturbed_params(cfg, seed: int = 0):
-    """Random weights with non-trivial norms and biases (init makes them ones and zeros)."""
+    """Random weights with non-trivial norms and biases (init makes them ones and zeros).
+
+    Made once per ``(cfg, seed)`` and handed out as a fresh copy each call (a step may donate
+    it): the Flax init runs its layer scan eagerly, a compilation of its own each time, in most
+    of the tests."""
+    import jax
+    import jax.numpy as jnp
+    try:
+        key = (cfg, seed)
+        hash(key)
+    except TypeError:
+        return _perturbed_params(cfg, seed)
+    if key not in _PERTURBED:
+        _PERTURBED[key] = _perturbed_params(cfg, seed)
+    return jax.tree.map(jnp.copy, _PERTURBED[key])
+
+
+def _perturbed_params(cfg, seed: int):
     import jax
 
     from lisa_jax import model as M

@@ -19,7 +19,11 @@ L = 6  # the tiny config's layer count
 def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
     """``check(cfg, remat, active, layout, reference_layout)``: ``lisa_layers`` against
     ``run_layers`` autodiff (over the layers in ``reference_layout``), forward output, the
-    sampled slices' weight gradients and the input gradient."""
+    sampled slices' weight gradients and the input gradient. The reference depends on
+    ``(cfg, reference_layout)`` alone (the same parameters and batch each time): it is computed
+    once for each and reused across the sampled layers, layouts and remat modes checked."""
+    references = {}
+
     def check(cfg, remat, active, layout="stacked", reference_layout="stacked", gather=None):
         assert cfg.num_layers == L
         p = perturbed_params(cfg)
@@ -38,11 +42,14 @@ def check_stack_gradients(tiny_cfg, perturbed_params, batch_for, rel_err):
                               None, gather)
             return jnp.sum(jnp.sin(out))
 
-        ref_layers = layout_lib.convert(p, reference_layout)["layers"]
-        g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(ref_layers, h0)
-        g_layers = layout_lib.convert({"layers": g_layers}, "stacked")["layers"]
+        if (cfg, reference_layout) not in references:
+            ref_layers = layout_lib.convert(p, reference_layout)["layers"]
+            g_layers, g_h = jax.jit(jax.grad(ref, argnums=(0, 1)))(ref_layers, h0)
+            g_layers = layout_lib.convert({"layers": g_layers}, "stacked")["layers"]
+            out_ref = jax.jit(lambda: M.run_layers(cfg, ref_layers, h0, (cos, sin)))()
+            references[cfg, reference_layout] = g_layers, g_h, out_ref
+        g_layers, g_h, out_ref = references[cfg, reference_layout]
         act = jax.tree.map(lambda x: x[active], p["layers"])
-        out_ref = jax.jit(lambda: M.run_layers(cfg, ref_layers, h0, (cos, sin)))()
         out_fast = jax.jit(lambda: lisa_layers(cfg, remat, act, layers,
                                                slot_of_layer(active, L), h0, cos, sin, None,
                                                gather))()
