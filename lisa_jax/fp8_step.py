@@ -441,8 +441,8 @@ class FrozenLisaStep:
         self.last_call_ms: dict = {}  # the last call's host time per part (_Clock)
 
     def _jit_step(self):
-        # pinned: the layers come committed to the device (from pinned memory), a state from
-        # tx.init does not; in_shardings gives both one executable
+        # pinned: the layers come committed to the device (from pinned memory) and __call__
+        # commits the state and batch; in_shardings places the rest there too
         return jax.jit(self._step, donate_argnums=(0, 1, 3) if self.donate else (),
                        **dict(in_shardings=self._device) if self._host else {})
 
