@@ -19,7 +19,7 @@ is one GEMM, ``dx = dy @ Wᵀ``, and nothing of the forward's input is kept for 
   frozen GEMM's ``dx`` is off by 5.8% with e5m2, 3.7% with e4m3; the sampled layers' gradient
   cosine 0.9865 → 0.9939 from the backward alone). ``grad_dtype="e5m2"`` keeps the
   per-tensor-recipe choice. Row and column scales factor out of the contraction and are applied
-  to the GEMM's float32 output.
+  to the GEMM's product, which it writes in the activation's dtype (``GEMM_OUT_DTYPE``).
 * :class:`Fp8Cache` is the bookkeeping of a run: which layers' copies are current. A layer's
   copy is made again exactly when it leaves the trained set (its weights changed while it
   trained); frozen layers keep theirs, and the full-precision weights are never touched.
@@ -57,10 +57,22 @@ def quantize(x, axis: int, dtype=E4M3):
     return (x.astype(jnp.float32) / scale).astype(dtype), scale
 
 
-def _tn_dot(a_TxK, b_OxK):
-    """``a @ bᵀ`` in float32, both operands contracted on their last axis."""
+# The dtype fp8 GEMMs write their (unscaled) product in; None: the activation's own. In
+# bfloat16 the product costs half the memory traffic of float32, and the scales applied to it
+# afterwards fuse into whatever reads it (the rounding, 2^-9, is far inside fp8's 2^-4);
+# float32 is kept for comparisons (experiments/bench_fp8.py --gemm-out).
+GEMM_OUT_DTYPE = None
+
+
+def _product_dtype(like):
+    return jnp.dtype(GEMM_OUT_DTYPE or like)
+
+
+def _tn_dot(a_TxK, b_OxK, out_dtype):
+    """``a @ bᵀ`` in float32 (accumulated so; written in ``out_dtype``), both operands
+    contracted on their last axis."""
     return jax.lax.dot_general(a_TxK, b_OxK, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+                               preferred_element_type=out_dtype).astype(jnp.float32)
 
 
 @jax.tree_util.register_dataclass
@@ -113,7 +125,7 @@ def fp8_matmul(x_xD, w: Fp8Weight):
 def _forward(x_xD, w: Fp8Weight):
     lead, D = x_xD.shape[:-1], x_xD.shape[-1]
     xq, sx = quantize(x_xD.reshape(-1, D), axis=1)
-    y = _tn_dot(xq, w.fwd_OxD) * sx * w.fwd_scale_O[None, :]
+    y = _tn_dot(xq, w.fwd_OxD, _product_dtype(x_xD.dtype)) * sx * w.fwd_scale_O[None, :]
     return y.reshape(*lead, -1).astype(x_xD.dtype)
 
 
@@ -132,10 +144,11 @@ def _bwd(res, dy_xO):
         dq, sd = quantize(dy_TxO.astype(jnp.float32) * w.fwd_scale_O[None, :], axis=1,
                           dtype=dtype)
         dx = jax.lax.dot_general(dq, w.fwd_OxD, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32) * sd
+                                 preferred_element_type=_product_dtype(like.dtype))
+        dx = dx.astype(jnp.float32) * sd
         return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
     dq, sd = quantize(dy_TxO, axis=1, dtype=dtype)
-    dx = _tn_dot(dq, w.bwd_DxO) * sd * w.bwd_scale_D[None, :]
+    dx = _tn_dot(dq, w.bwd_DxO, _product_dtype(like.dtype)) * sd * w.bwd_scale_D[None, :]
     return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
 
 
@@ -157,8 +170,10 @@ class Fp8Cache:
     ``refresh(layers, active)`` is called with the full-precision per-layer parameters and the
     layers that train in the coming period. Layers that trained in the previous period and do
     not now are quantized again (their weights moved); layers without a copy are quantized
-    once; every other copy is reused. Returns the per-layer parameters for the period: the
-    trained layers' own (full precision), the others' fp8 copies. The input is not modified.
+    once; every other copy is reused. A layer that trains has no copy (``copies`` holds the
+    frozen layers only: the copy would go stale, and it is remade when the layer leaves),
+    unless every layer trains. Returns the per-layer parameters for the period: the trained
+    layers' own (full precision), the others' fp8 copies. The input is not modified.
 
     >>> import numpy as np
     >>> layers = [{"w": np.eye(2, dtype=np.float32)} for _ in range(3)]
@@ -183,6 +198,9 @@ class Fp8Cache:
         active = frozenset(int(i) for i in active)
         stale = {i for i in range(len(layers)) if i not in active
                  and (i not in self.copies or i in self.active)}
+        if len(active) < len(layers):
+            for i in active:
+                self.copies.pop(i, None)
         for i in stale:
             self.copies[i] = self.quantize(layers[i])
         self.active, self.last_quantized = active, frozenset(stale)

@@ -108,6 +108,28 @@ def test_bfloat16_inputs_give_bfloat16_outputs_and_gradients():
     assert y.dtype == jnp.bfloat16 and pull(jnp.ones_like(y))[0].dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("both", [True, False])
+def test_bfloat16_gemms_write_their_product_in_bfloat16_within_its_rounding(both, monkeypatch):
+    # the product in the activation's dtype halves the GEMM's output traffic against float32;
+    # its one extra rounding (2^-9) must stay far inside fp8's error
+    x, w = _normal(8, (4, 16, 64)).astype(jnp.bfloat16), _normal(9, (64, 96))
+    dy = _normal(10, (4, 16, 96)).astype(jnp.bfloat16)
+    fw = Fp8Weight.from_dense(w, both=both)
+
+    def run(x, dy):
+        y, pull = jax.vjp(fp8_matmul, x, fw)
+        return y.astype(jnp.float32), pull(dy)[0].astype(jnp.float32)
+    hlo = jax.jit(run).lower(x, dy).as_text()
+    dots = [ln.split("->")[-1] for ln in hlo.splitlines() if "dot_general" in ln]
+    assert len(dots) == 2 and all("xbf16>" in out for out in dots), dots  # forward, backward
+    y, dx = run(x, dy)
+    monkeypatch.setattr("lisa_jax.fp8.GEMM_OUT_DTYPE", jnp.float32)
+    y32, dx32 = run(x, dy)
+    assert 1e-4 < _rel(y, y32) < 2 ** -7 and 1e-4 < _rel(dx, dx32) < 2 ** -7
+    ref = x.astype(jnp.float32) @ w
+    assert _rel(y, ref) < 0.06 and _rel(dx, dy.astype(jnp.float32) @ w.T) < 0.06
+
+
 def test_dequantize_is_the_weight_the_forward_multiplies_by():
     w = _normal(10, (48, 40))
     fw = Fp8Weight.from_dense(w)
