@@ -7,9 +7,10 @@ device at all. This step keeps on the device:
 * the always-trained leaves (embedding, final norm, head) and the γ sampled layers, in the
   parameters' dtype, updated as by ``step.make_lisa_step`` (``tx`` as given: with
   ``master_weights`` inside, with float32 precision);
-* one low-precision copy of every layer (``frozen_precision="fp8"``: its matrices as
+* one low-precision copy of every frozen layer (``frozen_precision="fp8"``: its matrices as
   :class:`lisa_jax.fp8.Fp8Weight`, norms as they are; ``"bf16"``: a plain copy, the same code
-  path with no quantization, for tests and GPUs without fp8).
+  path with no quantization, for tests and GPUs without fp8). A sampled layer has none: its
+  copy would go stale, and it is made when the layer leaves the sample.
 
 The layers' own weights (the *masters*) stay in host memory, one numpy tree per layer. At a
 resample the finished period's trained layers come back to the host, those that leave the
@@ -216,10 +217,9 @@ class SplitParams:
 
     ``rest``: the leaves outside the layers (device). ``active_GxP``: the sampled layers
     ``active`` (sorted), stacked (device). ``masters``: every layer's weights (host numpy, or
-arrays in pinned host memory; the
-    sampled layers' as of their period's start; reading it first writes in the host copies
-    still under way, :meth:`sync`). ``cache.copies``: every layer's frozen copy (device; a
-    sampled layer's is not read). ``count``/``period``: the host's mirror of the optimizer
+    arrays in pinned host memory; the sampled layers' as of their period's start; reading it
+    first writes in the host copies still under way, :meth:`sync`). ``cache.copies``: the
+    frozen layers' copies (device). ``count``/``period``: the host's mirror of the optimizer
     state's, to know when a resample is due without reading the device.
     ``pending``: ``(count, stacked layers, their indices, host copy)`` of finished periods
     whose copy to the host is under way (the host copy: a ``Future`` of it when a thread makes
@@ -248,7 +248,11 @@ arrays in pinned host memory; the
 
     @property
     def frozen(self) -> tuple:
-        return tuple(self.cache.copies[i] for i in range(len(self.host_masters)))
+        """Every layer's frozen copy as the step takes them: a sampled layer, which has none,
+        gets another layer's (its branch never reads it; the arguments keep one structure)."""
+        copies = self.cache.copies
+        stand_in = copies[min(copies)]
+        return tuple(copies.get(i, stand_in) for i in range(len(self.host_masters)))
 
     def block_until_ready(self):
         jax.block_until_ready((self.rest, self.active_GxP))
@@ -662,7 +666,6 @@ class FrozenLisaStep:
             self.jitted = self._jit_step()
         rest = self._send({k: v for k, v in params.items() if k != "layers"})
         cache = Fp8Cache(self.names, quantize=self.quantize)
-        cache.refresh(masters, ())  # a copy of every layer, so the step's arguments never change
         active = tuple(int(i) for i in jax.device_get(opt_state.active))
         cache.refresh(masters, active)
         count, period = (int(x) for x in jax.device_get((opt_state.count, opt_state.period)))

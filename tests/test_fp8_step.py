@@ -123,7 +123,9 @@ def test_copies_are_made_exactly_when_a_layer_leaves_the_trained_set(tiny_cfg,
     step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="fp8", allow_cpu=True)
     s = tx.init(p0)
     split = step.place(jax.tree.map(jnp.copy, p0), s)
-    assert split.cache.last_quantized == set() and len(split.cache.copies) == L
+    # a copy of every frozen layer and of no sampled one (it would go stale)
+    assert split.cache.last_quantized == set(range(L)) - set(split.active)
+    assert set(split.cache.copies) == set(range(L)) - set(split.active)
     # (the masters as numpy: with pinned host memory they are jax arrays there)
     initial = [{k: np.array(v) for k, v in lp.items()} for lp in split.masters]
     trained = set()
@@ -134,8 +136,9 @@ def test_copies_are_made_exactly_when_a_layer_leaves_the_trained_set(tiny_cfg,
         if split.active != before:
             left = set(before) - set(split.active)
             assert split.cache.last_quantized == left
-            for layer in range(L):
-                fresh = split.cache.copies[layer] is not copies[layer]
+            assert set(split.cache.copies) == set(range(L)) - set(split.active)
+            for layer in set(range(L)) - set(split.active):
+                fresh = split.cache.copies[layer] is not copies.get(layer)
                 assert fresh == (layer in left), layer
                 if layer in before:  # the period's trained weights came back to the host
                     assert masters_before[layer] is not split.masters[layer]
@@ -257,7 +260,7 @@ def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
                 assert kinds == {"pinned_host"}, kinds
         runs[name] = dict(losses=losses, samples=samples, reads=reads, stats=dict(step.stats),
                           full=step.full_params(split),
-                          copies=[jax.tree.leaves(split.cache.copies[i]) for i in range(4)],
+                          copies={i: jax.tree.leaves(c) for i, c in split.cache.copies.items()},
                           jitted=step.jitted._cache_size(),
                           compiled=_compiles.count("jit(_step)") - compiled_before)
     ref = runs["sync"]
@@ -270,7 +273,9 @@ def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
             np.testing.assert_array_equal(a, b)
         for a, b in zip(jax.tree.leaves(run["full"]), jax.tree.leaves(ref["full"])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        for layer, (qa, qb) in enumerate(zip(run["copies"], ref["copies"])):
+        assert run["copies"].keys() == ref["copies"].keys()
+        for layer in ref["copies"]:
+            qa, qb = run["copies"][layer], ref["copies"][layer]
             assert len(qa) == len(qb)
             for a, b in zip(qa, qb):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=layer)
