@@ -30,6 +30,13 @@ period's positions 0, 1 and 2, the median host time of each part of a call
 (``FrozenLisaStep.last_call_ms``: the resample's prepare, sample and transfers, the step's
 dispatch, the settling of earlier copies, the prefetch) and ``wait``, the time from the
 call's return to the step's end.
+``memory_gib``: the arrays held across steps by role (``held``) and the compiled step's
+accounting (``step``: ``temp`` is one step's activations, gradients and other temporaries);
+``peak_gib`` is the device's high-water mark over the run, resamples included.
+``--profile DIR`` then traces three more steps and writes the step's optimized HLO there
+(``python3 experiments/trace_breakdown.py DIR`` sums the trace by kernel class).
+``--gemm-out float32`` has the fp8 GEMMs write their product in float32 (the default: in
+the activations' dtype).
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
 (every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
@@ -154,12 +161,53 @@ def _warm_every_layer(step, split, state, batch):
     return time.perf_counter() - t0, first_s, state
 
 
+def _gib(tree) -> float:
+    import jax
+    return round(sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**30, 3)
+
+
+def memory_breakdown(step, split, state, batch) -> dict:
+    """Where the device memory of a step goes: the arrays that live across steps, by role,
+    and the compiled step's own accounting (arguments, outputs, the temporaries of one step:
+    activations, gradients, the loss's chunks), in GiB."""
+    args = (split.rest, split.active_GxP, split.frozen, state, batch)
+    held = dict(rest=_gib(split.rest), sampled_layers=_gib(split.active_GxP),
+                frozen_copies=_gib(list(split.cache.copies.values())),
+                optimizer_state=_gib(state), batch=_gib(batch))
+    compiled = step.jitted.lower(*args).compile().memory_analysis()
+    if compiled is None:
+        return dict(held=held)
+    step_gib = {k: round(getattr(compiled, f"{k}_size_in_bytes") / 2**30, 3)
+                for k in ("argument", "output", "alias", "temp", "generated_code")}
+    return dict(held=held, step=step_gib)
+
+
+def profile(step, split, state, batch, directory: str, name: str, steps: int = 3):
+    """A trace of ``steps`` steps (perfetto JSON, for experiments/trace_breakdown.py) and the
+    optimized HLO of the step, under ``directory``; returns the state to go on with."""
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.hlo.txt"), "w") as f:
+        f.write(step.jitted.lower(split.rest, split.active_GxP, split.frozen, state,
+                                  batch).compile().as_text())
+    with jax.profiler.trace(os.path.join(directory, f"{name}_trace"),
+                            create_perfetto_trace=True):
+        for _ in range(steps):  # synchronized per step, as the timed steps are
+            split, state, m = step(split, state, batch)
+            jax.block_until_ready((split.rest, split.active_GxP, state, m))
+    return split, state
+
+
 def run_one(a) -> dict:
     """One fp8 (or host-bf16) row: place, compile, time; resample steps timed apart."""
     import jax
+    import jax.numpy as jnp
 
     import lisa_jax
-    from lisa_jax import fp8_step
+    from lisa_jax import fp8, fp8_step
+
+    fp8.GEMM_OUT_DTYPE = None if a.gemm_out == "input" else jnp.dtype(a.gemm_out)
 
     cfg, params, template = _model_on_host(a)
     opt, master = _optimizer(a, cfg)
@@ -230,6 +278,10 @@ def run_one(a) -> dict:
                            for k in dict.fromkeys(k for d in rows for k in d)}
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
+    memory = memory_breakdown(step, split, state, batch)
+    if a.profile:
+        name = f"{a.frozen_precision}_{a.remat}_gemm_{a.gemm_out}"
+        split, state = profile(step, split, state, batch, a.profile, name)
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
     tokens = a.batch_size * a.max_seq_len
     return dict(impl="lisa_jax", label=a.label, shape=a.shape if not a.hf else a.hf,
@@ -261,6 +313,7 @@ def run_one(a) -> dict:
                 transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
+                memory_gib=memory, gemm_out=a.gemm_out,
                 warm_every_layer=a.warm_every_layer,
                 cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
                 warm_s=round(warm_s, 1) if warm_s is not None else None,
@@ -426,6 +479,12 @@ def main():
     ap.add_argument("--host-memory", default="auto", choices=["auto", "pageable", "pinned"],
                     help="fp8 rows: the masters as numpy (pageable) or in pinned host memory "
                          "(auto: pinned where the device has it)")
+    ap.add_argument("--gemm-out", default="input", choices=["input", "float32"],
+                    help="fp8 rows: the dtype fp8 GEMMs write their product in (input: the "
+                         "activations', bfloat16)")
+    ap.add_argument("--profile", default=None,
+                    help="fp8 rows: after timing, a trace of 3 steps and the step's optimized "
+                         "HLO in this folder (experiments/trace_breakdown.py reads it)")
     ap.add_argument("--warm-every-layer", action="store_true",
                     help="fp8 rows: before timing, run the step once with each layer sampled, "
                          "so that no timed resample is the first use of a layer's branch")
@@ -472,7 +531,8 @@ def main():
                          (["--background-transfers"] if a.background_transfers else []) +
                          (["--warm-every-layer"] if a.warm_every_layer else []) +
                          ["--prefetch-steps", str(a.prefetch_steps),
-                          "--host-memory", a.host_memory] +
+                          "--host-memory", a.host_memory, "--gemm-out", a.gemm_out] +
+                         (["--profile", a.profile] if a.profile else []) +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:
             row = spawn_row(args, a.timeout)

@@ -24,6 +24,9 @@
 #   fp8warm   the fp8 row over whole K=20 periods after every layer's sampled branch has run
 #             once (--warm-every-layer), with pageable and with pinned masters; and unwarmed
 #             under CUDA_MODULE_LOADING=EAGER
+#   fp8gemm   the fp8 row over whole K=20 periods with the fp8 GEMMs writing their product in
+#             float32 and in bfloat16 (--gemm-out), each profiled (extra/fp8_breakdown.*)
+#   fp8mlp    the fp8 row over whole K=20 periods with --remat mlp (gate and up recomputed)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -102,6 +105,21 @@ phase() {
             --remats none --variants fp8 --label "fp8_k20 $extra" --timeout 300 $flags \
             "${FP8[@]}" --out "$OUT/fp8_warm_$(echo $extra | tr -dc 'a-z0-9').json"
       done ;;
+    fp8gemm)
+      for gemm in float32 input; do
+        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
+            --variants fp8 --gemm-out $gemm --label "fp8_k20 gemm-out $gemm" --timeout 300 \
+            --profile "$OUT/prof" "${FP8[@]}" --out "$OUT/fp8_gemm_$gemm.json"
+      done
+      python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_breakdown"
+      gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
+      rm -rf "$OUT/prof" ;;
+    fp8mlp)
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats mlp \
+          --variants fp8 --label "fp8_k20 remat mlp" --timeout 300 "${FP8[@]}" \
+          --out "$OUT/fp8_k20_remat_mlp.json" ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
       # over whole K=20 periods

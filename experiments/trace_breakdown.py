@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_json  # noqa: E402
 
+TOP_KERNELS = 40
 CLASSES = ("cublas_matmul", "triton_matmul", "cudnn_attention", "slice_copies", "in_place_updates",
            "other_fusions", "memset")
 
@@ -64,7 +65,8 @@ def _step_windows(events, kernels, steps):
 
 def breakdown(trace_path: str, steps: int) -> dict:
     """Milliseconds per step by kernel class; ``busy`` (some kernel running), ``idle`` (the rest
-    of the step's wall time: launches, host round trips) and ``wall``; device-to-host copies."""
+    of the step's wall time: launches, host round trips) and ``wall``; device-to-host copies;
+    ``top_kernels``, the ``TOP_KERNELS`` kernels that take the most time."""
     events = json.load(gzip.open(trace_path))["traceEvents"]
     device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"
                    and "GPU" in e["args"]["name"]}
@@ -72,13 +74,15 @@ def breakdown(trace_path: str, steps: int) -> dict:
                      if e.get("ph") == "X" and e["pid"] in device_pids)
     if not kernels:
         raise SystemExit(f"{trace_path}: no device kernels (a CPU trace?)")
-    per_class = collections.Counter()
+    per_class, per_name, calls = collections.Counter(), collections.Counter(), collections.Counter()
     d2h = 0
     for start, end, name in kernels:
         if "MemcpyD2H" in name:
             d2h += 1
             continue
         per_class[kernel_class(name)] += end - start
+        per_name[name] += end - start
+        calls[name] += 1
     windows = _step_windows(events, kernels, steps)
     busy = wall = 0.0
     for lo, hi in windows:
@@ -93,6 +97,9 @@ def breakdown(trace_path: str, steps: int) -> dict:
     row = {c: ms(per_class[c]) for c in CLASSES}
     row.update(busy=ms(busy), idle=ms(wall - busy), wall=ms(wall),
                device_to_host_copies=d2h // steps)
+    # the kernels that take the most time: [name, its class, ms per step, calls per step]
+    row["top_kernels"] = [[name[:160], kernel_class(name), ms(t), round(calls[name] / steps, 1)]
+                          for name, t in per_name.most_common(TOP_KERNELS)]
     return row
 
 

@@ -65,6 +65,14 @@ def test_breakdown_classes_busy_and_idle(tmp_path):
     assert row["busy"] == pytest.approx(25.0)  # overlapping kernels are not counted twice
     assert row["wall"] == pytest.approx(32.0)
     assert row["idle"] == pytest.approx(7.0)  # the 5 ms gap and the 2 ms around the kernels
+    # the costliest kernels, by name, longest first (the device-to-host copy is not one)
+    top = row["top_kernels"]
+    assert top[0][:3] == ["nvjet_sm90_tst_128x256_64x4_2x1_v_bz_NNT", "cublas_matmul",
+                          pytest.approx(10.0)]
+    assert [t[0] for t in top[1:3]] == ["memcpy128",
+                                        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"]
+    assert len(top) == 7 and "MemcpyD2H" not in [t[0] for t in top]
+    assert [t[3] for t in top] == [1.0] * 7
 
     # Without the host's events the step is the kernels' extent.
     bare = tmp_path / "bare" / "perfetto_trace.json.gz"
