@@ -82,6 +82,12 @@ def _optimizer(a, cfg):
     return (master_weights(opt) if master else opt), master
 
 
+def _depth(a) -> dict:
+    """``--num-layers``: the shape's layers cut to that many (a layer's kernels, compiled
+    fast)."""
+    return dict(num_layers=a.num_layers) if a.num_layers else {}
+
+
 def _model(a):
     """``(cfg, params)``: random weights at ``--shape``, or the ``--hf`` directory's."""
     import jax
@@ -93,7 +99,7 @@ def _model(a):
         from lisa_jax import hf
         model = hf.load_hf(a.hf, a.dtype or default_dtype())
         return model.cfg, model.params
-    cfg = model_config(a.shape, a.dtype)
+    cfg = model_config(a.shape, a.dtype, **_depth(a))
     return cfg, jax.jit(lambda k: M.init_params(cfg, k))(jax.random.key(0))
 
 
@@ -113,7 +119,7 @@ def _model_on_host(a):
         template = {**{k: v for k, v in params.items() if k != "layers"},
                     "layers": params["layers"]}
         return cfg, params, template
-    cfg = model_config(a.shape, a.dtype)
+    cfg = model_config(a.shape, a.dtype, **_depth(a))
     one = dataclasses.replace(cfg, num_layers=1)
     init = jax.jit(lambda k: M.init_params(one, k))
     layers, rest = [], None
@@ -280,11 +286,13 @@ def run_one(a) -> dict:
     peak = stats.get("peak_bytes_in_use")
     memory = memory_breakdown(step, split, state, batch)
     if a.profile:
-        name = f"{a.frozen_precision}_{a.remat}_gemm_{a.gemm_out}"
+        name = f"{a.frozen_precision}_{a.remat}_copies{a.fp8_copies}_gemm_{a.gemm_out}" \
+            f"_L{cfg.num_layers}"
         split, state = profile(step, split, state, batch, a.profile, name)
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
     tokens = a.batch_size * a.max_seq_len
     return dict(impl="lisa_jax", label=a.label, shape=a.shape if not a.hf else a.hf,
+                num_layers=cfg.num_layers,
                 method="lisa", batch=a.batch_size, seq=a.max_seq_len, gamma=a.lisa_layers,
                 lora_r=None, remat=a.remat, step_s=round(t, 4), step_s_min=round(min(times), 4),
                 ms=round(t * 1e3, 1), tokens_per_s=round(tokens / t, 1),
@@ -462,6 +470,8 @@ def main():
                     help="no timing: fp8 against dense loss and sampled-layer gradients")
     ap.add_argument("--check-steps", type=int, default=4, help="--check: batches (and samples)")
     ap.add_argument("--hf", default=None, help="an HF model directory instead of --shape")
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="the shape with this many layers (its kernels, compiled faster)")
     ap.add_argument("--data", default=None, help="--check with --hf: batches of these records "
                     "(any file lisa-jax train --data reads) instead of random tokens")
     ap.add_argument("--label", default=None, help="free text copied into every row")
@@ -504,6 +514,9 @@ def main():
         a.remat, a.fp8_copies = a.remats[0], a.fp8_copies[0]
         print(json.dumps(run_one(a)), flush=True)
         return
+    if a.num_layers and "bf16" in a.variants:
+        raise SystemExit("--num-layers is for the fp8 and host_bf16 rows; leave bf16 out of "
+                         "--variants")
     common = forward_flags(a, "shape", "batch_size", "max_seq_len", "steps", "warmup",
                            "lisa_interval", "lisa_layers", "loss_chunk", "update_dtype",
                            "mu_dtype", "label", "dtype")
@@ -530,6 +543,7 @@ def main():
                          (["--no-overlap"] if a.no_overlap else []) +
                          (["--background-transfers"] if a.background_transfers else []) +
                          (["--warm-every-layer"] if a.warm_every_layer else []) +
+                         (["--num-layers", str(a.num_layers)] if a.num_layers else []) +
                          ["--prefetch-steps", str(a.prefetch_steps),
                           "--host-memory", a.host_memory, "--gemm-out", a.gemm_out] +
                          (["--profile", a.profile] if a.profile else []) +

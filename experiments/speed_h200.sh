@@ -26,6 +26,10 @@
 #             under CUDA_MODULE_LOADING=EAGER
 #   fp8gemm   the fp8 row over whole K=20 periods with the fp8 GEMMs writing their product in
 #             float32 and in bfloat16 (--gemm-out), each profiled (extra/fp8_breakdown.*)
+#   fp8layer  a layer's kernels: LLaMA-2-7B with 6 layers, fp8 with one copy per frozen matrix
+#             (the backward transposes it) and two, profiled (extra/fp8_layer_breakdown.*)
+#   fp8two    the fp8 row over whole K=20 periods with two copies per frozen matrix, with
+#             remat none and mlp
 #   fp8mlp    the fp8 row over whole K=20 periods with --remat mlp (gate and up recomputed)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
@@ -115,6 +119,19 @@ phase() {
       python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_breakdown"
       gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
       rm -rf "$OUT/prof" ;;
+    fp8layer)
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --num-layers 6 --lisa-layers 2 \
+          --batch-size 4 --max-seq-len 1024 --steps 20 --warmup 3 --lisa-interval 20 \
+          --remats none --variants fp8 --fp8-copies 1 2 --label "fp8 6 layers" --timeout 200 \
+          --profile "$OUT/prof" "${FP8[@]}" --out "$OUT/fp8_6layers.json"
+      python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_layer_breakdown"
+      gzip -f "$OUT"/prof/*copies1*.hlo.txt && mv "$OUT"/prof/*copies1*.hlo.txt.gz "$OUT/extra/"
+      rm -rf "$OUT/prof" ;;
+    fp8two)
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none mlp \
+          --variants fp8 --fp8-copies 2 --label "fp8_k20 two copies" --timeout 300 \
+          "${FP8[@]}" --out "$OUT/fp8_k20_two_copies.json" ;;
     fp8mlp)
       python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
           --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats mlp \
