@@ -36,7 +36,7 @@ accounting (``step``: ``temp`` is one step's activations, gradients and other te
 ``--profile DIR`` then traces three more steps and writes the step's optimized HLO there
 (``python3 experiments/trace_breakdown.py DIR`` sums the trace by kernel class).
 ``--gemm-out float32`` has the fp8 GEMMs write their product in float32 (the default: in
-the activations' dtype).
+the activations' dtype); ``--transpose xla`` leaves the one-copy backward's transpose to XLA.
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
 (every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
@@ -214,6 +214,7 @@ def run_one(a) -> dict:
     from lisa_jax import fp8, fp8_step
 
     fp8.GEMM_OUT_DTYPE = None if a.gemm_out == "input" else jnp.dtype(a.gemm_out)
+    fp8.BACKWARD_TRANSPOSE = a.transpose
 
     cfg, params, template = _model_on_host(a)
     opt, master = _optimizer(a, cfg)
@@ -287,7 +288,7 @@ def run_one(a) -> dict:
     memory = memory_breakdown(step, split, state, batch)
     if a.profile:
         name = f"{a.frozen_precision}_{a.remat}_copies{a.fp8_copies}_gemm_{a.gemm_out}" \
-            f"_L{cfg.num_layers}"
+            f"_{a.transpose}_L{cfg.num_layers}"
         split, state = profile(step, split, state, batch, a.profile, name)
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
     tokens = a.batch_size * a.max_seq_len
@@ -322,6 +323,7 @@ def run_one(a) -> dict:
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
                 memory_gib=memory, gemm_out=a.gemm_out,
+                transpose=a.transpose if a.fp8_copies == 1 else None,
                 warm_every_layer=a.warm_every_layer,
                 cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
                 warm_s=round(warm_s, 1) if warm_s is not None else None,
@@ -492,6 +494,9 @@ def main():
     ap.add_argument("--gemm-out", default="input", choices=["input", "float32"],
                     help="fp8 rows: the dtype fp8 GEMMs write their product in (input: the "
                          "activations', bfloat16)")
+    ap.add_argument("--transpose", default="tiled", choices=["tiled", "xla"],
+                    help="fp8 rows with one copy: how the backward transposes it (xla: left "
+                         "to XLA, as before)")
     ap.add_argument("--profile", default=None,
                     help="fp8 rows: after timing, a trace of 3 steps and the step's optimized "
                          "HLO in this folder (experiments/trace_breakdown.py reads it)")
@@ -545,7 +550,8 @@ def main():
                          (["--warm-every-layer"] if a.warm_every_layer else []) +
                          (["--num-layers", str(a.num_layers)] if a.num_layers else []) +
                          ["--prefetch-steps", str(a.prefetch_steps),
-                          "--host-memory", a.host_memory, "--gemm-out", a.gemm_out] +
+                          "--host-memory", a.host_memory, "--gemm-out", a.gemm_out,
+                          "--transpose", a.transpose] +
                          (["--profile", a.profile] if a.profile else []) +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:

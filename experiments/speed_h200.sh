@@ -28,6 +28,9 @@
 #             float32 and in bfloat16 (--gemm-out), each profiled (extra/fp8_breakdown.*)
 #   fp8layer  a layer's kernels: LLaMA-2-7B with 6 layers, fp8 with one copy per frozen matrix
 #             (the backward transposes it) and two, profiled (extra/fp8_layer_breakdown.*)
+#   fp8tiled  the fp8 row over whole K=20 periods, remat none and mlp (the one-copy backward's
+#             transpose as one tiled kernel); then a layer's kernels (6 layers) with it and with
+#             the transpose left to XLA, profiled (extra/fp8_transpose_breakdown.*)
 #   fp8two    the fp8 row over whole K=20 periods with two copies per frozen matrix, with
 #             remat none and mlp
 #   fp8mlp    the fp8 row over whole K=20 periods with --remat mlp (gate and up recomputed)
@@ -126,6 +129,19 @@ phase() {
           --profile "$OUT/prof" "${FP8[@]}" --out "$OUT/fp8_6layers.json"
       python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_layer_breakdown"
       gzip -f "$OUT"/prof/*copies1*.hlo.txt && mv "$OUT"/prof/*copies1*.hlo.txt.gz "$OUT/extra/"
+      rm -rf "$OUT/prof" ;;
+    fp8tiled)
+      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none mlp \
+          --variants fp8 --label "fp8_k20 tiled transpose" --timeout 300 "${FP8[@]}" \
+          --out "$OUT/fp8_k20_tiled.json"
+      for t in tiled xla; do
+        python3 experiments/bench_fp8.py --shape $SHAPE7 --num-layers 6 --lisa-layers 2 \
+            --batch-size 4 --max-seq-len 1024 --steps 20 --warmup 3 --lisa-interval 20 \
+            --remats none --variants fp8 --transpose $t --label "fp8 6 layers $t" \
+            --timeout 200 --profile "$OUT/prof" "${FP8[@]}" --out "$OUT/fp8_6layers_$t.json"
+      done
+      python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_transpose_breakdown"
       rm -rf "$OUT/prof" ;;
     fp8two)
       python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \

@@ -64,6 +64,21 @@ def quantize(x, axis: int, dtype=E4M3):
 GEMM_OUT_DTYPE = None
 
 
+# How the one-copy backward gets its copy transposed (cuBLASLt's fp8 GEMMs take only TN):
+# "tiled", as a transpose of bytes kept apart from the GEMM, which XLA emits as one tiled
+# kernel; "xla", left to XLA, which folds the transpose into the GEMM operand's layout and
+# then moves the bytes in a plain loop, several times slower (kept for comparisons:
+# experiments/bench_fp8.py --transpose).
+BACKWARD_TRANSPOSE = "tiled"
+
+
+def _transposed(w_OxD):
+    """``w`` as ``[D, O]``, its rows contiguous: the TN operand of ``dy @ w``."""
+    u_OxD = jax.lax.bitcast_convert_type(w_OxD, jnp.uint8)
+    u_DxO = jax.lax.optimization_barrier(u_OxD.T)
+    return jax.lax.bitcast_convert_type(u_DxO, w_OxD.dtype)
+
+
 def _product_dtype(like):
     return jnp.dtype(GEMM_OUT_DTYPE or like)
 
@@ -143,9 +158,12 @@ def _bwd(res, dy_xO):
         # channels, and dy's per-token scales still factor out of the sum.
         dq, sd = quantize(dy_TxO.astype(jnp.float32) * w.fwd_scale_O[None, :], axis=1,
                           dtype=dtype)
-        dx = jax.lax.dot_general(dq, w.fwd_OxD, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=_product_dtype(like.dtype))
-        dx = dx.astype(jnp.float32) * sd
+        if BACKWARD_TRANSPOSE == "tiled":
+            dx = _tn_dot(dq, _transposed(w.fwd_OxD), _product_dtype(like.dtype)) * sd
+        else:
+            dx = jax.lax.dot_general(dq, w.fwd_OxD, (((1,), (0,)), ((), ())),
+                                     preferred_element_type=_product_dtype(like.dtype))
+            dx = dx.astype(jnp.float32) * sd
         return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
     dq, sd = quantize(dy_TxO, axis=1, dtype=dtype)
     dx = _tn_dot(dq, w.bwd_DxO, _product_dtype(like.dtype)) * sd * w.bwd_scale_D[None, :]
