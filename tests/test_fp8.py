@@ -81,6 +81,31 @@ def test_one_copy_backward_is_within_the_same_bound_and_halves_the_bytes():
     np.testing.assert_allclose(g, dx, rtol=1e-6, atol=1e-6)
 
 
+def test_one_copy_backward_transposes_its_copy_apart_for_a_tn_gemm(monkeypatch):
+    # cuBLASLt's fp8 GEMMs take TN only: the backward multiplies by the forward's copy
+    # transposed. Left to XLA that transpose is folded into the GEMM operand's layout and run
+    # as a slow byte loop; kept apart (behind a barrier) it is one tiled transpose kernel.
+    x, w, dy = _normal(5, (4, 8, 64)), _normal(6, (64, 48)), _normal(7, (4, 8, 48))
+    one = Fp8Weight.from_dense(w, both=False)
+    from lisa_jax import fp8
+    t = fp8._transposed(one.fwd_OxD)
+    assert t.dtype == E4M3 and t.shape == (64, 48)
+    np.testing.assert_array_equal(np.asarray(t, np.float32), np.asarray(one.fwd_OxD, np.float32).T)
+
+    def backward(x, dy):
+        return jax.vjp(fp8_matmul, x, one)[1](dy)[0]
+    hlo = jax.jit(backward).lower(x, dy).as_text()
+    dots = [ln for ln in hlo.splitlines() if "dot_general" in ln]
+    assert len(dots) == 1 and "contracting_dims = [1] x [1]" in dots[0], dots  # TN
+    assert "optimization_barrier" in hlo
+    dx = backward(x, dy)
+    monkeypatch.setattr(fp8, "BACKWARD_TRANSPOSE", "xla")
+    left_to_xla = lambda x, dy: backward(x, dy)  # noqa: E731  (a fresh trace)
+    hlo_xla = jax.jit(left_to_xla).lower(x, dy).as_text()
+    assert "contracting_dims = [1] x [0]" in hlo_xla and "optimization_barrier" not in hlo_xla
+    np.testing.assert_allclose(dx, jax.jit(left_to_xla)(x, dy), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("both", [True, False])
 def test_backward_quantizes_gradients_to_e4m3_and_is_within_the_e4m3_bound(both):
     # per-token scales give each gradient row its own range, so the default e4m3 (3 mantissa
