@@ -33,6 +33,9 @@
 #             the transpose left to XLA, profiled (extra/fp8_transpose_breakdown.*)
 #   fp8two    the fp8 row over whole K=20 periods with two copies per frozen matrix, with
 #             remat none and mlp
+#   fp8lean   the fp8 row over whole K=20 periods with --remat mlp, the resample's transfers
+#             overlapped with the steps (the default) and made at the resample (--no-overlap:
+#             no step runs while the device holds both periods' layers)
 #   fp8mlp    the fp8 row over whole K=20 periods with --remat mlp (gate and up recomputed)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
@@ -148,6 +151,13 @@ phase() {
           --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none mlp \
           --variants fp8 --fp8-copies 2 --label "fp8_k20 two copies" --timeout 300 \
           "${FP8[@]}" --out "$OUT/fp8_k20_two_copies.json" ;;
+    fp8lean)
+      for extra in "" "--no-overlap"; do
+        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats mlp \
+            --variants fp8 --label "fp8_k20 remat mlp $extra" --timeout 300 $extra \
+            "${FP8[@]}" --out "$OUT/fp8_lean$(echo $extra | tr -dc 'a-z').json"
+      done ;;
     fp8mlp)
       python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
           --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats mlp \

@@ -190,9 +190,10 @@ class TrainConfig:
                 "either way", ("auto", "per_layer", "stacked"))
     frozen_precision: str = _setting(
         "bf16", "LISA on one GPU: the frozen layers' GEMMs in bf16, or fp8 (fp8 tensor cores: Ada, "
-                "Hopper or later): fp8 copies of every layer on the GPU, the layers' bf16 weights "
-                "in host memory (2 bytes a layer parameter), re-quantized at each resample; "
-                "checkpoints and exports are bf16 either way", ("bf16", "fp8"))
+                "Hopper or later): fp8 copies of the frozen layers on the GPU, the layers' bf16 "
+                "weights in host memory (2 bytes a layer parameter), re-quantized at each "
+                "resample (with --remat mlp: least memory); checkpoints and exports are bf16 "
+                "either way", ("bf16", "fp8"))
     mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard "
                                       "over several devices (not given: one device)")
     fsdp_prefetch: bool = _setting(False, "LISA on a --mesh with fsdp: each layer's weights "
