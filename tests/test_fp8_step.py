@@ -49,11 +49,12 @@ def test_fp8_is_refused_on_a_cpu_with_the_fix_in_one_line():
         F.check_fp8(Gpu(kind, cc))
 
 
-def test_bf16_path_trains_exactly_as_the_plain_lisa_step(tiny_cfg, perturbed_params,
+@pytest.mark.parametrize("n_active", [2, 4])  # 4: every layer sampled, none frozen
+def test_bf16_path_trains_exactly_as_the_plain_lisa_step(n_active, tiny_cfg, perturbed_params,
                                                          batch_for):
     cfg = tiny_cfg(num_layers=4)
     p0 = perturbed_params(cfg)
-    tx = _lisa()
+    tx = _lisa(n_active=n_active)
     plain = S.make_lisa_step(cfg, tx)
     p, s = layout.convert(jax.tree.map(jnp.copy, p0), "per_layer"), tx.init(p0)
     step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16")
@@ -65,14 +66,14 @@ def test_bf16_path_trains_exactly_as_the_plain_lisa_step(tiny_cfg, perturbed_par
         samples.append(split.active)
         assert split.active == tuple(np.asarray(s.active).tolist())
         np.testing.assert_array_equal(m8["loss"], m["loss"])
-    assert len(set(samples)) > 1
+    assert (len(set(samples)) > 1) == (n_active < cfg.num_layers)
     got = step.full_params(split)
     for i, lp in enumerate(p["layers"]):
         for k, v in lp.items():
             np.testing.assert_array_equal(got["layers"][i][k], np.asarray(v), err_msg=(i, k))
     for k in ("embed", "final_norm", "lm_head"):
         np.testing.assert_array_equal(got[k], p[k])
-    assert step.jitted._cache_size() == 1  # one executable for every sample of size 2
+    assert step.jitted._cache_size() == 1  # one executable for every sample of its size
 
 
 def _grads(cfg, params, active, frozen_of, batch):
