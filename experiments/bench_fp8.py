@@ -37,6 +37,8 @@ accounting (``step``: ``temp`` is one step's activations, gradients and other te
 (``python3 experiments/trace_breakdown.py DIR`` sums the trace by kernel class).
 ``--gemm-out float32`` has the fp8 GEMMs write their product in float32 (the default: in
 the activations' dtype); ``--transpose xla`` leaves the one-copy backward's transpose to XLA.
+``--num-layers N`` cuts the shape to N layers: a layer's kernels at full width, compiled in
+seconds instead of minutes (fp8 rows only).
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
 (every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
