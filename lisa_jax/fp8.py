@@ -190,7 +190,7 @@ class Fp8Cache:
     not now are quantized again (their weights moved); layers without a copy are quantized
     once; every other copy is reused. A layer that trains has no copy (``copies`` holds the
     frozen layers only: the copy would go stale, and it is remade when the layer leaves),
-    unless every layer trains. Returns the per-layer parameters for the period: the trained
+    unless every layer trains: then each has one, so that a step has copies to take. Returns the per-layer parameters for the period: the trained
     layers' own (full precision), the others' fp8 copies. The input is not modified.
 
     >>> import numpy as np
@@ -219,6 +219,8 @@ class Fp8Cache:
         if len(active) < len(layers):
             for i in active:
                 self.copies.pop(i, None)
+        else:  # every layer trains: a step still takes a copy of each (and reads none)
+            stale |= {i for i in range(len(layers)) if i not in self.copies}
         for i in stale:
             self.copies[i] = self.quantize(layers[i])
         self.active, self.last_quantized = active, frozenset(stale)

@@ -667,8 +667,6 @@ class FrozenLisaStep:
         rest = self._send({k: v for k, v in params.items() if k != "layers"})
         cache = Fp8Cache(self.names, quantize=self.quantize)
         active = tuple(int(i) for i in jax.device_get(opt_state.active))
-        if len(active) == len(masters):  # every layer sampled: the step still takes copies
-            cache.refresh(masters, ())
         cache.refresh(masters, active)
         count, period = (int(x) for x in jax.device_get((opt_state.count, opt_state.period)))
         split = SplitParams(rest, None, active, masters, cache, count, period)
