@@ -67,7 +67,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_flags, command_line, forward_flags, model_config,  # noqa: E402
-                    random_batch, spawn_row, write_json)
+                    profile_steps, random_batch, spawn_row, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_STEP = os.path.join(HERE, "bench_step.py")
@@ -174,37 +174,30 @@ def _gib(tree) -> float:
     return round(sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**30, 3)
 
 
-def memory_breakdown(step, split, state, batch) -> dict:
+def memory_breakdown(split, state, batch, compiled) -> dict:
     """Where the device memory of a step goes: the arrays that live across steps, by role,
     and the compiled step's own accounting (arguments, outputs, the temporaries of one step:
     activations, gradients, the loss's chunks), in GiB."""
-    args = (split.rest, split.active_GxP, split.frozen, state, batch)
     held = dict(rest=_gib(split.rest), sampled_layers=_gib(split.active_GxP),
                 frozen_copies=_gib(list(split.cache.copies.values())),
                 optimizer_state=_gib(state), batch=_gib(batch))
-    compiled = step.jitted.lower(*args).compile().memory_analysis()
-    if compiled is None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
         return dict(held=held)
-    step_gib = {k: round(getattr(compiled, f"{k}_size_in_bytes") / 2**30, 3)
+    step_gib = {k: round(getattr(analysis, f"{k}_size_in_bytes") / 2**30, 3)
                 for k in ("argument", "output", "alias", "temp", "generated_code")}
     return dict(held=held, step=step_gib)
 
 
-def profile(step, split, state, batch, directory: str, name: str, steps: int = 3):
-    """A trace of ``steps`` steps (perfetto JSON, for experiments/trace_breakdown.py) and the
-    optimized HLO of the step, under ``directory``; returns the state to go on with."""
+def _step_and_wait(step, batch):
+    """``(split, state) -> (split, state)``: one step, waited for."""
     import jax
 
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{name}.hlo.txt"), "w") as f:
-        f.write(step.jitted.lower(split.rest, split.active_GxP, split.frozen, state,
-                                  batch).compile().as_text())
-    with jax.profiler.trace(os.path.join(directory, f"{name}_trace"),
-                            create_perfetto_trace=True):
-        for _ in range(steps):  # synchronized per step, as the timed steps are
-            split, state, m = step(split, state, batch)
-            jax.block_until_ready((split.rest, split.active_GxP, state, m))
-    return split, state
+    def run(carry):
+        split, state, metrics = step(*carry, batch)
+        jax.block_until_ready((split.rest, split.active_GxP, state, metrics))
+        return split, state
+    return run
 
 
 def run_one(a) -> dict:
@@ -287,11 +280,15 @@ def run_one(a) -> dict:
                            for k in dict.fromkeys(k for d in rows for k in d)}
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    memory = memory_breakdown(step, split, state, batch)
-    if a.profile:
+    # the step as it ran, compiled once more (a cache hit where the compilation cache is on)
+    compiled = step.jitted.lower(split.rest, split.active_GxP, split.frozen, state,
+                                 batch).compile()
+    memory = memory_breakdown(split, state, batch, compiled)
+    if a.profile:  # three more steps, traced
         name = f"{a.frozen_precision}_{a.remat}_copies{a.fp8_copies}_gemm_{a.gemm_out}" \
             f"_{a.transpose}_L{cfg.num_layers}"
-        split, state = profile(step, split, state, batch, a.profile, name)
+        split, state = profile_steps(a.profile, name, compiled.as_text(),
+                                     _step_and_wait(step, batch), (split, state))
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
     tokens = a.batch_size * a.max_seq_len
     return dict(impl="lisa_jax", label=a.label, shape=a.shape if not a.hf else a.hf,

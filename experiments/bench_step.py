@@ -47,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_flags, command_line, forward_flags, model_config,  # noqa: E402
-                    random_batch, spawn_row, time_steps, write_json)
+                    profile_steps, random_batch, spawn_row, time_steps, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 S_LOSS_CHUNK = 4096  # lisa_jax.step.LOSS_CHUNK, without importing jax in the driver
@@ -189,15 +189,11 @@ def profile_step(a, step, params, state, batch, steps: int = 3):
         name += f"_{a.layer_layout}"
     if a.method == "lisa" and _granularity(a) != "layer":
         name += f"_{_granularity(a)}"
-    os.makedirs(a.profile, exist_ok=True)
-    if hasattr(step, "lower"):
-        with open(os.path.join(a.profile, f"{name}.hlo.txt"), "w") as f:
-            f.write(step.lower(params, state, batch).compile().as_text())
-    trace_dir = os.path.join(a.profile, f"{name}_trace")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):  # synchronized per step, as the timed steps are
-            params, state, m = step(params, state, batch)
-            jax.block_until_ready((params, state, m))
+    hlo = step.lower(params, state, batch).compile().as_text() if hasattr(step, "lower") \
+        else None
+    profile_steps(a.profile, name, hlo,
+                  lambda c: jax.block_until_ready(step(c[0], c[1], batch)), (params, state),
+                  steps)
 
 
 def plan(a) -> list[dict]:

@@ -160,6 +160,24 @@ def time_calls(fn, args, reps: int, warmup: int = 1) -> list[float]:
 OOM_MARKS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemoryError")
 
 
+def profile_steps(directory: str, name: str, hlo_text: str | None, run, carry, steps: int = 3):
+    """Under ``directory``: ``name.hlo.txt`` (the step's optimized HLO, where given) and a trace
+    of ``steps`` calls of ``run(carry) -> carry`` in ``name_trace`` (perfetto JSON; open in
+    ui.perfetto.dev; experiments/trace_breakdown.py sums it). ``run`` makes one step and waits
+    for it, as the timed steps do. Returns the last carry."""
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    if hlo_text is not None:
+        with open(os.path.join(directory, f"{name}.hlo.txt"), "w") as f:
+            f.write(hlo_text)
+    with jax.profiler.trace(os.path.join(directory, f"{name}_trace"),
+                            create_perfetto_trace=True):
+        for _ in range(steps):
+            carry = run(carry)
+    return carry
+
+
 def spawn_row(args: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run ``python3 args...`` in a fresh process (its peak memory its own); its last stdout
     line starting with ``{`` is the JSON row, returned with ``wall_s``. A failed process gives

@@ -63,6 +63,12 @@ B=experiments/bench_step.py
 # a CPU smoke run of the phases: SHAPE7=tiny SHAPE8=tiny FP8_FLAGS=--allow-cpu
 SHAPE7=${SHAPE7:-llama2-7b} SHAPE8=${SHAPE8:-llama3-8b}
 FP8=(${FP8_FLAGS:-})
+# bench_fp8.py's rows over whole K=20 periods (60 timed steps, three resamples) at LLaMA-2-7B,
+# and the row's own flags after (a later --shape wins)
+fp8_k20() {
+  python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
+      --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --timeout 300 "$@" "${FP8[@]}"
+}
 phase() {
   local t0=$SECONDS
   echo "== $1 at $(date -u +%H:%M:%S)"
@@ -82,25 +88,19 @@ phase() {
       python3 experiments/bench_fp8.py --shape $SHAPE7 --check --batch-size 4 \
           --max-seq-len 1024 --timeout 200 "${FP8[@]}" --out "$OUT/extra/check_fp8.json" ;;
     fp8k)
-      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
-          --variants bf16 fp8 --label fp8_k20 --timeout 300 "${FP8[@]}" --out "$OUT/fp8_k20.json"
+      fp8_k20 --remats none --variants bf16 fp8 --label fp8_k20 --out "$OUT/fp8_k20.json"
       python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
           --max-seq-len 1024 --steps 20 --warmup 3 --lisa-interval 5 --remats none \
           --variants fp8 --label fp8_k5 --timeout 240 "${FP8[@]}" --out "$OUT/fp8_k5.json" ;;
     fp8hide)
       for extra in "--prefetch-steps 4" "--prefetch-steps 4 --background-transfers"; do
-        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
-            --variants fp8 --label "fp8_k20 $extra" --timeout 300 $extra "${FP8[@]}" \
+        fp8_k20 --remats none --variants fp8 --label "fp8_k20 $extra" $extra \
             --out "$OUT/fp8_hide_$(echo $extra | tr -dc 'a-z0-9').json"
       done ;;
     fp8pin)
       for extra in "--prefetch-steps 4" "--prefetch-steps 1"; do
-        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
-            --variants fp8 --label "fp8_k20 pinned $extra" --timeout 300 --host-memory pinned \
-            $extra "${FP8[@]}" --out "$OUT/fp8_pin_$(echo $extra | tr -dc 'a-z0-9').json"
+        fp8_k20 --remats none --variants fp8 --label "fp8_k20 pinned $extra" \
+            --host-memory pinned $extra --out "$OUT/fp8_pin_$(echo $extra | tr -dc 'a-z0-9').json"
       done ;;
     fp8warm)
       # steady state: every layer's sampled branch run once before timing (its first run's
@@ -117,10 +117,8 @@ phase() {
       done ;;
     fp8gemm)
       for gemm in float32 input; do
-        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
-            --variants fp8 --gemm-out $gemm --label "fp8_k20 gemm-out $gemm" --timeout 300 \
-            --profile "$OUT/prof" "${FP8[@]}" --out "$OUT/fp8_gemm_$gemm.json"
+        fp8_k20 --remats none --variants fp8 --gemm-out $gemm \
+            --label "fp8_k20 gemm-out $gemm" --profile "$OUT/prof" --out "$OUT/fp8_gemm_$gemm.json"
       done
       python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_breakdown"
       gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
@@ -134,9 +132,7 @@ phase() {
       gzip -f "$OUT"/prof/*copies1*.hlo.txt && mv "$OUT"/prof/*copies1*.hlo.txt.gz "$OUT/extra/"
       rm -rf "$OUT/prof" ;;
     fp8tiled)
-      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none mlp \
-          --variants fp8 --label "fp8_k20 tiled transpose" --timeout 300 "${FP8[@]}" \
+      fp8_k20 --remats none mlp --variants fp8 --label "fp8_k20 tiled transpose" \
           --out "$OUT/fp8_k20_tiled.json"
       for t in tiled xla; do
         python3 experiments/bench_fp8.py --shape $SHAPE7 --num-layers 6 --lisa-layers 2 \
@@ -147,21 +143,14 @@ phase() {
       python3 experiments/trace_breakdown.py "$OUT/prof" --out "$OUT/extra/fp8_transpose_breakdown"
       rm -rf "$OUT/prof" ;;
     fp8two)
-      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none mlp \
-          --variants fp8 --fp8-copies 2 --label "fp8_k20 two copies" --timeout 300 \
-          "${FP8[@]}" --out "$OUT/fp8_k20_two_copies.json" ;;
+      fp8_k20 --remats none mlp --variants fp8 --fp8-copies 2 --label "fp8_k20 two copies" \
+          --out "$OUT/fp8_k20_two_copies.json" ;;
     fp8lean)
-      for extra in "" "--no-overlap"; do
-        python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-            --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats mlp \
-            --variants fp8 --label "fp8_k20 remat mlp $extra" --timeout 300 $extra \
-            "${FP8[@]}" --out "$OUT/fp8_lean$(echo $extra | tr -dc 'a-z').json"
-      done ;;
+      phase fp8mlp
+      fp8_k20 --remats mlp --variants fp8 --label "fp8_k20 remat mlp --no-overlap" \
+          --no-overlap --out "$OUT/fp8_k20_remat_mlp_no_overlap.json" ;;
     fp8mlp)
-      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats mlp \
-          --variants fp8 --label "fp8_k20 remat mlp" --timeout 300 "${FP8[@]}" \
+      fp8_k20 --remats mlp --variants fp8 --label "fp8_k20 remat mlp" \
           --out "$OUT/fp8_k20_remat_mlp.json" ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
@@ -169,16 +158,13 @@ phase() {
       python3 $B --shape $SHAPE7 "${OURS[@]}" --peer-only "${PEER[@]}" --peer-methods lisa \
           --peer-lisa-layers 2 --peer-remat --peer-remat-methods lisa --label speed \
           --out "$OUT/peer7b_remat.json"
-      python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
-          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats full \
-          --variants fp8 --label "fp8_k20 remat full" --timeout 300 "${FP8[@]}" \
+      fp8_k20 --remats full --variants fp8 --label "fp8_k20 remat full" \
           --out "$OUT/fp8_k20_remat_full.json" ;;
     fp8_8b)
       python3 $B --shape $SHAPE8 "${OURS[@]}" --peer-only "${PEER[@]}" --peer-methods lisa \
           --peer-lisa-layers 2 --label speed --out "$OUT/peer8b.json"
-      python3 experiments/bench_fp8.py --shape $SHAPE8 --lisa-layers 2 --batch-size 4 \
-          --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --remats none \
-          --variants fp8 --label fp8_k20 --timeout 300 "${FP8[@]}" --out "$OUT/fp8_k20_8b.json" ;;
+      fp8_k20 --shape $SHAPE8 --remats none --variants fp8 --label fp8_k20 \
+          --out "$OUT/fp8_k20_8b.json" ;;
     module)
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
           --lisa-granularity matrix --label module --out "$OUT/module_matrix.json"
