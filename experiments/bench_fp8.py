@@ -37,8 +37,10 @@ accounting (``step``: ``temp`` is one step's activations, gradients and other te
 (``python3 experiments/trace_breakdown.py DIR`` sums the trace by kernel class).
 ``--gemm-out float32`` has the fp8 GEMMs write their product in float32 (the default: in
 the activations' dtype); ``--transpose xla`` leaves the one-copy backward's transpose to XLA.
-``--num-layers N`` cuts the shape to N layers: a layer's kernels at full width, compiled in
-seconds instead of minutes (fp8 rows only).
+``--residuals fp8`` has the frozen layers save their gate and up activations in fp8 (with
+``--check``: against the dense step's bf16 ones). ``--num-layers N`` cuts the shape to N
+layers: a layer's kernels at full width, compiled in seconds instead of minutes (fp8 rows
+only).
 Time at least two whole periods (``--steps`` ≥ 3K); with fewer, ``resample_ms`` falls back to
 ``resample_step_ms`` (``resample_basis``). ``--no-overlap`` times the synchronous resample
 (every transfer in the resample step); ``--prefetch-steps N`` sends the incoming layers N steps
@@ -59,6 +61,7 @@ weights instead. CPU smoke (fp8 emulated, well under a minute):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -223,7 +226,7 @@ def run_one(a) -> dict:
                                           overlap=not a.no_overlap,
                                           prefetch_steps=a.prefetch_steps,
                                           background_transfers=a.background_transfers,
-                                          host_memory=a.host_memory)
+                                          host_memory=a.host_memory, residuals=a.residuals)
     t0 = time.perf_counter()
     split = step.place(params, state)
     jax.block_until_ready(split.frozen)
@@ -286,7 +289,7 @@ def run_one(a) -> dict:
     memory = memory_breakdown(split, state, batch, compiled)
     if a.profile:  # three more steps, traced
         name = f"{a.frozen_precision}_{a.remat}_copies{a.fp8_copies}_gemm_{a.gemm_out}" \
-            f"_{a.transpose}_L{cfg.num_layers}"
+            f"_{a.transpose}_L{cfg.num_layers}" + ("_res8" if a.residuals == "fp8" else "")
         split, state = profile_steps(a.profile, name, compiled.as_text(),
                                      _step_and_wait(step, batch), (split, state))
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
@@ -321,7 +324,7 @@ def run_one(a) -> dict:
                 transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
-                memory_gib=memory, gemm_out=a.gemm_out,
+                memory_gib=memory, gemm_out=a.gemm_out, residuals=a.residuals,
                 transpose=a.transpose if a.fp8_copies == 1 else None,
                 warm_every_layer=a.warm_every_layer,
                 cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
@@ -359,11 +362,12 @@ def run_check(a) -> dict:
     rest = {k: v for k, v in params.items() if k != "layers"}
     chunk = a.loss_chunk or None
 
-    @jax.jit
-    def grads(rest, active_GxP, frozen, active, batch):
+    @functools.partial(jax.jit, static_argnums=5)
+    def grads(rest, active_GxP, frozen, active, batch, residuals="bf16"):
         slot_L = layout.slot_of_layer(active, cfg.num_layers)
         return jax.value_and_grad(lambda v: fp8_step.mixed_loss(
-            cfg, v, frozen, slot_L, batch, a.remat, chunk)[0])({**rest, "layers": active_GxP})
+            cfg, v, frozen, slot_L, batch, a.remat, chunk, residuals)[0])(
+            {**rest, "layers": active_GxP})
 
     @jax.jit
     def next_token(rest, active_GxP, frozen, active, batch):
@@ -376,7 +380,8 @@ def run_check(a) -> dict:
         positions, mask = ops.positions_and_mask(None, S_, B, batch.get("segment_ids"))
         cos, sin = ops.rope_tables(cfg, positions)
         h = M.embed_tokens(cfg, rest["embed"], ids)
-        h = fp8_step.mixed_layers(cfg, a.remat, active_GxP, frozen, slot_L, h, cos, sin, mask)
+        h = fp8_step.mixed_layers(cfg, a.remat, "bf16", active_GxP, frozen, slot_L, h, cos,
+                                  sin, mask)
         x = ops.rms_norm(h, rest["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
         return jax.nn.log_softmax((x @ M.head_weight(rest)).astype(jnp.float32), -1)
 
@@ -409,7 +414,7 @@ def run_check(a) -> dict:
                                                                 seed=100 + i)
         ids = jnp.asarray(active, jnp.int32)
         loss, g = grads(rest, act, dense, ids, batch)
-        loss8, g8 = grads(rest, act, fp8, ids, batch)
+        loss8, g8 = grads(rest, act, fp8, ids, batch, a.residuals)  # dense: bf16 residuals
         row = dict(step=i, active=active.tolist(), loss=float(loss), loss_fp8=float(loss8),
                    loss_rel=abs(float(loss8) / float(loss) - 1))
         row.update(all_tokens(next_token(rest, act, dense, ids, batch),
@@ -425,6 +430,7 @@ def run_check(a) -> dict:
     return dict(command=command_line(), date=time.strftime("%Y-%m-%d"), label=a.label,
                 shape=a.shape if not a.hf else a.hf, batch=a.batch_size, seq=a.max_seq_len,
                 gamma=a.lisa_layers, remat=a.remat, fp8_copies=a.fp8_copies, dtype=cfg.dtype,
+                residuals=a.residuals,
                 checks=out, loss_rel_max=max(r["loss_rel"] for r in out),
                 min_layer_cos=min(r["min_layer_cos"] for r in out),
                 max_layer_rel=max(r["max_layer_rel"] for r in out),
@@ -496,6 +502,10 @@ def main():
     ap.add_argument("--transpose", default="tiled", choices=["tiled", "xla"],
                     help="fp8 rows with one copy: how the backward transposes it (xla: left "
                          "to XLA, as before)")
+    ap.add_argument("--residuals", default="bf16", choices=["bf16", "fp8"],
+                    help="fp8 rows and --check: the precision frozen layers save their gate "
+                         "and up activations in (fp8: e4m3 per token, half the bytes; remat "
+                         "none)")
     ap.add_argument("--profile", default=None,
                     help="fp8 rows: after timing, a trace of 3 steps and the step's optimized "
                          "HLO in this folder (experiments/trace_breakdown.py reads it)")
@@ -550,7 +560,7 @@ def main():
                          (["--num-layers", str(a.num_layers)] if a.num_layers else []) +
                          ["--prefetch-steps", str(a.prefetch_steps),
                           "--host-memory", a.host_memory, "--gemm-out", a.gemm_out,
-                          "--transpose", a.transpose] +
+                          "--transpose", a.transpose, "--residuals", a.residuals] +
                          (["--profile", a.profile] if a.profile else []) +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:

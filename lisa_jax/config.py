@@ -194,6 +194,11 @@ class TrainConfig:
                 "weights in host memory (2 bytes a layer parameter), re-quantized at each "
                 "resample (with --remat mlp: least memory); checkpoints and exports are bf16 "
                 "either way", ("bf16", "fp8"))
+    frozen_residuals: str = _setting(
+        "bf16", "with --frozen-precision fp8 and --remat none: the activations the frozen "
+                "layers keep for the backward of their MLP (gate and up, the widest) in bf16, "
+                "or in fp8 with a scale per token (half their bytes; the backward's gradients "
+                "through them get e4m3 rounding)", ("bf16", "fp8"))
     mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard "
                                       "over several devices (not given: one device)")
     fsdp_prefetch: bool = _setting(False, "LISA on a --mesh with fsdp: each layer's weights "
@@ -393,6 +398,16 @@ def check_frozen_precision(cfg: TrainConfig) -> None:
     if cfg.frozen_precision not in choices("frozen_precision"):
         raise TrainError(f"unknown --frozen-precision {cfg.frozen_precision!r}; use one of "
                          f"{', '.join(choices('frozen_precision'))}")
+    if cfg.frozen_residuals not in choices("frozen_residuals"):
+        raise TrainError(f"unknown --frozen-residuals {cfg.frozen_residuals!r}; use one of "
+                         f"{', '.join(choices('frozen_residuals'))}")
+    if cfg.frozen_residuals == "fp8" and cfg.frozen_precision != "fp8":
+        raise TrainError("--frozen-residuals fp8 is for --frozen-precision fp8; add it or use "
+                         "--frozen-residuals bf16")
+    if cfg.frozen_residuals == "fp8" and cfg.remat != "none":
+        raise TrainError(f"--frozen-residuals fp8 keeps the frozen layers' gate and up "
+                         f"activations in fp8, and --remat {cfg.remat} keeps none; use --remat "
+                         f"none or --frozen-residuals bf16")
     if cfg.frozen_precision == "bf16":
         return
     granularity = getattr(cfg, "lisa_granularity", "layer")

@@ -79,7 +79,7 @@ from lisa_jax import block, layout, ops
 from lisa_jax import model as M
 from lisa_jax import step as S
 from lisa_jax.block import REMAT_MODES
-from lisa_jax.fp8 import Fp8Cache, quantize_layer
+from lisa_jax.fp8 import E4M3, Fp8Cache, quantize, quantize_layer
 
 FROZEN_PRECISIONS = ("bf16", "fp8")
 # where the masters live: numpy (pageable), the device's page-locked host memory, or (auto)
@@ -130,41 +130,97 @@ def _slot(active_GxP, slot):
                         active_GxP)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def mixed_layers(cfg, remat, active_GxP, frozen, slot_L, h_BxSxD, cos, sin, mask=None):
+# The activations a frozen layer saves in fp8 with ``residuals="fp8"``: the MLP's gate and up
+# projections, the widest of them (2F of the layer's 6D + 2F a token under remat "none"). They
+# are saved as e4m3 with a scale per token, as ``fp8.quantize`` makes an activation for a GEMM.
+FP8_RESIDUALS = ("a", "b")
+RESIDUAL_PRECISIONS = ("bf16", "fp8")
+
+
+def _lean_at(remat, residuals) -> tuple[int, ...]:
+    """Indices into ``block.SAVED[remat]`` of the activations saved in fp8."""
+    names = block.SAVED[remat]
+    return tuple(names.index(n) for n in FP8_RESIDUALS if n in names) \
+        if residuals == "fp8" else ()
+
+
+def _pack(saved, lean_at):
+    """``saved`` with the entries at ``lean_at`` as ``(e4m3, per-token scale)`` pairs."""
+    def pack(x):
+        q, scale = quantize(x.reshape(-1, x.shape[-1]), axis=1)
+        return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+    return tuple(pack(x) if i in lean_at else x for i, x in enumerate(saved))
+
+
+def _empty_pack(saved, lean_at):
+    """What a sampled layer leaves in its packed entries: nothing read (its exact activations
+    are kept apart), in the packed shapes the frozen branch returns."""
+    return tuple((jnp.zeros(x.shape, E4M3), jnp.ones((*x.shape[:-1], 1), jnp.float32))
+                 if i in lean_at else x for i, x in enumerate(saved))
+
+
+def _unpack(saved, lean_at, like):
+    return tuple((x[0].astype(jnp.float32) * x[1]).astype(like) if i in lean_at else x
+                 for i, x in enumerate(saved))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def mixed_layers(cfg, remat, residuals, active_GxP, frozen, slot_L, h_BxSxD, cos, sin,
+                 mask=None):
     """All ``L`` layers: layer ``l`` on slot ``slot_L[l]`` of ``active_GxP`` (the sampled
     layers, ``[G, ...]`` leaves) or, where that is -1, on ``frozen[l]`` (its copy: fp8 or
-    dense). Differentiable in ``h`` and ``active_GxP``; ``frozen`` gets no gradient."""
-    return _forward(cfg, remat, active_GxP, frozen, slot_L, h_BxSxD, (cos, sin), mask)[0]
+    dense). Differentiable in ``h`` and ``active_GxP``; ``frozen`` gets no gradient.
+    ``residuals``: the precision frozen layers save their gate and up activations in for the
+    backward (``"bf16"``: the activations' own dtype; ``"fp8"``: e4m3, half the bytes; the
+    sampled layers keep theirs exact either way)."""
+    return _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h_BxSxD, (cos, sin),
+                    mask)[0]
 
 
-def _forward(cfg, remat, active_GxP, frozen, slot_L, h, rope, mask):
+def _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h, rope, mask):
+    """``(out, saved per layer, the sampled layers' exact packed entries: [G, ...] each)``."""
     has_slots = _num_slots(active_GxP) > 0
-    saved = []
+    lean_at = _lean_at(remat, residuals)
+    saved, exact = [], None
     for layer, lp in enumerate(frozen):
         def run(h, lp, layer=layer):
             return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask)
-        if has_slots:
-            h, s = jax.lax.cond(slot_L[layer] >= 0,
-                                lambda h, slot, run=run: run(h, _slot(active_GxP, slot)),
-                                lambda h, slot, run=run, lp=lp: run(h, lp),
-                                h, jnp.maximum(slot_L[layer], 0))
-        else:
+
+        def frozen_run(h, exact, slot, run=run, lp=lp):
             h, s = run(h, lp)
+            return h, _pack(s, lean_at), exact
+
+        def sampled_run(h, exact, slot, run=run):
+            h, s = run(h, _slot(active_GxP, slot))
+            exact = tuple(jax.lax.dynamic_update_index_in_dim(e, s[i], slot, 0)
+                          for e, i in zip(exact, lean_at))
+            return h, _empty_pack(s, lean_at), exact
+
+        if has_slots:
+            if exact is None:  # shapes from the first layer's (traced, not run) forward
+                shapes = jax.eval_shape(run, h, lp)[1] if lean_at else ()
+                exact = tuple(jnp.zeros((_num_slots(active_GxP), *shapes[i].shape),
+                                        shapes[i].dtype) for i in lean_at)
+            h, s, exact = jax.lax.cond(slot_L[layer] >= 0, sampled_run, frozen_run, h, exact,
+                                       jnp.maximum(slot_L[layer], 0))
+        else:
+            h, s, exact = frozen_run(h, (), 0)
         saved.append(s)
-    return h, tuple(saved)
+    return h, tuple(saved), exact or ()
 
 
-def _mixed_fwd(cfg, remat, active_GxP, frozen, slot_L, h, cos, sin, mask=None):
-    out, saved = _forward(cfg, remat, active_GxP, frozen, slot_L, h, (cos, sin), mask)
-    return out, (active_GxP, frozen, slot_L, saved, cos, sin, mask)
+def _mixed_fwd(cfg, remat, residuals, active_GxP, frozen, slot_L, h, cos, sin, mask=None):
+    out, saved, exact = _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h,
+                                 (cos, sin), mask)
+    return out, (active_GxP, frozen, slot_L, saved, exact, cos, sin, mask)
 
 
-def _mixed_bwd(cfg, remat, res, dy):
+def _mixed_bwd(cfg, remat, residuals, res, dy):
     """Every layer's activation backward (a frozen layer's on its copy: one GEMM per matrix),
     and the sampled layers' weight gradients written into their slots."""
-    active_GxP, frozen, slot_L, saved, cos, sin, mask = res
+    active_GxP, frozen, slot_L, saved, exact, cos, sin, mask = res
     rope = (cos, sin)
+    lean_at = _lean_at(remat, residuals)
     grads = jax.tree.map(jnp.zeros_like, active_GxP)
     has_slots = _num_slots(active_GxP) > 0
     for layer in reversed(range(len(frozen))):
@@ -172,12 +228,16 @@ def _mixed_bwd(cfg, remat, res, dy):
         saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
 
         def frozen_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
-            return grads, block.layer_backward(cfg, frozen[layer], saved_l, rope, dy, remat,
+            s = _unpack(saved_l, lean_at, dy.dtype)
+            return grads, block.layer_backward(cfg, frozen[layer], s, rope, dy, remat,
                                                layer=layer, mask_BxSxS=mask)[0]
 
         def trained_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
             lp = _slot(active_GxP, slot)
-            dh, parts = block.layer_backward(cfg, lp, saved_l, rope, dy, remat, layer=layer,
+            s = list(saved_l)
+            for e, i in zip(exact, lean_at):
+                s[i] = jax.lax.dynamic_index_in_dim(e, slot, 0, keepdims=False)
+            dh, parts = block.layer_backward(cfg, lp, tuple(s), rope, dy, remat, layer=layer,
                                              mask_BxSxS=mask)
             g = block.weight_grads_from_parts(cfg, lp, parts, rope, layer)
             return {name: jax.lax.dynamic_update_index_in_dim(
@@ -195,15 +255,17 @@ mixed_layers.defvjp(_mixed_fwd, _mixed_bwd)
 
 
 def mixed_loss(cfg: M.LlamaConfig, view, frozen, slot_L, batch, remat="none",
-               loss_chunk=S.LOSS_CHUNK):
+               loss_chunk=S.LOSS_CHUNK, residuals="bf16"):
     """``step.lisa_loss`` with the frozen layers read from their copies ``frozen`` and the
-    sampled ones from ``view["layers"]`` (``[G, ...]``)."""
+    sampled ones from ``view["layers"]`` (``[G, ...]``); ``residuals`` as in
+    :func:`mixed_layers`."""
     ids = batch["input_ids"]
     B, S_ = ids.shape
     positions, mask = ops.positions_and_mask(None, S_, B, batch.get("segment_ids"))
     cos, sin = ops.rope_tables(cfg, positions)
     h = M.embed_tokens(cfg, view["embed"], ids)
-    h = mixed_layers(cfg, remat, view["layers"], frozen, slot_L, h, cos, sin, mask)
+    h = mixed_layers(cfg, remat, residuals, view["layers"], frozen, slot_L, h, cos, sin,
+                     mask)
     return S.lm_loss_from_hidden(cfg, view["final_norm"], M.head_weight(view), h, ids,
                                  batch.get("loss_mask"), loss_chunk)
 
@@ -376,10 +438,18 @@ class FrozenLisaStep:
                  loss_chunk: int | None = S.LOSS_CHUNK, frozen_precision: str = "fp8",
                  allow_cpu: bool = False, fp8_copies: int = 1, donate: bool = True,
                  overlap: bool = True, prefetch_steps: int = 4,
-                 background_transfers: bool = False, host_memory: str = "auto"):
+                 background_transfers: bool = False, host_memory: str = "auto",
+                 residuals: str = "bf16"):
         if remat not in REMAT_MODES:
             raise ValueError(f"unknown remat {remat!r} for the LISA step; use one of "
                              f"{', '.join(REMAT_MODES)}")
+        if residuals not in RESIDUAL_PRECISIONS:
+            raise ValueError(f"unknown residual precision {residuals!r}; use one of "
+                             f"{', '.join(RESIDUAL_PRECISIONS)}")
+        if residuals == "fp8" and not _lean_at(remat, residuals):
+            raise ValueError(f"fp8 residuals are the frozen layers' saved gate and up "
+                             f"activations, which --remat {remat} does not save; use --remat "
+                             f"none or --frozen-residuals bf16")
         if frozen_precision not in FROZEN_PRECISIONS:
             raise ValueError(f"unknown frozen precision {frozen_precision!r}; use one of "
                              f"{', '.join(FROZEN_PRECISIONS)}")
@@ -414,6 +484,7 @@ class FrozenLisaStep:
         if frozen_precision == "fp8":
             check_fp8(allow_cpu=allow_cpu)
         self.cfg, self.tx, self.remat, self.loss_chunk = cfg, tx, remat, loss_chunk
+        self.residuals = residuals
         self.frozen_precision, self.interval = frozen_precision, int(config.interval)
         self.names = tuple(p.name for p in block.layer_params(cfg) if p.rank == 2)
         if frozen_precision == "fp8":
@@ -466,7 +537,7 @@ class FrozenLisaStep:
         slot_L = layout.slot_of_layer(opt_state.active, cfg.num_layers)
         (loss, n), grads = S.value_and_grad_accumulated(
             lambda v, b: mixed_loss(cfg, {**const, **v}, frozen, slot_L, b, self.remat,
-                                    self.loss_chunk),
+                                    self.loss_chunk, self.residuals),
             {**rest, "layers": active_GxP}, batch)
         none = dict.fromkeys(const)
         grads = {**grads, **none}
@@ -699,7 +770,7 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
                           donate: bool = True, overlap: bool = True,
                           prefetch_steps: int = 4,
                           background_transfers: bool = False,
-                          host_memory: str = "auto") -> FrozenLisaStep:
+                          host_memory: str = "auto", residuals: str = "bf16") -> FrozenLisaStep:
     """The LISA step with the frozen layers in ``frozen_precision`` (see the module
     docstring). ``fp8_copies``: 1 keeps each frozen matrix once in fp8 (1 byte a parameter;
     its backward GEMM reads it transposed), 2 once per GEMM, each in the layout cuBLASLt
@@ -709,6 +780,9 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
     ``prefetch_steps``: how many calls ahead of a resample its incoming layers are sent;
     ``background_transfers``: those transfers and the copies back to the host in a thread;
     ``host_memory``: ``"pageable"`` (numpy masters), ``"pinned"`` (page-locked host arrays) or
-    ``"auto"`` (the default: pinned where the device has such memory, else pageable)."""
+    ``"auto"`` (the default: pinned where the device has such memory, else pageable);
+    ``residuals``: ``"fp8"`` saves the frozen layers' gate and up activations (remat
+    ``"none"``) in e4m3 with a scale per token, half their bytes, ``"bf16"`` as they are."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
-                          donate, overlap, prefetch_steps, background_transfers, host_memory)
+                          donate, overlap, prefetch_steps, background_transfers, host_memory,
+                          residuals)

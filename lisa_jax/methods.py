@@ -353,7 +353,8 @@ class Lisa(Method):
         if self.cfg.frozen_precision != "bf16":  # fp8 copies of the frozen layers
             try:
                 frozen = fp8_step.make_frozen_lisa_step(
-                    self.mcfg, tx, self.remat, frozen_precision=self.cfg.frozen_precision)
+                    self.mcfg, tx, self.remat, frozen_precision=self.cfg.frozen_precision,
+                    residuals=self.cfg.frozen_residuals)
             except ValueError as e:
                 raise TrainError(str(e))
             return state, frozen.step_fn

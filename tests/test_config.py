@@ -130,3 +130,17 @@ def test_check_config_without_paths_still_checks_the_settings():
     check_config(with_default_remat(TrainConfig(model="m", data="d")), paths=False)
     with pytest.raises(TrainError, match="has no config.json"):
         check_config(with_default_remat(TrainConfig(model="m", data="d")))
+
+
+@pytest.mark.parametrize("changes,fix", [
+    (dict(frozen_residuals="fp8"), "add it or use --frozen-residuals bf16"),
+    (dict(frozen_residuals="fp8", frozen_precision="fp8", remat="mlp"),
+     "--remat mlp keeps none; use --remat none or --frozen-residuals bf16"),
+    (dict(frozen_residuals="fp4", frozen_precision="fp8"), "use one of bf16, fp8")])
+def test_fp8_residuals_need_fp8_frozen_layers_that_save_gate_and_up(changes, fix):
+    from lisa_jax.config import check_frozen_precision
+    cfg = dataclasses.replace(TrainConfig(method="lisa", remat="none"), **changes)
+    with pytest.raises(TrainError, match=fix) as e:
+        check_frozen_precision(cfg)
+    assert "\n" not in str(e.value)
+    check_frozen_precision(dataclasses.replace(cfg, frozen_residuals="bf16", remat="none"))

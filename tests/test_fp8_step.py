@@ -49,15 +49,17 @@ def test_fp8_is_refused_on_a_cpu_with_the_fix_in_one_line():
         F.check_fp8(Gpu(kind, cc))
 
 
-@pytest.mark.parametrize("n_active", [2, 4])  # 4: every layer sampled, none frozen
-def test_bf16_path_trains_exactly_as_the_plain_lisa_step(n_active, tiny_cfg, perturbed_params,
-                                                         batch_for):
+# 4: every layer sampled, none frozen (with fp8 residuals: none are quantized, the sampled
+# layers' own are kept exact)
+@pytest.mark.parametrize("n_active,residuals", [(2, "bf16"), (4, "bf16"), (4, "fp8")])
+def test_bf16_path_trains_exactly_as_the_plain_lisa_step(n_active, residuals, tiny_cfg,
+                                                         perturbed_params, batch_for):
     cfg = tiny_cfg(num_layers=4)
     p0 = perturbed_params(cfg)
     tx = _lisa(n_active=n_active)
     plain = S.make_lisa_step(cfg, tx)
     p, s = layout.convert(jax.tree.map(jnp.copy, p0), "per_layer"), tx.init(p0)
-    step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16")
+    step = F.make_frozen_lisa_step(cfg, tx, frozen_precision="bf16", residuals=residuals)
     split, s8 = step.place(jax.tree.map(jnp.copy, p0), tx.init(p0)), tx.init(p0)
     samples = []
     for i in range(5):  # two resamples
@@ -76,7 +78,7 @@ def test_bf16_path_trains_exactly_as_the_plain_lisa_step(n_active, tiny_cfg, per
     assert step.jitted._cache_size() == 1  # one executable for every sample of its size
 
 
-def _grads(cfg, params, active, frozen_of, batch):
+def _grads(cfg, params, active, frozen_of, batch, residuals="bf16"):
     """Loss and sampled-layer gradients of ``mixed_loss`` with the frozen copies
     ``frozen_of(layer params)``."""
     per = layout.convert(params, "per_layer")["layers"]
@@ -86,7 +88,7 @@ def _grads(cfg, params, active, frozen_of, batch):
     frozen = tuple(frozen_of(lp) for lp in per)
     slot_L = layout.slot_of_layer(active, cfg.num_layers)
     fn = jax.jit(jax.value_and_grad(
-        lambda v, fz: F.mixed_loss(cfg, v, fz, slot_L, batch)[0]))
+        lambda v, fz: F.mixed_loss(cfg, v, fz, slot_L, batch, residuals=residuals)[0]))
     return fn(view, frozen)
 
 
@@ -112,6 +114,61 @@ def test_fp8_loss_and_sampled_gradients_follow_the_dense_step(tiny_cfg, perturbe
     assert _cos(g8["embed"], g["embed"]) > 0.98
     # fp8 does change the frozen layers' arithmetic: the result is not the dense one
     assert float(loss8) != float(loss)
+
+
+def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
+        tiny_cfg, perturbed_params, batch_for):
+    cfg = tiny_cfg(num_layers=4)
+    params = perturbed_params(cfg, seed=4)
+    B, S_, L, F_ = 2, 16, cfg.num_layers, cfg.intermediate_size
+    batch = batch_for(cfg, B=B, S_=S_)
+    names = tuple(p.name for p in lisa_jax.block.layer_params(cfg) if p.rank == 2)
+    active = [1, 3]  # the top layer sampled: no frozen layer lies above it
+    for frozen_of in (lambda lp: lp, lambda lp: quantize_layer(lp, names, False)):
+        loss, g = _grads(cfg, params, active, frozen_of, batch)
+        loss8, g8 = _grads(cfg, params, active, frozen_of, batch, residuals="fp8")
+        # the forward is the same computation; only what the backward reads is rounded
+        np.testing.assert_array_equal(loss8, loss)
+        for k in names:
+            # layer 3's gradient passes through no frozen layer: its own saved activations
+            # are the exact ones
+            np.testing.assert_array_equal(g8["layers"][k][1], g["layers"][k][1], err_msg=k)
+            # layer 1's comes through frozen layer 2's rounded gate and up
+            low, low8 = np.asarray(g["layers"][k][0]), np.asarray(g8["layers"][k][0])
+            assert _cos(low8, low) > 0.995, k
+            assert np.linalg.norm(low8 - low) < 0.06 * np.linalg.norm(low), k
+        assert not np.array_equal(g8["layers"]["w_gate"][0], g["layers"]["w_gate"][0])
+        assert _cos(g8["embed"], g["embed"]) > 0.995
+
+    # what the forward keeps: every layer's gate and up as e4m3 (a sampled layer's unread),
+    # and the sampled layers' exact ones, [G, B, S, F] in bf16, beside them
+    per = layout.convert(params, "per_layer")["layers"]
+    ids = jnp.asarray(active)
+    act = jax.tree.map(lambda x: x[ids], params["layers"])
+    slot_L = layout.slot_of_layer(ids, L)
+    h = jnp.zeros((B, S_, cfg.hidden_size), jnp.bfloat16)
+    cos, sin = lisa_jax.ops.rope_tables(cfg, jnp.arange(S_)[None])
+    for residuals, fp8_wide, exact in (("bf16", 0, 0), ("fp8", 2 * L, 2)):
+        _, vjp = jax.vjp(lambda a, h: F.mixed_layers(cfg, "none", residuals, a, tuple(per),
+                                                     slot_L, h, cos, sin), act, h)
+        wide = [x for x in jax.tree.leaves(vjp) if x.shape[-1:] == (F_,)]
+        assert sum(x.dtype == jnp.float8_e4m3fn and x.shape == (B, S_, F_)
+                   for x in wide) == fp8_wide
+        assert sum(x.shape == (2, B, S_, F_) for x in wide) == exact
+        bf16_per_layer = sum(x.shape == (B, S_, F_) and x.dtype != jnp.float8_e4m3fn
+                             for x in wide)
+        assert bf16_per_layer == (2 * L if residuals == "bf16" else 0)
+
+
+def test_fp8_residuals_without_saved_gate_and_up_are_refused_in_one_line(tiny_cfg):
+    cfg = tiny_cfg(num_layers=4)
+    for remat in ("mlp", "full"):
+        with pytest.raises(ValueError, match=f"--remat {remat}.*use --remat none") as e:
+            F.make_frozen_lisa_step(cfg, _lisa(), remat=remat, frozen_precision="bf16",
+                                    residuals="fp8")
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown residual precision 'fp4'"):
+        F.make_frozen_lisa_step(cfg, _lisa(), frozen_precision="bf16", residuals="fp4")
 
 
 def test_copies_are_made_exactly_when_a_layer_leaves_the_trained_set(tiny_cfg,
