@@ -37,6 +37,13 @@
 #             overlapped with the steps (the default) and made at the resample (--no-overlap:
 #             no step runs while the device holds both periods' layers)
 #   fp8mlp    the fp8 row over whole K=20 periods with --remat mlp (gate and up recomputed)
+#   condfp8   the fp8 row over whole K=20 periods with XLA's default command buffers and with
+#             conditionals recorded into them (CUDA graph conditional nodes: a lax.cond no
+#             longer waits on the host for its predicate)
+#   cond16    our bf16 LISA gamma=2 row, remat none, the same two ways
+#   fp8res    the fp8 row over whole K=20 periods, remat none, with the frozen layers' gate and
+#             up activations saved in bf16 and in fp8 (--residuals fp8), the latter also with
+#             the resample's transfers made at the resample (--no-overlap)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -60,6 +67,7 @@ COMMON=("${OURS[@]}" --lisa-layers 2 --remats none full --remat-lisa-layers 2
         --remat-methods lisa --lora-rank 128 "${PEER[@]}" --peer-lisa-layers 2 --peer-remat
         --peer-remat-methods lisa)
 B=experiments/bench_step.py
+COND_CMDBUF=--xla_gpu_enable_command_buffer=+CONDITIONAL
 # a CPU smoke run of the phases: SHAPE7=tiny SHAPE8=tiny FP8_FLAGS=--allow-cpu
 SHAPE7=${SHAPE7:-llama2-7b} SHAPE8=${SHAPE8:-llama3-8b}
 FP8=(${FP8_FLAGS:-})
@@ -152,6 +160,24 @@ phase() {
     fp8mlp)
       fp8_k20 --remats mlp --variants fp8 --label "fp8_k20 remat mlp" \
           --out "$OUT/fp8_k20_remat_mlp.json" ;;
+    condfp8)
+      fp8_k20 --remats none --variants fp8 --label "fp8_k20 default command buffers" \
+          --out "$OUT/fp8_k20_cond_host.json"
+      XLA_FLAGS="${XLA_FLAGS:-} $COND_CMDBUF" fp8_k20 --remats none --variants fp8 \
+          --label "fp8_k20 conditional command buffers" --out "$OUT/fp8_k20_cond_graph.json" ;;
+    fp8res)
+      fp8_k20 --remats none --variants fp8 --label "fp8_k20 bf16 residuals" \
+          --out "$OUT/fp8_k20_res16.json"
+      fp8_k20 --remats none --variants fp8 --residuals fp8 --label "fp8_k20 fp8 residuals" \
+          --out "$OUT/fp8_k20_res8.json"
+      fp8_k20 --remats none --variants fp8 --residuals fp8 --no-overlap \
+          --label "fp8_k20 fp8 residuals --no-overlap" --out "$OUT/fp8_k20_res8_no_overlap.json" ;;
+    cond16)
+      python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
+          --label "bf16 default command buffers" --out "$OUT/cond16_host.json"
+      XLA_FLAGS="${XLA_FLAGS:-} $COND_CMDBUF" python3 $B --shape $SHAPE7 "${OURS[@]}" \
+          --methods lisa --lisa-layers 2 --remats none \
+          --label "bf16 conditional command buffers" --out "$OUT/cond16_graph.json" ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
       # over whole K=20 periods
