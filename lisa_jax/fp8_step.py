@@ -132,8 +132,8 @@ def _slot(active_GxP, slot):
 
 # The activations a frozen layer saves in fp8 with ``residuals="fp8"``: the MLP's gate and up
 # projections, the widest of them (2F of the 5D + 2F a token remat "none" keeps, with as many
-# kv heads as query heads). They
-# are saved as e4m3 with a scale per token, as ``fp8.quantize`` makes an activation for a GEMM.
+# kv heads as query heads). They are saved as e4m3 with a scale per token, as ``fp8.quantize``
+# makes an activation for a GEMM.
 FP8_RESIDUALS = ("a", "b")
 RESIDUAL_PRECISIONS = ("bf16", "fp8")
 
