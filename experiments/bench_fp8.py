@@ -37,6 +37,8 @@ accounting (``step``: ``temp`` is one step's activations, gradients and other te
 (``python3 experiments/trace_breakdown.py DIR`` sums the trace by kernel class).
 ``--gemm-out float32`` has the fp8 GEMMs write their product in float32 (the default: in
 the activations' dtype); ``--transpose xla`` leaves the one-copy backward's transpose to XLA.
+``--mlp stages`` runs the frozen layers' MLP stage by stage instead of as
+``fp8_mlp.FrozenMlp`` (``--mlp-kernels xla``: its row kernels in plain JAX).
 ``--residuals fp8`` has the frozen layers save their gate and up activations in fp8 (with
 ``--check``: against the dense step's bf16 ones). ``--num-layers N`` cuts the shape to N
 layers: a layer's kernels at full width, compiled in seconds instead of minutes (fp8 rows
@@ -203,6 +205,18 @@ def _step_and_wait(step, batch):
     return run
 
 
+def _set_switches(a) -> None:
+    """The fp8 modules' comparison switches, as the flags say."""
+    import jax.numpy as jnp
+
+    from lisa_jax import fp8, fp8_mlp, fp8_step
+
+    fp8.GEMM_OUT_DTYPE = None if a.gemm_out == "input" else jnp.dtype(a.gemm_out)
+    fp8.BACKWARD_TRANSPOSE = a.transpose
+    fp8_step.FUSED_MLP = a.mlp == "fused"
+    fp8_mlp.KERNELS = a.mlp_kernels
+
+
 def run_one(a) -> dict:
     """One fp8 (or host-bf16) row: place, compile, time; resample steps timed apart."""
     import jax
@@ -211,8 +225,7 @@ def run_one(a) -> dict:
     import lisa_jax
     from lisa_jax import fp8, fp8_step
 
-    fp8.GEMM_OUT_DTYPE = None if a.gemm_out == "input" else jnp.dtype(a.gemm_out)
-    fp8.BACKWARD_TRANSPOSE = a.transpose
+    _set_switches(a)
 
     cfg, params, template = _model_on_host(a)
     opt, master = _optimizer(a, cfg)
@@ -289,7 +302,9 @@ def run_one(a) -> dict:
     memory = memory_breakdown(split, state, batch, compiled)
     if a.profile:  # three more steps, traced
         name = f"{a.frozen_precision}_{a.remat}_copies{a.fp8_copies}_gemm_{a.gemm_out}" \
-            f"_{a.transpose}_L{cfg.num_layers}" + ("_res8" if a.residuals == "fp8" else "")
+            f"_{a.transpose}_L{cfg.num_layers}" + ("_res8" if a.residuals == "fp8" else "") \
+            + ("" if a.mlp == "fused" else f"_mlp_{a.mlp}") \
+            + ("" if a.mlp_kernels == "auto" else f"_{a.mlp_kernels}")
         split, state = profile_steps(a.profile, name, compiled.as_text(),
                                      _step_and_wait(step, batch), (split, state))
     host = sum(v.nbytes for lp in split.masters for v in lp.values())
@@ -324,7 +339,8 @@ def run_one(a) -> dict:
                 transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
-                memory_gib=memory, gemm_out=a.gemm_out, residuals=a.residuals,
+                memory_gib=memory, gemm_out=a.gemm_out, residuals=a.residuals, mlp=a.mlp,
+                mlp_kernels=a.mlp_kernels,
                 transpose=a.transpose if a.fp8_copies == 1 else None,
                 warm_every_layer=a.warm_every_layer,
                 cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
@@ -353,6 +369,7 @@ def run_check(a) -> dict:
     from lisa_jax.fp8 import quantize_layer
 
     fp8_step.check_fp8(allow_cpu=a.allow_cpu)
+    _set_switches(a)
     cfg, params = _model(a)
     params = layout.convert(params, "per_layer", donate=True)
     names = tuple(p.name for p in block.layer_params(cfg) if p.rank == 2)
@@ -430,7 +447,7 @@ def run_check(a) -> dict:
     return dict(command=command_line(), date=time.strftime("%Y-%m-%d"), label=a.label,
                 shape=a.shape if not a.hf else a.hf, batch=a.batch_size, seq=a.max_seq_len,
                 gamma=a.lisa_layers, remat=a.remat, fp8_copies=a.fp8_copies, dtype=cfg.dtype,
-                residuals=a.residuals,
+                residuals=a.residuals, mlp=a.mlp, mlp_kernels=a.mlp_kernels,
                 checks=out, loss_rel_max=max(r["loss_rel"] for r in out),
                 min_layer_cos=min(r["min_layer_cos"] for r in out),
                 max_layer_rel=max(r["max_layer_rel"] for r in out),
@@ -506,6 +523,11 @@ def main():
                     help="fp8 rows and --check: the precision frozen layers save their gate "
                          "and up activations in (fp8: e4m3 per token, half the bytes; remat "
                          "none)")
+    ap.add_argument("--mlp", default="fused", choices=["fused", "stages"],
+                    help="fp8 rows and --check: frozen layers' MLP as fp8_mlp.FrozenMlp (two "
+                         "fused row kernels) or stage by stage, as before")
+    ap.add_argument("--mlp-kernels", default="auto", choices=["auto", "pallas", "xla"],
+                    help="the fused MLP's row kernels (auto: Pallas on a GPU)")
     ap.add_argument("--profile", default=None,
                     help="fp8 rows: after timing, a trace of 3 steps and the step's optimized "
                          "HLO in this folder (experiments/trace_breakdown.py reads it)")
@@ -560,7 +582,8 @@ def main():
                          (["--num-layers", str(a.num_layers)] if a.num_layers else []) +
                          ["--prefetch-steps", str(a.prefetch_steps),
                           "--host-memory", a.host_memory, "--gemm-out", a.gemm_out,
-                          "--transpose", a.transpose, "--residuals", a.residuals] +
+                          "--transpose", a.transpose, "--residuals", a.residuals,
+                          "--mlp", a.mlp, "--mlp-kernels", a.mlp_kernels] +
                          (["--profile", a.profile] if a.profile else []) +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:

@@ -41,9 +41,14 @@
 #             conditionals recorded into them (CUDA graph conditional nodes: a lax.cond no
 #             longer waits on the host for its predicate)
 #   cond16    our bf16 LISA gamma=2 row, remat none, the same two ways
+#   fp8kern   every kernel of the fp8 step: LLaMA-2-7B with 6 layers, profiled with its optimized
+#             HLO (extra/fp8_kernels.*, extra/*.hlo.txt.gz); then the same 6 layers timed under
+#             XLA's experimental Triton fusion flags (FUSION_FLAGS), one row each
+#   fp8fused  the frozen layers' MLP as fp8_mlp.FrozenMlp against stage by stage: LLaMA-2-7B with
+#             6 layers with its row kernels in Pallas (profiled: extra/fp8_fused_kernels.*), in
+#             plain JAX, and stage by stage; then the fp8 row over whole K=20 periods, fused
 #   fp8res    the fp8 row over whole K=20 periods, remat none, with the frozen layers' gate and
-#             up activations saved in bf16 and in fp8 (--residuals fp8), the latter also with
-#             the resample's transfers made at the resample (--no-overlap)
+#             up activations saved in bf16 and in fp8 (--residuals fp8)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -76,6 +81,13 @@ FP8=(${FP8_FLAGS:-})
 fp8_k20() {
   python3 experiments/bench_fp8.py --shape $SHAPE7 --lisa-layers 2 --batch-size 4 \
       --max-seq-len 1024 --steps 60 --warmup 3 --lisa-interval 20 --timeout 300 "$@" "${FP8[@]}"
+}
+# bench_fp8.py's fp8 row at LLaMA-2-7B cut to 6 layers (4 frozen): a layer's kernels at full
+# width, compiled in seconds
+fp8_six() {
+  python3 experiments/bench_fp8.py --shape $SHAPE7 --num-layers 6 --lisa-layers 2 \
+      --batch-size 4 --max-seq-len 1024 --steps 20 --warmup 3 --lisa-interval 20 \
+      --remats none --variants fp8 --timeout 200 "${FP8[@]}" "$@"
 }
 phase() {
   local t0=$SECONDS
@@ -169,9 +181,27 @@ phase() {
       fp8_k20 --remats none --variants fp8 --label "fp8_k20 bf16 residuals" \
           --out "$OUT/fp8_k20_res16.json"
       fp8_k20 --remats none --variants fp8 --residuals fp8 --label "fp8_k20 fp8 residuals" \
-          --out "$OUT/fp8_k20_res8.json"
-      fp8_k20 --remats none --variants fp8 --residuals fp8 --no-overlap \
-          --label "fp8_k20 fp8 residuals --no-overlap" --out "$OUT/fp8_k20_res8_no_overlap.json" ;;
+          --out "$OUT/fp8_k20_res8.json" ;;
+    fp8fused)
+      fp8_six --label "fp8 6 layers fused" --profile "$OUT/prof" --out "$OUT/fp8_6_fused.json"
+      python3 experiments/trace_breakdown.py "$OUT/prof" --top 400 \
+          --out "$OUT/extra/fp8_fused_kernels"
+      gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
+      rm -rf "$OUT/prof"
+      fp8_six --label "fp8 6 layers fused, xla kernels" --mlp-kernels xla \
+          --out "$OUT/extra/fp8_6_fused_xla.json"
+      fp8_six --label "fp8 6 layers stages" --mlp stages --out "$OUT/extra/fp8_6_stages.json"
+      fp8_k20 --remats none --variants fp8 --label "fp8_k20 fused mlp" \
+          --out "$OUT/fp8_k20_fused.json" ;;
+    fp8kern)
+      fp8_six --label "fp8 6 layers" --profile "$OUT/prof" --out "$OUT/fp8_6layers.json"
+      python3 experiments/trace_breakdown.py "$OUT/prof" --top 400 --out "$OUT/extra/fp8_kernels"
+      gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
+      rm -rf "$OUT/prof"
+      for flag in ${FUSION_FLAGS:-}; do
+        XLA_FLAGS="${XLA_FLAGS:-} $flag" fp8_six --label "fp8 6 layers $flag" \
+            --out "$OUT/extra/fp8_6layers_$(echo ${flag#--xla_gpu_} | tr -dc 'a-z0-9_').json"
+      done ;;
     cond16)
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
           --label "bf16 default command buffers" --out "$OUT/cond16_host.json"

@@ -63,10 +63,10 @@ def _step_windows(events, kernels, steps):
     return [(kernels[0][0], max(end for _, end, _ in kernels))]
 
 
-def breakdown(trace_path: str, steps: int) -> dict:
+def breakdown(trace_path: str, steps: int, top: int = TOP_KERNELS) -> dict:
     """Milliseconds per step by kernel class; ``busy`` (some kernel running), ``idle`` (the rest
     of the step's wall time: launches, host round trips) and ``wall``; device-to-host copies;
-    ``top_kernels``, the ``TOP_KERNELS`` kernels that take the most time."""
+    ``top_kernels``, the ``top`` kernels that take the most time."""
     events = json.load(gzip.open(trace_path))["traceEvents"]
     device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"
                    and "GPU" in e["args"]["name"]}
@@ -99,7 +99,7 @@ def breakdown(trace_path: str, steps: int) -> dict:
                device_to_host_copies=d2h // steps)
     # the kernels that take the most time: [name, its class, ms per step, calls per step]
     row["top_kernels"] = [[name[:160], kernel_class(name), ms(t), round(calls[name] / steps, 1)]
-                          for name, t in per_name.most_common(TOP_KERNELS)]
+                          for name, t in per_name.most_common(top)]
     return row
 
 
@@ -108,13 +108,16 @@ def main(argv=None):
     ap.add_argument("profile_dir", help="the --profile folder of bench_step.py")
     ap.add_argument("--steps", type=int, default=3, help="steps in each trace (bench_step: 3)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ap.add_argument("--top", type=int, default=TOP_KERNELS,
+                    help="how many of the costliest kernels each row lists")
     a = ap.parse_args(argv)
     rows = {}
     for trace_dir in sorted(glob.glob(os.path.join(a.profile_dir, "*_trace"))):
         traces = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*",
                                                "perfetto_trace.json.gz")))
         if traces:
-            rows[os.path.basename(trace_dir)[:-len("_trace")]] = breakdown(traces[-1], a.steps)
+            name = os.path.basename(trace_dir)[:-len("_trace")]
+            rows[name] = breakdown(traces[-1], a.steps, a.top)
     if not rows:
         raise SystemExit(f"no traces under {a.profile_dir}; run bench_step.py --profile first")
     cols = list(CLASSES) + ["busy", "idle", "wall", "device_to_host_copies"]

@@ -446,12 +446,32 @@ def decoder_layer(cfg, lp: Params, h_BxSxD, rope, mask_BxSxS=None, layer=None):
                          layer)[0]
 
 
-def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str, layer=None, mask_BxSxS=None):
-    """``(out, saved)``: the block's output and the activations ``SAVED[remat]`` keeps;
-    ``mask_BxSxS``: None (causal) or ``ops.Segments`` (packed rows)."""
+# The MLP's stages (gate and up; the gated down projection and the residual add), which a
+# caller may run as one operation instead: ``mlp=`` of ``layer_forward`` and ``layer_backward``
+# takes an object with ``forward(x2) -> (y, named)`` (the MLP's output before the residual add,
+# and the activations it keeps: ``a`` and ``b`` in its own terms, and any of its own, which
+# ``saves(SAVED[remat])`` names), ``backward(named, dy) -> dx2``; ``fp8_mlp.FrozenMlp`` is one.
+MLP_STAGES = 2
+
+
+def _saved_names(remat, mlp) -> tuple[str, ...]:
+    return SAVED[remat] + (mlp.saves(SAVED[remat]) if mlp is not None else ())
+
+
+def layer_forward(cfg, lp: Params, h_BxSxD, rope, remat: str, layer=None, mask_BxSxS=None,
+                  mlp=None):
+    """``(out, saved)``: the block's output and the activations ``SAVED[remat]`` keeps (and
+    those ``mlp`` keeps, where given; see ``MLP_STAGES``); ``mask_BxSxS``: None (causal) or
+    ``ops.Segments`` (packed rows)."""
     rope = layer_rope(cfg, rope, layer)
-    env = _run(cfg, lp, rope, {"h": h_BxSxD}, causal_attention(cfg, mask_BxSxS, layer))
-    return env["out"], tuple(env[name] for name in SAVED[remat])
+    attend = causal_attention(cfg, mask_BxSxS, layer)
+    if mlp is None:
+        env = _run(cfg, lp, rope, {"h": h_BxSxD}, attend)
+    else:
+        env = _run(cfg, lp, rope, {"h": h_BxSxD}, attend, stop=len(STAGES) - MLP_STAGES)
+        y, named = mlp.forward(env["x2"])
+        env.update(named, out=env["hm"] + y)
+    return env["out"], tuple(env[name] for name in _saved_names(remat, mlp))
 
 
 def _attention_with_pullback(cfg, layer, mask_BxSxS=None):
@@ -465,7 +485,7 @@ def _add(tree_a, tree_b):
 
 
 def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
-                   weight_grads: bool = False, layer=None, mask_BxSxS=None):
+                   weight_grads: bool = False, layer=None, mask_BxSxS=None, mlp=None):
     """``(dh, grads_or_parts)`` of one layer for the output cotangent ``dy``.
 
     With ``weight_grads``: ``grads`` holds the layer's weight gradients (``lp``'s structure).
@@ -473,14 +493,21 @@ def layer_backward(cfg, lp: Params, saved, rope, dy_BxSxD, remat: str,
     inputs and output cotangents: tensors the backward holds anyway) is what
     ``weight_grads_from_parts`` turns into the weight gradients, so that a caller deciding
     per layer under ``lax.cond`` pays nothing for a frozen one. ``mask_BxSxS``: the forward's
-    (``ops.Segments`` for packed rows).
+    (``ops.Segments`` for packed rows). ``mlp``: the forward's (its activation gradient only).
     """
+    if mlp is not None and weight_grads:
+        raise ValueError("a fused MLP has no weight gradients: it runs frozen layers")
     rope = layer_rope(cfg, rope, layer)
-    env = _run(cfg, lp, rope, dict(zip(SAVED[remat], saved)),
-               _attention_with_pullback(cfg, layer, mask_BxSxS), stop=len(STAGES) - 1)
-    cot = {"out": dy_BxSxD}
+    env = _run(cfg, lp, rope, dict(zip(_saved_names(remat, mlp), saved)),
+               _attention_with_pullback(cfg, layer, mask_BxSxS),
+               stop=len(STAGES) - (1 if mlp is None else MLP_STAGES))
+    stages, cot = STAGES, {"out": dy_BxSxD}
+    if mlp is not None:
+        if "a" not in env:  # remat mlp or full: the MLP's kept activations are recomputed
+            env.update(mlp.forward(env["x2"])[1])
+        stages, cot = STAGES[:-MLP_STAGES], {"hm": dy_BxSxD, "x2": mlp.backward(env, dy_BxSxD)}
     grads, parts = None, []
-    for stage in reversed(STAGES):
+    for stage in reversed(stages):
         g_out = tuple(cot.pop(name) for name in stage.outputs)
         args = tuple(env[name] for name in stage.inputs)
         if stage.fn is None:

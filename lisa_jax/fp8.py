@@ -83,11 +83,38 @@ def _product_dtype(like):
     return jnp.dtype(GEMM_OUT_DTYPE or like)
 
 
-def _tn_dot(a_TxK, b_OxK, out_dtype):
-    """``a @ bᵀ`` in float32 (accumulated so; written in ``out_dtype``), both operands
-    contracted on their last axis."""
+def tn_product(a_TxK, b_OxK, like):
+    """``a @ bᵀ`` of two fp8 operands contracted on their last axis, before any scale:
+    accumulated in float32 and written in the product dtype (``GEMM_OUT_DTYPE``, or
+    ``like``'s)."""
     return jax.lax.dot_general(a_TxK, b_OxK, (((1,), (1,)), ((), ())),
-                               preferred_element_type=out_dtype).astype(jnp.float32)
+                               preferred_element_type=_product_dtype(like))
+
+
+def grad_scales(w: "Fp8Weight"):
+    """``(pre, post)`` of ``dx = dy @ Wᵀ``: the channel scales that go onto ``dy`` before it
+    is quantized (``[O]``, one copy: the forward copy's scales lie on this GEMM's contraction
+    axis) and onto ``dx`` after (``[D]``, the backward's own copy); None where there are none."""
+    return (w.fwd_scale_O, None) if w.bwd_DxO is None else (None, w.bwd_scale_D)
+
+
+def quantize_grad(dy_TxO, w: "Fp8Weight"):
+    """``(dq, scale_Tx1)``: the incoming gradient of ``x @ W`` quantized for ``dy @ Wᵀ``
+    (``pre`` of :func:`grad_scales` applied, in ``w.grad_dtype``)."""
+    pre = grad_scales(w)[0]
+    x = dy_TxO if pre is None else dy_TxO.astype(jnp.float32) * pre[None, :]
+    return quantize(x, axis=1, dtype=GRAD_DTYPES[w.grad_dtype])
+
+
+def grad_product(dq_TxO, w: "Fp8Weight", like):
+    """``dq @ Wᵀ`` before any scale, in the product dtype (``like``'s by default): on the
+    backward's own copy, else on the forward copy transposed (``BACKWARD_TRANSPOSE``)."""
+    if w.bwd_DxO is not None:
+        return tn_product(dq_TxO, w.bwd_DxO, like)
+    if BACKWARD_TRANSPOSE == "tiled":
+        return tn_product(dq_TxO, _transposed(w.fwd_OxD), like)
+    return jax.lax.dot_general(dq_TxO, w.fwd_OxD, (((1,), (0,)), ((), ())),
+                               preferred_element_type=_product_dtype(like))
 
 
 @jax.tree_util.register_dataclass
@@ -140,7 +167,7 @@ def fp8_matmul(x_xD, w: Fp8Weight):
 def _forward(x_xD, w: Fp8Weight):
     lead, D = x_xD.shape[:-1], x_xD.shape[-1]
     xq, sx = quantize(x_xD.reshape(-1, D), axis=1)
-    y = _tn_dot(xq, w.fwd_OxD, _product_dtype(x_xD.dtype)) * sx * w.fwd_scale_O[None, :]
+    y = tn_product(xq, w.fwd_OxD, x_xD.dtype).astype(jnp.float32) * sx * w.fwd_scale_O[None, :]
     return y.reshape(*lead, -1).astype(x_xD.dtype)
 
 
@@ -151,22 +178,12 @@ def _fwd(x_xD, w):
 def _bwd(res, dy_xO):
     w, like = res
     lead, O = dy_xO.shape[:-1], dy_xO.shape[-1]
-    dy_TxO = dy_xO.reshape(-1, O)
-    dtype = GRAD_DTYPES[w.grad_dtype]
-    if w.bwd_DxO is None:
-        # The forward copy's scales lie on this GEMM's contraction axis: they go onto dy's
-        # channels, and dy's per-token scales still factor out of the sum.
-        dq, sd = quantize(dy_TxO.astype(jnp.float32) * w.fwd_scale_O[None, :], axis=1,
-                          dtype=dtype)
-        if BACKWARD_TRANSPOSE == "tiled":
-            dx = _tn_dot(dq, _transposed(w.fwd_OxD), _product_dtype(like.dtype)) * sd
-        else:
-            dx = jax.lax.dot_general(dq, w.fwd_OxD, (((1,), (0,)), ((), ())),
-                                     preferred_element_type=_product_dtype(like.dtype))
-            dx = dx.astype(jnp.float32) * sd
-        return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
-    dq, sd = quantize(dy_TxO, axis=1, dtype=dtype)
-    dx = _tn_dot(dq, w.bwd_DxO, _product_dtype(like.dtype)) * sd * w.bwd_scale_D[None, :]
+    # dy's per-token scales factor out of the sum; so do the backward copy's channel scales
+    dq, sd = quantize_grad(dy_xO.reshape(-1, O), w)
+    dx = grad_product(dq, w, like.dtype).astype(jnp.float32) * sd
+    post = grad_scales(w)[1]
+    if post is not None:
+        dx = dx * post[None, :]
     return dx.reshape(*lead, -1).astype(like.dtype), jax.tree.map(jnp.zeros_like, w)
 
 

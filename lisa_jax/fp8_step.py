@@ -75,11 +75,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lisa_jax import block, layout, ops
+from lisa_jax import block, fp8_mlp, layout, ops
 from lisa_jax import model as M
 from lisa_jax import step as S
 from lisa_jax.block import REMAT_MODES
-from lisa_jax.fp8 import E4M3, Fp8Cache, quantize, quantize_layer
+from lisa_jax.fp8 import E4M3, Fp8Cache, Fp8Weight, quantize, quantize_layer
 
 FROZEN_PRECISIONS = ("bf16", "fp8")
 # where the masters live: numpy (pageable), the device's page-locked host memory, or (auto)
@@ -128,6 +128,29 @@ def _num_slots(active_GxP) -> int:
 def _slot(active_GxP, slot):
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False),
                         active_GxP)
+
+
+# Whether frozen fp8 layers run their MLP as fp8_mlp.FrozenMlp (two fused row kernels between
+# its GEMMs) rather than stage by stage (False: kept for comparisons, experiments/bench_fp8.py
+# --mlp stages).
+FUSED_MLP = True
+
+
+def _frozen_mlp(cfg, lp):
+    """The fused MLP of a frozen layer's copy ``lp``, or None (dense copies, other MLPs)."""
+    if FUSED_MLP and isinstance(lp.get("w_gate"), Fp8Weight) and fp8_mlp.supports(cfg):
+        return fp8_mlp.FrozenMlp(cfg, lp)
+    return None
+
+
+def _mlp_stand_ins(cfg, lp, remat, h_BxSxD):
+    """What a sampled layer saves in place of what a frozen layer's fused MLP keeps beside
+    ``block.SAVED[remat]`` (the two branches of a layer's ``lax.cond`` return one structure):
+    nothing read."""
+    if _frozen_mlp(cfg, lp) is None:
+        return ()
+    names = fp8_mlp.FrozenMlp.saves(block.SAVED[remat])
+    return tuple(jnp.ones((*h_BxSxD.shape[:-1], 1), jnp.float32) for _ in names)
 
 
 # The activations a frozen layer saves in fp8 with ``residuals="fp8"``: the MLP's gate and up
@@ -185,17 +208,19 @@ def _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h, rope, mask):
     saved, exact = [], None
     for layer, lp in enumerate(frozen):
         def run(h, lp, layer=layer):
-            return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask)
+            return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask,
+                                       mlp=_frozen_mlp(cfg, lp))
 
         def frozen_run(h, exact, slot, run=run, lp=lp):
             h, s = run(h, lp)
             return h, _pack(s, lean_at), exact
 
-        def sampled_run(h, exact, slot, run=run):
-            h, s = run(h, _slot(active_GxP, slot))
+        def sampled_run(h, exact, slot, layer=layer, lp=lp):
+            h, s = block.layer_forward(cfg, _slot(active_GxP, slot), h, rope, remat, layer,
+                                       mask_BxSxS=mask)
             exact = tuple(jax.lax.dynamic_update_index_in_dim(e, s[i], slot, 0)
                           for e, i in zip(exact, lean_at))
-            return h, _empty_pack(s, lean_at), exact
+            return h, _empty_pack(s + _mlp_stand_ins(cfg, lp, remat, h), lean_at), exact
 
         if has_slots:
             if exact is None:  # shapes from the first layer's (traced, not run) forward
@@ -231,11 +256,12 @@ def _mixed_bwd(cfg, remat, residuals, res, dy):
         def frozen_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
             s = _unpack(saved_l, lean_at, dy.dtype)
             return grads, block.layer_backward(cfg, frozen[layer], s, rope, dy, remat,
-                                               layer=layer, mask_BxSxS=mask)[0]
+                                               layer=layer, mask_BxSxS=mask,
+                                               mlp=_frozen_mlp(cfg, frozen[layer]))[0]
 
         def trained_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
             lp = _slot(active_GxP, slot)
-            s = list(saved_l)
+            s = list(saved_l[:len(block.SAVED[remat])])  # without the fused MLP's stand-ins
             for e, i in zip(exact, lean_at):
                 s[i] = jax.lax.dynamic_index_in_dim(e, slot, 0, keepdims=False)
             dh, parts = block.layer_backward(cfg, lp, tuple(s), rope, dy, remat, layer=layer,

@@ -1,0 +1,160 @@
+"""The fused fp8 MLP of frozen layers: its Pallas row kernels against their plain-JAX
+arithmetic (bit for bit, in Pallas's interpreter), their lowering to Triton for a GPU, and the
+MLP against the dense one and the stage-by-stage fp8 one.
+
+Error bounds as in ``test_fp8.py``: about 5% relative for a product of e4m3 operands; the
+fused MLP chains three GEMMs, so its output and gradient are held to 10% and a cosine of 0.99.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lisa_jax import block, fp8_mlp
+from lisa_jax.fp8 import E4M3, E5M2, quantize_layer
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _positive(seed, shape):
+    return jax.random.uniform(jax.random.key(seed), shape) + 0.5
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _cos(a, b):
+    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def _same(got, want):
+    for g, w in zip(got, want):
+        if g.ndim == 2:  # the quantized values, bit for bit
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+        else:  # the scales: one float32 rounding apart at most
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+
+
+# T == F: a token vector and a channel vector of the same length must not be confused
+@pytest.mark.parametrize("act,block_cols,rows,T", [
+    ("silu", 16384, 1, 8),            # the whole row at once
+    ("silu", 16, 4, 48),              # three column chunks, four rows a program
+    ("gelu_pytorch_tanh", 16, 1, 8),
+    ("gelu_pytorch_tanh", 16384, 2, 8)])
+def test_row_kernels_compute_their_plain_jax_arithmetic_bit_for_bit(act, block_cols, rows, T,
+                                                                    monkeypatch):
+    monkeypatch.setattr(fp8_mlp, "LAUNCH", ((rows, block_cols, 4),) * 2)
+    F = 48
+    a, b = _normal(0, (T, F), jnp.bfloat16), _normal(1, (T, F), jnp.bfloat16) * 3
+    row, col_a, col_b = _positive(2, (T,)), _positive(3, (F,)), _positive(4, (F,))
+    fwd = (a, b, row, col_a, col_b, act)
+    _same(fp8_mlp.gate_quantize(*fwd, kernels="interpret"),
+          fp8_mlp.gate_quantize(*fwd, kernels="xla"))
+    dh, dh_row = _normal(5, (T, F), jnp.bfloat16), _positive(6, (T,))
+    for extra, dtype in (((None, None, None), E4M3),  # the one-copy backward's inputs
+                         ((_positive(7, (F,)), _positive(8, (F,)), _positive(9, (F,))), E5M2)):
+        dh_col, pre_a, pre_b = extra
+        bwd = (dh, dh_row, dh_col, a, b, row, col_a, col_b, pre_a, pre_b, act, dtype)
+        got = fp8_mlp.gate_grad_quantize(*bwd, kernels="interpret")
+        _same(got, fp8_mlp.gate_grad_quantize(*bwd, kernels="xla"))
+        assert got[0].dtype == dtype and got[1].shape == (T,)
+
+
+def test_row_kernels_quantize_each_row_to_the_format_maximum():
+    T, F = 4, 40
+    a = _normal(0, (T, F), jnp.bfloat16) * jnp.asarray([1e-3, 1.0, 30.0, 0.0])[:, None]
+    b = _normal(1, (T, F), jnp.bfloat16)
+    q, scale = fp8_mlp.gate_quantize(a, b, jnp.ones(T), jnp.ones(F), jnp.ones(F), "silu",
+                                     kernels="interpret")
+    top = np.max(np.abs(np.asarray(q, np.float32)), axis=1)
+    np.testing.assert_array_equal(top[:3], 448.0)  # rows a thousandfold apart, each at full range
+    assert top[3] == 0 and float(scale[3]) == 1.0  # an all-zero row: zeros, scale 1
+    ref = jax.nn.silu(a.astype(jnp.float32)) * b.astype(jnp.float32)
+    for t in range(3):
+        assert _rel(q[t].astype(jnp.float32) * scale[t], ref[t]) < 0.05
+
+
+@pytest.mark.parametrize("F", [11008, 28672])  # one chunk a row, and two
+def test_row_kernels_lower_to_triton_for_a_gpu(F):
+    """Triton takes loads and stores of power-of-two sizes only, among other limits the
+    interpreter does not check: lowering for CUDA (no GPU needed) checks them."""
+    T, f32 = 256, jnp.float32
+    spec = lambda *s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d)  # noqa: E731
+    fwd = jax.jit(lambda *x: fp8_mlp.gate_quantize(*x, "silu", kernels="pallas"))
+    text = fwd.trace(spec(T, F), spec(T, F), spec(T, d=f32), spec(F, d=f32),
+                     spec(F, d=f32)).lower(lowering_platforms=("cuda",)).as_text()
+    bwd = jax.jit(lambda dh, dr, a, b, r, ca, cb: fp8_mlp.gate_grad_quantize(
+        dh, dr, None, a, b, r, ca, cb, None, None, "gelu_pytorch_tanh", kernels="pallas"))
+    text2 = bwd.trace(spec(T, F), spec(T, d=f32), spec(T, F), spec(T, F), spec(T, d=f32),
+                      spec(F, d=f32), spec(F, d=f32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    for t in (text, text2):
+        assert "triton_kernel_call" in t or "__gpu$xla.gpu.triton" in t
+
+
+def _layer(tiny_cfg, act, seed=0):
+    cfg = tiny_cfg(hidden_size=64, intermediate_size=96, hidden_act=act)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    lp = {"w_gate": _normal(seed, (D, F)) / 8, "w_up": _normal(seed + 1, (D, F)) / 8,
+          "w_down": _normal(seed + 2, (F, D)) / 10}
+    return cfg, lp
+
+
+def _dense_mlp(cfg, lp, x):
+    a, b = x @ lp["w_gate"], x @ lp["w_up"]
+    f = jax.nn.silu(a) if cfg.hidden_act == "silu" else jax.nn.gelu(a, approximate=True)
+    return (f * b) @ lp["w_down"]
+
+
+@pytest.mark.parametrize("act,both", [("silu", False), ("silu", True),
+                                      ("gelu_pytorch_tanh", False)])
+def test_frozen_mlp_follows_the_dense_mlp_within_the_fp8_bound(act, both, tiny_cfg):
+    cfg, lp = _layer(tiny_cfg, act)
+    x, dy = _normal(10, (2, 12, 64)), _normal(11, (2, 12, 64))
+    mlp = fp8_mlp.FrozenMlp(cfg, quantize_layer(lp, tuple(lp), both), kernels="interpret")
+    y, named = mlp.forward(x)
+    y_ref, pullback = jax.vjp(lambda x_: _dense_mlp(cfg, lp, x_), x)
+    assert y.shape == x.shape and _rel(y, y_ref) < 0.1 and _cos(y, y_ref) > 0.99
+    assert set(named) == {"a", "b", "sx"} and named["sx"].shape == (2, 12, 1)
+    # a and b are the raw GEMM products: times their row and column scales, the projections
+    gate = named["a"].astype(jnp.float32) * named["sx"] * mlp.w_gate.fwd_scale_O
+    assert _rel(gate, x @ lp["w_gate"]) < 0.06
+    dx, dx_ref = mlp.backward(named, dy), pullback(dy)[0]
+    assert dx.shape == x.shape and _rel(dx, dx_ref) < 0.1 and _cos(dx, dx_ref) > 0.99
+
+
+def test_frozen_mlp_agrees_with_the_stage_by_stage_fp8_mlp(tiny_cfg):
+    cfg, lp = _layer(tiny_cfg, "silu", seed=3)
+    q = quantize_layer(lp, tuple(lp), False)
+    x, dy = _normal(12, (2, 12, 64)), _normal(13, (2, 12, 64))
+
+    def stages(x_):
+        a, b = block._mlp_in(cfg, q, None, x_)
+        return block._mlp_out(cfg, q, None, jnp.zeros_like(x_), a, b)[0]
+
+    y_ref, pullback = jax.vjp(stages, x)
+    mlp = fp8_mlp.FrozenMlp(cfg, q, kernels="xla")
+    y, named = mlp.forward(x)
+    dx = mlp.backward(named, dy)
+    # the same fp8 GEMMs; only the rounding between them differs (none here, bf16 there)
+    assert _rel(y, y_ref) < 0.02 and _rel(dx, pullback(dy)[0]) < 0.03
+    assert _rel(y, _dense_mlp(cfg, lp, x)) < 0.1
+
+
+def test_frozen_mlp_is_refused_in_one_line_where_it_does_not_apply(tiny_cfg):
+    cfg, lp = _layer(tiny_cfg, "silu")
+    with pytest.raises(ValueError, match="fp8 copies, not dense weights"):
+        fp8_mlp.FrozenMlp(cfg, lp)
+    sandwich = tiny_cfg(sandwich_norm=True)
+    assert not fp8_mlp.supports(sandwich)
+    with pytest.raises(ValueError, match="without sandwich norms") as e:
+        fp8_mlp.FrozenMlp(sandwich, quantize_layer(lp, tuple(lp)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="kernels is one of"):
+        fp8_mlp.gate_quantize(*(jnp.ones((2, 4)),) * 2, jnp.ones(2), jnp.ones(4), jnp.ones(4),
+                              "silu", kernels="cuda")
