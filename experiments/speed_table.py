@@ -40,7 +40,8 @@ def _row(r: dict, job: str, label: str | None) -> dict:
                              "tokens_per_s_amortized", "host_gib", "prefetch_steps",
                              "background_transfers", "host_memory", "warm_every_layer",
                              "resample_ms_by_period", "cuda_module_loading", "gemm_out",
-                             "transpose", "memory_gib", "fp8_copies", "label") if k in r},
+                             "transpose", "memory_gib", "fp8_copies", "label", "residuals",
+                             "mlp", "mlp_kernels") if k in r},
     }
 
 

@@ -78,7 +78,7 @@ def test_bf16_path_trains_exactly_as_the_plain_lisa_step(n_active, residuals, ti
     assert step.jitted._cache_size() == 1  # one executable for every sample of its size
 
 
-def _grads(cfg, params, active, frozen_of, batch, residuals="bf16"):
+def _grads(cfg, params, active, frozen_of, batch, residuals="bf16", remat="none"):
     """Loss and sampled-layer gradients of ``mixed_loss`` with the frozen copies
     ``frozen_of(layer params)``."""
     per = layout.convert(params, "per_layer")["layers"]
@@ -88,7 +88,7 @@ def _grads(cfg, params, active, frozen_of, batch, residuals="bf16"):
     frozen = tuple(frozen_of(lp) for lp in per)
     slot_L = layout.slot_of_layer(active, cfg.num_layers)
     fn = jax.jit(jax.value_and_grad(
-        lambda v, fz: F.mixed_loss(cfg, v, fz, slot_L, batch, residuals=residuals)[0]))
+        lambda v, fz: F.mixed_loss(cfg, v, fz, slot_L, batch, remat, residuals=residuals)[0]))
     return fn(view, frozen)
 
 
@@ -114,6 +114,29 @@ def test_fp8_loss_and_sampled_gradients_follow_the_dense_step(tiny_cfg, perturbe
     assert _cos(g8["embed"], g["embed"]) > 0.98
     # fp8 does change the frozen layers' arithmetic: the result is not the dense one
     assert float(loss8) != float(loss)
+
+
+@pytest.mark.parametrize("remat", ["none", "mlp", "full"])
+def test_the_fused_fp8_mlp_trains_as_the_stage_by_stage_one(remat, tiny_cfg, perturbed_params,
+                                                            batch_for, monkeypatch):
+    """Frozen fp8 layers with their MLP as ``fp8_mlp.FrozenMlp`` (the default) against stage
+    by stage: the same fp8 GEMMs, fewer roundings between them, so the loss and the sampled
+    layers' gradients agree far inside the fp8 bound (and every remat recomputes what the
+    fused MLP keeps)."""
+    cfg = tiny_cfg(num_layers=4)
+    params = perturbed_params(cfg, seed=5)
+    batch = batch_for(cfg, B=2, S_=16)
+    names = tuple(p.name for p in lisa_jax.block.layer_params(cfg) if p.rank == 2)
+    copy = lambda lp: quantize_layer(lp, names, False)  # noqa: E731
+    assert F._frozen_mlp(cfg, copy(layout.convert(params, "per_layer")["layers"][0]))
+    loss, g = _grads(cfg, params, [0, 2], copy, batch, remat=remat)
+    monkeypatch.setattr(F, "FUSED_MLP", False)
+    loss_s, g_s = _grads(cfg, params, [0, 2], copy, batch, remat=remat)
+    assert abs(float(loss) - float(loss_s)) < 2e-3 * abs(float(loss_s))
+    for k in names:
+        assert _cos(g["layers"][k], g_s["layers"][k]) > 0.995, k
+    # the lowest sampled layer's gradient passes through two frozen layers' fused backward
+    assert float(jnp.abs(g["layers"]["w_gate"][0] - g_s["layers"]["w_gate"][0]).max()) > 0
 
 
 def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
