@@ -3,7 +3,8 @@
     python3 experiments/bench_fp8_mlp.py --shape llama2-7b --tokens 4096 \
         --out experiments/results/fp8_mlp_kernels_h200.json
 
-Each row is one kernel (``gate_quantize``: forward; ``gate_grad_quantize``: backward) in
+Each row is one kernel (``gate_quantize``: forward; ``gate_grad_quantize``: backward; each
+also as ``--frozen-residuals fp8`` runs it, with the gate and up products in e4m3) in
 plain JAX (what XLA fuses of it) or in Pallas with ``rows`` rows a program, ``block`` columns
 at a time and ``warps`` warps, timed over ``--iters`` calls on random data of the shape's
 ``[tokens, intermediate_size]`` (the best of three runs of ``--iters`` calls dispatched back to
@@ -63,14 +64,24 @@ def main(argv=None):
     bf = lambda i: jax.random.normal(k[i], (T, F), jnp.bfloat16)  # noqa: E731
     pos = lambda i, n: jax.random.uniform(k[i], (n,)) + 0.5  # noqa: E731
     fwd_args = (bf(0), bf(1), pos(2, T), pos(3, F), pos(4, F))
-    bwd_args = (bf(5), pos(6, T), bf(0), bf(1), pos(2, T), pos(3, F), pos(4, F))
+    bwd_args = (bf(5), pos(6, T), bf(0), bf(1), pos(2, T), pos(2, T), pos(3, F), pos(4, F))
+    lean_args = (*bwd_args[:2], bf(0).astype(E4M3), bf(1).astype(E4M3), *bwd_args[4:])
+
+    def forward(with_products):
+        return lambda kind: jax.jit(lambda *x: fp8_mlp.gate_quantize(
+            *x, cfg.hidden_act, kernels=kind, with_products=with_products))
+
+    def backward(kind):
+        return jax.jit(lambda dh, dr, a_, b_, ra, rb, ca, cb: fp8_mlp.gate_grad_quantize(
+            dh, dr, None, a_, b_, ra, rb, ca, cb, None, None, cfg.hidden_act, E4M3,
+            kernels=kind))
+    # name: (the jitted kernel of an implementation, its arguments, the bytes it moves, which
+    # of fp8_mlp.LAUNCH it runs with); "fp8 products": --frozen-residuals fp8's variants
     kernels = {
-        "gate_quantize": (lambda kind: jax.jit(lambda *x: fp8_mlp.gate_quantize(
-            *x, cfg.hidden_act, kernels=kind)), fwd_args, 2 * T * F * 2 + T * F, 0),
-        "gate_grad_quantize": (lambda kind: jax.jit(
-            lambda dh, dr, a_, b_, r, ca, cb: fp8_mlp.gate_grad_quantize(
-                dh, dr, None, a_, b_, r, ca, cb, None, None, cfg.hidden_act, E4M3,
-                kernels=kind)), bwd_args, 3 * T * F * 2 + 2 * T * F, 1),
+        "gate_quantize": (forward(False), fwd_args, 2 * T * F * 2 + T * F, 0),
+        "gate_quantize, fp8 products": (forward(True), fwd_args, 2 * T * F * 2 + 3 * T * F, 0),
+        "gate_grad_quantize": (backward, bwd_args, 3 * T * F * 2 + 2 * T * F, 1),
+        "gate_grad_quantize, fp8 products": (backward, lean_args, T * F * 2 + 4 * T * F, 1),
     }
     rows = []
     for name, (make, args, nbytes, which) in kernels.items():

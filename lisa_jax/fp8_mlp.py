@@ -10,7 +10,8 @@ the gate and up GEMMs (what the GEMM wrote, before its row and column scales) an
 rest into two kernels, each over whole rows (a few a program):
 
 * :func:`gate_quantize`: ``silu(a) * b`` (or Gemma's tanh GELU) from the raw products and
-  their scales, quantized to e4m3 per token for the down GEMM;
+  their scales, quantized to e4m3 per token for the down GEMM (and, where the backward is to
+  read them in fp8, the raw products too, in the same pass: ``residuals="fp8"``);
 * :func:`gate_grad_quantize`: the gated product's gradients for ``a`` and ``b`` from the down
   GEMM's raw activation gradient, each scaled for and quantized per token for its own GEMM.
 
@@ -69,9 +70,9 @@ def _scale(amax, dtype):
 # ----------------------------------------------------------------------------- plain JAX
 
 
-def _scaled_products(a_raw, b_raw, row_T, col_a, col_b):
-    a = a_raw.astype(jnp.float32) * row_T[:, None] * col_a[None, :]
-    b = b_raw.astype(jnp.float32) * row_T[:, None] * col_b[None, :]
+def _scaled_products(a_raw, b_raw, row_a, row_b, col_a, col_b):
+    a = a_raw.astype(jnp.float32) * row_a[:, None] * col_a[None, :]
+    b = b_raw.astype(jnp.float32) * row_b[:, None] * col_b[None, :]
     return a, b
 
 
@@ -80,9 +81,13 @@ def _quantize_rows(x_TxF, dtype):
     return (x_TxF / scale[:, None]).astype(dtype), scale
 
 
-def _gate_quantize_xla(a_raw, b_raw, row_T, col_a, col_b, act):
-    a, b = _scaled_products(a_raw, b_raw, row_T, col_a, col_b)
-    return _quantize_rows(_act_and_grad(a, act)[0] * b, E4M3)
+def _gate_quantize_xla(a_raw, b_raw, row_T, col_a, col_b, act, with_products):
+    a, b = _scaled_products(a_raw, b_raw, row_T, row_T, col_a, col_b)
+    out = _quantize_rows(_act_and_grad(a, act)[0] * b, E4M3)
+    if with_products:
+        out += (*_quantize_rows(a_raw.astype(jnp.float32), E4M3),
+                *_quantize_rows(b_raw.astype(jnp.float32), E4M3))
+    return out
 
 
 def _grads(dh_raw, dh_row, dh_col, a, b, act):
@@ -93,9 +98,9 @@ def _grads(dh_raw, dh_row, dh_col, a, b, act):
     return dh * b * f_grad, dh * f
 
 
-def _gate_grad_quantize_xla(dh_raw, dh_row, dh_col, a_raw, b_raw, row_T, col_a, col_b,
+def _gate_grad_quantize_xla(dh_raw, dh_row, dh_col, a_raw, b_raw, row_a, row_b, col_a, col_b,
                             pre_a, pre_b, act, dtype):
-    a, b = _scaled_products(a_raw, b_raw, row_T, col_a, col_b)
+    a, b = _scaled_products(a_raw, b_raw, row_a, row_b, col_a, col_b)
     da, db = _grads(dh_raw, dh_row, dh_col, a, b, act)
     pre_a, pre_b = (col_a if pre_a is None else pre_a), (col_b if pre_b is None else pre_b)
     return (*_quantize_rows(da * pre_a[None, :], dtype),
@@ -132,8 +137,12 @@ def _row_kernel(compute, kinds, n_out, F, rows, block, dtype):
                     return ref[rs][:, None]
                 if kind == "channel":
                     return plt.load(ref.at[cs], mask=mask_C, other=0)[None, :]
-                return plt.load(ref.at[rs, cs], mask=mask_C[None, :], other=0) \
-                    .astype(jnp.float32)
+                if jnp.dtype(ref.dtype).itemsize > 1:
+                    return plt.load(ref.at[rs, cs], mask=mask_C[None, :], other=0) \
+                        .astype(jnp.float32)
+                # Triton has no fill value of an 8-bit float: the masked lanes are zeroed after
+                x = plt.load(ref.at[rs, cs], mask=mask_C[None, :]).astype(jnp.float32)
+                return jnp.where(mask_C[None, :], x, 0.0)
             return compute(**{name: load(name) for name in kinds}), mask_C
 
         if n_chunks == 1:
@@ -189,26 +198,28 @@ def _call_rows(compute, args: dict, kinds: dict, n_out, dtype, interpret, launch
     )(*(args[k] for k in kinds))
 
 
-def _gate_quantize_pallas(a_raw, b_raw, row_T, col_a, col_b, act, interpret=False):
+def _gate_quantize_pallas(a_raw, b_raw, row_T, col_a, col_b, act, with_products,
+                          interpret=False):
     def compute(a_raw, b_raw, row, col_a, col_b):
         a, b = a_raw * row * col_a, b_raw * row * col_b
-        return (_act_and_grad(a, act)[0] * b,)
+        return (_act_and_grad(a, act)[0] * b,) + ((a_raw, b_raw) if with_products else ())
     kinds = dict(a_raw="row", b_raw="row", row="token", col_a="channel", col_b="channel")
     return _call_rows(compute, dict(a_raw=a_raw, b_raw=b_raw, row=row_T, col_a=col_a,
-                                    col_b=col_b), kinds, 1, E4M3, interpret, LAUNCH[0])
+                                    col_b=col_b), kinds, 3 if with_products else 1, E4M3,
+                      interpret, LAUNCH[0])
 
 
-def _gate_grad_quantize_pallas(dh_raw, dh_row, dh_col, a_raw, b_raw, row_T, col_a, col_b,
-                               pre_a, pre_b, act, dtype, interpret=False):
+def _gate_grad_quantize_pallas(dh_raw, dh_row, dh_col, a_raw, b_raw, row_a, row_b, col_a,
+                               col_b, pre_a, pre_b, act, dtype, interpret=False):
     args = dict(dh_raw=dh_raw, dh_row=dh_row, dh_col=dh_col, a_raw=a_raw, b_raw=b_raw,
-                row=row_T, col_a=col_a, col_b=col_b, pre_a=pre_a, pre_b=pre_b)
+                row_a=row_a, row_b=row_b, col_a=col_a, col_b=col_b, pre_a=pre_a, pre_b=pre_b)
     args = {k: v for k, v in args.items() if v is not None}
     kinds = {k: "row" if k in ("dh_raw", "a_raw", "b_raw") else
-             "token" if k in ("dh_row", "row") else "channel" for k in args}
+             "token" if k in ("dh_row", "row_a", "row_b") else "channel" for k in args}
 
-    def compute(dh_raw, dh_row, a_raw, b_raw, row, col_a, col_b, dh_col=None, pre_a=None,
-                pre_b=None):
-        a, b = a_raw * row * col_a, b_raw * row * col_b
+    def compute(dh_raw, dh_row, a_raw, b_raw, row_a, row_b, col_a, col_b, dh_col=None,
+                pre_a=None, pre_b=None):
+        a, b = a_raw * row_a * col_a, b_raw * row_b * col_b
         dh = dh_raw * dh_row if dh_col is None else dh_raw * dh_row * dh_col
         f, f_grad = _act_and_grad(a, act)
         return (dh * b * f_grad * (col_a if pre_a is None else pre_a),
@@ -229,46 +240,57 @@ def _kernels(kernels: str | None) -> str:
 
 
 def gate_quantize(a_raw_TxF, b_raw_TxF, row_T, col_a_F, col_b_F, act: str,
-                  kernels: str | None = None):
+                  kernels: str | None = None, with_products: bool = False):
     """``(q, scale_T)``: ``act(a) * b`` with ``a = a_raw * row * col_a`` (and ``b`` alike),
     quantized to e4m3 with one scale per row, as ``fp8.quantize`` would quantize it (computed
-    in float32 from the raw products, with no rounding in between)."""
+    in float32 from the raw products, with no rounding in between). ``with_products``:
+    ``(q, scale_T, qa, sa_T, qb, sb_T)``, the raw products themselves quantized to e4m3 per row
+    as well (``a_raw ≈ qa * sa``), read in the same pass."""
     kind = _kernels(kernels)
     if kind == "xla":
-        return _gate_quantize_xla(a_raw_TxF, b_raw_TxF, row_T, col_a_F, col_b_F, act)
+        return _gate_quantize_xla(a_raw_TxF, b_raw_TxF, row_T, col_a_F, col_b_F, act,
+                                  with_products)
     return _gate_quantize_pallas(a_raw_TxF, b_raw_TxF, row_T, col_a_F, col_b_F, act,
-                                 interpret=kind == "interpret")
+                                 with_products, interpret=kind == "interpret")
 
 
-def gate_grad_quantize(dh_raw_TxF, dh_row_T, dh_col_F, a_raw_TxF, b_raw_TxF, row_T, col_a_F,
-                       col_b_F, pre_a_F, pre_b_F, act: str, dtype=E4M3,
+def gate_grad_quantize(dh_raw_TxF, dh_row_T, dh_col_F, a_raw_TxF, b_raw_TxF, row_a_T, row_b_T,
+                       col_a_F, col_b_F, pre_a_F, pre_b_F, act: str, dtype=E4M3,
                        kernels: str | None = None):
-    """``(qa, sa_T, qb, sb_T)``: the gradients of ``act(a) * b`` for ``a`` and ``b`` (``a``,
-    ``b`` as in :func:`gate_quantize`) given its gradient ``dh = dh_raw * dh_row * dh_col``,
-    times ``pre_a`` (``pre_b``) on their channels, each quantized to ``dtype`` per row.
-    ``dh_col`` None: ones; ``pre_a`` (``pre_b``) None: ``col_a`` (``col_b``), the one-copy
-    backward's (the forward copy's scales lie on its contraction axis)."""
+    """``(qa, sa_T, qb, sb_T)``: the gradients of ``act(a) * b`` for ``a`` and ``b`` (``a =
+    a_raw * row_a * col_a``, ``b`` alike; ``a_raw`` bf16, or e4m3 as :func:`gate_quantize`
+    quantized it) given its gradient ``dh = dh_raw * dh_row * dh_col``, times ``pre_a``
+    (``pre_b``) on their channels, each quantized to ``dtype`` per row. ``dh_col`` None: ones;
+    ``pre_a`` (``pre_b``) None: ``col_a`` (``col_b``), the one-copy backward's (the forward
+    copy's scales lie on its contraction axis)."""
     kind = _kernels(kernels)
-    args = (dh_raw_TxF, dh_row_T, dh_col_F, a_raw_TxF, b_raw_TxF, row_T, col_a_F, col_b_F,
-            pre_a_F, pre_b_F, act, dtype)
+    args = (dh_raw_TxF, dh_row_T, dh_col_F, a_raw_TxF, b_raw_TxF, row_a_T, row_b_T, col_a_F,
+            col_b_F, pre_a_F, pre_b_F, act, dtype)
     if kind == "xla":
         return _gate_grad_quantize_xla(*args)
     return _gate_grad_quantize_pallas(*args, interpret=kind == "interpret")
 
 
+RESIDUALS = ("bf16", "fp8")
+
+
 class FrozenMlp:
     """The MLP stages of ``block`` for a layer whose ``w_gate``, ``w_up`` and ``w_down`` are
     :class:`Fp8Weight` (``block.layer_forward(..., mlp=)``, ``block.layer_backward(...,
-    mlp=)``): ``forward(x2) -> (y, named)`` keeps ``a`` and ``b`` as the raw gate and up
-    products and ``sx``, their row scale (``[B, S, 1]``); ``backward(named, dy) -> dx2``
-    takes them back. No weight gradient: the weights are constants."""
+    mlp=)``): ``forward(x2) -> (y, named)`` keeps ``a`` and ``b``, the raw gate and up
+    products, and ``sa`` and ``sb``, their row scales (``[B, S, 1]``); ``backward(named, dy)
+    -> dx2`` takes them back. ``residuals="fp8"`` keeps the products in e4m3, quantized per
+    token by the forward's kernel (half the bytes, and half what the backward's kernel reads);
+    ``"bf16"`` as the GEMMs wrote them. No weight gradient: the weights are constants."""
 
-    def __init__(self, cfg, lp: dict, kernels: str | None = None):
+    def __init__(self, cfg, lp: dict, kernels: str | None = None, residuals: str = "bf16"):
         if not supports(cfg):
             raise ValueError(f"the fused fp8 MLP takes a gated MLP ({', '.join(ACTIVATIONS)}) "
                              f"without sandwich norms, not hidden_act={cfg.hidden_act!r}"
                              f"{' with sandwich norms' if cfg.sandwich_norm else ''}")
-        self.act, self.kernels = cfg.hidden_act, kernels
+        if residuals not in RESIDUALS:
+            raise ValueError(f"residuals is one of {', '.join(RESIDUALS)}, not {residuals!r}")
+        self.act, self.kernels, self.residuals = cfg.hidden_act, kernels, residuals
         self.w_gate, self.w_up, self.w_down = lp["w_gate"], lp["w_up"], lp["w_down"]
         for w in (self.w_gate, self.w_up, self.w_down):
             if not isinstance(w, Fp8Weight):
@@ -277,9 +299,9 @@ class FrozenMlp:
 
     @staticmethod
     def saves(remat_saved: tuple[str, ...]) -> tuple[str, ...]:
-        """What it keeps beside ``block.SAVED[remat]``: the raw products' row scale, where
+        """What it keeps beside ``block.SAVED[remat]``: the raw products' row scales, where
         those products are kept."""
-        return ("sx",) if "a" in remat_saved else ()
+        return ("sa", "sb") if "a" in remat_saved else ()
 
     def forward(self, x2_BxSxD):
         B, S, D = x2_BxSxD.shape
@@ -287,14 +309,22 @@ class FrozenMlp:
         xq, sx = fp8.quantize(x2_BxSxD.reshape(-1, D), axis=1)
         a_raw = fp8.tn_product(xq, self.w_gate.fwd_OxD, like)
         b_raw = fp8.tn_product(xq, self.w_up.fwd_OxD, like)
-        hq, sh = gate_quantize(a_raw, b_raw, sx[:, 0], self.w_gate.fwd_scale_O,
-                               self.w_up.fwd_scale_O, self.act, self.kernels)
+        lean = self.residuals == "fp8"
+        hq, sh, *products = gate_quantize(a_raw, b_raw, sx[:, 0], self.w_gate.fwd_scale_O,
+                                          self.w_up.fwd_scale_O, self.act, self.kernels,
+                                          with_products=lean)
         y = fp8.tn_product(hq, self.w_down.fwd_OxD, like).astype(jnp.float32) \
             * sh[:, None] * self.w_down.fwd_scale_O[None, :]
+        if lean:  # a_raw ≈ qa * sa: the row scales fold into the products' own
+            qa, sa, qb, sb = products
+            a_raw, b_raw, sa, sb = qa, qb, sa * sx[:, 0], sb * sx[:, 0]
+        else:
+            sa = sb = sx[:, 0]
         F = a_raw.shape[-1]
         return y.reshape(B, S, D).astype(like), {"a": a_raw.reshape(B, S, F),
                                                  "b": b_raw.reshape(B, S, F),
-                                                 "sx": sx.reshape(B, S, 1)}
+                                                 "sa": sa.reshape(B, S, 1),
+                                                 "sb": sb.reshape(B, S, 1)}
 
     @staticmethod
     def _ones_or(pre, F):
@@ -306,7 +336,7 @@ class FrozenMlp:
         B, S, D = dy_BxSxD.shape
         like = dy_BxSxD.dtype
         a_raw, b_raw = (named[k].reshape(B * S, -1) for k in ("a", "b"))
-        sx = named["sx"].reshape(-1)
+        sa_T, sb_T = (named[k].reshape(-1) for k in ("sa", "sb"))
         F = a_raw.shape[-1]
         dq, sd = fp8.quantize_grad(dy_BxSxD.reshape(-1, D), self.w_down)
         dh_raw = fp8.grad_product(dq, self.w_down, like)
@@ -314,7 +344,7 @@ class FrozenMlp:
         pre_a, post_a = fp8.grad_scales(self.w_gate)
         pre_b, post_b = fp8.grad_scales(self.w_up)
         qa, sa, qb, sb = gate_grad_quantize(
-            dh_raw, sd[:, 0], dh_col, a_raw, b_raw, sx, self.w_gate.fwd_scale_O,
+            dh_raw, sd[:, 0], dh_col, a_raw, b_raw, sa_T, sb_T, self.w_gate.fwd_scale_O,
             self.w_up.fwd_scale_O, self._ones_or(pre_a, F), self._ones_or(pre_b, F), self.act,
             GRAD_DTYPES[self.w_gate.grad_dtype], self.kernels)
         dx = fp8.grad_product(qa, self.w_gate, like).astype(jnp.float32) * sa[:, None]
