@@ -475,7 +475,7 @@ def main():
               lisa_interval=5,
               helps=dict(lisa_interval="LISA K: resamples happen in timing"))
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
-    add_flags(ap, remat=["none"], many=("remat",), choices=dict(remat=("none", "mlp", "full")))
+    add_flags(ap, remat=["none"], many=("remat",), choices=dict(remat=("none", "qkv", "mlp", "full")))
     ap.add_argument("--variants", nargs="+", default=["bf16", "fp8"],
                     choices=["bf16", "fp8", "host_bf16"],
                     help="rows: bf16 (bench_step.py's LISA row), fp8 (frozen layers fp8, "

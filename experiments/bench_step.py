@@ -305,7 +305,7 @@ def main():
               helps=dict(lisa_interval="LISA K: resamples happen in timing",
                          lisa_layers="γ of the LISA rows (with --one: the one γ)"))
     add_flags(ap, remat=["none", "mlp", "full"], many=("remat",),
-              helps=dict(remat="LISA: none mlp full; full FT and LoRA rows use per-layer remat"))
+              helps=dict(remat="LISA: none qkv mlp full; full FT and LoRA rows use per-layer remat"))
     ap.add_argument("--remat-lisa-layers", type=int, nargs="+", default=[2],
                     help="γ of the LISA rows with the --remats variants")
     ap.add_argument("--remat-methods", nargs="+", default=None,

@@ -52,7 +52,7 @@ FLAGS = {
     "update_dtype": (str, "float32: 16-bit parameters get float32 master weights in the "
                           "optimizer (lisa_jax.master_weights); bfloat16: plain bfloat16 updates",
                      ("float32", "bfloat16")),
-    "remat": (str, "rematerialization: LISA none|mlp|full; full/lora none|dots|full", ()),
+    "remat": (str, "rematerialization: LISA none|qkv|mlp|full; full/lora none|dots|full", ()),
     "layer_layout": (str, "LISA's layer weights: one array per layer weight or stacked [L, ...]",
                      ("per_layer", "stacked")),
     "mesh": (str, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2", ()),

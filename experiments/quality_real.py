@@ -20,8 +20,8 @@ taken from the float32 runs ``fig1_lora`` and ``fig1_full`` once both have finis
 
 ``summarize`` writes ``summary.json`` (one row per run and task, with ``method``, ``lr``,
 ``seed``, ``task``, ``exact_match``, ``forgetting``, ``steps``, ``gamma``, ``interval``,
-``wall_s``), ``table.md``, ``figure1.png`` and ``fp8_loss_curves.png`` (the loss curves of
-the fp8 row and its bf16 twin).
+``wall_s``), ``table.md``, ``figure1.png``, ``fp8_loss_curves.png`` (the loss curves of
+the fp8 row and its bf16 twin) and ``fp8_lean_loss_curves.png`` (the later fp8 rows').
 """
 from __future__ import annotations
 
@@ -73,6 +73,13 @@ METHODS = {
     # at γ=2, K=20's best rate, on its seeds; both record their loss curves
     **{f"lisa_g2_k20_{p}": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
                                  frozen_precision=p), (6e-4,)) for p in ("fp8", "bf16")},
+    # the same fp8 row on its later code (each frozen layer's MLP as fp8_mlp.FrozenMlp), and
+    # its leanest fast form: q, k, v recomputed in the backward, gate and up kept in e4m3
+    "lisa_g2_k20_fp8_fused": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
+                                   frozen_precision="fp8"), (6e-4,)),
+    "lisa_g2_k20_fp8_lean": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
+                                  frozen_precision="fp8", remat="qkv",
+                                  frozen_residuals="fp8"), (6e-4,)),
     # the samplers against uniform γ=2, K=20, at its best rate and on its seeds
     **{f"lisa_{s}": (dict(method="lisa", lisa_layers=2, lisa_interval=20, lisa_sampler=s),
                      (6e-4,)) for s in ("owl", "reshuffle", "descending")},
@@ -299,7 +306,8 @@ def _plan(kind: str, rows: list[dict]) -> list[dict]:
              "lisa_g2_k20_reset_all", "lisa_online", "lisa_imp_norm", "lisa_owl",
              "lisa_reshuffle", "lisa_descending", "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5",
              "lisa_g2_k20_eh0.2", "lisa_g8_k20_eh0.2", "lisa_g2_k20_floor0.1",
-             "lisa_g2_k20_fp8", "lisa_g2_k20_bf16"]
+             "lisa_g2_k20_fp8", "lisa_g2_k20_bf16", "lisa_g2_k20_fp8_fused",
+             "lisa_g2_k20_fp8_lean"]
     sweep = figure1 + [_spec(m, lr, 0) for m in order for lr in METHODS[m][1]]
     swept = {(r["method"], r["lr"]) for r in rows if r["seed"] == 0}
     best = {m: lr for m, lr in best_lrs(rows).items()  # seeds once the whole sweep is in
@@ -440,6 +448,10 @@ def summarize(a) -> None:
     figure1(out, rows)
     loss_curves(out, rows, ("lisa_g2_k20_bf16", "lisa_g2_k20_fp8"), "fp8_loss_curves.png",
                 "SmolLM2-135M-Instruct, LISA γ=2 K=20 at 6e-4: frozen layers in bf16 and fp8")
+    loss_curves(out, rows,
+                ("lisa_g2_k20_bf16", "lisa_g2_k20_fp8_fused", "lisa_g2_k20_fp8_lean"),
+                "fp8_lean_loss_curves.png", "SmolLM2-135M-Instruct, LISA γ=2 K=20 at 6e-4: "
+                "bf16, fp8 (fused MLP), fp8 with --remat qkv --frozen-residuals fp8")
 
 
 def loss_curves(out: Path, rows: list[dict], methods: tuple[str, ...], name: str,

@@ -49,6 +49,8 @@
 #             plain JAX, and stage by stage; then the fp8 row over whole K=20 periods, fused
 #   fp8res    the fp8 row over whole K=20 periods, remat none, with the frozen layers' gate and
 #             up activations saved in bf16 and in fp8 (--residuals fp8)
+#   fp8qkv    the fp8 row over whole K=20 periods with --remat qkv (q, k, v recomputed in the
+#             backward), with the gate and up products in fp8 (--residuals fp8) and in bf16
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -182,6 +184,11 @@ phase() {
           --out "$OUT/fp8_k20_res16.json"
       fp8_k20 --remats none --variants fp8 --residuals fp8 --label "fp8_k20 fp8 residuals" \
           --out "$OUT/fp8_k20_res8.json" ;;
+    fp8qkv)
+      fp8_k20 --remats qkv --variants fp8 --residuals fp8 \
+          --label "fp8_k20 remat qkv fp8 residuals" --out "$OUT/fp8_k20_qkv_res8.json"
+      fp8_k20 --remats qkv --variants fp8 --label "fp8_k20 remat qkv" \
+          --out "$OUT/fp8_k20_qkv.json" ;;
     fp8fused)
       fp8_six --label "fp8 6 layers fused" --profile "$OUT/prof" --out "$OUT/fp8_6_fused.json"
       python3 experiments/trace_breakdown.py "$OUT/prof" --top 400 \

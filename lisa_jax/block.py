@@ -369,10 +369,11 @@ STAGES = (
 # What the LISA forward saves per layer, and so what its backward recomputes (the attention,
 # weight-free, always runs its forward once more there):
 #   "none": the layer input and every matmul output; only elementwise stages are recomputed.
+#   "qkv":  the layer input, the mid-residual, gate and up; the backward recomputes q, k, v.
 #   "mlp":  the layer input, q, k, v and the mid-residual; the backward recomputes gate and up.
 #   "full": only the layer input; the backward recomputes the whole layer forward.
-SAVED = {"none": ("h", "q", "k", "v", "hm", "a", "b"), "mlp": ("h", "q", "k", "v", "hm"),
-         "full": ("h",)}
+SAVED = {"none": ("h", "q", "k", "v", "hm", "a", "b"), "qkv": ("h", "hm", "a", "b"),
+         "mlp": ("h", "q", "k", "v", "hm"), "full": ("h",)}
 REMAT_MODES = tuple(SAVED)
 
 

@@ -179,8 +179,8 @@ class TrainConfig:
                    "updates (steps under half a bfloat16 spacing are lost)",
         ("float32", "bfloat16"))
     remat: str | None = _setting(
-        None, "rematerialization: LISA none|mlp|full (default none); full/lora none|dots|full "
-              "(default dots: plain autodiff keeping the matmul outputs, leaner than keeping "
+        None, "rematerialization: LISA none|qkv|mlp|full (default none); full/lora "
+              "none|dots|full (default dots: plain autodiff keeping the matmul outputs, leaner than keeping "
               "everything and no slower)")
     # Per-layer arrays spare a GPU the copies of stacked slices before each library call.
     layer_layout: str = _setting(
@@ -192,10 +192,10 @@ class TrainConfig:
         "bf16", "LISA on one GPU: the frozen layers' GEMMs in bf16, or fp8 (fp8 tensor cores: Ada, "
                 "Hopper or later): fp8 copies of the frozen layers on the GPU, the layers' bf16 "
                 "weights in host memory (2 bytes a layer parameter), re-quantized at each "
-                "resample (with --remat mlp: least memory); checkpoints and exports are bf16 "
-                "either way", ("bf16", "fp8"))
+                "resample (least memory: --remat qkv with --frozen-residuals fp8, or --remat "
+                "mlp); checkpoints and exports are bf16 either way", ("bf16", "fp8"))
     frozen_residuals: str = _setting(
-        "bf16", "with --frozen-precision fp8 and --remat none: the activations the frozen "
+        "bf16", "with --frozen-precision fp8 and --remat none or qkv: the activations the frozen "
                 "layers keep for the backward of their MLP (gate and up, the widest) in bf16, "
                 "or in fp8 with a scale per token (half their bytes; the backward's gradients "
                 "through them get e4m3 rounding)", ("bf16", "fp8"))
@@ -404,10 +404,10 @@ def check_frozen_precision(cfg: TrainConfig) -> None:
     if cfg.frozen_residuals == "fp8" and cfg.frozen_precision != "fp8":
         raise TrainError("--frozen-residuals fp8 is for --frozen-precision fp8; add it or use "
                          "--frozen-residuals bf16")
-    if cfg.frozen_residuals == "fp8" and cfg.remat != "none":
+    if cfg.frozen_residuals == "fp8" and cfg.remat not in ("none", "qkv"):
         raise TrainError(f"--frozen-residuals fp8 keeps the frozen layers' gate and up "
                          f"activations in fp8, and --remat {cfg.remat} keeps none; use --remat "
-                         f"none or --frozen-residuals bf16")
+                         f"none or qkv, or --frozen-residuals bf16")
     if cfg.frozen_precision == "bf16":
         return
     granularity = getattr(cfg, "lisa_granularity", "layer")

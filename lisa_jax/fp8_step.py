@@ -136,27 +136,19 @@ def _slot(active_GxP, slot):
 FUSED_MLP = True
 
 
-def _frozen_mlp(cfg, lp):
-    """The fused MLP of a frozen layer's copy ``lp``, or None (dense copies, other MLPs)."""
+def _frozen_mlp(cfg, lp, residuals):
+    """The fused MLP of a frozen layer's copy ``lp`` (keeping its gate and up products in
+    ``residuals``), or None (dense copies, other MLPs)."""
     if FUSED_MLP and isinstance(lp.get("w_gate"), Fp8Weight) and fp8_mlp.supports(cfg):
-        return fp8_mlp.FrozenMlp(cfg, lp)
+        return fp8_mlp.FrozenMlp(cfg, lp, residuals=residuals)
     return None
-
-
-def _mlp_stand_ins(cfg, lp, remat, h_BxSxD):
-    """What a sampled layer saves in place of what a frozen layer's fused MLP keeps beside
-    ``block.SAVED[remat]`` (the two branches of a layer's ``lax.cond`` return one structure):
-    nothing read."""
-    if _frozen_mlp(cfg, lp) is None:
-        return ()
-    names = fp8_mlp.FrozenMlp.saves(block.SAVED[remat])
-    return tuple(jnp.ones((*h_BxSxD.shape[:-1], 1), jnp.float32) for _ in names)
 
 
 # The activations a frozen layer saves in fp8 with ``residuals="fp8"``: the MLP's gate and up
 # projections, the widest of them (2F of the 5D + 2F a token remat "none" keeps, with as many
 # kv heads as query heads). They are saved as e4m3 with a scale per token, as ``fp8.quantize``
-# makes an activation for a GEMM.
+# makes an activation for a GEMM: by the fused MLP's forward kernel where it runs (in the pass
+# that reads them anyway), else packed after the layer's forward.
 FP8_RESIDUALS = ("a", "b")
 RESIDUAL_PRECISIONS = ("bf16", "fp8")
 
@@ -166,6 +158,23 @@ def _lean_at(remat, residuals) -> tuple[int, ...]:
     names = block.SAVED[remat]
     return tuple(names.index(n) for n in FP8_RESIDUALS if n in names) \
         if residuals == "fp8" else ()
+
+
+def _packed_at(mlp, lean_at) -> tuple[int, ...]:
+    """Of ``lean_at``, the entries a frozen layer packs after its forward: none where its fused
+    MLP (``mlp``) keeps its products in fp8 itself."""
+    return () if mlp is not None else lean_at
+
+
+def _frozen_shapes(saved, mlp, remat, lean_at):
+    """What a sampled layer returns in place of a frozen layer's saved activations (the two
+    branches of a layer's ``lax.cond`` return one structure), nothing of it read: its own
+    ``saved`` with the fp8 entries as stand-ins, and the fused MLP's row scales."""
+    if mlp is None:
+        return _empty_pack(saved, lean_at)
+    saved = tuple(jnp.zeros(x.shape, E4M3) if i in lean_at else x for i, x in enumerate(saved))
+    return saved + tuple(jnp.ones((*saved[0].shape[:-1], 1), jnp.float32)
+                         for _ in mlp.saves(block.SAVED[remat]))
 
 
 def _pack(saved, lean_at):
@@ -207,24 +216,28 @@ def _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h, rope, mask):
     lean_at = _lean_at(remat, residuals)
     saved, exact = [], None
     for layer, lp in enumerate(frozen):
-        def run(h, lp, layer=layer):
+        mlp = _frozen_mlp(cfg, lp, residuals)
+
+        def run(h, lp, layer=layer, mlp=mlp):
             return block.layer_forward(cfg, lp, h, rope, remat, layer, mask_BxSxS=mask,
-                                       mlp=_frozen_mlp(cfg, lp))
+                                       mlp=mlp)
 
-        def frozen_run(h, exact, slot, run=run, lp=lp):
+        def frozen_run(h, exact, slot, run=run, lp=lp, mlp=mlp):
             h, s = run(h, lp)
-            return h, _pack(s, lean_at), exact
+            return h, _pack(s, _packed_at(mlp, lean_at)), exact
 
-        def sampled_run(h, exact, slot, layer=layer, lp=lp):
+        def sampled_run(h, exact, slot, layer=layer, mlp=mlp):
             h, s = block.layer_forward(cfg, _slot(active_GxP, slot), h, rope, remat, layer,
                                        mask_BxSxS=mask)
             exact = tuple(jax.lax.dynamic_update_index_in_dim(e, s[i], slot, 0)
                           for e, i in zip(exact, lean_at))
-            return h, _empty_pack(s + _mlp_stand_ins(cfg, lp, remat, h), lean_at), exact
+            return h, _frozen_shapes(s, mlp, remat, lean_at), exact
 
         if has_slots:
-            if exact is None:  # shapes from the first layer's (traced, not run) forward
-                shapes = jax.eval_shape(run, h, lp)[1] if lean_at else ()
+            if exact is None:  # shapes from a sampled layer's (traced, not run) forward
+                shapes = jax.eval_shape(lambda h: block.layer_forward(
+                    cfg, _slot(active_GxP, 0), h, rope, remat, 0, mask_BxSxS=mask)[1],
+                    h) if lean_at else ()
                 exact = tuple(jnp.zeros((_num_slots(active_GxP), *shapes[i].shape),
                                         shapes[i].dtype) for i in lean_at)
             h, s, exact = jax.lax.cond(slot_L[layer] >= 0, sampled_run, frozen_run, h, exact,
@@ -254,10 +267,10 @@ def _mixed_bwd(cfg, remat, residuals, res, dy):
         saved_l, dy = jax.lax.optimization_barrier((saved[layer], dy))
 
         def frozen_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
-            s = _unpack(saved_l, lean_at, dy.dtype)
+            mlp = _frozen_mlp(cfg, frozen[layer], residuals)
+            s = _unpack(saved_l, _packed_at(mlp, lean_at), dy.dtype)
             return grads, block.layer_backward(cfg, frozen[layer], s, rope, dy, remat,
-                                               layer=layer, mask_BxSxS=mask,
-                                               mlp=_frozen_mlp(cfg, frozen[layer]))[0]
+                                               layer=layer, mask_BxSxS=mask, mlp=mlp)[0]
 
         def trained_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
             lp = _slot(active_GxP, slot)
@@ -476,7 +489,7 @@ class FrozenLisaStep:
         if residuals == "fp8" and not _lean_at(remat, residuals):
             raise ValueError(f"fp8 residuals are the frozen layers' saved gate and up "
                              f"activations, which --remat {remat} does not save; use --remat "
-                             f"none or --frozen-residuals bf16")
+                             f"none or qkv, or --frozen-residuals bf16")
         if frozen_precision not in FROZEN_PRECISIONS:
             raise ValueError(f"unknown frozen precision {frozen_precision!r}; use one of "
                              f"{', '.join(FROZEN_PRECISIONS)}")

@@ -91,8 +91,12 @@ def test_stages_form_a_chain_from_h_to_out_and_saved_names_are_activations():
     assert block.REMAT_MODES == tuple(block.SAVED)
     for mode, saved in block.SAVED.items():
         assert saved[0] == "h" and set(saved) <= made - {"out"}, mode
-    # Each mode keeps less than the one before it.
+    # Each mode keeps less than "none"; "full" the least. "qkv" and "mlp" each drop one
+    # GEMM stage's outputs (q, k, v; gate and up) and keep the other's.
     assert set(block.SAVED["full"]) < set(block.SAVED["mlp"]) < set(block.SAVED["none"])
+    assert set(block.SAVED["full"]) < set(block.SAVED["qkv"]) < set(block.SAVED["none"])
+    assert set(block.SAVED["none"]) - set(block.SAVED["qkv"]) == {"q", "k", "v"}
+    assert set(block.SAVED["none"]) - set(block.SAVED["mlp"]) == {"a", "b"}
 
 
 def test_table_names_are_unique_and_lora_and_decay_roles_are_consistent():

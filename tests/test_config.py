@@ -135,7 +135,7 @@ def test_check_config_without_paths_still_checks_the_settings():
 @pytest.mark.parametrize("changes,fix", [
     (dict(frozen_residuals="fp8"), "add it or use --frozen-residuals bf16"),
     (dict(frozen_residuals="fp8", frozen_precision="fp8", remat="mlp"),
-     "--remat mlp keeps none; use --remat none or --frozen-residuals bf16"),
+     "--remat mlp keeps none; use --remat none or qkv, or --frozen-residuals bf16"),
     (dict(frozen_residuals="fp4", frozen_precision="fp8"), "use one of bf16, fp8")])
 def test_fp8_residuals_need_fp8_frozen_layers_that_save_gate_and_up(changes, fix):
     from lisa_jax.config import check_frozen_precision

@@ -116,7 +116,7 @@ def test_fp8_loss_and_sampled_gradients_follow_the_dense_step(tiny_cfg, perturbe
     assert float(loss8) != float(loss)
 
 
-@pytest.mark.parametrize("remat", ["none", "mlp", "full"])
+@pytest.mark.parametrize("remat", ["none", "qkv", "mlp", "full"])
 def test_the_fused_fp8_mlp_trains_as_the_stage_by_stage_one(remat, tiny_cfg, perturbed_params,
                                                             batch_for, monkeypatch):
     """Frozen fp8 layers with their MLP as ``fp8_mlp.FrozenMlp`` (the default) against stage
@@ -128,7 +128,7 @@ def test_the_fused_fp8_mlp_trains_as_the_stage_by_stage_one(remat, tiny_cfg, per
     batch = batch_for(cfg, B=2, S_=16)
     names = tuple(p.name for p in lisa_jax.block.layer_params(cfg) if p.rank == 2)
     copy = lambda lp: quantize_layer(lp, names, False)  # noqa: E731
-    assert F._frozen_mlp(cfg, copy(layout.convert(params, "per_layer")["layers"][0]))
+    assert F._frozen_mlp(cfg, copy(layout.convert(params, "per_layer")["layers"][0]), "bf16")
     loss, g = _grads(cfg, params, [0, 2], copy, batch, remat=remat)
     monkeypatch.setattr(F, "FUSED_MLP", False)
     loss_s, g_s = _grads(cfg, params, [0, 2], copy, batch, remat=remat)
@@ -164,23 +164,58 @@ def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
         assert _cos(g8["embed"], g["embed"]) > 0.995
 
     # what the forward keeps: every layer's gate and up as e4m3 (a sampled layer's unread),
-    # and the sampled layers' exact ones, [G, B, S, F] in bf16, beside them
-    per = layout.convert(params, "per_layer")["layers"]
+    # and the sampled layers' exact ones, [G, B, S, F] in bf16, beside them; with dense
+    # copies (packed after the forward) and fp8 ones (the fused MLP's kernel quantizes them)
+    dense = layout.convert(params, "per_layer")["layers"]
     ids = jnp.asarray(active)
     act = jax.tree.map(lambda x: x[ids], params["layers"])
     slot_L = layout.slot_of_layer(ids, L)
     h = jnp.zeros((B, S_, cfg.hidden_size), jnp.bfloat16)
     cos, sin = lisa_jax.ops.rope_tables(cfg, jnp.arange(S_)[None])
-    for residuals, fp8_wide, exact in (("bf16", 0, 0), ("fp8", 2 * L, 2)):
-        _, vjp = jax.vjp(lambda a, h: F.mixed_layers(cfg, "none", residuals, a, tuple(per),
-                                                     slot_L, h, cos, sin), act, h)
-        wide = [x for x in jax.tree.leaves(vjp) if x.shape[-1:] == (F_,)]
-        assert sum(x.dtype == jnp.float8_e4m3fn and x.shape == (B, S_, F_)
-                   for x in wide) == fp8_wide
-        assert sum(x.shape == (2, B, S_, F_) for x in wide) == exact
-        bf16_per_layer = sum(x.shape == (B, S_, F_) and x.dtype != jnp.float8_e4m3fn
-                             for x in wide)
-        assert bf16_per_layer == (2 * L if residuals == "bf16" else 0)
+    for per in (dense, [quantize_layer(lp, names, False) for lp in dense]):
+        for residuals, fp8_wide, exact in (("bf16", 0, 0), ("fp8", 2 * L, 2)):
+            _, vjp = jax.vjp(lambda a, h: F.mixed_layers(
+                cfg, "none", residuals, a, tuple(per), slot_L, h, cos, sin), act, h)
+            wide = [x for x in jax.tree.leaves(vjp) if x.shape[-1:] == (F_,)]
+            assert sum(x.dtype == jnp.float8_e4m3fn and x.shape == (B, S_, F_)
+                       for x in wide) == fp8_wide
+            assert sum(x.shape == (2, B, S_, F_) for x in wide) == exact
+            bf16_per_layer = sum(x.shape == (B, S_, F_) and x.dtype != jnp.float8_e4m3fn
+                                 for x in wide)
+            assert bf16_per_layer == (2 * L if residuals == "bf16" else 0)
+
+
+def test_remat_qkv_with_fp8_residuals_keeps_no_qkv_and_trains_as_remat_none(
+        tiny_cfg, perturbed_params, batch_for):
+    """The leanest fast combination: the backward recomputes q, k and v, the gate and up
+    products are kept in e4m3. The forward is unchanged (the same loss, bit for bit), the
+    gradients are remat none's (the recomputed projections are the same fp8 GEMMs), and what
+    the forward keeps has no q, k or v."""
+    cfg = tiny_cfg(num_layers=4)
+    params = perturbed_params(cfg, seed=6)
+    B, S_ = 2, 16
+    batch = batch_for(cfg, B=B, S_=S_)
+    names = tuple(p.name for p in lisa_jax.block.layer_params(cfg) if p.rank == 2)
+    copy = lambda lp: quantize_layer(lp, names, False)  # noqa: E731
+    loss, g = _grads(cfg, params, [0, 2], copy, batch, residuals="fp8")
+    loss_q, g_q = _grads(cfg, params, [0, 2], copy, batch, residuals="fp8", remat="qkv")
+    np.testing.assert_array_equal(loss_q, loss)
+    for k in names:
+        np.testing.assert_allclose(g_q["layers"][k], g["layers"][k], rtol=2e-2, atol=1e-6,
+                                   err_msg=k)
+        assert _cos(g_q["layers"][k], g["layers"][k]) > 0.9999, k
+
+    per = [copy(lp) for lp in layout.convert(params, "per_layer")["layers"]]
+    ids = jnp.asarray([0, 2])
+    act = jax.tree.map(lambda x: x[ids], params["layers"])
+    h = jnp.zeros((B, S_, cfg.hidden_size), jnp.bfloat16)
+    cos, sin = lisa_jax.ops.rope_tables(cfg, jnp.arange(S_)[None])
+    q_shape = (B, S_, cfg.num_heads, cfg.head_dim)
+    for remat, n_q in (("none", cfg.num_layers), ("qkv", 0)):
+        _, vjp = jax.vjp(lambda a, h: F.mixed_layers(
+            cfg, remat, "fp8", a, tuple(per), layout.slot_of_layer(ids, cfg.num_layers), h,
+            cos, sin), act, h)
+        assert sum(x.shape == q_shape for x in jax.tree.leaves(vjp)) == n_q, remat
 
 
 def test_fp8_residuals_without_saved_gate_and_up_are_refused_in_one_line(tiny_cfg):

@@ -161,4 +161,4 @@ def test_stack_vjp_gives_frozen_layers_no_gradient(tiny_cfg, perturbed_params, b
 
 def test_remat_modes_are_the_blocks():
     from lisa_jax import block
-    assert REMAT_MODES == block.REMAT_MODES == ("none", "mlp", "full")
+    assert REMAT_MODES == block.REMAT_MODES == ("none", "qkv", "mlp", "full")

@@ -167,7 +167,7 @@ def test_chunked_loss_equals_unchunked(tiny_cfg, perturbed_params, batch_for, re
 def test_bad_remat_is_a_one_line_error(tiny_cfg):
     cfg = tiny_cfg()
     tx = lisa_jax.lisa(optax.adamw(1e-3), n_active=1)
-    with pytest.raises(ValueError, match="unknown remat 'dots'.*none, mlp, full"):
+    with pytest.raises(ValueError, match="unknown remat 'dots'.*none, qkv, mlp, full"):
         S.make_lisa_step(cfg, tx, remat="dots")
 
 
