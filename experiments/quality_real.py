@@ -450,8 +450,8 @@ def summarize(a) -> None:
                 "SmolLM2-135M-Instruct, LISA γ=2 K=20 at 6e-4: frozen layers in bf16 and fp8")
     loss_curves(out, rows,
                 ("lisa_g2_k20_bf16", "lisa_g2_k20_fp8_fused", "lisa_g2_k20_fp8_lean"),
-                "fp8_lean_loss_curves.png", "SmolLM2-135M-Instruct, LISA γ=2 K=20 at 6e-4: "
-                "bf16, fp8 (fused MLP), fp8 with --remat qkv --frozen-residuals fp8")
+                "fp8_lean_loss_curves.png", "SmolLM2-135M-Instruct, LISA γ=2 K=20, 6e-4: bf16, "
+                "fp8 fused, fp8 lean (remat qkv, fp8 residuals)")
 
 
 def loss_curves(out: Path, rows: list[dict], methods: tuple[str, ...], name: str,
