@@ -215,6 +215,8 @@ def _set_switches(a) -> None:
     fp8.BACKWARD_TRANSPOSE = a.transpose
     fp8_step.FUSED_MLP = a.mlp == "fused"
     fp8_mlp.KERNELS = a.mlp_kernels
+    if a.mlp_launch:
+        fp8_mlp.LAUNCH = (tuple(a.mlp_launch[:4]), tuple(a.mlp_launch[4:]))
 
 
 def run_one(a) -> dict:
@@ -223,7 +225,7 @@ def run_one(a) -> dict:
     import jax.numpy as jnp
 
     import lisa_jax
-    from lisa_jax import fp8, fp8_step
+    from lisa_jax import fp8, fp8_mlp, fp8_step
 
     _set_switches(a)
 
@@ -340,7 +342,7 @@ def run_one(a) -> dict:
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
                 memory_gib=memory, gemm_out=a.gemm_out, residuals=a.residuals, mlp=a.mlp,
-                mlp_kernels=a.mlp_kernels,
+                mlp_kernels=a.mlp_kernels, mlp_launch=[list(x) for x in fp8_mlp.LAUNCH],
                 transpose=a.transpose if a.fp8_copies == 1 else None,
                 warm_every_layer=a.warm_every_layer,
                 cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
@@ -528,6 +530,10 @@ def main():
                          "fused row kernels) or stage by stage, as before")
     ap.add_argument("--mlp-kernels", default="auto", choices=["auto", "pallas", "xla"],
                     help="the fused MLP's row kernels (auto: Pallas on a GPU)")
+    ap.add_argument("--mlp-launch", type=int, nargs=8, default=None,
+                    metavar=("ROWS", "BLOCK", "WARPS", "PROGRAMS") * 2,
+                    help="the Pallas row kernels' launch shapes, forward then backward "
+                         "(fp8_mlp.LAUNCH; default: its own)")
     ap.add_argument("--profile", default=None,
                     help="fp8 rows: after timing, a trace of 3 steps and the step's optimized "
                          "HLO in this folder (experiments/trace_breakdown.py reads it)")
@@ -584,6 +590,7 @@ def main():
                           "--host-memory", a.host_memory, "--gemm-out", a.gemm_out,
                           "--transpose", a.transpose, "--residuals", a.residuals,
                           "--mlp", a.mlp, "--mlp-kernels", a.mlp_kernels] +
+                         (["--mlp-launch", *map(str, a.mlp_launch)] if a.mlp_launch else []) +
                          (["--profile", a.profile] if a.profile else []) +
                          (["--hf", a.hf] if a.hf else [])))
         for variant, args in plan:

@@ -6,7 +6,8 @@
 Each row is one kernel (``gate_quantize``: forward; ``gate_grad_quantize``: backward; each
 also as ``--frozen-residuals fp8`` runs it, with the gate and up products in e4m3) in
 plain JAX (what XLA fuses of it) or in Pallas with ``rows`` rows a program, ``block`` columns
-at a time and ``warps`` warps, timed over ``--iters`` calls on random data of the shape's
+at a time and ``warps`` warps (and ``programs`` programs, each taking groups of rows in turn,
+where fewer than the groups), timed over ``--iters`` calls on random data of the shape's
 ``[tokens, intermediate_size]`` (the best of three runs of ``--iters`` calls dispatched back to
 back); ``gb_s`` is the bytes it must move (each input read once,
 each output written once) over its time. A launch shape the compiler refuses is listed with
@@ -47,6 +48,9 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 16384])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--programs", type=int, nargs="+", default=[0],
+                    help="programs at most, each taking groups of rows in turn (0: one a "
+                         "group)")
     ap.add_argument("--max-elements", type=int, default=32768,
                     help="skip launch shapes with more than this many elements a row block")
     ap.add_argument("--out", default=None)
@@ -89,12 +93,15 @@ def main(argv=None):
         rows.append(dict(kernel=name, impl="xla", us=round(s * 1e6, 1),
                          gb_s=round(nbytes / s / 1e9, 1)))
         print(rows[-1], flush=True)
-        for r, block, warps in itertools.product(a.rows, a.blocks, a.warps):
+        for r, block, warps, programs in itertools.product(a.rows, a.blocks, a.warps,
+                                                           a.programs):
             if r * block > a.max_elements or block > 2 * max(F, 1024):
                 continue
-            fp8_mlp.LAUNCH = tuple((r, block, warps) if i == which else launch
-                                   for i, launch in enumerate(fp8_mlp.LAUNCH))
-            row = dict(kernel=name, impl="pallas", rows=r, block=block, warps=warps)
+            launch = (r, block, warps, programs)
+            fp8_mlp.LAUNCH = tuple(launch if i == which else other
+                                   for i, other in enumerate(fp8_mlp.LAUNCH))
+            row = dict(kernel=name, impl="pallas", rows=r, block=block, warps=warps,
+                       programs=fp8_mlp.grid_of(T // (r if T % r == 0 else 1), programs))
             try:
                 s = _time(make("pallas"), args, a.iters)
                 row.update(us=round(s * 1e6, 1), gb_s=round(nbytes / s / 1e9, 1))

@@ -116,16 +116,28 @@ def _pallas():
     return pl, plt
 
 
-def _row_kernel(compute, kinds, n_out, F, rows, block, dtype):
-    """A kernel over ``rows`` rows: ``compute(**values) -> n_out float32 chunks`` of the
-    inputs' values (``kinds``: name -> "row" for a ``[T, F]`` input, "token" for ``[T]``,
-    "channel" for ``[F]``); each output is quantized to ``dtype`` with its own scale a row."""
+def _row_kernel(compute, kinds, n_out, F, rows, block, dtype, groups_a_program=1,
+                programs=1):
+    """A kernel over groups of ``rows`` rows: ``compute(**values) -> n_out float32 chunks`` of
+    the inputs' values (``kinds``: name -> "row" for a ``[T, F]`` input, "token" for ``[T]``,
+    "channel" for ``[F]``); each output is quantized to ``dtype`` with its own scale a row.
+    A program takes ``groups_a_program`` groups, one after another, ``programs`` apart."""
     pl, plt = _pallas()
     n_chunks = -(-F // block)
 
     def kernel(*refs):
+        first = pl.program_id(0)
+        if groups_a_program == 1:
+            group(refs, first)
+        else:  # the programs that run at once share one stretch of rows: its L2 working set
+            def body(i, carry):
+                group(refs, first + i * programs)
+                return carry
+            jax.lax.fori_loop(0, groups_a_program, body, 0)
+
+    def group(refs, g):
         ins, outs = dict(zip(kinds, refs[:len(kinds)])), refs[len(kinds):]
-        rs = pl.ds(pl.program_id(0) * rows, rows)
+        rs = pl.ds(g * rows, rows)
 
         def values(c):
             cs = pl.ds(c * block, block)
@@ -174,25 +186,36 @@ def _row_kernel(compute, kinds, n_out, F, rows, block, dtype):
     return kernel
 
 
-# The kernels' launch shapes, forward and backward: (rows a program, a power of two dividing
+# The kernels' launch shapes, forward and backward: (rows a group, a power of two dividing
 # the tokens, else 1; columns a chunk, a power of two: a row wider than one chunk is read
-# twice, its maximum first; warps a program). experiments/bench_fp8_mlp.py times the choices
+# twice, its maximum first; warps a program; programs at most, 0: one a group). Fewer
+# programs than groups, each taking several in turn, keep the rows in flight within L2 for
+# the second read. experiments/bench_fp8_mlp.py times the choices
 # (experiments/results/fp8_mlp_kernels_h200.json).
-LAUNCH = ((2, 1024, 4), (1, 1024, 4))
+LAUNCH = ((2, 1024, 4, 0), (1, 1024, 4, 0))
+
+
+def grid_of(groups: int, programs: int) -> int:
+    """How many programs take ``groups`` groups of rows: the most, at most ``programs`` (0:
+    no bound), that divides ``groups``, so that each takes as many."""
+    if programs <= 0 or programs >= groups:
+        return groups
+    return max(d for d in range(1, programs + 1) if groups % d == 0)
 
 
 def _call_rows(compute, args: dict, kinds: dict, n_out, dtype, interpret, launch):
     pl, plt = _pallas()
     T, F = next(v for k, v in args.items() if kinds[k] == "row").shape
-    rows, block, num_warps = launch
+    rows, block, num_warps, programs = launch
     block = min(pl.next_power_of_2(F), block)
     rows = rows if T % rows == 0 else 1
+    grid = grid_of(T // rows, programs)
     out_shape = tuple(s for _ in range(n_out) for s in
                       (jax.ShapeDtypeStruct((T, F), dtype),
                        jax.ShapeDtypeStruct((T,), jnp.float32)))
     return pl.pallas_call(
-        _row_kernel(compute, kinds, n_out, F, rows, block, dtype), out_shape=out_shape,
-        grid=(T // rows,), interpret=interpret, name="fp8_gated_rows",
+        _row_kernel(compute, kinds, n_out, F, rows, block, dtype, T // rows // grid, grid),
+        out_shape=out_shape, grid=(grid,), interpret=interpret, name="fp8_gated_rows",
         compiler_params=None if interpret else plt.CompilerParams(num_warps=num_warps,
                                                                   num_stages=1),
     )(*(args[k] for k in kinds))

@@ -52,14 +52,26 @@ def _same(got, want):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
 
 
+def test_the_grid_divides_the_groups_among_at_most_the_programs_asked_for():
+    for groups in (1, 7, 24, 2048, 4096):
+        for programs in (0, 1, 3, 5, 264, 512, 5000):
+            grid = fp8_mlp.grid_of(groups, programs)
+            assert groups % grid == 0
+            assert grid == groups if programs in (0, 5000) or programs >= groups \
+                else grid <= programs
+    assert fp8_mlp.grid_of(2048, 264) == 256 and fp8_mlp.grid_of(24, 5) == 4
+
+
 # T == F: a token vector and a channel vector of the same length must not be confused
-@pytest.mark.parametrize("act,block_cols,rows,T", [
-    ("silu", 16384, 1, 8),            # the whole row at once
-    ("silu", 16, 4, 48),              # three column chunks, four rows a program
-    ("gelu_pytorch_tanh", 16, 1, 8),
-    ("gelu_pytorch_tanh", 16384, 2, 8)])
-def test_row_kernels_compute_their_plain_jax_arithmetic(act, block_cols, rows, T, monkeypatch):
-    monkeypatch.setattr(fp8_mlp, "LAUNCH", ((rows, block_cols, 4),) * 2)
+@pytest.mark.parametrize("act,block_cols,rows,T,programs", [
+    ("silu", 16384, 1, 8, 0),            # the whole row at once
+    ("silu", 16, 4, 48, 0),              # three column chunks, four rows a group
+    ("silu", 16, 2, 48, 5),              # 24 groups, 4 programs taking 6 each in turn
+    ("gelu_pytorch_tanh", 16, 1, 8, 3),  # 8 groups, 2 programs
+    ("gelu_pytorch_tanh", 16384, 2, 8, 0)])
+def test_row_kernels_compute_their_plain_jax_arithmetic(act, block_cols, rows, T, programs,
+                                                        monkeypatch):
+    monkeypatch.setattr(fp8_mlp, "LAUNCH", ((rows, block_cols, 4, programs),) * 2)
     F = 48
     a, b = _normal(0, (T, F), jnp.bfloat16), _normal(1, (T, F), jnp.bfloat16) * 3
     row, col_a, col_b = _positive(2, (T,)), _positive(3, (F,)), _positive(4, (F,))
