@@ -216,7 +216,7 @@ def _set_switches(a) -> None:
     fp8_step.FUSED_MLP = a.mlp == "fused"
     fp8_mlp.KERNELS = a.mlp_kernels
     if a.mlp_launch:
-        fp8_mlp.LAUNCH = (tuple(a.mlp_launch[:4]), tuple(a.mlp_launch[4:]))
+        fp8_mlp.LAUNCH = (tuple(a.mlp_launch[:5]), tuple(a.mlp_launch[5:]))
 
 
 def run_one(a) -> dict:
@@ -530,8 +530,8 @@ def main():
                          "fused row kernels) or stage by stage, as before")
     ap.add_argument("--mlp-kernels", default="auto", choices=["auto", "pallas", "xla"],
                     help="the fused MLP's row kernels (auto: Pallas on a GPU)")
-    ap.add_argument("--mlp-launch", type=int, nargs=8, default=None,
-                    metavar=("ROWS", "BLOCK", "WARPS", "PROGRAMS") * 2,
+    ap.add_argument("--mlp-launch", type=int, nargs=10, default=None,
+                    metavar=("ROWS", "BLOCK", "WARPS", "PROGRAMS", "STAGES") * 2,
                     help="the Pallas row kernels' launch shapes, forward then backward "
                          "(fp8_mlp.LAUNCH; default: its own)")
     ap.add_argument("--profile", default=None,

@@ -7,7 +7,7 @@ Each row is one kernel (``gate_quantize``: forward; ``gate_grad_quantize``: back
 also as ``--frozen-residuals fp8`` runs it, with the gate and up products in e4m3) in
 plain JAX (what XLA fuses of it) or in Pallas with ``rows`` rows a program, ``block`` columns
 at a time and ``warps`` warps (and ``programs`` programs, each taking groups of rows in turn,
-where fewer than the groups), timed over ``--iters`` calls on random data of the shape's
+where fewer than the groups; ``stages``: Triton's pipeline stages), timed over ``--iters`` calls on random data of the shape's
 ``[tokens, intermediate_size]`` (the best of three runs of ``--iters`` calls dispatched back to
 back); ``gb_s`` is the bytes it must move (each input read once,
 each output written once) over its time. A launch shape the compiler refuses is listed with
@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--programs", type=int, nargs="+", default=[0],
                     help="programs at most, each taking groups of rows in turn (0: one a "
                          "group)")
+    ap.add_argument("--stages", type=int, nargs="+", default=[1],
+                    help="Triton's software pipeline stages")
     ap.add_argument("--max-elements", type=int, default=32768,
                     help="skip launch shapes with more than this many elements a row block")
     ap.add_argument("--out", default=None)
@@ -93,15 +95,16 @@ def main(argv=None):
         rows.append(dict(kernel=name, impl="xla", us=round(s * 1e6, 1),
                          gb_s=round(nbytes / s / 1e9, 1)))
         print(rows[-1], flush=True)
-        for r, block, warps, programs in itertools.product(a.rows, a.blocks, a.warps,
-                                                           a.programs):
+        for r, block, warps, programs, stages in itertools.product(
+                a.rows, a.blocks, a.warps, a.programs, a.stages):
             if r * block > a.max_elements or block > 2 * max(F, 1024):
                 continue
-            launch = (r, block, warps, programs)
+            launch = (r, block, warps, programs, stages)
             fp8_mlp.LAUNCH = tuple(launch if i == which else other
                                    for i, other in enumerate(fp8_mlp.LAUNCH))
             row = dict(kernel=name, impl="pallas", rows=r, block=block, warps=warps,
-                       programs=fp8_mlp.grid_of(T // (r if T % r == 0 else 1), programs))
+                       programs=fp8_mlp.grid_of(T // (r if T % r == 0 else 1), programs),
+                       stages=stages)
             try:
                 s = _time(make("pallas"), args, a.iters)
                 row.update(us=round(s * 1e6, 1), gb_s=round(nbytes / s / 1e9, 1))

@@ -54,9 +54,12 @@
 #   fp8prof   every kernel of the 32-layer fp8 step over whole K=20 periods, remat none and qkv,
 #             both with --residuals fp8, profiled (extra/fp8_step_kernels.*)
 #   fp8launch the fused MLP's row kernels timed alone over launch shapes, programs taking groups
-#             of rows in turn or one a group (extra/fp8_mlp_kernels_programs.json); then the
+#             of rows in turn or one a group (PROGRAMS), Triton's pipeline stages (STAGES)
+#             (extra/fp8_mlp_kernels_programs.json); then the
 #             fp8 row over whole K=20 periods, remat none, --residuals fp8, with the default
 #             launch shapes and with the fastest of the sweep
+#   fp8six    every kernel of the 6-layer fp8 step with --residuals fp8, profiled with its
+#             optimized HLO (extra/fp8_six_kernels.*, extra/*.hlo.txt.gz)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -232,13 +235,15 @@ phase() {
       rm -rf "$OUT/prof" ;;
     fp8launch)
       python3 experiments/bench_fp8_mlp.py --rows 1 2 --blocks 1024 --warps 4 8 \
-          --programs 0 1024 512 256 --out "$OUT/extra/fp8_mlp_kernels_programs.json"
+          --programs ${PROGRAMS:-0 1024 512 256} --stages ${STAGES:-1} \
+          --out "$OUT/extra/fp8_mlp_kernels_programs.json"
       local best
       best=$(python3 -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']
 fastest = lambda k: min((r for r in rows if r['kernel'] == k and r['impl'] == 'pallas'
                          and 'us' in r), key=lambda r: r['us'])
 print(*(fastest(k)[f] for k in ('gate_quantize, fp8 products',
-      'gate_grad_quantize, fp8 products') for f in ('rows', 'block', 'warps', 'programs')))" \
+      'gate_grad_quantize, fp8 products') for f in ('rows', 'block', 'warps', 'programs',
+                                               'stages')))" \
           "$OUT/extra/fp8_mlp_kernels_programs.json")
       echo "fastest launch shapes (fp8 products): $best"
       fp8_k20 --remats none --variants fp8 --residuals fp8 \
@@ -246,6 +251,12 @@ print(*(fastest(k)[f] for k in ('gate_quantize, fp8 products',
       # shellcheck disable=SC2086
       fp8_k20 --remats none --variants fp8 --residuals fp8 --mlp-launch $best \
           --label "fp8_k20 fp8 residuals, launch $best" --out "$OUT/fp8_k20_launch_best.json" ;;
+    fp8six)
+      fp8_six --residuals fp8 --label "fp8 6 layers fp8 residuals" --profile "$OUT/prof" \
+          --out "$OUT/fp8_6_res8.json"
+      python3 experiments/trace_breakdown.py "$OUT/prof" --top 400 --out "$OUT/extra/fp8_six_kernels"
+      gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
+      rm -rf "$OUT/prof" ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
       # over whole K=20 periods

@@ -129,7 +129,7 @@ def _row_kernel(compute, kinds, n_out, F, rows, block, dtype, groups_a_program=1
         first = pl.program_id(0)
         if groups_a_program == 1:
             group(refs, first)
-        else:  # the programs that run at once share one stretch of rows: its L2 working set
+        else:  # the programs that run at once share one stretch of rows
             def body(i, carry):
                 group(refs, first + i * programs)
                 return carry
@@ -188,11 +188,11 @@ def _row_kernel(compute, kinds, n_out, F, rows, block, dtype, groups_a_program=1
 
 # The kernels' launch shapes, forward and backward: (rows a group, a power of two dividing
 # the tokens, else 1; columns a chunk, a power of two: a row wider than one chunk is read
-# twice, its maximum first; warps a program; programs at most, 0: one a group). Fewer
-# programs than groups, each taking several in turn, keep the rows in flight within L2 for
-# the second read. experiments/bench_fp8_mlp.py times the choices
-# (experiments/results/fp8_mlp_kernels_h200.json).
-LAUNCH = ((2, 1024, 4, 0), (1, 1024, 4, 0))
+# twice, its maximum first; warps a program; programs at most, 0: one a group, else each
+# takes several groups in turn; Triton's pipeline stages). experiments/bench_fp8_mlp.py times
+# the choices (experiments/results/fp8_mlp_kernels_h200.json; fewer programs and more
+# stages: fp8_mlp_kernels_programs_h200.json, fp8_mlp_kernels_stages_h200.json).
+LAUNCH = ((2, 1024, 4, 0, 1), (1, 1024, 4, 0, 1))
 
 
 def grid_of(groups: int, programs: int) -> int:
@@ -206,7 +206,7 @@ def grid_of(groups: int, programs: int) -> int:
 def _call_rows(compute, args: dict, kinds: dict, n_out, dtype, interpret, launch):
     pl, plt = _pallas()
     T, F = next(v for k, v in args.items() if kinds[k] == "row").shape
-    rows, block, num_warps, programs = launch
+    rows, block, num_warps, programs, num_stages = launch
     block = min(pl.next_power_of_2(F), block)
     rows = rows if T % rows == 0 else 1
     grid = grid_of(T // rows, programs)
@@ -217,7 +217,7 @@ def _call_rows(compute, args: dict, kinds: dict, n_out, dtype, interpret, launch
         _row_kernel(compute, kinds, n_out, F, rows, block, dtype, T // rows // grid, grid),
         out_shape=out_shape, grid=(grid,), interpret=interpret, name="fp8_gated_rows",
         compiler_params=None if interpret else plt.CompilerParams(num_warps=num_warps,
-                                                                  num_stages=1),
+                                                                  num_stages=num_stages),
     )(*(args[k] for k in kinds))
 
 

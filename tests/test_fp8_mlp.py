@@ -71,7 +71,7 @@ def test_the_grid_divides_the_groups_among_at_most_the_programs_asked_for():
     ("gelu_pytorch_tanh", 16384, 2, 8, 0)])
 def test_row_kernels_compute_their_plain_jax_arithmetic(act, block_cols, rows, T, programs,
                                                         monkeypatch):
-    monkeypatch.setattr(fp8_mlp, "LAUNCH", ((rows, block_cols, 4, programs),) * 2)
+    monkeypatch.setattr(fp8_mlp, "LAUNCH", ((rows, block_cols, 4, programs, 1),) * 2)
     F = 48
     a, b = _normal(0, (T, F), jnp.bfloat16), _normal(1, (T, F), jnp.bfloat16) * 3
     row, col_a, col_b = _positive(2, (T,)), _positive(3, (F,)), _positive(4, (F,))
