@@ -60,6 +60,9 @@
 #             launch shapes and with the fastest of the sweep
 #   fp8six    every kernel of the 6-layer fp8 step with --residuals fp8, profiled with its
 #             optimized HLO (extra/fp8_six_kernels.*, extra/*.hlo.txt.gz)
+#   fp8sync   the fp8 row over whole K=20 periods with --residuals fp8, remat qkv and none, the
+#             resample's transfers made at the resample (--no-overlap: the device never holds
+#             two periods' sampled layers)
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -257,6 +260,12 @@ print(*(fastest(k)[f] for k in ('gate_quantize, fp8 products',
       python3 experiments/trace_breakdown.py "$OUT/prof" --top 400 --out "$OUT/extra/fp8_six_kernels"
       gzip -f "$OUT"/prof/*.hlo.txt && mv "$OUT"/prof/*.hlo.txt.gz "$OUT/extra/"
       rm -rf "$OUT/prof" ;;
+    fp8sync)
+      for remat in qkv none; do
+        fp8_k20 --remats $remat --variants fp8 --residuals fp8 --no-overlap \
+            --label "fp8_k20 remat $remat fp8 residuals --no-overlap" \
+            --out "$OUT/fp8_k20_sync_$remat.json"
+      done ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
       # over whole K=20 periods
