@@ -7,11 +7,11 @@ Each row is one kernel (``gate_quantize``: forward; ``gate_grad_quantize``: back
 also as ``--frozen-residuals fp8`` runs it, with the gate and up products in e4m3) in
 plain JAX (what XLA fuses of it) or in Pallas with ``rows`` rows a program, ``block`` columns
 at a time and ``warps`` warps (and ``programs`` programs, each taking groups of rows in turn,
-where fewer than the groups; ``stages``: Triton's pipeline stages), timed over ``--iters`` calls on random data of the shape's
-``[tokens, intermediate_size]`` (the best of three runs of ``--iters`` calls dispatched back to
-back); ``gb_s`` is the bytes it must move (each input read once,
-each output written once) over its time. A launch shape the compiler refuses is listed with
-its error.
+where fewer than the groups; ``stages``: Triton's pipeline stages), timed over ``--iters``
+calls on random data of the shape's ``[tokens, intermediate_size]`` (the best of three runs
+of ``--iters`` calls dispatched back to back); ``gb_s`` is the bytes it must move (each input
+read once, each output written once) over its time. A launch shape the compiler refuses is
+listed with its error.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main(argv=None):
             fp8_mlp.LAUNCH = tuple(launch if i == which else other
                                    for i, other in enumerate(fp8_mlp.LAUNCH))
             row = dict(kernel=name, impl="pallas", rows=r, block=block, warps=warps,
-                       programs=fp8_mlp.grid_of(T // (r if T % r == 0 else 1), programs),
+                       programs=fp8_mlp.launch_grid(T, r, programs)[1],
                        stages=stages)
             try:
                 s = _time(make("pallas"), args, a.iters)

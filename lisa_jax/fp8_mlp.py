@@ -203,13 +203,19 @@ def grid_of(groups: int, programs: int) -> int:
     return max(d for d in range(1, programs + 1) if groups % d == 0)
 
 
+def launch_grid(T: int, rows: int, programs: int) -> tuple[int, int]:
+    """``(rows a group, programs)`` of a launch over ``T`` rows: ``rows`` where it divides
+    ``T``, else 1."""
+    rows = rows if T % rows == 0 else 1
+    return rows, grid_of(T // rows, programs)
+
+
 def _call_rows(compute, args: dict, kinds: dict, n_out, dtype, interpret, launch):
     pl, plt = _pallas()
     T, F = next(v for k, v in args.items() if kinds[k] == "row").shape
     rows, block, num_warps, programs, num_stages = launch
     block = min(pl.next_power_of_2(F), block)
-    rows = rows if T % rows == 0 else 1
-    grid = grid_of(T // rows, programs)
+    rows, grid = launch_grid(T, rows, programs)
     out_shape = tuple(s for _ in range(n_out) for s in
                       (jax.ShapeDtypeStruct((T, F), dtype),
                        jax.ShapeDtypeStruct((T,), jnp.float32)))
