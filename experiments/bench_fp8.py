@@ -85,6 +85,9 @@ def _optimizer(a, cfg):
 
     from lisa_jax.precision import master_weights
     opt = optax.adamw(1e-5, mu_dtype=a.mu_dtype)
+    if a.nu_dtype == "bfloat16":
+        from lisa_jax.precision import stochastic_bf16_nu
+        opt = stochastic_bf16_nu(opt)
     master = a.update_dtype == "float32" and jnp.dtype(cfg.dtype).itemsize < 4
     return (master_weights(opt) if master else opt), master
 
@@ -304,7 +307,8 @@ def run_one(a) -> dict:
     memory = memory_breakdown(split, state, batch, compiled)
     if a.profile:  # three more steps, traced
         name = f"{a.frozen_precision}_{a.remat}_copies{a.fp8_copies}_gemm_{a.gemm_out}" \
-            f"_{a.transpose}_L{cfg.num_layers}" + ("_res8" if a.residuals == "fp8" else "") \
+            f"_{a.transpose}_L{cfg.num_layers}" + {"bf16": "", "fp8": "_res8"}.get( \
+                a.residuals, f"_res_{a.residuals}") \
             + ("" if a.mlp == "fused" else f"_mlp_{a.mlp}") \
             + ("" if a.mlp_kernels == "auto" else f"_{a.mlp_kernels}")
         split, state = profile_steps(a.profile, name, compiled.as_text(),
@@ -321,7 +325,7 @@ def run_one(a) -> dict:
                 loss_chunk=chunk, inner="adamw", layout="per_layer", frozen=None,
                 update_precision=PRECISION[a.update_dtype] if master or
                 cfg.dtype == "float32" else "bf16",
-                master_weights=master, mu_dtype=a.mu_dtype,
+                master_weights=master, mu_dtype=a.mu_dtype, nu_dtype=a.nu_dtype,
                 precision="fp8" if a.frozen_precision == "fp8" else "bf16",
                 frozen_precision=a.frozen_precision, host_masters=True,
                 fp8_copies=a.fp8_copies if a.frozen_precision == "fp8" else None,
@@ -490,6 +494,8 @@ def main():
     add_flags(ap, dtype=None, update_dtype="float32",
               helps=dict(dtype="dtype of the parameters (default: bfloat16 on an accelerator)"))
     ap.add_argument("--mu-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--nu-dtype", default="float32", choices=["bfloat16", "float32"],
+                    help="dtype of AdamW's second moment (bfloat16: stochastically rounded)")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="fp8 on a CPU (XLA emulates it; for smoke runs)")
     ap.add_argument("--check", action="store_true",
@@ -521,10 +527,11 @@ def main():
     ap.add_argument("--transpose", default="tiled", choices=["tiled", "xla"],
                     help="fp8 rows with one copy: how the backward transposes it (xla: left "
                          "to XLA, as before)")
-    ap.add_argument("--residuals", default="bf16", choices=["bf16", "fp8"],
-                    help="fp8 rows and --check: the precision frozen layers save their gate "
-                         "and up activations in (fp8: e4m3 per token, half the bytes; remat "
-                         "none)")
+    ap.add_argument("--residuals", default="bf16",
+                    choices=["bf16", "fp8", "fp8_qkv", "fp8_all"],
+                    help="fp8 rows and --check: what frozen layers save for their backward in "
+                         "e4m3 (a scale per token; --frozen-residuals): nothing, gate and up, "
+                         "those and q, k, v, or everything")
     ap.add_argument("--mlp", default="fused", choices=["fused", "stages"],
                     help="fp8 rows and --check: frozen layers' MLP as fp8_mlp.FrozenMlp (two "
                          "fused row kernels) or stage by stage, as before")
@@ -561,7 +568,7 @@ def main():
                          "--variants")
     common = forward_flags(a, "shape", "batch_size", "max_seq_len", "steps", "warmup",
                            "lisa_interval", "lisa_layers", "loss_chunk", "update_dtype",
-                           "mu_dtype", "label", "dtype")
+                           "mu_dtype", "nu_dtype", "label", "dtype")
     rows, failed = [], []
 
     def save():

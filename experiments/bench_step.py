@@ -78,6 +78,10 @@ def run_one(a) -> dict:
     # sgd isolates the optimizer's share of a step (variant rows; the peer uses AdamW).
     mu_dtype = getattr(a, "mu_dtype", None)
     opt = optax.adamw(1e-5, mu_dtype=mu_dtype) if a.inner == "adamw" else optax.sgd(1e-5)
+    nu_dtype = getattr(a, "nu_dtype", "float32")
+    if nu_dtype == "bfloat16":
+        from lisa_jax.precision import stochastic_bf16_nu
+        opt = stochastic_bf16_nu(opt)
     precision = PRECISION[getattr(a, "update_dtype", "bfloat16")]
     sixteen_bit = jnp.dtype(cfg.dtype).itemsize < 4
     master = precision == "fp32" and sixteen_bit and a.method in TRAINING
@@ -169,7 +173,7 @@ def run_one(a) -> dict:
                 frozen=(getattr(a, "lisa_frozen", "") or None) if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
-                master_weights=master, mu_dtype=mu_dtype,
+                master_weights=master, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
                 lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
                 device=str(jax.devices()[0].device_kind))
 
@@ -331,6 +335,8 @@ def main():
                          "group draws its own γ layers; lisa(granularity=...))")
     ap.add_argument("--mu-dtype", default=None, choices=["bfloat16", "float32"],
                     help="dtype of AdamW's first moment (default: that of what it updates)")
+    ap.add_argument("--nu-dtype", default="float32", choices=["bfloat16", "float32"],
+                    help="dtype of AdamW's second moment (bfloat16: stochastically rounded)")
     ap.add_argument("--label", default=None,
                     help="free text copied into every row (e.g. before / after)")
     add_flags(ap, method=None, many=("method",), choices=dict(method=METHODS),
@@ -369,7 +375,7 @@ def main():
         return
     common = forward_flags(a, "shape", "batch_size", "max_seq_len", "steps", "warmup",
                            "lisa_interval", "lora_rank", "loss_chunk", "inner", "update_dtype",
-                           "mu_dtype", "lisa_frozen", "lisa_granularity", "label", "dtype",
+                           "mu_dtype", "nu_dtype", "lisa_frozen", "lisa_granularity", "label", "dtype",
                            "profile")
     a.peer = a.peer or a.peer_only
     if a.peer and a.peer_impl == "liger" and importlib.util.find_spec("liger_kernel") is None:

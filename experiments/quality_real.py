@@ -21,7 +21,9 @@ taken from the float32 runs ``fig1_lora`` and ``fig1_full`` once both have finis
 ``summarize`` writes ``summary.json`` (one row per run and task, with ``method``, ``lr``,
 ``seed``, ``task``, ``exact_match``, ``forgetting``, ``steps``, ``gamma``, ``interval``,
 ``wall_s``), ``table.md``, ``figure1.png``, ``fp8_loss_curves.png`` (the loss curves of
-the fp8 row and its bf16 twin) and ``fp8_lean_loss_curves.png`` (the later fp8 rows').
+the fp8 row and its bf16 twin), ``fp8_lean_loss_curves.png`` (the later fp8 rows') and
+``fp8_all_loss_curves.png`` (Adam's second moment in bfloat16, alone and with every frozen
+residual in e4m3).
 """
 from __future__ import annotations
 
@@ -80,6 +82,13 @@ METHODS = {
     "lisa_g2_k20_fp8_lean": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
                                   frozen_precision="fp8", remat="qkv",
                                   frozen_residuals="fp8"), (6e-4,)),
+    # Adam's second moment in stochastically rounded bfloat16 (--adam-nu-dtype), alone and
+    # with fp8 frozen layers that keep every saved activation in e4m3 (the leanest --remat none)
+    "lisa_g2_k20_nu_bf16": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
+                                 adam_nu_dtype="bfloat16"), (6e-4,)),
+    "lisa_g2_k20_fp8_all": (dict(method="lisa", lisa_layers=2, lisa_interval=20,
+                                 frozen_precision="fp8", frozen_residuals="fp8_all",
+                                 adam_nu_dtype="bfloat16"), (6e-4,)),
     # the samplers against uniform γ=2, K=20, at its best rate and on its seeds
     **{f"lisa_{s}": (dict(method="lisa", lisa_layers=2, lisa_interval=20, lisa_sampler=s),
                      (6e-4,)) for s in ("owl", "reshuffle", "descending")},
@@ -307,7 +316,7 @@ def _plan(kind: str, rows: list[dict]) -> list[dict]:
              "lisa_reshuffle", "lisa_descending", "lisa_g2_k5", "lisa_g4_k5", "lisa_g8_k5",
              "lisa_g2_k20_eh0.2", "lisa_g8_k20_eh0.2", "lisa_g2_k20_floor0.1",
              "lisa_g2_k20_fp8", "lisa_g2_k20_bf16", "lisa_g2_k20_fp8_fused",
-             "lisa_g2_k20_fp8_lean"]
+             "lisa_g2_k20_fp8_lean", "lisa_g2_k20_nu_bf16", "lisa_g2_k20_fp8_all"]
     sweep = figure1 + [_spec(m, lr, 0) for m in order for lr in METHODS[m][1]]
     swept = {(r["method"], r["lr"]) for r in rows if r["seed"] == 0}
     best = {m: lr for m, lr in best_lrs(rows).items()  # seeds once the whole sweep is in
@@ -452,6 +461,9 @@ def summarize(a) -> None:
                 ("lisa_g2_k20_bf16", "lisa_g2_k20_fp8_fused", "lisa_g2_k20_fp8_lean"),
                 "fp8_lean_loss_curves.png", "SmolLM2-135M-Instruct, LISA γ=2 K=20, 6e-4: bf16, "
                 "fp8 fused, fp8 lean (remat qkv, fp8 residuals)")
+    loss_curves(out, rows, ("lisa_g2_k20_bf16", "lisa_g2_k20_nu_bf16", "lisa_g2_k20_fp8_all"),
+                "fp8_all_loss_curves.png", "SmolLM2-135M-Instruct, LISA γ=2 K=20, 6e-4: bf16, "
+                "bf16 with bf16 Adam nu, fp8 with every residual in e4m3 and bf16 nu")
 
 
 def loss_curves(out: Path, rows: list[dict], methods: tuple[str, ...], name: str,

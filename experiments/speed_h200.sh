@@ -63,6 +63,10 @@
 #   fp8sync   the fp8 row over whole K=20 periods with --residuals fp8, remat qkv and none, the
 #             resample's transfers made at the resample (--no-overlap: the device never holds
 #             two periods' sampled layers)
+#   fp8wide   the fp8 row over whole K=20 periods, remat none: --residuals fp8, then fp8_qkv
+#             and fp8_all (q, k, v; and the layer inputs and mid-residuals too, in e4m3), both
+#             with Adam's second moment in bfloat16 (--nu-dtype); then our bf16 LISA row with
+#             the bfloat16 second moment
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -266,6 +270,16 @@ print(*(fastest(k)[f] for k in ('gate_quantize, fp8 products',
             --label "fp8_k20 remat $remat fp8 residuals --no-overlap" \
             --out "$OUT/fp8_k20_sync_$remat.json"
       done ;;
+    fp8wide)
+      fp8_k20 --remats none --variants fp8 --residuals fp8 \
+          --label "fp8_k20 remat none fp8 residuals" --out "$OUT/fp8_k20_wide_fp8.json"
+      for res in fp8_qkv fp8_all; do
+        fp8_k20 --remats none --variants fp8 --residuals $res --nu-dtype bfloat16 \
+            --label "fp8_k20 remat none $res residuals, bf16 nu" \
+            --out "$OUT/fp8_k20_wide_$res.json"
+      done
+      python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
+          --nu-dtype bfloat16 --label "bf16 nu" --out "$OUT/lisa7b_nu_bf16.json" ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
       # over whole K=20 periods

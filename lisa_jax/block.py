@@ -376,6 +376,29 @@ SAVED = {"none": ("h", "q", "k", "v", "hm", "a", "b"), "qkv": ("h", "hm", "a", "
          "mlp": ("h", "q", "k", "v", "hm"), "full": ("h",)}
 REMAT_MODES = tuple(SAVED)
 
+# Of those, what a frozen fp8 layer keeps in e4m3 with a scale per row (per token; per token
+# and head for q, k, v) under each ``--frozen-residuals``: none, the MLP's gate and up (the
+# widest), those and q, k, v, or all of them; sampled layers keep theirs exact.
+FP8_SAVED = {"bf16": (), "fp8": ("a", "b"), "fp8_qkv": ("q", "k", "v", "a", "b"),
+             "fp8_all": ("h", "q", "k", "v", "hm", "a", "b")}
+
+
+# The saved activations as a message names them.
+SAVED_WORDS = {"h": "input", "q": "q", "k": "k", "v": "v", "hm": "mid-residual", "a": "gate",
+               "b": "up"}
+
+
+def fp8_saved(remat: str, residuals: str) -> tuple[str, ...]:
+    """Of ``SAVED[remat]``, what frozen fp8 layers keep in e4m3 under ``residuals``."""
+    return tuple(n for n in SAVED[remat] if n in FP8_SAVED[residuals])
+
+
+def remats_keeping(residuals: str) -> str:
+    """The ``--remat`` modes under which ``residuals`` keeps something in fp8, as typed."""
+    modes = [m for m in SAVED if fp8_saved(m, residuals)]
+    return "--remat " + (" or ".join(modes) if len(modes) < 3 else
+                         ", ".join(modes[:-1]) + " or " + modes[-1])
+
 
 def per_layer(cfg, layer, fn):
     """``fn(sliding)`` for layer ``layer`` (``sliding``: a Python bool, so ``fn`` may pick

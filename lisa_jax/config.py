@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from lisa_jax.block import FP8_SAVED, SAVED_WORDS, fp8_saved, remats_keeping
 from lisa_jax.block import REMAT_MODES as LISA_REMAT_MODES
 from lisa_jax.lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 from lisa_jax.model import REMAT_POLICIES
@@ -178,6 +179,10 @@ class TrainConfig:
                    "runs keep 2 bytes more per trained parameter); bfloat16: plain bfloat16 "
                    "updates (steps under half a bfloat16 spacing are lost)",
         ("float32", "bfloat16"))
+    adam_nu_dtype: str = _setting(
+        "float32", "dtype of AdamW's second moment: float32, or bfloat16 (stochastically "
+                   "rounded, so its small steps add up; 2 bytes less per trained parameter)",
+        ("float32", "bfloat16"))
     remat: str | None = _setting(
         None, "rematerialization: LISA none|qkv|mlp|full (default none); full/lora "
               "none|dots|full (default dots: plain autodiff keeping the matmul outputs, leaner than keeping "
@@ -195,10 +200,11 @@ class TrainConfig:
                 "resample (least memory: --remat qkv with --frozen-residuals fp8, or --remat "
                 "mlp); checkpoints and exports are bf16 either way", ("bf16", "fp8"))
     frozen_residuals: str = _setting(
-        "bf16", "with --frozen-precision fp8 and --remat none or qkv: the activations the frozen "
-                "layers keep for the backward of their MLP (gate and up, the widest) in bf16, "
-                "or in fp8 with a scale per token (half their bytes; the backward's gradients "
-                "through them get e4m3 rounding)", ("bf16", "fp8"))
+        "bf16", "with --frozen-precision fp8: what the frozen layers keep for their backward "
+                "in fp8 with a scale per token (half its bytes; the gradients through it get "
+                "e4m3 rounding): bf16 nothing, fp8 the MLP's gate and up (the widest; --remat "
+                "none or qkv), fp8_qkv those and q, k, v, fp8_all everything",
+        tuple(FP8_SAVED))
     mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or fsdp=4,tp=2 (dp= too): shard "
                                       "over several devices (not given: one device)")
     fsdp_prefetch: bool = _setting(False, "LISA on a --mesh with fsdp: each layer's weights "
@@ -401,13 +407,15 @@ def check_frozen_precision(cfg: TrainConfig) -> None:
     if cfg.frozen_residuals not in choices("frozen_residuals"):
         raise TrainError(f"unknown --frozen-residuals {cfg.frozen_residuals!r}; use one of "
                          f"{', '.join(choices('frozen_residuals'))}")
-    if cfg.frozen_residuals == "fp8" and cfg.frozen_precision != "fp8":
-        raise TrainError("--frozen-residuals fp8 is for --frozen-precision fp8; add it or use "
-                         "--frozen-residuals bf16")
-    if cfg.frozen_residuals == "fp8" and cfg.remat not in ("none", "qkv"):
-        raise TrainError(f"--frozen-residuals fp8 keeps the frozen layers' gate and up "
-                         f"activations in fp8, and --remat {cfg.remat} keeps none; use --remat "
-                         f"none or qkv, or --frozen-residuals bf16")
+    if cfg.frozen_residuals != "bf16" and cfg.frozen_precision != "fp8":
+        raise TrainError(f"--frozen-residuals {cfg.frozen_residuals} is for --frozen-precision "
+                         f"fp8; add it or use --frozen-residuals bf16")
+    if cfg.frozen_residuals != "bf16" and not fp8_saved(cfg.remat or "none",
+                                                        cfg.frozen_residuals):
+        kept = ", ".join(SAVED_WORDS[n] for n in FP8_SAVED[cfg.frozen_residuals])
+        raise TrainError(f"--frozen-residuals {cfg.frozen_residuals} keeps the frozen layers' "
+                         f"{kept} in fp8, and --remat {cfg.remat} keeps none of them; use "
+                         f"{remats_keeping(cfg.frozen_residuals)}, or --frozen-residuals bf16")
     if cfg.frozen_precision == "bf16":
         return
     granularity = getattr(cfg, "lisa_granularity", "layer")
@@ -443,6 +451,9 @@ def check_config(cfg: TrainConfig, paths: bool = True) -> None:
     if cfg.update_dtype not in choices("update_dtype"):
         raise TrainError(f"unknown --update-dtype {cfg.update_dtype!r}; use "
                          f"{_spoken(choices('update_dtype'))}")
+    if cfg.adam_nu_dtype not in choices("adam_nu_dtype"):
+        raise TrainError(f"unknown --adam-nu-dtype {cfg.adam_nu_dtype!r}; use "
+                         f"{_spoken(choices('adam_nu_dtype'))}")
     if cfg.lisa_importance not in choices("lisa_importance"):
         raise TrainError(f"unknown --lisa-importance {cfg.lisa_importance!r}; use "
                          f"{_spoken(choices('lisa_importance'))}")
@@ -575,7 +586,7 @@ FIXED_ON_RESUME = (
     "lisa_importance", "lisa_importance_floor", "lisa_importance_decay", "lisa_sampler",
     "lisa_granularity", "lisa_owl_threshold", "lisa_always", "lora_rank",
     "lora_alpha", "lora_targets", "grad_accum", "batch_size", "max_seq_len", "truncate",
-    "seed", "dtype", "update_dtype", "eval_fraction", "packing", "chat_template",
+    "seed", "dtype", "update_dtype", "adam_nu_dtype", "eval_fraction", "packing", "chat_template",
     "train_on_inputs")
 
 

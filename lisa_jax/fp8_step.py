@@ -137,44 +137,47 @@ FUSED_MLP = True
 
 
 def _frozen_mlp(cfg, lp, residuals):
-    """The fused MLP of a frozen layer's copy ``lp`` (keeping its gate and up products in
-    ``residuals``), or None (dense copies, other MLPs)."""
+    """The fused MLP of a frozen layer's copy ``lp`` (keeping its gate and up products in e4m3
+    where ``residuals`` says so), or None (dense copies, other MLPs)."""
     if FUSED_MLP and isinstance(lp.get("w_gate"), Fp8Weight) and fp8_mlp.supports(cfg):
-        return fp8_mlp.FrozenMlp(cfg, lp, residuals=residuals)
+        return fp8_mlp.FrozenMlp(cfg, lp, residuals="fp8" if "a" in block.FP8_SAVED[residuals]
+                                 else "bf16")
     return None
 
 
-# The activations a frozen layer saves in fp8 with ``residuals="fp8"``: the MLP's gate and up
-# projections, the widest of them (2F of the 5D + 2F a token remat "none" keeps, with as many
-# kv heads as query heads). They are saved as e4m3 with a scale per token, as ``fp8.quantize``
-# makes an activation for a GEMM: by the fused MLP's forward kernel where it runs (in the pass
-# that reads them anyway), else packed after the layer's forward.
-FP8_RESIDUALS = ("a", "b")
-RESIDUAL_PRECISIONS = ("bf16", "fp8")
+# ``residuals`` of the step: the activations a frozen layer keeps in e4m3 (block.FP8_SAVED),
+# each with a scale per row as ``fp8.quantize`` makes an activation for a GEMM. The fused MLP's
+# forward kernel writes its gate and up products so itself (in the pass that reads them
+# anyway); the others are packed after the layer's forward and unpacked before its backward.
+RESIDUAL_PRECISIONS = tuple(block.FP8_SAVED)
 
 
 def _lean_at(remat, residuals) -> tuple[int, ...]:
     """Indices into ``block.SAVED[remat]`` of the activations saved in fp8."""
+    kept = block.fp8_saved(remat, residuals)
+    return tuple(i for i, n in enumerate(block.SAVED[remat]) if n in kept)
+
+
+def _packed_at(mlp, lean_at, remat) -> tuple[int, ...]:
+    """Of ``lean_at``, the entries a frozen layer packs after its forward: all but the gate and
+    up products where its fused MLP (``mlp``) keeps those in fp8 itself."""
     names = block.SAVED[remat]
-    return tuple(names.index(n) for n in FP8_RESIDUALS if n in names) \
-        if residuals == "fp8" else ()
-
-
-def _packed_at(mlp, lean_at) -> tuple[int, ...]:
-    """Of ``lean_at``, the entries a frozen layer packs after its forward: none where its fused
-    MLP (``mlp``) keeps its products in fp8 itself."""
-    return () if mlp is not None else lean_at
+    return tuple(i for i in lean_at if mlp is None or names[i] not in ("a", "b"))
 
 
 def _frozen_shapes(saved, mlp, remat, lean_at):
     """What a sampled layer returns in place of a frozen layer's saved activations (the two
     branches of a layer's ``lax.cond`` return one structure), nothing of it read: its own
-    ``saved`` with the fp8 entries as stand-ins, and the fused MLP's row scales."""
+    ``saved`` with the fp8 entries as stand-ins (packed ones as pairs), and the fused MLP's
+    row scales."""
+    packed = _empty_pack(saved, _packed_at(mlp, lean_at, remat))
     if mlp is None:
-        return _empty_pack(saved, lean_at)
-    saved = tuple(jnp.zeros(x.shape, E4M3) if i in lean_at else x for i, x in enumerate(saved))
-    return saved + tuple(jnp.ones((*saved[0].shape[:-1], 1), jnp.float32)
-                         for _ in mlp.saves(block.SAVED[remat]))
+        return packed
+    packed = tuple(jnp.zeros(x.shape, E4M3) if i in lean_at and i not in
+                   _packed_at(mlp, lean_at, remat) else p
+                   for i, (x, p) in enumerate(zip(saved, packed)))
+    return packed + tuple(jnp.ones((*saved[0].shape[:-1], 1), jnp.float32)
+                          for _ in mlp.saves(block.SAVED[remat]))
 
 
 def _pack(saved, lean_at):
@@ -203,9 +206,9 @@ def mixed_layers(cfg, remat, residuals, active_GxP, frozen, slot_L, h_BxSxD, cos
     """All ``L`` layers: layer ``l`` on slot ``slot_L[l]`` of ``active_GxP`` (the sampled
     layers, ``[G, ...]`` leaves) or, where that is -1, on ``frozen[l]`` (its copy: fp8 or
     dense). Differentiable in ``h`` and ``active_GxP``; ``frozen`` gets no gradient.
-    ``residuals``: the precision frozen layers save their gate and up activations in for the
-    backward (``"bf16"``: the activations' own dtype; ``"fp8"``: e4m3, half the bytes; the
-    sampled layers keep theirs exact either way)."""
+    ``residuals``: which of the activations frozen layers save for the backward are kept in
+    e4m3, half their bytes (``block.FP8_SAVED``: ``"bf16"`` none, ``"fp8"`` gate and up,
+    ``"fp8_qkv"`` also q, k, v, ``"fp8_all"`` all); the sampled layers keep theirs exact."""
     return _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h_BxSxD, (cos, sin),
                     mask)[0]
 
@@ -224,7 +227,7 @@ def _forward(cfg, remat, residuals, active_GxP, frozen, slot_L, h, rope, mask):
 
         def frozen_run(h, exact, slot, run=run, lp=lp, mlp=mlp):
             h, s = run(h, lp)
-            return h, _pack(s, _packed_at(mlp, lean_at)), exact
+            return h, _pack(s, _packed_at(mlp, lean_at, remat)), exact
 
         def sampled_run(h, exact, slot, layer=layer, mlp=mlp):
             h, s = block.layer_forward(cfg, _slot(active_GxP, slot), h, rope, remat, layer,
@@ -268,7 +271,7 @@ def _mixed_bwd(cfg, remat, residuals, res, dy):
 
         def frozen_bwd(grads, dy, slot, saved_l=saved_l, layer=layer):
             mlp = _frozen_mlp(cfg, frozen[layer], residuals)
-            s = _unpack(saved_l, _packed_at(mlp, lean_at), dy.dtype)
+            s = _unpack(saved_l, _packed_at(mlp, lean_at, remat), dy.dtype)
             return grads, block.layer_backward(cfg, frozen[layer], s, rope, dy, remat,
                                                layer=layer, mask_BxSxS=mask, mlp=mlp)[0]
 
@@ -486,10 +489,11 @@ class FrozenLisaStep:
         if residuals not in RESIDUAL_PRECISIONS:
             raise ValueError(f"unknown residual precision {residuals!r}; use one of "
                              f"{', '.join(RESIDUAL_PRECISIONS)}")
-        if residuals == "fp8" and not _lean_at(remat, residuals):
-            raise ValueError(f"fp8 residuals are the frozen layers' saved gate and up "
-                             f"activations, which --remat {remat} does not save; use --remat "
-                             f"none or qkv, or --frozen-residuals bf16")
+        if residuals != "bf16" and not _lean_at(remat, residuals):
+            kept = ", ".join(block.SAVED_WORDS[n] for n in block.FP8_SAVED[residuals])
+            raise ValueError(f"--frozen-residuals {residuals} keeps the frozen layers' {kept} "
+                             f"in fp8, which --remat {remat} does not save; use "
+                             f"{block.remats_keeping(residuals)}, or --frozen-residuals bf16")
         if frozen_precision not in FROZEN_PRECISIONS:
             raise ValueError(f"unknown frozen precision {frozen_precision!r}; use one of "
                              f"{', '.join(FROZEN_PRECISIONS)}")
@@ -821,8 +825,9 @@ def make_frozen_lisa_step(cfg: M.LlamaConfig, tx, remat: str = "none",
     ``background_transfers``: those transfers and the copies back to the host in a thread;
     ``host_memory``: ``"pageable"`` (numpy masters), ``"pinned"`` (page-locked host arrays) or
     ``"auto"`` (the default: pinned where the device has such memory, else pageable);
-    ``residuals``: ``"fp8"`` saves the frozen layers' gate and up activations (remat
-    ``"none"``) in e4m3 with a scale per token, half their bytes, ``"bf16"`` as they are."""
+    ``residuals``: what the frozen layers save for their backward in e4m3 with a scale per
+    row, half its bytes (``block.FP8_SAVED``): ``"bf16"`` nothing, ``"fp8"`` the gate and up
+    activations, ``"fp8_qkv"`` those and q, k, v, ``"fp8_all"`` everything."""
     return FrozenLisaStep(cfg, tx, remat, loss_chunk, frozen_precision, allow_cpu, fp8_copies,
                           donate, overlap, prefetch_steps, background_transfers, host_memory,
                           residuals)

@@ -30,7 +30,7 @@ from lisa_jax import sampling
 from lisa_jax import step as step_lib
 from lisa_jax.config import TrainConfig, TrainError, always_parts, with_default_remat
 from lisa_jax.lisa import active_layers, lisa
-from lisa_jax.precision import master_weights
+from lisa_jax.precision import master_weights, stochastic_bf16_nu
 
 # ----------------------------------------------------------------------------- layouts
 
@@ -92,6 +92,8 @@ def adamw(cfg: TrainConfig, schedule, outside_layers_scale: float = 1.0
     mu_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
     inner = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, mu_dtype=mu_dtype,
                         weight_decay=cfg.weight_decay, mask=M.weight_decay_mask)
+    if cfg.adam_nu_dtype == "bfloat16":
+        inner = stochastic_bf16_nu(inner, seed=cfg.seed)
     if outside_layers_scale != 1.0:
         inner = optax.chain(inner, scale_outside_layers(outside_layers_scale))
     if cfg.dtype == "bfloat16" and cfg.update_dtype == "float32":

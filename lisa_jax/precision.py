@@ -22,6 +22,12 @@ remainder, and frozen layers stay plain bfloat16 constants.
 
 The inner transformation sees float32 gradients and float32 parameters, so its state (e.g.
 Adam's moments) is float32 unless it is told otherwise (``optax.adamw(..., mu_dtype=...)``).
+
+Adam's second moment cannot be told so: with ``b2 = 0.999`` it moves by a thousandth a step,
+under half a bfloat16 spacing, so a bfloat16 ``nu`` rounded to nearest stops following the
+gradients (it can neither decay nor grow slowly). :func:`stochastic_bf16_nu` keeps it in
+bfloat16 all the same, rounded *stochastically*: up with the probability of the discarded
+fraction, so that every step's rounding is zero on average and the small steps add up.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["MasterWeightsState", "master_weights", "split_master", "join_master"]
+__all__ = ["MasterWeightsState", "master_weights", "split_master", "join_master",
+           "stochastic_round_bf16", "stochastic_bf16_nu"]
 
 
 class MasterWeightsState(NamedTuple):
@@ -161,5 +168,74 @@ def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransfo
                 remainders.append(optax.MaskedNode())
         updates, remainder = treedef.unflatten(updates), treedef.unflatten(remainders)
         return updates, MasterWeightsState(remainder, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def stochastic_round_bf16(x, key):
+    """``x`` (float32) rounded to bfloat16 at random: up (away from zero) with probability the
+    fraction of a bfloat16 spacing that rounding down would drop, so the result's mean is ``x``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.full((20000,), 1.0 + 2.0**-10, jnp.float32)   # a quarter of a spacing above 1
+    >>> y = stochastic_round_bf16(x, jax.random.key(0))
+    >>> sorted(set(y.tolist())), abs(float(y.astype(jnp.float32).mean()) - float(x[0])) < 1e-4
+    ([1.0, 1.0078125], True)
+    """
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    # Adding uniform noise below the kept 16 bits and truncating carries into them with the
+    # dropped fraction's probability; the sign is apart, so negatives round symmetrically.
+    noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
+    high = ((bits + noise) >> 16).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(high, jnp.bfloat16)
+
+
+def _map_adam_states(fn, state):
+    """``state`` with every ``optax.ScaleByAdamState`` node ``s`` replaced by ``fn(s)``."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    return jax.tree.map(lambda x: fn(x) if is_adam(x) else x, state, is_leaf=is_adam)
+
+
+def stochastic_bf16_nu(inner: optax.GradientTransformation,
+                       seed: int = 0) -> optax.GradientTransformation:
+    """``inner`` (an optax transformation holding ``optax.ScaleByAdamState``, e.g.
+    ``optax.adamw``) with Adam's second moment stored in bfloat16: 2 bytes a parameter instead
+    of 4. Each update computes it in float32 from the stored one, uses that exact value, and
+    stores it :func:`stochastically rounded <stochastic_round_bf16>` (the noise drawn from
+    ``seed``, the update count and the leaf), so it follows the float32 moment on average.
+
+    Rounded to nearest instead, a bfloat16 ``nu`` would stay where the first gradients put it.
+    Here ``|g|`` falls from 1 to 0.5 after ten steps:
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> def final_nu(tx, steps=1000):
+      ...     g_T = jnp.where(jnp.arange(steps) < 10, 1.0, 0.5)
+      ...     step = lambda s, g: (tx.update({"w": jnp.full(256, g)}, s)[1], None)
+      ...     return jax.lax.scan(step, tx.init({"w": jnp.zeros(256)}), g_T)[0][0].nu["w"]
+      >>> exact = final_nu(optax.adam(1e-3))
+      >>> rounded = final_nu(stochastic_bf16_nu(optax.adam(1e-3)))
+      >>> rounded.dtype.name, round(float(exact.mean()), 3)
+      ('bfloat16', 0.161)
+      >>> abs(float(rounded.astype(jnp.float32).mean()) - float(exact.mean())) < 0.005
+      True
+    """
+    base = jax.random.key(seed)
+
+    def to_f32(s):
+        return s._replace(nu=jax.tree.map(lambda v: v.astype(jnp.float32), s.nu))
+
+    def to_bf16(s):
+        key = jax.random.fold_in(base, s.count)
+        leaves, treedef = jax.tree.flatten(s.nu)
+        return s._replace(nu=treedef.unflatten(
+            [stochastic_round_bf16(v, jax.random.fold_in(key, i)) for i, v in enumerate(leaves)]))
+
+    def init(params):
+        return _map_adam_states(lambda s: s._replace(nu=jax.tree.map(
+            lambda v: v.astype(jnp.bfloat16), s.nu)), inner.init(params))
+
+    def update(updates, state, params=None):
+        updates, new_state = inner.update(updates, _map_adam_states(to_f32, state), params)
+        return updates, _map_adam_states(to_bf16, new_state)
 
     return optax.GradientTransformation(init, update)

@@ -135,8 +135,12 @@ def test_check_config_without_paths_still_checks_the_settings():
 @pytest.mark.parametrize("changes,fix", [
     (dict(frozen_residuals="fp8"), "add it or use --frozen-residuals bf16"),
     (dict(frozen_residuals="fp8", frozen_precision="fp8", remat="mlp"),
-     "--remat mlp keeps none; use --remat none or qkv, or --frozen-residuals bf16"),
-    (dict(frozen_residuals="fp4", frozen_precision="fp8"), "use one of bf16, fp8")])
+     "--remat mlp keeps none of them; use --remat none or qkv, or --frozen-residuals bf16"),
+    (dict(frozen_residuals="fp8_qkv", frozen_precision="fp8", remat="full"),
+     "keeps the frozen layers' q, k, v, gate, up in fp8, and --remat full keeps none of them; use "
+     "--remat none, qkv or mlp"),
+    (dict(frozen_residuals="fp4", frozen_precision="fp8"),
+     "use one of bf16, fp8, fp8_qkv, fp8_all")])
 def test_fp8_residuals_need_fp8_frozen_layers_that_save_gate_and_up(changes, fix):
     from lisa_jax.config import check_frozen_precision
     cfg = dataclasses.replace(TrainConfig(method="lisa", remat="none"), **changes)

@@ -185,6 +185,61 @@ def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
             assert bf16_per_layer == (2 * L if residuals == "bf16" else 0)
 
 
+@pytest.mark.parametrize("residuals,remat", [("fp8_qkv", "none"), ("fp8_all", "none"),
+                                               ("fp8_qkv", "mlp"), ("fp8_all", "full")])
+def test_wider_fp8_residuals_keep_more_in_e4m3_and_touch_only_the_gradients_below_them(
+        residuals, remat, tiny_cfg, perturbed_params, batch_for):
+    """``fp8_qkv`` and ``fp8_all`` keep q, k, v (per token and head) and the layer inputs and
+    mid-residuals (per token) of the frozen layers in e4m3 too: the forward is the same (the
+    loss bit for bit), the top sampled layer's gradient is exact, the lower one's within the
+    e4m3 rounding of what it passes through, and every activation the remat mode keeps per
+    frozen layer that the setting names is e4m3 (the sampled layers' exact, [G, ...])."""
+    cfg = tiny_cfg(num_layers=4)
+    params = perturbed_params(cfg, seed=4)
+    B, S_, L = 2, 16, cfg.num_layers
+    batch = batch_for(cfg, B=B, S_=S_)
+    names = tuple(p.name for p in lisa_jax.block.layer_params(cfg) if p.rank == 2)
+    copy = lambda lp: quantize_layer(lp, names, False)  # noqa: E731
+    active = [1, 3]
+    loss, g = _grads(cfg, params, active, copy, batch, remat=remat)
+    loss8, g8 = _grads(cfg, params, active, copy, batch, residuals=residuals, remat=remat)
+    np.testing.assert_array_equal(loss8, loss)
+    for k in names:
+        np.testing.assert_array_equal(g8["layers"][k][1], g["layers"][k][1], err_msg=k)
+        low, low8 = np.asarray(g["layers"][k][0]), np.asarray(g8["layers"][k][0])
+        assert _cos(low8, low) > 0.99, k
+        assert np.linalg.norm(low8 - low) < 0.1 * np.linalg.norm(low), k
+    assert not np.array_equal(g8["layers"]["wq"][0], g["layers"]["wq"][0])
+
+    per = [copy(lp) for lp in layout.convert(params, "per_layer")["layers"]]
+    ids = jnp.asarray(active)
+    act = jax.tree.map(lambda x: x[ids], params["layers"])
+    h = jnp.zeros((B, S_, cfg.hidden_size), params["embed"].dtype)
+    cos, sin = lisa_jax.ops.rope_tables(cfg, jnp.arange(S_)[None])
+    _, vjp = jax.vjp(lambda a, h: F.mixed_layers(
+        cfg, remat, residuals, a, tuple(per), layout.slot_of_layer(ids, L), h, cos, sin),
+        act, h)
+    leaves = jax.tree.leaves(vjp)
+    shapes = {"h": (B, S_, cfg.hidden_size), "hm": (B, S_, cfg.hidden_size),
+              "q": (B, S_, cfg.num_heads, cfg.head_dim),
+              "k": (B, S_, cfg.num_kv_heads, cfg.head_dim),
+              "v": (B, S_, cfg.num_kv_heads, cfg.head_dim),
+              "a": (B, S_, cfg.intermediate_size), "b": (B, S_, cfg.intermediate_size)}
+    kept = lisa_jax.block.fp8_saved(remat, residuals)
+    assert kept and set(kept) >= ({"q", "k", "v"} & set(lisa_jax.block.SAVED[remat]))
+    for shape in {shapes[n] for n in lisa_jax.block.SAVED[remat]}:
+        n_fp8 = sum(n in kept and shapes[n] == shape for n in shapes)
+        n_all = sum(n in lisa_jax.block.SAVED[remat] and shapes[n] == shape for n in shapes)
+        e4m3 = sum(x.shape == shape and x.dtype == jnp.float8_e4m3fn for x in leaves)
+        assert e4m3 == L * n_fp8, shape
+        # no frozen layer keeps a full-precision copy of what it keeps in e4m3
+        assert sum(x.shape == shape and x.dtype == h.dtype for x in leaves) <= \
+            L * (n_all - n_fp8) + (shape == shapes["h"]), shape  # (+ the stack's input)
+    # the sampled layers' exact activations: one [G, ...] array per name kept in e4m3
+    assert sum(x.shape[:1] == (2,) and x.shape[1:] in {shapes[n] for n in kept}
+               and x.dtype == h.dtype for x in leaves) == len(kept)
+
+
 def test_remat_qkv_with_fp8_residuals_keeps_no_qkv_and_trains_as_remat_none(
         tiny_cfg, perturbed_params, batch_for):
     """The leanest fast combination: the backward recomputes q, k and v, the gate and up

@@ -14,7 +14,9 @@ from lisa_jax import layout as layout_lib
 from lisa_jax import lora as lora_lib
 from lisa_jax import model as M
 from lisa_jax import step as S
-from lisa_jax.precision import join_master, master_weights, split_master
+from lisa_jax import precision
+from lisa_jax.precision import (join_master, master_weights, split_master, stochastic_bf16_nu,
+                                stochastic_round_bf16)
 
 
 def _bits(x):
@@ -211,14 +213,17 @@ def _masters(params, state):
 
 
 @functools.lru_cache(maxsize=None)  # the float32 reference serves both LISA layouts
-def _run(method, dtype, update_dtype, steps, lr=1e-5, layout="stacked"):
-    """(trained leaves at the end as float32 numpy, their masters or None, start values)."""
+def _run(method, dtype, update_dtype, steps, lr=1e-5, layout="stacked", nu="float32"):
+    """(trained leaves at the end as float32 numpy, their masters or None, start values);
+    ``nu="bfloat16"``: Adam's second moment stochastically rounded to bfloat16."""
     cfg = _cfg(dtype)
     start = _start()
     params = jax.tree.map(lambda x: x.astype(dtype), start)
     # As the trainer: bfloat16 runs keep Adam's first moment in bfloat16.
     inner = optax.adamw(lr, weight_decay=0.0,
                         mu_dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+    if nu == "bfloat16":
+        inner = stochastic_bf16_nu(inner)
     if update_dtype == "float32" and dtype == "bfloat16":
         inner = master_weights(inner)
     batches = _batches()
@@ -298,3 +303,92 @@ def test_bfloat16_run_tracks_the_float32_run(method, layout):
     assert max(lost) > 0.9  # plain bfloat16 loses the updates of some matrix
 
 
+
+
+def test_bfloat16_nu_run_tracks_the_float32_run():
+    """LISA with float32-precision updates and Adam's second moment in stochastically rounded
+    bfloat16, 150 steps at lr 1e-5: every trained matrix ends as close to the float32 run's as
+    the run with a float32 second moment does (bound 0.3 of how far the float32 run moved it),
+    and the moments it keeps are bfloat16."""
+    steps = 150
+    w32, _, start, active = _run("lisa", "float32", "float32", steps)
+    wbf, _, _, active_bf = _run("lisa", "bfloat16", "float32", steps, layout="per_layer",
+                                nu="bfloat16")
+    assert active.tolist() == active_bf.tolist()
+    t32, tbf, t0 = (_trained(t, active) for t in (w32, wbf, start))
+    for (path, a32), abf, a0 in zip(jax.tree_util.tree_flatten_with_path(t32)[0],
+                                    jax.tree.leaves(tbf), jax.tree.leaves(t0)):
+        name = jax.tree_util.keystr(path)
+        if np.linalg.norm(a32 - a0) > 0 and a32.ndim - ("layers" in name) >= 2:
+            assert _ratio(abf, a32, a0) < 0.3, name
+
+
+@settings(deadline=None, max_examples=30, derandomize=True)
+@given(arrays(np.float32, 8, elements=st.floats(-2.0**100, 2.0**100, width=32)))
+def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased(x):
+    """Each draw is one of the two bfloat16 numbers around x (x itself where it is one), and
+    the mean of 4096 draws is x within 5 standard errors of a spacing."""
+    draws = 4096
+    keys = jax.random.split(jax.random.key(0), draws)
+    y = np.asarray(jax.vmap(lambda k: stochastic_round_bf16(jnp.asarray(x), k))(keys)
+                   .astype(jnp.float32))
+    down = np.asarray(jax.lax.bitcast_convert_type(
+        (_bits(x) >> 16).astype(np.uint16), jnp.bfloat16).astype(jnp.float32))
+    bits_up = (_bits(x) >> 16) + ((_bits(x) & 0xFFFF) != 0)
+    up = np.asarray(jax.lax.bitcast_convert_type(bits_up.astype(np.uint16), jnp.bfloat16)
+                    .astype(jnp.float32))
+    assert ((y == down) | (y == up)).all()
+    spacing = np.abs(up.astype(np.float64) - down)
+    err = np.abs(y.astype(np.float64).mean(0) - x)
+    assert (err <= 5 * 0.5 * spacing / np.sqrt(draws) + 1e-45).all()
+
+
+def _final_nu(tx, steps=1000):
+    """Adam's second moment after ``steps`` steps whose gradient falls from 1 to 0.5."""
+    g_T = jnp.where(jnp.arange(steps) < 10, 1.0, 0.5)
+    step = lambda s, g: (tx.update({"w": jnp.full(512, g)}, s)[1], None)  # noqa: E731
+    state = jax.lax.scan(step, tx.init({"w": jnp.zeros(512)}), g_T)[0]
+    return np.asarray(state[0].nu["w"].astype(jnp.float32))
+
+
+def test_bfloat16_nu_follows_float32_where_rounding_to_nearest_sticks(monkeypatch):
+    """At b2 = 0.999 a step moves nu by under half a bfloat16 spacing: rounded to nearest it
+    stops far below the float32 moment; stochastically rounded its mean is within 2%."""
+    exact = _final_nu(optax.adam(1e-3)).mean()
+    rounded = _final_nu(stochastic_bf16_nu(optax.adam(1e-3)))
+    assert abs(rounded.mean() - exact) < 0.02 * exact
+    monkeypatch.setattr(precision, "stochastic_round_bf16",
+                        lambda x, key: x.astype(jnp.bfloat16))
+    nearest = _final_nu(stochastic_bf16_nu(optax.adam(1e-3)))
+    assert nearest.mean() < 0.7 * exact
+
+
+def test_bfloat16_nu_changes_only_the_stored_moment():
+    """The first update (from zero moments, exact in bfloat16 too) is optax.adamw's to the bit,
+    with the first moment and count as optax keeps them; nu is bfloat16 and the rest float32."""
+    params = {"w": jnp.linspace(-1, 1, 64).reshape(8, 8), "b": jnp.ones(8)}
+    grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+    ref = optax.adamw(1e-2, weight_decay=0.1)
+    tx = stochastic_bf16_nu(optax.adamw(1e-2, weight_decay=0.1))
+    u_ref, s_ref = ref.update(grads, ref.init(params), params)
+    u, s = tx.update(grads, tx.init(params), params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), u, u_ref))
+    assert s[0].nu["w"].dtype == jnp.bfloat16 and s[0].mu["w"].dtype == jnp.float32
+    assert int(s[0].count) == 1
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), s[0].mu, s_ref[0].mu))
+
+
+def test_trainer_setting_keeps_nu_in_bfloat16_under_lisa():
+    """--adam-nu-dtype bfloat16: the LISA slots' and the always-trained leaves' second moments
+    are bfloat16 (under the master weights), their first moments as before."""
+    from lisa_jax import config as C
+    from lisa_jax import methods
+    cfg = C.TrainConfig(dtype="bfloat16", adam_nu_dtype="bfloat16")
+    inner = methods.adamw(cfg, optax.constant_schedule(1e-5))
+    tx = lisa_jax.lisa(inner, n_active=1, interval=4, key=0)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _start())
+    state = tx.init(params)
+    adam = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(x, optax.ScaleByAdamState)]
+    assert adam and all(v.dtype == jnp.bfloat16 for s in adam for v in jax.tree.leaves(s.nu))
+    assert all(v.dtype == jnp.bfloat16 for s in adam for v in jax.tree.leaves(s.mu))

@@ -16,15 +16,16 @@ from lisa_jax.config import TrainError, load_config
 from lisa_jax.train import train
 
 
-@pytest.mark.parametrize("method,layout,dtype", [
-    ("lisa", "stacked", "float32"),
-    pytest.param("lisa", "per_layer", "float32", marks=pytest.mark.slow),
-    ("lora", "auto", "float32"),
-    ("lisa", "per_layer", "bfloat16")])  # bfloat16: the masters' remainders resume too
+@pytest.mark.parametrize("method,layout,dtype,nu", [
+    ("lisa", "stacked", "float32", "float32"),
+    pytest.param("lisa", "per_layer", "float32", "float32", marks=pytest.mark.slow),
+    ("lora", "auto", "float32", "float32"),
+    ("lisa", "per_layer", "bfloat16", "float32"),  # the masters' remainders resume too
+    ("lisa", "per_layer", "bfloat16", "bfloat16")])  # and the stochastic rounding of nu
 def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_path, method,
-                                                    layout, dtype, small, final_params,
+                                                    layout, dtype, nu, small, final_params,
                                                     logged_layers):
-    kw = dict(method=method, layer_layout=layout, dtype=dtype)
+    kw = dict(method=method, layer_layout=layout, dtype=dtype, adam_nu_dtype=nu)
     straight = train(small(model_dir, data_file, tmp_path / "a", **kw))
     assert straight["status"] == "finished"
     halted = train(small(model_dir, data_file, tmp_path / "b", **kw), halt_at=5)
@@ -50,6 +51,11 @@ def test_resume_after_interruption_is_bit_identical(model_dir, data_file, tmp_pa
     if dtype == "bfloat16":
         assert any(np.asarray(x).dtype == np.int16 and np.abs(np.asarray(x)).max() > 0
                    for x in jax.tree.leaves(oa["opt"]))
+    if nu == "bfloat16":  # the second moments are what was saved: bfloat16, and moving
+        assert any(np.asarray(x).dtype == jnp.bfloat16 and np.asarray(x, np.float32).max() > 0
+                   for x in jax.tree.leaves(oa["opt"]))
+        assert not any(np.asarray(x).dtype == np.float32 and np.asarray(x).size > 1
+                       for x in jax.tree.leaves(oa["opt"]))
 
 
 def test_resume_from_the_run_directory_alone_and_with_a_changed_step_count(
