@@ -463,7 +463,7 @@ def summarize(a) -> None:
                 "fp8 fused, fp8 lean (remat qkv, fp8 residuals)")
     loss_curves(out, rows, ("lisa_g2_k20_bf16", "lisa_g2_k20_nu_bf16", "lisa_g2_k20_fp8_all"),
                 "fp8_all_loss_curves.png", "SmolLM2-135M-Instruct, LISA γ=2 K=20, 6e-4: bf16, "
-                "bf16 with bf16 Adam nu, fp8 with every residual in e4m3 and bf16 nu")
+                "bf16 nu, fp8_all with bf16 nu")
 
 
 def loss_curves(out: Path, rows: list[dict], methods: tuple[str, ...], name: str,

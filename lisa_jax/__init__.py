@@ -4,7 +4,7 @@ from lisa_jax.hf import load_hf, save_hf
 from lisa_jax.lisa import LisaState, LisaTransformation, active_layers, lisa, maybe_resample
 from lisa_jax.lora import apply_lora, init_lora, lora_scale, merge_lora
 from lisa_jax.model import LlamaConfig, Model, forward, init_params
-from lisa_jax.precision import MasterWeightsState, master_weights
+from lisa_jax.precision import MasterWeightsState, master_weights, stochastic_bf16_nu
 from lisa_jax.sampling import (bernoulli_mask, expected_count, normalize_probs, sample_bernoulli,
                                sample_uniform)
 from lisa_jax.step import (make_forward, make_lisa_step, make_lora_step, make_plain_step,
@@ -13,7 +13,7 @@ from lisa_jax.step import (make_forward, make_lisa_step, make_lora_step, make_pl
 __all__ = [
     # the optax transforms
     "lisa", "LisaState", "LisaTransformation", "active_layers", "maybe_resample",
-    "master_weights", "MasterWeightsState",
+    "master_weights", "MasterWeightsState", "stochastic_bf16_nu",
     # layer sampling
     "sample_uniform", "sample_bernoulli", "bernoulli_mask", "expected_count", "normalize_probs",
     # models and checkpoints
