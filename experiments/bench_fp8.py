@@ -217,6 +217,7 @@ def _set_switches(a) -> None:
     fp8.GEMM_OUT_DTYPE = None if a.gemm_out == "input" else jnp.dtype(a.gemm_out)
     fp8.BACKWARD_TRANSPOSE = a.transpose
     fp8_step.FUSED_MLP = a.mlp == "fused"
+    fp8_step.QKV_SCALES = a.qkv_scales
     fp8_mlp.KERNELS = a.mlp_kernels
     if a.mlp_launch:
         fp8_mlp.LAUNCH = (tuple(a.mlp_launch[:5]), tuple(a.mlp_launch[5:]))
@@ -345,7 +346,8 @@ def run_one(a) -> dict:
                 transfers=dict(step.stats),
                 tokens_per_s_amortized=round(tokens / amortized, 1),
                 place_s=round(place_s, 1), host_gib=round(host / 2**30, 2),
-                memory_gib=memory, gemm_out=a.gemm_out, residuals=a.residuals, mlp=a.mlp,
+                memory_gib=memory, gemm_out=a.gemm_out, residuals=a.residuals,
+                qkv_scales=a.qkv_scales, mlp=a.mlp,
                 mlp_kernels=a.mlp_kernels, mlp_launch=[list(x) for x in fp8_mlp.LAUNCH],
                 transpose=a.transpose if a.fp8_copies == 1 else None,
                 warm_every_layer=a.warm_every_layer,
@@ -532,6 +534,9 @@ def main():
                     help="fp8 rows and --check: what frozen layers save for their backward in "
                          "e4m3 (a scale per token; --frozen-residuals): nothing, gate and up, "
                          "those and q, k, v, or everything")
+    ap.add_argument("--qkv-scales", default="head", choices=["head", "token"],
+                    help="--residuals fp8_qkv and fp8_all: q, k, v scaled per token and head, "
+                         "or per token over all heads (fp8_step.QKV_SCALES)")
     ap.add_argument("--mlp", default="fused", choices=["fused", "stages"],
                     help="fp8 rows and --check: frozen layers' MLP as fp8_mlp.FrozenMlp (two "
                          "fused row kernels) or stage by stage, as before")
@@ -596,6 +601,7 @@ def main():
                          ["--prefetch-steps", str(a.prefetch_steps),
                           "--host-memory", a.host_memory, "--gemm-out", a.gemm_out,
                           "--transpose", a.transpose, "--residuals", a.residuals,
+                          "--qkv-scales", a.qkv_scales,
                           "--mlp", a.mlp, "--mlp-kernels", a.mlp_kernels] +
                          (["--mlp-launch", *map(str, a.mlp_launch)] if a.mlp_launch else []) +
                          (["--profile", a.profile] if a.profile else []) +

@@ -375,8 +375,8 @@ def main():
         return
     common = forward_flags(a, "shape", "batch_size", "max_seq_len", "steps", "warmup",
                            "lisa_interval", "lora_rank", "loss_chunk", "inner", "update_dtype",
-                           "mu_dtype", "nu_dtype", "lisa_frozen", "lisa_granularity", "label", "dtype",
-                           "profile")
+                           "mu_dtype", "nu_dtype", "lisa_frozen", "lisa_granularity", "label",
+                           "dtype", "profile")
     a.peer = a.peer or a.peer_only
     if a.peer and a.peer_impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
         sys.exit("--peer-impl liger: liger_kernel is not importable (pip install --no-deps "

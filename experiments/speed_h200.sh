@@ -67,6 +67,8 @@
 #             and fp8_all (q, k, v; and the layer inputs and mid-residuals too, in e4m3), both
 #             with Adam's second moment in bfloat16 (--nu-dtype); then our bf16 LISA row with
 #             the bfloat16 second moment
+#   fp8scale  the fp8 row over whole K=20 periods, remat none, --residuals fp8_all with the bf16
+#             second moment, q, k, v scaled per token and head (the default) and per token
 #   fp8full   the peer's LLaMA-2-7B LISA gamma=2 rows (remat off and on) and the fp8 row with
 #             --remat full over whole K=20 periods
 #   fp8_8b    the peer's Llama-3-8B LISA gamma=2 row and the fp8 row over whole K=20 periods
@@ -280,6 +282,12 @@ print(*(fastest(k)[f] for k in ('gate_quantize, fp8 products',
       done
       python3 $B --shape $SHAPE7 "${OURS[@]}" --methods lisa --lisa-layers 2 --remats none \
           --nu-dtype bfloat16 --label "bf16 nu" --out "$OUT/lisa7b_nu_bf16.json" ;;
+    fp8scale)
+      for scales in head token; do
+        fp8_k20 --remats none --variants fp8 --residuals fp8_all --nu-dtype bfloat16 \
+            --qkv-scales $scales --label "fp8_k20 remat none fp8_all, bf16 nu, qkv per $scales" \
+            --out "$OUT/fp8_k20_scale_$scales.json"
+      done ;;
     fp8full)
       # the peer's LISA gamma=2 rows without and with remat, and the fp8 row with --remat full
       # over whole K=20 periods

@@ -41,7 +41,7 @@ def _row(r: dict, job: str, label: str | None) -> dict:
                              "background_transfers", "host_memory", "warm_every_layer",
                              "resample_ms_by_period", "cuda_module_loading", "gemm_out",
                              "transpose", "memory_gib", "fp8_copies", "label", "residuals",
-                             "mlp", "mlp_kernels", "nu_dtype") if k in r},
+                             "mlp", "mlp_kernels", "nu_dtype", "qkv_scales") if k in r},
     }
 
 

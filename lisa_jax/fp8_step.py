@@ -180,18 +180,32 @@ def _frozen_shapes(saved, mlp, remat, lean_at):
                           for _ in mlp.saves(block.SAVED[remat]))
 
 
+# The rows the packed activations are scaled by: "head" (each [..., H] of q, k and v, each token
+# of the others) or "token" (q, k and v by token too, over all heads: fewer, longer rows; for
+# comparisons, experiments/bench_fp8.py --qkv-scales).
+QKV_SCALES = "head"
+
+
+def _row_width(x) -> int:
+    return x.shape[-1] if QKV_SCALES == "head" or x.ndim < 4 else x.shape[-2] * x.shape[-1]
+
+
+def _scale_shape(x) -> tuple[int, ...]:
+    return (*x.shape[:-1], 1) if _row_width(x) == x.shape[-1] else (*x.shape[:-2], 1, 1)
+
+
 def _pack(saved, lean_at):
-    """``saved`` with the entries at ``lean_at`` as ``(e4m3, per-token scale)`` pairs."""
+    """``saved`` with the entries at ``lean_at`` as ``(e4m3, scale per row)`` pairs."""
     def pack(x):
-        q, scale = quantize(x.reshape(-1, x.shape[-1]), axis=1)
-        return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+        q, scale = quantize(x.reshape(-1, _row_width(x)), axis=1)
+        return q.reshape(x.shape), scale.reshape(_scale_shape(x))
     return tuple(pack(x) if i in lean_at else x for i, x in enumerate(saved))
 
 
 def _empty_pack(saved, lean_at):
     """What a sampled layer leaves in its packed entries: nothing read (its exact activations
     are kept apart), in the packed shapes the frozen branch returns."""
-    return tuple((jnp.zeros(x.shape, E4M3), jnp.ones((*x.shape[:-1], 1), jnp.float32))
+    return tuple((jnp.zeros(x.shape, E4M3), jnp.ones(_scale_shape(x), jnp.float32))
                  if i in lean_at else x for i, x in enumerate(saved))
 
 

@@ -139,6 +139,18 @@ def test_the_fused_fp8_mlp_trains_as_the_stage_by_stage_one(remat, tiny_cfg, per
     assert float(jnp.abs(g["layers"]["w_gate"][0] - g_s["layers"]["w_gate"][0]).max()) > 0
 
 
+def _assert_rounded_below_only(loss, g, loss8, g8, names, cos_min, rel_max):
+    """With layers 1 and 3 sampled, fp8 residuals against exact ones: the forward is the same
+    computation (the loss bit for bit); layer 3's gradient passes through no frozen layer (its
+    own saved activations are exact), layer 1's within ``cos_min`` and ``rel_max``."""
+    np.testing.assert_array_equal(loss8, loss)
+    for k in names:
+        np.testing.assert_array_equal(g8["layers"][k][1], g["layers"][k][1], err_msg=k)
+        low, low8 = np.asarray(g["layers"][k][0]), np.asarray(g8["layers"][k][0])
+        assert _cos(low8, low) > cos_min, k
+        assert np.linalg.norm(low8 - low) < rel_max * np.linalg.norm(low), k
+
+
 def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
         tiny_cfg, perturbed_params, batch_for):
     cfg = tiny_cfg(num_layers=4)
@@ -150,16 +162,8 @@ def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
     for frozen_of in (lambda lp: lp, lambda lp: quantize_layer(lp, names, False)):
         loss, g = _grads(cfg, params, active, frozen_of, batch)
         loss8, g8 = _grads(cfg, params, active, frozen_of, batch, residuals="fp8")
-        # the forward is the same computation; only what the backward reads is rounded
-        np.testing.assert_array_equal(loss8, loss)
-        for k in names:
-            # layer 3's gradient passes through no frozen layer: its own saved activations
-            # are the exact ones
-            np.testing.assert_array_equal(g8["layers"][k][1], g["layers"][k][1], err_msg=k)
-            # layer 1's comes through frozen layer 2's rounded gate and up
-            low, low8 = np.asarray(g["layers"][k][0]), np.asarray(g8["layers"][k][0])
-            assert _cos(low8, low) > 0.995, k
-            assert np.linalg.norm(low8 - low) < 0.06 * np.linalg.norm(low), k
+        # layer 1's gradient comes through frozen layer 2's rounded gate and up
+        _assert_rounded_below_only(loss, g, loss8, g8, names, cos_min=0.995, rel_max=0.06)
         assert not np.array_equal(g8["layers"]["w_gate"][0], g["layers"]["w_gate"][0])
         assert _cos(g8["embed"], g["embed"]) > 0.995
 
@@ -185,16 +189,19 @@ def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
             assert bf16_per_layer == (2 * L if residuals == "bf16" else 0)
 
 
-@pytest.mark.parametrize("residuals,remat", [
-    pytest.param("fp8_qkv", "none", marks=pytest.mark.slow),  # fp8_all packs q, k, v too
-    ("fp8_all", "none"), ("fp8_qkv", "mlp"), ("fp8_all", "full")])
+@pytest.mark.parametrize("residuals,remat,scales", [
+    pytest.param("fp8_qkv", "none", "head", marks=pytest.mark.slow),  # fp8_all packs them too
+    ("fp8_all", "none", "head"), ("fp8_qkv", "mlp", "head"), ("fp8_all", "full", "head"),
+    ("fp8_qkv", "mlp", "token")])
 def test_wider_fp8_residuals_keep_more_in_e4m3_and_touch_only_the_gradients_below_them(
-        residuals, remat, tiny_cfg, perturbed_params, batch_for):
+        residuals, remat, scales, tiny_cfg, perturbed_params, batch_for, monkeypatch):
     """``fp8_qkv`` and ``fp8_all`` keep q, k, v (per token and head) and the layer inputs and
     mid-residuals (per token) of the frozen layers in e4m3 too: the forward is the same (the
     loss bit for bit), the top sampled layer's gradient is exact, the lower one's within the
     e4m3 rounding of what it passes through, and every activation the remat mode keeps per
-    frozen layer that the setting names is e4m3 (the sampled layers' exact, [G, ...])."""
+    frozen layer that the setting names is e4m3 (the sampled layers' exact, [G, ...]).
+    ``scales="token"``: q, k and v scaled per token over all heads, one scale a token each."""
+    monkeypatch.setattr(F, "QKV_SCALES", scales)
     cfg = tiny_cfg(num_layers=4)
     params = perturbed_params(cfg, seed=4)
     B, S_, L = 2, 16, cfg.num_layers
@@ -204,12 +211,7 @@ def test_wider_fp8_residuals_keep_more_in_e4m3_and_touch_only_the_gradients_belo
     active = [1, 3]
     loss, g = _grads(cfg, params, active, copy, batch, remat=remat)
     loss8, g8 = _grads(cfg, params, active, copy, batch, residuals=residuals, remat=remat)
-    np.testing.assert_array_equal(loss8, loss)
-    for k in names:
-        np.testing.assert_array_equal(g8["layers"][k][1], g["layers"][k][1], err_msg=k)
-        low, low8 = np.asarray(g["layers"][k][0]), np.asarray(g8["layers"][k][0])
-        assert _cos(low8, low) > 0.99, k
-        assert np.linalg.norm(low8 - low) < 0.1 * np.linalg.norm(low), k
+    _assert_rounded_below_only(loss, g, loss8, g8, names, cos_min=0.99, rel_max=0.1)
     assert not np.array_equal(g8["layers"]["wq"][0], g["layers"]["wq"][0])
 
     per = [copy(lp) for lp in layout.convert(params, "per_layer")["layers"]]
@@ -236,6 +238,8 @@ def test_wider_fp8_residuals_keep_more_in_e4m3_and_touch_only_the_gradients_belo
         # no frozen layer keeps a full-precision copy of what it keeps in e4m3
         assert sum(x.shape == shape and x.dtype == h.dtype for x in leaves) <= \
             L * (n_all - n_fp8) + (shape == shapes["h"]), shape  # (+ the stack's input)
+    per_token = sum(x.shape == (B, S_, 1, 1) for x in leaves)
+    assert per_token == (3 * L if scales == "token" and "q" in kept else 0)
     # the sampled layers' exact activations: one [G, ...] array per name kept in e4m3
     assert sum(x.shape[:1] == (2,) and x.shape[1:] in {shapes[n] for n in kept}
                and x.dtype == h.dtype for x in leaves) == len(kept)
