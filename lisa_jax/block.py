@@ -393,11 +393,16 @@ def fp8_saved(remat: str, residuals: str) -> tuple[str, ...]:
     return tuple(n for n in SAVED[remat] if n in FP8_SAVED[residuals])
 
 
-def remats_keeping(residuals: str) -> str:
-    """The ``--remat`` modes under which ``residuals`` keeps something in fp8, as typed."""
+def fp8_residuals_error(remat: str, residuals: str) -> str | None:
+    """Why ``--frozen-residuals residuals`` keeps nothing in fp8 under ``--remat remat``, in
+    one line naming the fix, or None where it keeps something (or is bf16)."""
+    if residuals == "bf16" or fp8_saved(remat, residuals):
+        return None
+    kept = ", ".join(SAVED_WORDS[n] for n in FP8_SAVED[residuals])
     modes = [m for m in SAVED if fp8_saved(m, residuals)]
-    return "--remat " + (" or ".join(modes) if len(modes) < 3 else
-                         ", ".join(modes[:-1]) + " or " + modes[-1])
+    fix = " or ".join(modes) if len(modes) < 3 else ", ".join(modes[:-1]) + " or " + modes[-1]
+    return (f"--frozen-residuals {residuals} keeps the frozen layers' {kept} in fp8, and "
+            f"--remat {remat} keeps none of them; use --remat {fix}, or --frozen-residuals bf16")
 
 
 def per_layer(cfg, layer, fn):

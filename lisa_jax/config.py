@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lisa_jax.block import FP8_SAVED, SAVED_WORDS, fp8_saved, remats_keeping
+from lisa_jax.block import FP8_SAVED, fp8_residuals_error
 from lisa_jax.block import REMAT_MODES as LISA_REMAT_MODES
 from lisa_jax.lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
 from lisa_jax.model import REMAT_POLICIES
@@ -410,12 +410,9 @@ def check_frozen_precision(cfg: TrainConfig) -> None:
     if cfg.frozen_residuals != "bf16" and cfg.frozen_precision != "fp8":
         raise TrainError(f"--frozen-residuals {cfg.frozen_residuals} is for --frozen-precision "
                          f"fp8; add it or use --frozen-residuals bf16")
-    if cfg.frozen_residuals != "bf16" and not fp8_saved(cfg.remat or "none",
-                                                        cfg.frozen_residuals):
-        kept = ", ".join(SAVED_WORDS[n] for n in FP8_SAVED[cfg.frozen_residuals])
-        raise TrainError(f"--frozen-residuals {cfg.frozen_residuals} keeps the frozen layers' "
-                         f"{kept} in fp8, and --remat {cfg.remat} keeps none of them; use "
-                         f"{remats_keeping(cfg.frozen_residuals)}, or --frozen-residuals bf16")
+    residuals_error = fp8_residuals_error(cfg.remat or "none", cfg.frozen_residuals)
+    if residuals_error:
+        raise TrainError(residuals_error)
     if cfg.frozen_precision == "bf16":
         return
     granularity = getattr(cfg, "lisa_granularity", "layer")

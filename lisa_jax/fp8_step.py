@@ -168,16 +168,13 @@ def _packed_at(mlp, lean_at, remat) -> tuple[int, ...]:
 def _frozen_shapes(saved, mlp, remat, lean_at):
     """What a sampled layer returns in place of a frozen layer's saved activations (the two
     branches of a layer's ``lax.cond`` return one structure), nothing of it read: its own
-    ``saved`` with the fp8 entries as stand-ins (packed ones as pairs), and the fused MLP's
-    row scales."""
-    packed = _empty_pack(saved, _packed_at(mlp, lean_at, remat))
-    if mlp is None:
-        return packed
-    packed = tuple(jnp.zeros(x.shape, E4M3) if i in lean_at and i not in
-                   _packed_at(mlp, lean_at, remat) else p
-                   for i, (x, p) in enumerate(zip(saved, packed)))
-    return packed + tuple(jnp.ones((*saved[0].shape[:-1], 1), jnp.float32)
-                          for _ in mlp.saves(block.SAVED[remat]))
+    ``saved`` with the fp8 entries as stand-ins (packed ones as pairs, those the fused MLP
+    keeps in fp8 as bare e4m3), and the fused MLP's row scales."""
+    packed_at = _packed_at(mlp, lean_at, remat)
+    stand_ins = tuple(jnp.zeros(x.shape, E4M3) if i in lean_at and i not in packed_at else p
+                      for i, (x, p) in enumerate(zip(saved, _empty_pack(saved, packed_at))))
+    return stand_ins + tuple(jnp.ones((*saved[0].shape[:-1], 1), jnp.float32)
+                             for _ in (mlp.saves(block.SAVED[remat]) if mlp is not None else ()))
 
 
 # The rows the packed activations are scaled by: "head" (each [..., H] of q, k and v, each token
@@ -503,11 +500,8 @@ class FrozenLisaStep:
         if residuals not in RESIDUAL_PRECISIONS:
             raise ValueError(f"unknown residual precision {residuals!r}; use one of "
                              f"{', '.join(RESIDUAL_PRECISIONS)}")
-        if residuals != "bf16" and not _lean_at(remat, residuals):
-            kept = ", ".join(block.SAVED_WORDS[n] for n in block.FP8_SAVED[residuals])
-            raise ValueError(f"--frozen-residuals {residuals} keeps the frozen layers' {kept} "
-                             f"in fp8, which --remat {remat} does not save; use "
-                             f"{block.remats_keeping(residuals)}, or --frozen-residuals bf16")
+        if block.fp8_residuals_error(remat, residuals):
+            raise ValueError(block.fp8_residuals_error(remat, residuals))
         if frozen_precision not in FROZEN_PRECISIONS:
             raise ValueError(f"unknown frozen precision {frozen_precision!r}; use one of "
                              f"{', '.join(FROZEN_PRECISIONS)}")
