@@ -198,7 +198,8 @@ class TrainConfig:
                 "Hopper or later): fp8 copies of the frozen layers on the GPU, the layers' bf16 "
                 "weights in host memory (2 bytes a layer parameter), re-quantized at each "
                 "resample (least memory at speed: --frozen-residuals fp8_all with "
-                "--adam-nu-dtype bfloat16); checkpoints and exports are bf16 either way", ("bf16", "fp8"))
+                "--adam-nu-dtype bfloat16); checkpoints and exports are bf16 either way",
+        ("bf16", "fp8"))
     frozen_residuals: str = _setting(
         "bf16", "with --frozen-precision fp8: what the frozen layers keep for their backward "
                 "in fp8 with a scale per token (half its bytes; the gradients through it get "
