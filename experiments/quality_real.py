@@ -7,6 +7,7 @@ weight-change norms, wall time.
 
     python3 experiments/quality_real.py run --model DIR --out OUT --plan sweep   # lr sweeps
     python3 experiments/quality_real.py run --model DIR --out OUT --plan seeds   # seeds 1, 2
+    python3 experiments/quality_real.py run ... --only M1,M2 --more-seeds 3 4 5  # more seeds
     python3 experiments/quality_real.py summarize --out OUT                      # table, plots
 
 ``run`` keeps ``--workers`` runs going at once on the one device (each its own process),
@@ -302,11 +303,13 @@ def best_lrs(rows: list[dict]) -> dict[str, float]:
     return {m: lr for m, (lr, _) in best.items()}
 
 
-def plan(kind: str, rows: list[dict], steps: int = STEPS) -> list[dict]:
-    return [dict(s, steps=steps) for s in _plan(kind, rows)]
+def plan(kind: str, rows: list[dict], steps: int = STEPS,
+         more_seeds: tuple[int, ...] = ()) -> list[dict]:
+    """The runs of ``kind``; ``more_seeds``: seeds beyond ``SEEDS`` at each best rate."""
+    return [dict(s, steps=steps) for s in _plan(kind, rows, SEEDS[1:] + tuple(more_seeds))]
 
 
-def _plan(kind: str, rows: list[dict]) -> list[dict]:
+def _plan(kind: str, rows: list[dict], seeds_after_0: tuple[int, ...]) -> list[dict]:
     figure1 = [dict(name=n, method=n, lr=s["lr"], seed=0, dtype="float32",
                     settings={k: v for k, v in s.items() if k != "lr"})
                for n, s in FIGURE1.items()]
@@ -323,7 +326,7 @@ def _plan(kind: str, rows: list[dict]) -> list[dict]:
             if all((m, x) in swept for x in METHODS[m][1])}
     # a method with one rate (the samplers) has its best rate before it has run
     best.update({m: METHODS[m][1][0] for m in order if len(METHODS[m][1]) == 1})
-    seeds = [_spec(m, best[m], s) for m in order if m in best for s in SEEDS[1:]]
+    seeds = [_spec(m, best[m], s) for m in order if m in best for s in seeds_after_0]
     if kind == "sweep":
         return sweep
     if kind == "seeds":
@@ -372,7 +375,7 @@ def run(a) -> None:
         print(f"base done at {time.time() - t0:.0f}s", flush=True)
     rows = read_rows(out / "runs.jsonl")
     done = {r["name"] for r in rows}
-    queue = [s for s in plan(a.plan, rows, a.steps) if s["name"] not in done
+    queue = [s for s in plan(a.plan, rows, a.steps, tuple(a.more_seeds)) if s["name"] not in done
              and (not a.only or s["method"] in a.only.split(","))]
     running: dict[str, tuple] = {}
     longest = 0.0
@@ -533,6 +536,9 @@ def main() -> None:
     r.add_argument("--train-per-task", type=int, default=TRAIN_PER_TASK)
     r.add_argument("--eval-per-task", type=int, default=EVAL_PER_TASK)
     r.add_argument("--only", default="", help="comma-separated methods of the plan to run")
+    r.add_argument("--more-seeds", type=int, nargs="*", default=[],
+                   help="seeds beyond 0, 1, 2 for each method at its best rate (with --only: "
+                        "settling a difference the three did not)")
     j = sub.add_parser("job")
     j.add_argument("--model", required=True)
     j.add_argument("--out", required=True)

@@ -16,7 +16,8 @@
 #     layers against bf16).
 # Results are copied to $OUT (runs.jsonl, logs of failed runs, word_reversal/*.jsonl).
 # LISA_JAX_SRC: a copy of lisa_jax to run (default: the repository's). STUDY_ONLY: the
-# comma-separated methods of the plan to run (default: all).
+# comma-separated methods of the plan to run (default: all); STUDY_SEEDS: seeds beyond 0, 1, 2
+# for them (e.g. "3 4 5").
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to an output folder}"
@@ -58,6 +59,7 @@ if [ "${FP8_CHECK:-0}" = 1 ]; then
 fi
 STUDY_MEM_FRACTION=${STUDY_MEM_FRACTION:-0.8} python3 experiments/quality_real.py run --model "$R/hf" --out "$S" --plan all \
     --workers "$WORKERS" --budget-s "$BUDGET" --kill-after-s "$KILL" ${STUDY_ONLY:+--only "$STUDY_ONLY"} \
+    ${STUDY_SEEDS:+--more-seeds $STUDY_SEEDS} \
     2>&1 | tee "$OUT/study.log"
 wait
 for d in "$W"/*/; do
