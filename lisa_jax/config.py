@@ -294,7 +294,7 @@ def flag(name: str) -> str:
 DEMO_PRESET = dict(model=str(DEMO_DIR / "model"), data=str(DEMO_DIR / "instructions.jsonl"),
                    method="lisa", lisa_layers=2, lisa_interval=20, lr=3e-3, warmup_steps=20,
                    schedule="cosine", weight_decay=0.0, batch_size=16, max_seq_len=128,
-                   steps=300, eval_every=100, eval_batches=4, save_every=100, log_every=1)
+                   steps=150, eval_every=50, eval_batches=4, save_every=50, log_every=1)
 
 
 def demo_preset(name: str, with_model: bool = True) -> dict:

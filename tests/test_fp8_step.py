@@ -51,7 +51,8 @@ def test_fp8_is_refused_on_a_cpu_with_the_fix_in_one_line():
 
 # 4: every layer sampled, none frozen (with fp8 residuals: none are quantized, the sampled
 # layers' own are kept exact)
-@pytest.mark.parametrize("n_active,residuals", [(2, "bf16"), (4, "bf16"), (4, "fp8")])
+@pytest.mark.parametrize("n_active,residuals", [
+    (2, "bf16"), pytest.param(4, "bf16", marks=pytest.mark.slow), (4, "fp8")])
 def test_bf16_path_trains_exactly_as_the_plain_lisa_step(n_active, residuals, tiny_cfg,
                                                          perturbed_params, batch_for):
     cfg = tiny_cfg(num_layers=4)
@@ -116,7 +117,10 @@ def test_fp8_loss_and_sampled_gradients_follow_the_dense_step(tiny_cfg, perturbe
     assert float(loss8) != float(loss)
 
 
-@pytest.mark.parametrize("remat", ["none", "qkv", "mlp", "full"])
+# none and full: the MLP's kept activations read, and recomputed (qkv keeps them as none does,
+# mlp recomputes them as full does)
+@pytest.mark.parametrize("remat", ["none", pytest.param("qkv", marks=pytest.mark.slow),
+                                   pytest.param("mlp", marks=pytest.mark.slow), "full"])
 def test_the_fused_fp8_mlp_trains_as_the_stage_by_stage_one(remat, tiny_cfg, perturbed_params,
                                                             batch_for, monkeypatch):
     """Frozen fp8 layers with their MLP as ``fp8_mlp.FrozenMlp`` (the default) against stage
@@ -192,7 +196,7 @@ def test_fp8_residuals_are_saved_in_fp8_and_touch_only_the_gradients_below_them(
 @pytest.mark.parametrize("residuals,remat,scales", [
     pytest.param("fp8_qkv", "none", "head", marks=pytest.mark.slow),  # fp8_all packs them too
     ("fp8_all", "none", "head"), ("fp8_qkv", "mlp", "head"), ("fp8_all", "full", "head"),
-    ("fp8_qkv", "mlp", "token")])
+    pytest.param("fp8_qkv", "mlp", "token", marks=pytest.mark.slow)])
 def test_wider_fp8_residuals_keep_more_in_e4m3_and_touch_only_the_gradients_below_them(
         residuals, remat, scales, tiny_cfg, perturbed_params, batch_for, monkeypatch):
     """``fp8_qkv`` and ``fp8_all`` keep q, k, v (per token and head) and the layer inputs and
@@ -398,7 +402,7 @@ def _left_and_came_back(samples) -> bool:
                for p in range(len(periods) - 2) for layer in periods[p])
 
 
-@pytest.mark.parametrize("interval,steps", [(1, 8), (3, 16)])
+@pytest.mark.parametrize("interval,steps", [(1, 8), pytest.param(3, 16, marks=pytest.mark.slow)])
 def test_overlapped_transfers_train_bit_identically_to_the_synchronous_path(
         interval, steps, tiny_cfg, perturbed_params, batch_for):
     # overlap: the next period's layers sent one call ahead, the finished period's written to
