@@ -500,8 +500,8 @@ class FrozenLisaStep:
         if residuals not in RESIDUAL_PRECISIONS:
             raise ValueError(f"unknown residual precision {residuals!r}; use one of "
                              f"{', '.join(RESIDUAL_PRECISIONS)}")
-        if block.fp8_residuals_error(remat, residuals):
-            raise ValueError(block.fp8_residuals_error(remat, residuals))
+        if residuals_error := block.fp8_residuals_error(remat, residuals):
+            raise ValueError(residuals_error)
         if frozen_precision not in FROZEN_PRECISIONS:
             raise ValueError(f"unknown frozen precision {frozen_precision!r}; use one of "
                              f"{', '.join(FROZEN_PRECISIONS)}")
