@@ -10,8 +10,10 @@
 #
 # Phases (default: table), each writing $OUT/<phase>*.json (or $OUT/extra/) and appending to
 # $OUT/log.txt:
-#   table     LLaMA-2-7B LISA gamma=2 (remat none and full), full FT, LoRA r128; Llama-3-8B LISA
-#             gamma=2 (remat none and full); the peer's rows of each
+#   table     table7, then table8
+#   table7    LLaMA-2-7B LISA gamma=2 (remat none and full), full FT, LoRA r128; the peer's rows
+#             of each
+#   table8    Llama-3-8B LISA gamma=2 (remat none and full); the peer's rows of each
 #   peer7b    the peer's LLaMA-2-7B LISA gamma=2 row, remat none (what fp8 is compared with)
 #   fp8       LLaMA-2-7B LISA gamma=2 with the frozen layers in fp8 (experiments/bench_fp8.py)
 #             beside our bf16 row, remat none (REMATS to change), then its --check numerics
@@ -114,8 +116,11 @@ phase() {
   echo "== $1 at $(date -u +%H:%M:%S)"
   case $1 in
     table)
+      phase table7 && phase table8 ;;
+    table7)
       python3 $B --shape $SHAPE7 "${COMMON[@]}" --methods lisa full lora \
-          --peer-methods lisa full lora --label speed --out "$OUT/table_llama2-7b.json"
+          --peer-methods lisa full lora --label speed --out "$OUT/table_llama2-7b.json" ;;
+    table8)
       python3 $B --shape $SHAPE8 "${COMMON[@]}" --methods lisa --peer-methods lisa \
           --label speed --out "$OUT/table_llama3-8b.json" ;;
     peer7b)
