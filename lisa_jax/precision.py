@@ -172,6 +172,31 @@ def master_weights(inner: optax.GradientTransformation) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
+def _mix32(x):
+    """A bijection of uint32 in which every input bit flips each output bit with probability
+    about 1/2 (C. Wellons' "lowbias32" integer hash)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _uniform_bits16(key, shape):
+    """16 uniform random bits an element (as uint32), a hash of the element's index and
+    ``key``. Elementwise, so XLA fuses it into its consumer: ``jax.random.bits`` over a whole
+    leaf is a threefry computation that XLA materializes, 4 bytes a parameter at the peak of a
+    full fine-tuning step. For one key the hash is a bijection of the index, so the bits are
+    exactly uniform over 2^32 elements; keys differ by the update count and the leaf."""
+    seed = jnp.uint32(0)
+    for word in jax.random.key_data(key).astype(jnp.uint32).ravel():
+        seed = _mix32(seed ^ word)
+    index = jnp.uint32(0)
+    for d, n in enumerate(shape):  # the flat index, modulo 2^32
+        index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+    return _mix32(_mix32(index) ^ seed) >> 16
+
+
 def stochastic_round_bf16(x, key):
     """``x`` (float32) rounded to bfloat16 at random: up (away from zero) with probability the
     fraction of a bfloat16 spacing that rounding down would drop, so the result's mean is ``x``.
@@ -185,7 +210,7 @@ def stochastic_round_bf16(x, key):
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
     # Adding uniform noise below the kept 16 bits and truncating carries into them with the
     # dropped fraction's probability; the sign is apart, so negatives round symmetrically.
-    noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
+    noise = _uniform_bits16(key, x.shape)
     high = ((bits + noise) >> 16).astype(jnp.uint16)
     return jax.lax.bitcast_convert_type(high, jnp.bfloat16)
 

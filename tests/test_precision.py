@@ -392,3 +392,44 @@ def test_trainer_setting_keeps_nu_in_bfloat16_under_lisa():
         x, optax.ScaleByAdamState)) if isinstance(x, optax.ScaleByAdamState)]
     assert adam and all(v.dtype == jnp.bfloat16 for s in adam for v in jax.tree.leaves(s.nu))
     assert all(v.dtype == jnp.bfloat16 for s in adam for v in jax.tree.leaves(s.mu))
+
+
+def _update_temp_bytes(tx, params):
+    """Scratch memory XLA allocates for one compiled ``tx.update`` (the grads donated)."""
+    state = tx.init(params)
+    fn = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(0, 1))
+    return fn.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_bfloat16_nu_update_holds_no_leaf_sized_noise(monkeypatch):
+    """The rounding's noise is made inside the fused rounding: the bf16-nu update's scratch is
+    that of the same update with no noise at all (a materialized draw of random bits is 2-4
+    bytes an element: 2-4 MiB here, 25 GiB at LLaMA-2-7B's full fine-tuning)."""
+    params = {"w": jnp.ones((1024, 1024), jnp.float32), "b": jnp.ones((1024,), jnp.float32)}
+    tx = stochastic_bf16_nu(optax.adamw(1e-3))
+    hashed = _update_temp_bytes(tx, params)
+    monkeypatch.setattr(precision, "_uniform_bits16",
+                        lambda key, shape: jnp.zeros(shape, jnp.uint32))
+    noiseless = _update_temp_bytes(tx, params)
+    assert hashed <= noiseless + 2**16, (hashed, noiseless)
+    # the check can fail: with jax.random.bits's threefry noise the scratch grows by MiBs
+    monkeypatch.setattr(precision, "_uniform_bits16", lambda key, shape: jax.random.bits(
+        key, shape, jnp.uint16).astype(jnp.uint32))
+    threefry = _update_temp_bytes(tx, params)
+    assert threefry > noiseless + 2**20, (threefry, noiseless)
+
+
+def test_the_rounding_noise_is_uniform_and_differs_by_key_and_element():
+    """Its 16 bits: each value's share over 2^18 draws within 5 standard errors of uniform (by
+    the top byte), half of each bit set, neighbours and two keys' draws uncorrelated."""
+    bits = np.asarray(precision._uniform_bits16(jax.random.key(3), (512, 512)))
+    other = np.asarray(precision._uniform_bits16(jax.random.key(4), (512, 512)))
+    assert bits.max() < 2**16
+    n = bits.size
+    counts = np.bincount((bits >> 8).ravel(), minlength=256)
+    assert np.abs(counts - n / 256).max() < 5 * np.sqrt(n / 256)
+    for b in range(16):
+        assert abs(((bits >> b) & 1).mean() - 0.5) < 5 * 0.5 / np.sqrt(n), b
+    u, v = bits.astype(np.float64).ravel(), other.astype(np.float64).ravel()
+    for a, c in [(u[:-1], u[1:]), (u, v), (bits[:-1].ravel(), bits[1:].ravel())]:
+        assert abs(np.corrcoef(a, c)[0, 1]) < 5 / np.sqrt(a.size)
