@@ -433,3 +433,19 @@ def test_the_rounding_noise_is_uniform_and_differs_by_key_and_element():
     u, v = bits.astype(np.float64).ravel(), other.astype(np.float64).ravel()
     for a, c in [(u[:-1], u[1:]), (u, v), (bits[:-1].ravel(), bits[1:].ravel())]:
         assert abs(np.corrcoef(a, c)[0, 1]) < 5 / np.sqrt(a.size)
+
+
+def test_bfloat16_nu_init_makes_its_float32_moments_inside_one_compiled_program():
+    """``inner.init``'s float32 second moments are cast to bfloat16 where XLA fuses the two:
+    run op by op (a caller outside ``jit``) every leaf's float32 moment lived at once before its
+    cast, 25 GiB at LLaMA-2-7B full fine-tuning."""
+    seen = []
+    adamw = optax.adamw(1e-3)
+
+    def spying_init(params):
+        seen.append(all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)))
+        return adamw.init(params)
+    tx = stochastic_bf16_nu(optax.GradientTransformation(spying_init, adamw.update))
+    state = tx.init({"w": jnp.ones((8, 8)), "b": jnp.ones(8)})
+    assert seen == [True]
+    assert state[0].nu["w"].dtype == jnp.bfloat16 and not state[0].nu["w"].any()
