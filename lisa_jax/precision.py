@@ -185,9 +185,10 @@ def _mix32(x):
 def _uniform_bits16(key, shape):
     """16 uniform random bits an element (as uint32), a hash of the element's index and
     ``key``. Elementwise, so XLA fuses it into its consumer: ``jax.random.bits`` over a whole
-    leaf is a threefry computation that XLA materializes, 4 bytes a parameter at the peak of a
-    full fine-tuning step. For one key the hash is a bijection of the index, so the bits are
-    exactly uniform over 2^32 elements; keys differ by the update count and the leaf."""
+    leaf is a threefry computation that XLA's CPU backend materialized (4 bytes an element of
+    a full fine-tuning step's scratch). For one key the hash is a bijection of the index, so
+    over 2^32 consecutive elements every value comes out once; keys differ by the update count
+    and the leaf."""
     seed = jnp.uint32(0)
     for word in jax.random.key_data(key).astype(jnp.uint32).ravel():
         seed = _mix32(seed ^ word)
