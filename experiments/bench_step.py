@@ -173,9 +173,22 @@ def run_one(a) -> dict:
                 frozen=(getattr(a, "lisa_frozen", "") or None) if a.method == "lisa" else None,
                 update_precision=(None if a.method not in TRAINING else
                                   precision if sixteen_bit else "fp32"),
-                master_weights=master, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                master_weights=master, **_moment_dtypes(state),
                 lisa_jax_dir=os.path.dirname(os.path.abspath(lisa_jax.__file__)),
                 device=str(jax.devices()[0].device_kind))
+
+
+def _moment_dtypes(state) -> dict:
+    """The dtypes Adam's moments are kept in, read from the optimizer ``state`` (``None``
+    where it has none: sgd, the rows without an optimizer)."""
+    import jax
+    import optax
+    out = {}
+    for name in ("mu", "nu"):
+        found = optax.tree_utils.tree_get_all_with_path(state, name) if state is not None else []
+        dtypes = sorted({leaf.dtype.name for _, sub in found for leaf in jax.tree.leaves(sub)})
+        out[f"{name}_dtype"] = "/".join(dtypes) or None
+    return out
 
 
 def _granularity(a) -> str:

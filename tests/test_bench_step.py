@@ -47,6 +47,9 @@ def test_every_row_runs(bench, method, layout):
     # float32 parameters on the CPU: updates are fp32 whatever is asked; no optimizer, no field
     assert row["update_precision"] == (None if method.startswith(("forward", "floor"))
                                        else "fp32")
+    # Adam's moments as the state keeps them (float32 parameters: float32)
+    moments = None if method.startswith(("forward", "floor")) else "float32"
+    assert row["mu_dtype"] == row["nu_dtype"] == moments
 
 
 def test_plan_runs_lisa_in_each_layout_asked_for(bench):
@@ -142,6 +145,8 @@ def test_fp32_updates_wrap_the_optimizer_inside_lisa(bench, monkeypatch):
     row = bench.run_one(_args("full", dtype="bfloat16", update_dtype="bfloat16", steps=1))
     assert len(wrapped) == 1 and row["master_weights"] is False
     assert row["update_precision"] == "bf16"
+    # no master: optax keeps both moments in the parameters' bfloat16, whatever no flag says
+    assert row["mu_dtype"] == row["nu_dtype"] == "bfloat16"
 
 
 def test_fp32_updates_with_the_package_master_weights(bench):
@@ -152,6 +157,7 @@ def test_fp32_updates_with_the_package_master_weights(bench):
     row = bench.run_one(_args("lisa", dtype="bfloat16", update_dtype="float32", steps=1,
                               layer_layout="per_layer"))
     assert row["master_weights"] is True and row["tokens_per_s"] > 0
+    assert row["mu_dtype"] == row["nu_dtype"] == "float32"  # the masters' dtype
 
 
 def test_failed_rows_are_kept_in_the_json(tmp_path):
